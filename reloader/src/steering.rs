@@ -1,0 +1,765 @@
+//! Steering: the only module that talks to aya.
+//!
+//! Loads the embedded `SK_REUSEPORT` program (`reloader-ebpf`), attaches it
+//! to reuseport groups, and keeps its maps: which listening sockets belong to
+//! which (listener, slot), which slot of each listener is active, which
+//! client source ports are readiness probes, and the per-slot counters.
+//!
+//! Kernel behaviour this relies on (see also `reloader-ebpf/src/main.rs`):
+//! - A program attached with `SO_ATTACH_REUSEPORT_EBPF` through any member
+//!   socket applies to the whole group, stays attached when that socket
+//!   closes, and applies to sockets that join later. Dropping the aya objects
+//!   does not detach it; [`Steering::detach`] does.
+//! - A `REUSEPORT_SOCKARRAY` entry does not keep its socket alive: it is
+//!   cleared when the socket closes. So the controller never needs to keep
+//!   its own copy of a generation's listener once it is registered, and must
+//!   not (a copy would keep the listener, and its queue, alive after the
+//!   generation exits).
+//! - `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` exists from Linux 5.14; older
+//!   kernels reject the program at load, and we fall back to the select-only
+//!   program, which identifies listeners by port only (no socket pointer in
+//!   its context).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    programs::{ProgramError, SkReuseport},
+};
+use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
+use reloader_ebpf::{
+    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_LISTENERS, MAX_SLOTS,
+    MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey, ProbeTarget, SlotState, counter_index, map, program,
+    socket_index,
+};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+/// The steering object, built by `cargo xtask build-ebpf` from
+/// `reloader-ebpf` and checked against its source by `cargo xtask check-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../ebpf/steer.bpf.o");
+
+/// Which program runs, decided by what the kernel supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Steers new connections and migrates queued ones of closing listeners.
+    SelectOrMigrate,
+    /// Steers new connections only (kernels before 5.14, or forced).
+    SelectOnly,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SelectOrMigrate => "select-or-migrate",
+            Self::SelectOnly => "select-only",
+        })
+    }
+}
+
+/// How to load the program.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Load the select-only program even where select-or-migrate works.
+    pub force_select_only: bool,
+    /// Keep the program's debug statements (emitted through aya-log); off,
+    /// the verifier removes them so they cost nothing per SYN.
+    pub ebpf_debug_logs: bool,
+}
+
+/// Errors of the steering module. Each says what the user can do about it.
+#[derive(Debug, Error)]
+pub enum SteeringError {
+    /// The kernel refused to create maps or load programs for lack of
+    /// privilege.
+    #[error(
+        "the kernel refused to load the eBPF steering program (permission denied): run reloader \
+         as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE (CAP_SYS_ADMIN on kernels \
+         before 5.8)"
+    )]
+    PermissionDenied {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kernel has no `bpf(2)`.
+    #[error(
+        "this kernel has no BPF syscall (ENOSYS): reloader needs a kernel built with \
+         CONFIG_BPF_SYSCALL, and is not supported inside gVisor-like sandboxes"
+    )]
+    NoBpfSyscall {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Creating the object's maps or parsing it failed.
+    #[error("failed to load the eBPF steering object")]
+    LoadError {
+        #[source]
+        source: EbpfError,
+    },
+    /// The kernel rejected a program.
+    #[error("the kernel rejected the {program} program")]
+    ProgramLoadError {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// The object lacks a map this module needs (object and source disagree).
+    #[error("the eBPF object has no map {name}: rebuild it with `cargo xtask build-ebpf`")]
+    MapNotFound { name: &'static str },
+    /// A map operation failed.
+    #[error("eBPF map {map}: {operation} failed")]
+    MapError {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// Attaching to or detaching from a reuseport group failed.
+    #[error("failed to {operation} the steering program on socket fd {fd}")]
+    AttachError {
+        operation: &'static str,
+        fd: i32,
+        #[source]
+        source: ProgramError,
+    },
+    /// A socket offered for registration lacks `SO_REUSEPORT`.
+    #[error(
+        "the listening socket for {addr} (fd {fd}) does not have SO_REUSEPORT set: the server \
+         must set it before bind (nginx: `listen ... reuseport`; Envoy: `enable_reuse_port: true`; \
+         HAProxy sets it by default)"
+    )]
+    NotReuseport { fd: i32, addr: String },
+    /// A socket offered for registration is not a listening TCP socket.
+    #[error("socket fd {fd} is not a listening TCP socket")]
+    NotListening { fd: i32 },
+    /// A socket's bound address is not the listener's address.
+    #[error("socket fd {fd} is bound to {found}, not to listener {listener}'s address {expected}")]
+    WrongAddress {
+        fd: i32,
+        listener: u32,
+        expected: SocketAddr,
+        found: String,
+    },
+    /// Querying a socket failed.
+    #[error("failed to query socket fd {fd}")]
+    SocketError {
+        fd: i32,
+        #[source]
+        source: nix::Error,
+    },
+    /// Listener index outside `0..MAX_LISTENERS` or not added.
+    #[error("listener {listener} is not registered (at most {MAX_LISTENERS} listeners)")]
+    UnknownListener { listener: u32 },
+    /// Slot index outside `0..MAX_SLOTS`.
+    #[error("slot {slot} is out of range (at most {MAX_SLOTS} slots per listener)")]
+    SlotOutOfRange { slot: u32 },
+    /// More sockets than a slot holds.
+    #[error(
+        "{count} listening sockets for one address in one generation; at most \
+         {MAX_SOCKETS_PER_SLOT} are supported"
+    )]
+    TooManySockets { count: usize },
+    /// Two listeners the program could not tell apart.
+    #[error("{addr} cannot be managed together with {other}: {why}")]
+    ListenerConflict {
+        addr: SocketAddr,
+        other: SocketAddr,
+        why: &'static str,
+    },
+    /// Reading `/sys/devices/system/cpu/possible` failed.
+    #[error("failed to count CPUs ({what})")]
+    CpuCountError {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Result<T, E = SteeringError> = std::result::Result<T, E>;
+
+/// The loaded program and its maps.
+pub struct Steering {
+    ebpf: Ebpf,
+    mode: Mode,
+    program_name: &'static str,
+    listener_keys: HashMap<MapData, ListenerKey, u32>,
+    active: Array<MapData, ListenerState>,
+    slot_sockets: Array<MapData, SlotState>,
+    sockets: ReusePortSockArray<MapData>,
+    probes: HashMap<MapData, ProbeKey, ProbeTarget>,
+    counters: PerCpuArray<MapData, Counters>,
+    listeners: StdHashMap<u32, SocketAddr>,
+    cpus: usize,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("mode", &self.mode)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Steering {
+    /// Raises `RLIMIT_MEMLOCK` (needed before 5.11's memcg accounting),
+    /// loads the object and the best program the kernel accepts.
+    pub fn load(options: &Options) -> Result<Self> {
+        raise_memlock();
+        // aya-log-common levels: 0 disables every statement, 4 is debug.
+        let log_level: u8 = if options.ebpf_debug_logs { 4 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .load(OBJECT)
+            .map_err(classify_load_error)?;
+
+        let (mode, program_name) = if options.force_select_only {
+            warn!(
+                "select-only steering forced: queued connections of closing listeners are not migrated"
+            );
+            load_program(&mut ebpf, program::SELECT)?;
+            (Mode::SelectOnly, program::SELECT)
+        } else {
+            match load_program(&mut ebpf, program::SELECT_OR_MIGRATE) {
+                Ok(()) => (Mode::SelectOrMigrate, program::SELECT_OR_MIGRATE),
+                Err(error) => {
+                    warn!(
+                        error = %error_chain(&error),
+                        "this kernel does not accept the select-or-migrate program (Linux >= 5.14 \
+                         needed); using select-only steering: connections queued in an old \
+                         generation's listeners are reset when it closes"
+                    );
+                    load_program(&mut ebpf, program::SELECT)?;
+                    (Mode::SelectOnly, program::SELECT)
+                }
+            }
+        };
+
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, source)| SteeringError::CpuCountError { what, source })?;
+        let mut steering = Self {
+            listener_keys: take_map(&mut ebpf, map::LISTENER_KEYS)?,
+            active: take_map(&mut ebpf, map::ACTIVE)?,
+            slot_sockets: take_map(&mut ebpf, map::SLOT_SOCKETS)?,
+            sockets: take_map(&mut ebpf, map::SOCKETS)?,
+            probes: take_map(&mut ebpf, map::PROBES)?,
+            counters: take_map(&mut ebpf, map::COUNTERS)?,
+            ebpf,
+            mode,
+            program_name,
+            listeners: StdHashMap::new(),
+            cpus,
+        };
+        // Array entries start zeroed; slot 0 is a real slot, so mark every
+        // listener inactive explicitly.
+        for listener in 0..MAX_LISTENERS {
+            steering.write_active(listener, NO_SLOT)?;
+        }
+        info!(%mode, "steering program loaded");
+        Ok(steering)
+    }
+
+    /// Which program is loaded.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Starts the aya-log pump for the program's debug statements (a no-op
+    /// unless [`Options::ebpf_debug_logs`] was set): records go to the `log`
+    /// crate, which the binary bridges to tracing. Poll the returned fd for
+    /// readability and call [`LogPump::flush`].
+    pub fn log_pump(&mut self) -> Option<LogPump> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => Some(LogPump(logger)),
+            Err(error) => {
+                // As in aya-template: logging is best effort.
+                warn!(%error, "eBPF logs unavailable");
+                None
+            }
+        }
+    }
+
+    /// Attaches the program to the reuseport group `socket` belongs to. The
+    /// socket must have `SO_REUSEPORT` and be bound (the group exists from
+    /// bind for this purpose).
+    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        check_reuseport(socket, None)?;
+        let program: &SkReuseport = self
+            .ebpf
+            .program(self.program_name)
+            .expect("loaded program is present")
+            .try_into()
+            .expect("program has type SkReuseport");
+        program
+            .attach(socket)
+            .map_err(|source| SteeringError::AttachError {
+                operation: "attach",
+                fd: socket.as_raw_fd(),
+                source,
+            })
+    }
+
+    /// Detaches whatever program the group of `socket` has.
+    pub fn detach(socket: BorrowedFd<'_>) -> Result<()> {
+        SkReuseport::detach(socket).map_err(|source| SteeringError::AttachError {
+            operation: "detach",
+            fd: socket.as_raw_fd(),
+            source,
+        })
+    }
+
+    /// Registers listener `listener` (an index below [`MAX_LISTENERS`]) as
+    /// the managed address `addr`, inactive.
+    pub fn add_listener(&mut self, listener: u32, addr: SocketAddr) -> Result<()> {
+        if listener >= MAX_LISTENERS {
+            return Err(SteeringError::UnknownListener { listener });
+        }
+        let key = self.key_for(addr);
+        for (&other_id, &other) in &self.listeners {
+            if other_id != listener && self.key_for(other) == key {
+                return Err(SteeringError::ListenerConflict {
+                    addr,
+                    other,
+                    why: "the select-only program (kernels before 5.14) tells listeners apart by \
+                          port only; use different ports",
+                });
+            }
+        }
+        self.write_active(listener, NO_SLOT)?;
+        for slot in 0..MAX_SLOTS {
+            self.clear_slot(listener, slot)?;
+        }
+        if let Some(old) = self.listeners.insert(listener, addr) {
+            let old_key = self.key_for(old);
+            self.listener_keys
+                .remove(&old_key)
+                .map_err(map_error(map::LISTENER_KEYS, "remove"))?;
+        }
+        self.listener_keys
+            .insert(key, listener, 0)
+            .map_err(map_error(map::LISTENER_KEYS, "insert"))?;
+        debug!(listener, %addr, "listener added");
+        Ok(())
+    }
+
+    /// Forgets listener `listener`: new connections to its group fall back
+    /// to the kernel's hash selection.
+    pub fn remove_listener(&mut self, listener: u32) -> Result<()> {
+        let addr = self
+            .listeners
+            .remove(&listener)
+            .ok_or(SteeringError::UnknownListener { listener })?;
+        let key = self.key_for(addr);
+        self.listener_keys
+            .remove(&key)
+            .map_err(map_error(map::LISTENER_KEYS, "remove"))?;
+        self.write_active(listener, NO_SLOT)?;
+        for slot in 0..MAX_SLOTS {
+            self.clear_slot(listener, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the listening sockets of (`listener`, `slot`), replacing
+    /// whatever the slot held. Each must be a listening TCP socket with
+    /// `SO_REUSEPORT`, bound to the listener's address. The map does not
+    /// keep the sockets alive: callers may close their descriptors after.
+    pub fn set_slot_sockets(
+        &mut self,
+        listener: u32,
+        slot: u32,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<()> {
+        let addr = self.listener_addr(listener)?;
+        check_slot(slot)?;
+        if sockets.len() > MAX_SOCKETS_PER_SLOT as usize {
+            return Err(SteeringError::TooManySockets {
+                count: sockets.len(),
+            });
+        }
+        for socket in sockets {
+            check_reuseport(*socket, Some((listener, addr)))?;
+        }
+        // Shrink the count first so the program never reads a stale entry,
+        // then write the sockets, then publish the new count.
+        self.write_slot_count(listener, slot, 0)?;
+        for (n, socket) in sockets.iter().enumerate() {
+            self.sockets
+                .set(socket_index(listener, slot, n as u32), socket, 0)
+                .map_err(map_error(map::SOCKETS, "set"))?;
+        }
+        self.clear_socket_entries(listener, slot, sockets.len() as u32)?;
+        self.write_slot_count(listener, slot, sockets.len() as u32)?;
+        debug!(listener, slot, sockets = sockets.len(), "slot sockets set");
+        Ok(())
+    }
+
+    /// Empties (`listener`, `slot`). Counters are kept; see
+    /// [`Steering::reset_counters`].
+    pub fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()> {
+        check_slot(slot)?;
+        self.write_slot_count(listener, slot, 0)?;
+        self.clear_socket_entries(listener, slot, 0)
+    }
+
+    /// Makes `slot` the one that receives every new connection to
+    /// `listener` (`None`: no slot, the kernel's hash selection decides).
+    /// This single map update is the cutover.
+    pub fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()> {
+        self.listener_addr(listener)?;
+        if let Some(slot) = slot {
+            check_slot(slot)?;
+        }
+        self.write_active(listener, slot.unwrap_or(NO_SLOT))
+    }
+
+    /// The slot that receives new connections to `listener`.
+    pub fn active(&self, listener: u32) -> Result<Option<u32>> {
+        self.listener_addr(listener)?;
+        let state = self
+            .active
+            .get(&listener, 0)
+            .map_err(map_error(map::ACTIVE, "get"))?;
+        Ok((state.active_slot != NO_SLOT).then_some(state.active_slot))
+    }
+
+    /// Routes a SYN to `listener` from client source port `port` to `slot`,
+    /// whatever the active slot is (readiness probes of a candidate).
+    pub fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()> {
+        self.listener_addr(listener)?;
+        check_slot(slot)?;
+        let key = ProbeKey {
+            listener,
+            port: u32::from(port),
+        };
+        let target = ProbeTarget { slot, _pad: 0 };
+        self.probes
+            .insert(key, target, 0)
+            .map_err(map_error(map::PROBES, "insert"))
+    }
+
+    /// Removes a probe route; removing one that does not exist is not an
+    /// error.
+    pub fn remove_probe(&mut self, listener: u32, port: u16) -> Result<()> {
+        let key = ProbeKey {
+            listener,
+            port: u32::from(port),
+        };
+        match self.probes.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(map::PROBES, "remove")(error)),
+        }
+    }
+
+    /// The counters of (`listener`, `slot`), summed over CPUs.
+    pub fn counters(&self, listener: u32, slot: u32) -> Result<Counters> {
+        check_listener_index(listener)?;
+        check_slot(slot)?;
+        self.read_counters(counter_index(listener, slot))
+    }
+
+    /// Decisions for groups that had no registered listener.
+    pub fn unmanaged_counters(&self) -> Result<Counters> {
+        self.read_counters(reloader_ebpf::UNMANAGED_COUNTER)
+    }
+
+    /// Zeroes the counters of (`listener`, `slot`), for a slot taken by a
+    /// new generation.
+    pub fn reset_counters(&mut self, listener: u32, slot: u32) -> Result<()> {
+        check_listener_index(listener)?;
+        check_slot(slot)?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); self.cpus])
+            .expect("one value per possible CPU");
+        self.counters
+            .set(counter_index(listener, slot), zero, 0)
+            .map_err(map_error(map::COUNTERS, "set"))
+    }
+
+    fn read_counters(&self, index: u32) -> Result<Counters> {
+        debug_assert!(index < COUNTERS_LEN);
+        let values = self
+            .counters
+            .get(&index, 0)
+            .map_err(map_error(map::COUNTERS, "get"))?;
+        let mut sum = Counters::default();
+        for value in values.iter() {
+            sum.add(value);
+        }
+        Ok(sum)
+    }
+
+    fn key_for(&self, addr: SocketAddr) -> ListenerKey {
+        listener_key(self.mode, addr)
+    }
+
+    fn listener_addr(&self, listener: u32) -> Result<SocketAddr> {
+        self.listeners
+            .get(&listener)
+            .copied()
+            .ok_or(SteeringError::UnknownListener { listener })
+    }
+
+    fn write_active(&mut self, listener: u32, slot: u32) -> Result<()> {
+        let state = ListenerState {
+            active_slot: slot,
+            _pad: 0,
+        };
+        self.active
+            .set(listener, state, 0)
+            .map_err(map_error(map::ACTIVE, "set"))
+    }
+
+    fn write_slot_count(&mut self, listener: u32, slot: u32, sockets: u32) -> Result<()> {
+        check_listener_index(listener)?;
+        let state = SlotState { sockets, _pad: 0 };
+        self.slot_sockets
+            .set(counter_index(listener, slot), state, 0)
+            .map_err(map_error(map::SLOT_SOCKETS, "set"))
+    }
+
+    /// Clears the entries of (`listener`, `slot`) from index `from` on.
+    fn clear_socket_entries(&mut self, listener: u32, slot: u32, from: u32) -> Result<()> {
+        for n in from..MAX_SOCKETS_PER_SLOT {
+            match self.sockets.clear_index(&socket_index(listener, slot, n)) {
+                // An empty entry reports ENOENT.
+                Ok(()) => {}
+                Err(MapError::SyscallError(error))
+                    if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => return Err(map_error(map::SOCKETS, "clear")(error)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drives aya-log: records from the program's debug statements.
+pub struct LogPump(aya_log::EbpfLogger<&'static dyn log::Log>);
+
+impl LogPump {
+    /// Forwards every pending record to the `log` crate.
+    pub fn flush(&mut self) {
+        self.0.flush();
+    }
+}
+
+impl AsFd for LogPump {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// The key the program computes for a group bound to `addr`.
+pub fn listener_key(mode: Mode, addr: SocketAddr) -> ListenerKey {
+    match mode {
+        Mode::SelectOnly => ListenerKey {
+            port: u32::from(addr.port()),
+            ..ListenerKey::default()
+        },
+        Mode::SelectOrMigrate => {
+            let (family, addr_words) = match addr {
+                SocketAddr::V4(v4) => (
+                    libc::AF_INET as u32,
+                    [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
+                ),
+                SocketAddr::V6(v6) => {
+                    let o = v6.ip().octets();
+                    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    (libc::AF_INET6 as u32, [word(0), word(4), word(8), word(12)])
+                }
+            };
+            ListenerKey {
+                family,
+                port: u32::from(addr.port()),
+                addr: addr_words,
+            }
+        }
+    }
+}
+
+fn check_slot(slot: u32) -> Result<()> {
+    if slot >= MAX_SLOTS {
+        return Err(SteeringError::SlotOutOfRange { slot });
+    }
+    Ok(())
+}
+
+fn check_listener_index(listener: u32) -> Result<()> {
+    if listener >= MAX_LISTENERS {
+        return Err(SteeringError::UnknownListener { listener });
+    }
+    Ok(())
+}
+
+/// Checks that `socket` has `SO_REUSEPORT` and, when `expected` is given,
+/// that it listens on the listener's address.
+fn check_reuseport(socket: BorrowedFd<'_>, expected: Option<(u32, SocketAddr)>) -> Result<()> {
+    let fd = socket.as_raw_fd();
+    let query = |source| SteeringError::SocketError { fd, source };
+    let local: SockaddrStorage = getsockname(fd).map_err(query)?;
+    let local_text = local.to_string();
+    if !getsockopt(&socket, sockopt::ReusePort).map_err(query)? {
+        return Err(SteeringError::NotReuseport {
+            fd,
+            addr: local_text,
+        });
+    }
+    if let Some((listener, expected)) = expected {
+        if !getsockopt(&socket, sockopt::AcceptConn).map_err(query)? {
+            return Err(SteeringError::NotListening { fd });
+        }
+        if to_std(&local) != Some(expected) {
+            return Err(SteeringError::WrongAddress {
+                fd,
+                listener,
+                expected,
+                found: local_text,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        Some(SocketAddr::V4((*v4).into()))
+    } else {
+        addr.as_sockaddr_in6()
+            .map(|v6| SocketAddr::V6((*v6).into()))
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    let program: &mut SkReuseport = ebpf
+        .program_mut(name)
+        .ok_or(SteeringError::MapNotFound { name })?
+        .try_into()
+        .map_err(|source| SteeringError::ProgramLoadError {
+            program: name,
+            source,
+        })?;
+    program.load().map_err(|source| {
+        let error = SteeringError::ProgramLoadError {
+            program: name,
+            source,
+        };
+        classify(error)
+    })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(SteeringError::MapNotFound { name })?;
+    T::try_from(map).map_err(map_error(name, "open"))
+}
+
+fn map_error(map: &'static str, operation: &'static str) -> impl Fn(MapError) -> SteeringError {
+    move |source| SteeringError::MapError {
+        map,
+        operation,
+        source,
+    }
+}
+
+fn classify_load_error(source: EbpfError) -> SteeringError {
+    classify(SteeringError::LoadError { source })
+}
+
+/// Turns errors caused by missing privilege or a missing syscall into the
+/// variants that tell the user what to do.
+fn classify(error: SteeringError) -> SteeringError {
+    match root_errno(&error) {
+        // EACCES is the verifier's answer, not a missing privilege.
+        Some(libc::EPERM) => SteeringError::PermissionDenied {
+            source: Box::new(error),
+        },
+        Some(libc::ENOSYS) => SteeringError::NoBpfSyscall {
+            source: Box::new(error),
+        },
+        _ => error,
+    }
+}
+
+fn root_errno(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && let Some(code) = io.raw_os_error()
+        {
+            return Some(code);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// `error: cause: cause`, for one-line log fields.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        current = e.source();
+    }
+    text
+}
+
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        // Kernels >= 5.11 account BPF memory to the cgroup instead, so this
+        // only matters on older ones; the load error will say more.
+        debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_only_keys_ignore_family_and_address() {
+        let a = listener_key(Mode::SelectOnly, "127.0.0.1:8080".parse().unwrap());
+        let b = listener_key(Mode::SelectOnly, "[::1]:8080".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.port, 8080);
+        assert_eq!(a.family, 0);
+    }
+
+    #[test]
+    fn migrate_keys_hold_address_in_kernel_byte_order() {
+        let k = listener_key(Mode::SelectOrMigrate, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(k.family, libc::AF_INET as u32);
+        assert_eq!(k.port, 8080);
+        // The kernel stores src_ip4 as a big-endian word; read back in
+        // memory order it is the octets in order.
+        assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+        let k6 = listener_key(Mode::SelectOrMigrate, "[::1]:8080".parse().unwrap());
+        assert_eq!(k6.family, libc::AF_INET6 as u32);
+        assert_eq!(k6.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_ne!(k, k6);
+    }
+
+    #[test]
+    fn wildcard_and_loopback_are_different_listeners() {
+        let any = listener_key(Mode::SelectOrMigrate, "0.0.0.0:80".parse().unwrap());
+        let lo = listener_key(Mode::SelectOrMigrate, "127.0.0.1:80".parse().unwrap());
+        assert_ne!(any, lo);
+        assert_eq!(any.addr, [0; 4]);
+    }
+}

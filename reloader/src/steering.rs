@@ -34,12 +34,17 @@ use aya::{
 };
 use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
 use reloader_ebpf::{
-    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_LISTENERS, MAX_SLOTS,
-    MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey, ProbeTarget, SlotState, counter_index, map, program,
+    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey, ProbeTarget, SlotState, counter_index, map, program,
     socket_index,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
+
+pub use reloader_ebpf::{MAX_LISTENERS, MAX_SLOTS};
+
+/// Old generations that may drain at once: every slot but the active
+/// generation's and a candidate's.
+pub const MAX_DRAINING: u32 = MAX_SLOTS - 2;
 
 /// The steering object, built by `cargo xtask build-ebpf` from
 /// `reloader-ebpf` and checked against its source by `cargo xtask check-ebpf`.
@@ -552,6 +557,12 @@ impl LogPump {
 impl AsFd for LogPump {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
+    }
+}
+
+impl AsRawFd for LogPump {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 

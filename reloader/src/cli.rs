@@ -1,0 +1,229 @@
+//! The command line: `reloader run | reload | status | stop`.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, ConfigError, RunConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reloader",
+    version,
+    about = "Zero-drop reloads for servers that listen with SO_REUSEPORT",
+    long_about = "reloader runs your server (nginx, HAProxy, Envoy, your own) as a child and \
+                  reloads it under full load without failing a connection: the new generation \
+                  starts beside the old one, an eBPF program sends every new connection to the \
+                  newest ready generation, and the old one drains and exits."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a server under reloader (stays in the foreground).
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Reload a running instance: start a new generation, cut over, drain the old one.
+    Reload(ReloadArgs),
+    /// Show an instance's generations, listeners and counters.
+    Status(StatusArgs),
+    /// Drain every generation of an instance and stop it.
+    Stop(StopArgs),
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # nginx: `listen 80 reuseport;` in its config, graceful stop with QUIT
+  reloader run --listen 0.0.0.0:80 --drain-signal QUIT -- nginx -g 'daemon off;'
+
+  # HAProxy: soft-stop with USR1, readiness through its own listener
+  reloader run --listen 0.0.0.0:443 --drain-signal USR1 \\
+      --ready-probe tcp://127.0.0.1:443 -- haproxy -f /etc/haproxy/haproxy.cfg
+
+  # Envoy: a distinct base id per generation
+  reloader run --listen [::]:8080 -- envoy -c envoy.yaml --base-id {generation}
+
+Then: `reloader reload --wait` (or SIGHUP), `reloader status`, `reloader stop`.";
+
+/// Selects an instance.
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// Instance name (one controller per name).
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Control socket path [default: /run/reloader/NAME.sock as root,
+    /// $XDG_RUNTIME_DIR/reloader/NAME.sock otherwise].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl InstanceArgs {
+    pub fn socket(&self) -> Result<PathBuf, ConfigError> {
+        config::check_name(&self.name)?;
+        Ok(self
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| config::default_control_socket(&self.name)))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// An address the server listens on with SO_REUSEPORT (repeat for each).
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub listen: Vec<String>,
+    /// How long a new generation may take to listen on every address and
+    /// pass its probe.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub ready_timeout: String,
+    /// Readiness check through the new generation's own listener:
+    /// tcp://IP:PORT (connects) or http://IP:PORT/PATH (expects 2xx).
+    #[arg(long, value_name = "URL")]
+    pub ready_probe: Option<String>,
+    /// Signal that tells an old generation to finish its work and exit.
+    #[arg(long, default_value = "TERM", value_name = "SIGNAL")]
+    pub drain_signal: String,
+    /// How long an old generation may drain before its process group is killed.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub drain_timeout: String,
+    /// How long an old generation keeps running after cutover, receiving
+    /// nothing new, before it is told to drain (so it reads requests of
+    /// connections it already accepted).
+    #[arg(long, default_value = "250ms", value_name = "DURATION")]
+    pub settle: String,
+    /// Old generations allowed to drain at once; a reload beyond that waits
+    /// until one has exited.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub max_draining: u32,
+    /// Use the select-only steering program even where select-or-migrate
+    /// works (connections queued in a closing listener are then reset).
+    #[arg(long, hide = true)]
+    pub force_select_only: bool,
+    /// The server command; `{generation}` in it becomes the generation
+    /// number. The server also gets RELOADER_GENERATION and RELOADER_NAME.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// Checks everything before anything starts.
+    pub fn into_config(self) -> Result<RunConfig, ConfigError> {
+        let control_socket = self.instance.socket()?;
+        let listen = config::parse_listen(&self.listen)?;
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(ConfigError::EmptyCommand);
+        }
+        let ready_probe = self
+            .ready_probe
+            .as_deref()
+            .map(|p| config::parse_probe(p, &listen))
+            .transpose()?;
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        if self.max_draining == 0 || self.max_draining > crate::steering::MAX_DRAINING {
+            return Err(ConfigError::BadMaxDraining {
+                value: self.max_draining,
+            });
+        }
+        Ok(RunConfig {
+            name: self.instance.name,
+            ready_timeout: config::parse_duration("--ready-timeout", &self.ready_timeout, ms(100), hour)?,
+            drain_timeout: config::parse_duration("--drain-timeout", &self.drain_timeout, ms(100), 24 * hour)?,
+            settle: config::parse_duration("--settle", &self.settle, ms(0), ms(60_000))?,
+            drain_signal: config::parse_signal("--drain-signal", &self.drain_signal)?,
+            max_draining: self.max_draining,
+            listen,
+            ready_probe,
+            control_socket,
+            command: self.command,
+            force_select_only: self.force_select_only,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Wait until the new generation is active everywhere and the old one
+    /// has exited; exit non-zero if the reload failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub timeout: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Print JSON (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Give up waiting for the instance to exit after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub timeout: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(run) => run.into_config().map_err(|e| e.to_string()),
+            _ => Err("not run".into()),
+        }
+    }
+
+    #[test]
+    fn a_full_run_command_line() {
+        let config = parse(&[
+            "reloader", "run", "--name", "edge", "--listen", "127.0.0.1:8080", "--listen",
+            "[::]:8443", "--drain-signal", "QUIT", "--drain-timeout", "2m", "--ready-probe",
+            "http://127.0.0.1:8080/health", "--", "nginx", "-g", "daemon off;",
+        ])
+        .unwrap();
+        assert_eq!(config.name, "edge");
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.drain_timeout, Duration::from_secs(120));
+        assert_eq!(config.command, vec!["nginx", "-g", "daemon off;"]);
+        assert!(config.ready_probe.is_some());
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused_before_anything_starts() {
+        let base = ["reloader", "run", "--listen", "127.0.0.1:80"];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v).unwrap_err()
+        };
+        assert!(with(&[]).contains("no server command"));
+        assert!(with(&["--drain-signal", "NOPE", "--", "x"]).contains("not a signal"));
+        assert!(with(&["--drain-timeout", "0s", "--", "x"]).contains("at least"));
+        assert!(with(&["--ready-timeout", "forever", "--", "x"]).contains("durations like"));
+        assert!(with(&["--max-draining", "0", "--", "x"]).contains("--max-draining"));
+        assert!(with(&["--max-draining", "99", "--", "x"]).contains("--max-draining"));
+        assert!(with(&["--listen", "127.0.0.1:80", "--", "x"]).contains("twice"));
+        assert!(with(&["--name", "../x", "--", "x"]).contains("--name"));
+        assert!(with(&["--ready-probe", "tcp://127.0.0.1:81", "--", "x"]).contains("--listen"));
+        assert!(parse(&["reloader", "run", "--", "x"]).unwrap_err().contains("--listen"));
+    }
+}

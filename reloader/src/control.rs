@@ -1,0 +1,128 @@
+//! The control protocol between `reloader reload|status|stop` and the
+//! running controller.
+//!
+//! One Unix stream socket per instance (mode 0600). A client sends one
+//! request as a single JSON line and reads one JSON line back. Requests are
+//! limited to [`MAX_REQUEST`] bytes; anything malformed, oversized, unknown
+//! or truncated gets an [`Response::Error`] and changes nothing. Only root
+//! and the controller's own uid may talk to it (`SO_PEERCRED`).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::status::{ReloadReport, StatusReport};
+
+/// Largest request accepted, newline included.
+pub const MAX_REQUEST: usize = 4096;
+
+/// What a client asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Start a reload; with `wait`, answer when it completed (new
+    /// generation active everywhere and the old one exited).
+    Reload { wait: bool },
+    /// The instance's state.
+    Status,
+    /// Drain every generation and exit.
+    Stop,
+}
+
+/// What the controller answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "kebab-case")]
+pub enum Response {
+    /// The reload request was accepted (no `wait`).
+    ReloadAccepted,
+    /// The reload completed.
+    ReloadDone { report: ReloadReport },
+    /// The reload failed; the previous generation is still active.
+    ReloadFailed { report: ReloadReport },
+    Status { status: Box<StatusReport> },
+    /// The controller is stopping.
+    Stopping,
+    /// The request was refused or could not be read.
+    Error { message: String },
+}
+
+/// Why a request line could not be decoded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// More than [`MAX_REQUEST`] bytes before the newline.
+    #[error("request larger than {MAX_REQUEST} bytes")]
+    TooLarge,
+    /// The connection closed before a full line arrived.
+    #[error("truncated request: the connection closed before a newline")]
+    Truncated,
+    /// Not a request we know.
+    #[error("malformed request: {reason}")]
+    Malformed { reason: String },
+}
+
+/// Decodes one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
+    if line.len() >= MAX_REQUEST {
+        return Err(DecodeError::TooLarge);
+    }
+    serde_json::from_slice(line).map_err(|e| DecodeError::Malformed {
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes a message as one JSON line.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(message).expect("control messages serialize");
+    line.push(b'\n');
+    line
+}
+
+/// Whether a peer with `uid` may control an instance run by `owner`.
+pub fn peer_allowed(uid: u32, owner: u32) -> bool {
+    uid == 0 || uid == owner
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for request in [
+            Request::Reload { wait: true },
+            Request::Reload { wait: false },
+            Request::Status,
+            Request::Stop,
+        ] {
+            let line = encode(&request);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        assert!(matches!(
+            decode_request(br#"{"request":"explode"}"#),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_request(br#"{"request":"reload"}"#),
+            Err(DecodeError::Malformed { .. })
+        ), "missing field");
+        assert!(matches!(
+            decode_request(br#"{"request":"status","extra":1}"#),
+            Err(DecodeError::Malformed { .. })
+        ), "unknown field");
+        assert!(matches!(decode_request(b"\xff\xfe"), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(decode_request(b""), Err(DecodeError::Malformed { .. })));
+        let huge = vec![b' '; MAX_REQUEST];
+        assert_eq!(decode_request(&huge), Err(DecodeError::TooLarge));
+    }
+
+    #[test]
+    fn only_root_and_the_owner_may_connect() {
+        assert!(peer_allowed(0, 1000));
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(1001, 1000));
+    }
+}

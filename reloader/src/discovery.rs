@@ -1,0 +1,306 @@
+//! Discovery: which listening sockets does a server's process tree hold?
+//!
+//! An unmodified server opens its listeners itself, often in worker
+//! processes (nginx with `reuseport` opens one socket per worker in the
+//! master; HAProxy opens them per thread). We find them without the
+//! server's help:
+//!
+//! 1. `NETLINK_SOCK_DIAG` lists the TCP sockets in state LISTEN of our
+//!    network namespace with inode, cookie, local address and current
+//!    accept-queue length (for listeners `idiag_rqueue` is the queue length,
+//!    `idiag_wqueue` the backlog; net/ipv4/tcp_diag.c).
+//! 2. `/proc/PID/fd` of every process in the tree maps socket inodes to the
+//!    (pid, fd) that holds them.
+//! 3. `pidfd_open` + `pidfd_getfd` (Linux ≥ 5.6, needs `CAP_SYS_PTRACE` or
+//!    root) copy the descriptor into our process so steering can put it in
+//!    its map; the copy is closed right after.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io,
+    net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+use serde::Serialize;
+use thiserror::Error;
+
+/// A TCP listening socket of this network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub inode: u64,
+    pub cookie: u64,
+    pub addr: SocketAddr,
+    /// Connections waiting in the accept queue now.
+    pub accept_queue: u32,
+    /// The listen backlog.
+    pub backlog: u32,
+}
+
+/// Where a process holds a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub fd: RawFd,
+}
+
+/// Errors of discovery.
+#[derive(Debug, Error)]
+pub enum DiscoveryError {
+    /// Talking to `NETLINK_SOCK_DIAG` failed.
+    #[error("sock_diag netlink query failed")]
+    NetlinkError {
+        #[source]
+        source: io::Error,
+    },
+    /// A sock_diag answer could not be decoded.
+    #[error("could not decode a sock_diag answer: {message}")]
+    Decode { message: String },
+    /// Reading `/proc` failed.
+    #[error("failed to read /proc")]
+    ProcError {
+        #[source]
+        source: procfs::ProcError,
+    },
+    /// `pidfd_open` or `pidfd_getfd` failed.
+    #[error(
+        "failed to copy fd {fd} of pid {pid} ({call}): reloader needs root or CAP_SYS_PTRACE, \
+         and Linux >= 5.6"
+    )]
+    CopyError {
+        pid: u32,
+        fd: RawFd,
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Every TCP socket in state LISTEN in this network namespace.
+pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
+    let mut all = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        all.extend(dump_listeners(family)?);
+    }
+    Ok(all)
+}
+
+fn dump_listeners(family: u8) -> Result<Vec<Listener>, DiscoveryError> {
+    let netlink = |source| DiscoveryError::NetlinkError { source };
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink)?;
+    socket.bind_auto().map_err(netlink)?;
+    socket.connect(&NetlinkAddr::new(0, 0)).map_err(netlink)?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(netlink)?;
+
+    let mut found = Vec::new();
+    let mut receive = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut receive[..], 0).map_err(netlink)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
+                .map_err(|e| DiscoveryError::Decode {
+                    message: e.to_string(),
+                })?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let h = &response.header;
+                    found.push(Listener {
+                        inode: u64::from(h.inode),
+                        cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                        addr: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
+                        accept_queue: h.recv_queue,
+                        backlog: h.send_queue,
+                    });
+                }
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(error) => {
+                    return Err(DiscoveryError::NetlinkError {
+                        source: error.to_io(),
+                    });
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+/// `root` and all its descendants (by parent pid, from `/proc`).
+pub fn process_tree(root: u32) -> Result<Vec<u32>, DiscoveryError> {
+    let proc_error = |source| DiscoveryError::ProcError { source };
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for process in procfs::process::all_processes().map_err(proc_error)? {
+        // Processes vanish while we read: skip them.
+        let Ok(process) = process else { continue };
+        let Ok(stat) = process.stat() else { continue };
+        children
+            .entry(stat.ppid as u32)
+            .or_default()
+            .push(stat.pid as u32);
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        if let Some(kids) = children.get(&tree[i]) {
+            tree.extend(kids);
+        }
+        i += 1;
+    }
+    Ok(tree)
+}
+
+/// Socket inode → the first (pid, fd) found holding it, for `pids`.
+pub fn socket_holders(pids: &[u32]) -> BTreeMap<u64, Holder> {
+    let mut holders = BTreeMap::new();
+    for &pid in pids {
+        let Ok(process) = procfs::process::Process::new(pid as i32) else {
+            continue;
+        };
+        let Ok(fds) = process.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target {
+                holders.entry(inode).or_insert(Holder { pid, fd: fd.fd });
+            }
+        }
+    }
+    holders
+}
+
+/// The listening sockets a process tree holds, per wanted address.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// For each wanted address (same order), its sockets and holders.
+    pub per_address: Vec<Vec<(Listener, Holder)>>,
+}
+
+impl Found {
+    /// Whether every wanted address has at least one socket.
+    pub fn complete(&self) -> bool {
+        self.per_address.iter().all(|v| !v.is_empty())
+    }
+
+    /// The socket inodes found, for comparing two scans.
+    pub fn inodes(&self) -> HashSet<u64> {
+        self.per_address
+            .iter()
+            .flatten()
+            .map(|(l, _)| l.inode)
+            .collect()
+    }
+}
+
+/// Finds the listening sockets for `wanted` held by the tree of `root`.
+pub fn find(root: u32, wanted: &[SocketAddr]) -> Result<Found, DiscoveryError> {
+    let listening = listeners()?;
+    let tree = process_tree(root)?;
+    let holders = socket_holders(&tree);
+    let per_address = wanted
+        .iter()
+        .map(|addr| {
+            listening
+                .iter()
+                .filter(|l| l.addr == *addr)
+                .filter_map(|l| holders.get(&l.inode).map(|h| (l.clone(), *h)))
+                .collect()
+        })
+        .collect();
+    Ok(Found { per_address })
+}
+
+/// Copies fd `fd` of process `pid` into this process.
+pub fn copy_fd(pid: u32, fd: RawFd) -> Result<OwnedFd, DiscoveryError> {
+    let error = |call, source| DiscoveryError::CopyError {
+        pid,
+        fd,
+        call,
+        source,
+    };
+    // SAFETY: plain syscalls; the returned descriptors are owned here.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return Err(error("pidfd_open", io::Error::last_os_error()));
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        );
+        if copy < 0 {
+            return Err(error("pidfd_getfd", io::Error::last_os_error()));
+        }
+        Ok(OwnedFd::from_raw_fd(copy as RawFd))
+    }
+}
+
+/// The command name of `pid` (for messages), if it still exists.
+pub fn process_name(pid: u32) -> Option<String> {
+    procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|s| s.comm)
+}
+
+/// Who holds listening sockets on `addr` in this namespace, outside the
+/// process trees in `ours`: for naming the holder of a port in errors.
+pub fn holders_of(addr: SocketAddr) -> Result<Vec<(Listener, Option<Holder>)>, DiscoveryError> {
+    let listening: Vec<Listener> = listeners()?
+        .into_iter()
+        .filter(|l| l.addr.port() == addr.port())
+        .collect();
+    if listening.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pids: Vec<u32> = procfs::process::all_processes()
+        .map_err(|source| DiscoveryError::ProcError { source })?
+        .flatten()
+        .map(|p| p.pid as u32)
+        .collect();
+    let holders = socket_holders(&pids);
+    Ok(listening
+        .into_iter()
+        .map(|l| {
+            let holder = holders.get(&l.inode).copied();
+            (l, holder)
+        })
+        .collect())
+}

@@ -1,0 +1,150 @@
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use reloader::{
+    cli::{Cli, Command},
+    config,
+    control::{self, Request, Response},
+    controller,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("reloader: {}", reloader::steering::error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("RELOADER_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `try_init` also bridges the `log` records of aya and aya-log.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = args.into_config()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            let clean = runtime.block_on(controller::run(config))?;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::Reload(args) => {
+            let socket = args.instance.socket()?;
+            let timeout =
+                config::parse_duration("--timeout", &args.timeout, Duration::from_millis(100), Duration::from_secs(86_400))?;
+            let response = ask(&socket, &Request::Reload { wait: args.wait }, Some(timeout))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&response)?);
+            }
+            match response {
+                Response::ReloadAccepted => {
+                    if !args.json {
+                        println!("reload requested");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Response::ReloadDone { report } => {
+                    if !args.json {
+                        println!("{}", report.human());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Response::ReloadFailed { report } => {
+                    if !args.json {
+                        eprintln!("{}", report.human());
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Status(args) => {
+            let socket = args.instance.socket()?;
+            match ask(&socket, &Request::Status, Some(Duration::from_secs(10)))? {
+                Response::Status { status } => {
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    } else {
+                        print!("{}", status.human());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Stop(args) => {
+            let socket = args.instance.socket()?;
+            let timeout =
+                config::parse_duration("--timeout", &args.timeout, Duration::from_millis(100), Duration::from_secs(86_400))?;
+            match ask(&socket, &Request::Stop, Some(Duration::from_secs(10)))? {
+                Response::Stopping => {}
+                other => return unexpected(other),
+            }
+            // The controller removes its socket as its last step.
+            let deadline = std::time::Instant::now() + timeout;
+            while socket.exists() {
+                if std::time::Instant::now() > deadline {
+                    bail!("instance {} is still stopping after {}", args.instance.name, args.timeout);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn unexpected(response: Response) -> Result<ExitCode> {
+    match response {
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the controller: {other:?}"),
+    }
+}
+
+/// Sends one request and reads one response line.
+fn ask(socket: &Path, request: &Request, timeout: Option<Duration>) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the controller at {}: is `reloader run` running with this --name \
+             (or --control-socket)?",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(timeout)?;
+    stream.write_all(&control::encode(request))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("no answer from the controller")?;
+    if line.is_empty() {
+        bail!("the controller closed the connection without answering");
+    }
+    serde_json::from_str(&line).context("could not read the controller's answer")
+}

@@ -1,0 +1,215 @@
+//! What `reloader status` and `reloader reload --wait` report, and how it is
+//! shown to people. The JSON form (`--json`) is for scripts: fields are only
+//! ever added.
+
+use std::{fmt::Write as _, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::generation::human_duration;
+
+/// The whole instance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub name: String,
+    /// The controller's pid.
+    pub pid: u32,
+    /// `select-or-migrate` or `select-only`.
+    pub steering: String,
+    pub uptime_ms: u64,
+    pub listeners: Vec<ListenerStatus>,
+    pub generations: Vec<GenerationStatus>,
+    pub last_reload: Option<ReloadReport>,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    /// Active generations that crashed and were replaced.
+    pub restarts: u64,
+    /// Draining generations killed at the drain timeout.
+    pub drain_kills: u64,
+    /// Decisions for groups with no registered listener.
+    pub unmanaged_fallback: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub addr: String,
+    pub active_generation: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    pub pid: Option<u32>,
+    pub state: String,
+    pub age_ms: u64,
+    pub slot: u32,
+    /// How it ended (exit status or failure reason).
+    pub outcome: Option<String>,
+    pub sockets: Vec<SocketStatus>,
+    /// Summed over listeners.
+    pub counters: CounterStatus,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SocketStatus {
+    pub addr: String,
+    pub inode: u64,
+    pub cookie: u64,
+    /// Connections waiting in its accept queue now (None once closed).
+    pub accept_queue: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterStatus {
+    pub steered: u64,
+    pub migrated: u64,
+    pub probe_routed: u64,
+    pub fallback: u64,
+}
+
+impl From<reloader_ebpf::Counters> for CounterStatus {
+    fn from(c: reloader_ebpf::Counters) -> Self {
+        Self {
+            steered: c.steered,
+            migrated: c.migrated,
+            probe_routed: c.probe_routed,
+            fallback: c.fallback,
+        }
+    }
+}
+
+impl std::ops::AddAssign for CounterStatus {
+    fn add_assign(&mut self, o: Self) {
+        self.steered += o.steered;
+        self.migrated += o.migrated;
+        self.probe_routed += o.probe_routed;
+        self.fallback += o.fallback;
+    }
+}
+
+/// One reload: what happened and how long each phase took.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The generation the reload started.
+    pub generation: u64,
+    /// The generation it replaced, if any.
+    pub previous: Option<u64>,
+    /// `succeeded` or `failed`.
+    pub result: String,
+    /// Why it failed (the previous generation stays active).
+    pub error: Option<String>,
+    /// The new generation's last stderr lines, when it failed.
+    pub stderr_tail: Vec<String>,
+    pub spawn_to_ready_ms: Option<f64>,
+    pub ready_to_cutover_ms: Option<f64>,
+    pub cutover_to_old_exited_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|ms| human_duration(Duration::from_secs_f64(ms / 1000.0)))
+        .unwrap_or_else(|| "-".into())
+}
+
+impl ReloadReport {
+    /// One line for people.
+    pub fn human(&self) -> String {
+        if self.result == "succeeded" {
+            let previous = self
+                .previous
+                .map(|p| format!(" (replaced {p})"))
+                .unwrap_or_default();
+            format!(
+                "generation {} active{previous}: spawn→ready {}, ready→cutover {}, cutover→old exited {}, total {}",
+                self.generation,
+                ms(self.spawn_to_ready_ms),
+                ms(self.ready_to_cutover_ms),
+                ms(self.cutover_to_old_exited_ms),
+                ms(self.total_ms),
+            )
+        } else {
+            let mut text = format!(
+                "reload to generation {} failed: {}",
+                self.generation,
+                self.error.as_deref().unwrap_or("unknown error")
+            );
+            if let Some(previous) = self.previous {
+                let _ = write!(text, "; generation {previous} is still active");
+            }
+            if !self.stderr_tail.is_empty() {
+                text.push_str("\nlast stderr lines of the new generation:");
+                for line in &self.stderr_tail {
+                    let _ = write!(text, "\n  {line}");
+                }
+            }
+            text
+        }
+    }
+}
+
+impl StatusReport {
+    /// The aligned table `reloader status` prints.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "instance {} (controller pid {}), steering {}, up {}",
+            self.name,
+            self.pid,
+            self.steering,
+            human_duration(Duration::from_millis(self.uptime_ms))
+        );
+        let _ = writeln!(out, "\nLISTENER                                       ACTIVE");
+        for l in &self.listeners {
+            let active = l
+                .active_generation
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(out, "{:<46} {active}", l.addr);
+        }
+        let _ = writeln!(
+            out,
+            "\n{:>4}  {:>8}  {:<9} {:>8}  {:>9} {:>9} {:>7} {:>9}  SOCKETS (inode:queue)",
+            "GEN", "PID", "STATE", "AGE", "STEERED", "MIGRATED", "PROBED", "FALLBACK"
+        );
+        for g in &self.generations {
+            let sockets: Vec<String> = g
+                .sockets
+                .iter()
+                .map(|s| {
+                    let queue = s
+                        .accept_queue
+                        .map(|q| q.to_string())
+                        .unwrap_or_else(|| "closed".into());
+                    format!("{} {}:{queue}", s.addr, s.inode)
+                })
+                .collect();
+            let pid = g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let mut line = format!(
+                "{:>4}  {:>8}  {:<9} {:>8}  {:>9} {:>9} {:>7} {:>9}  {}",
+                g.generation,
+                pid,
+                g.state,
+                human_duration(Duration::from_millis(g.age_ms)),
+                g.counters.steered,
+                g.counters.migrated,
+                g.counters.probe_routed,
+                g.counters.fallback,
+                sockets.join(", ")
+            );
+            if let Some(outcome) = &g.outcome {
+                let _ = write!(line, "  ({outcome})");
+            }
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        let _ = writeln!(
+            out,
+            "\nreloads: {} succeeded, {} failed; restarts: {}; drain kills: {}",
+            self.reloads_succeeded, self.reloads_failed, self.restarts, self.drain_kills
+        );
+        if let Some(last) = &self.last_reload {
+            let _ = writeln!(out, "last reload: {}", last.human());
+        }
+        out
+    }
+}

@@ -1,0 +1,162 @@
+//! Supervisor: spawns generations, reaps every child, sends signals.
+//!
+//! The controller is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so a
+//! server that forks and lets its parent exit still has its processes
+//! reparented to us, and we reap them. Reaping is one `waitpid(-1, WNOHANG)`
+//! loop run on `SIGCHLD`: an event, not a poll. std's `Child` is never
+//! waited on (that would race with this loop).
+//!
+//! Each generation runs in its own process group (leader = the spawned
+//! process), so the drain timeout can kill the whole group.
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::unix::process::{CommandExt, ExitStatusExt},
+    process::{Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        signal::{Signal, kill, killpg},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tracing::{debug, warn};
+
+/// How many stderr lines of a generation are kept for failure reports.
+const STDERR_TAIL: usize = 20;
+
+/// The last stderr lines of a generation.
+pub type StderrTail = Arc<Mutex<VecDeque<String>>>;
+
+/// Makes this process a child subreaper.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Spawns `command` as generation `generation` of instance `name`, in its
+/// own process group, with stderr captured (forwarded to ours, and its tail
+/// kept). Returns the pid and the tail.
+pub fn spawn(command: &[String], generation: u64, name: &str) -> io::Result<(u32, StderrTail)> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("RELOADER_GENERATION", generation.to_string())
+        .env("RELOADER_NAME", name)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("failed to start {program:?}: {e} (is it installed and on PATH?)"),
+        )
+    })?;
+    let pid = child.id();
+    let tail: StderrTail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+    if let Some(stderr) = child.stderr.take() {
+        let stderr = tokio::process::ChildStderr::from_std(stderr)?;
+        let tail = tail.clone();
+        let prefix = format!("[{name} gen {generation}]");
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{prefix} {line}");
+                let mut tail = tail.lock().expect("stderr tail lock");
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+    }
+    // Dropping `child` neither waits nor kills: the reaper owns its exit.
+    drop(child);
+    Ok((pid, tail))
+}
+
+/// Reaps every child that has exited; returns (pid, how it ended).
+pub fn reap() -> Vec<(u32, String)> {
+    let mut reaped = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                reaped.push((pid.as_raw() as u32, describe(ExitStatus::from_raw(code << 8))));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                reaped.push((pid.as_raw() as u32, format!("killed by {}", signal.as_str())));
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return reaped,
+            Ok(_) => {}
+            Err(Errno::EINTR) => {}
+            Err(error) => {
+                warn!(%error, "waitpid failed");
+                return reaped;
+            }
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "exited with status 0".into(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!(
+            "killed by {}",
+            Signal::try_from(signal).map_or("unknown signal", |s| s.as_str())
+        ),
+        _ => "ended".into(),
+    }
+}
+
+/// Sends `signal` to `pid`; a process that is already gone is not an error.
+pub fn signal(pid: u32, signal: Signal) {
+    match kill(Pid::from_raw(pid as i32), signal) {
+        Ok(()) | Err(Errno::ESRCH) => debug!(pid, signal = signal.as_str(), "signalled"),
+        Err(error) => warn!(pid, signal = signal.as_str(), %error, "kill failed"),
+    }
+}
+
+/// Sends `signal` to the process group led by `pid`.
+pub fn signal_group(pid: u32, signal: Signal) {
+    match killpg(Pid::from_raw(pid as i32), signal) {
+        Ok(()) | Err(Errno::ESRCH) => debug!(pgid = pid, signal = signal.as_str(), "signalled group"),
+        Err(error) => warn!(pgid = pid, signal = signal.as_str(), %error, "killpg failed"),
+    }
+}
+
+/// Our direct children (including processes reparented to us).
+pub fn children() -> Vec<u32> {
+    let me = std::process::id() as i32;
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.flatten()
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid == me)
+        .map(|s| s.pid as u32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_read_well() {
+        assert_eq!(describe(ExitStatus::from_raw(0)), "exited with status 0");
+        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exited with status 3");
+        assert_eq!(describe(ExitStatus::from_raw(9)), "killed by SIGKILL");
+    }
+}

@@ -132,8 +132,18 @@ impl RunArgs {
         }
         Ok(RunConfig {
             name: self.instance.name,
-            ready_timeout: config::parse_duration("--ready-timeout", &self.ready_timeout, ms(100), hour)?,
-            drain_timeout: config::parse_duration("--drain-timeout", &self.drain_timeout, ms(100), 24 * hour)?,
+            ready_timeout: config::parse_duration(
+                "--ready-timeout",
+                &self.ready_timeout,
+                ms(100),
+                hour,
+            )?,
+            drain_timeout: config::parse_duration(
+                "--drain-timeout",
+                &self.drain_timeout,
+                ms(100),
+                24 * hour,
+            )?,
             settle: config::parse_duration("--settle", &self.settle, ms(0), ms(60_000))?,
             drain_signal: config::parse_signal("--drain-signal", &self.drain_signal)?,
             max_draining: self.max_draining,
@@ -195,9 +205,24 @@ mod tests {
     #[test]
     fn a_full_run_command_line() {
         let config = parse(&[
-            "reloader", "run", "--name", "edge", "--listen", "127.0.0.1:8080", "--listen",
-            "[::]:8443", "--drain-signal", "QUIT", "--drain-timeout", "2m", "--ready-probe",
-            "http://127.0.0.1:8080/health", "--", "nginx", "-g", "daemon off;",
+            "reloader",
+            "run",
+            "--name",
+            "edge",
+            "--listen",
+            "127.0.0.1:8080",
+            "--listen",
+            "[::]:8443",
+            "--drain-signal",
+            "QUIT",
+            "--drain-timeout",
+            "2m",
+            "--ready-probe",
+            "http://127.0.0.1:8080/health",
+            "--",
+            "nginx",
+            "-g",
+            "daemon off;",
         ])
         .unwrap();
         assert_eq!(config.name, "edge");
@@ -224,6 +249,10 @@ mod tests {
         assert!(with(&["--listen", "127.0.0.1:80", "--", "x"]).contains("twice"));
         assert!(with(&["--name", "../x", "--", "x"]).contains("--name"));
         assert!(with(&["--ready-probe", "tcp://127.0.0.1:81", "--", "x"]).contains("--listen"));
-        assert!(parse(&["reloader", "run", "--", "x"]).unwrap_err().contains("--listen"));
+        assert!(
+            parse(&["reloader", "run", "--", "x"])
+                .unwrap_err()
+                .contains("--listen")
+        );
     }
 }

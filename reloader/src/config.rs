@@ -32,7 +32,9 @@ pub enum ConfigError {
     #[error("{count} --listen addresses; at most {MAX_LISTENERS} are supported")]
     TooManyListen { count: usize },
     /// Empty command.
-    #[error("no server command: put it after `--`, e.g. `reloader run --listen 0.0.0.0:80 -- nginx -g 'daemon off;'`")]
+    #[error(
+        "no server command: put it after `--`, e.g. `reloader run --listen 0.0.0.0:80 -- nginx -g 'daemon off;'`"
+    )]
     EmptyCommand,
     /// A duration that is zero or unreasonable.
     #[error("{flag} {value}: {why}")]
@@ -51,7 +53,9 @@ pub enum ConfigError {
     #[error("--ready-probe {value:?}: {why}")]
     BadProbe { value: String, why: String },
     /// A bad instance name.
-    #[error("--name {value:?}: use letters, digits, '-', '_' and '.' (at most 64), not starting with '.'")]
+    #[error(
+        "--name {value:?}: use letters, digits, '-', '_' and '.' (at most 64), not starting with '.'"
+    )]
     BadName { value: String },
 }
 
@@ -249,7 +253,9 @@ pub fn default_control_socket(name: &str) -> PathBuf {
     } else {
         std::env::var_os("XDG_RUNTIME_DIR")
             .map(|d| PathBuf::from(d).join("reloader"))
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("reloader-{}", nix::unistd::geteuid())))
+            .unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("reloader-{}", nix::unistd::geteuid()))
+            })
     };
     dir.join(format!("{name}.sock"))
 }
@@ -274,16 +280,28 @@ mod tests {
     fn listen_addresses_are_checked() {
         assert_eq!(listen(&["127.0.0.1:80", "[::]:443"]).unwrap().len(), 2);
         assert!(matches!(listen(&[]), Err(ConfigError::NoListen)));
-        assert!(matches!(listen(&["localhost:80"]), Err(ConfigError::BadAddress { .. })));
-        assert!(matches!(listen(&["127.0.0.1"]), Err(ConfigError::BadAddress { .. })));
-        assert!(matches!(listen(&["127.0.0.1:0"]), Err(ConfigError::PortZero { .. })));
+        assert!(matches!(
+            listen(&["localhost:80"]),
+            Err(ConfigError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            listen(&["127.0.0.1"]),
+            Err(ConfigError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            listen(&["127.0.0.1:0"]),
+            Err(ConfigError::PortZero { .. })
+        ));
         assert!(matches!(
             listen(&["127.0.0.1:80", "127.0.0.1:80"]),
             Err(ConfigError::DuplicateListen { .. })
         ));
         let many: Vec<String> = (1..=33).map(|p| format!("127.0.0.1:{p}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(matches!(listen(&many), Err(ConfigError::TooManyListen { count: 33 })));
+        assert!(matches!(
+            listen(&many),
+            Err(ConfigError::TooManyListen { count: 33 })
+        ));
     }
 
     #[test]
@@ -308,9 +326,18 @@ mod tests {
 
     #[test]
     fn signals_by_name() {
-        assert_eq!(parse_signal("--drain-signal", "QUIT").unwrap(), Signal::SIGQUIT);
-        assert_eq!(parse_signal("--drain-signal", "sigusr1").unwrap(), Signal::SIGUSR1);
-        assert_eq!(parse_signal("--drain-signal", "term").unwrap(), Signal::SIGTERM);
+        assert_eq!(
+            parse_signal("--drain-signal", "QUIT").unwrap(),
+            Signal::SIGQUIT
+        );
+        assert_eq!(
+            parse_signal("--drain-signal", "sigusr1").unwrap(),
+            Signal::SIGUSR1
+        );
+        assert_eq!(
+            parse_signal("--drain-signal", "term").unwrap(),
+            Signal::SIGTERM
+        );
         assert!(matches!(
             parse_signal("--drain-signal", "SIGNOPE"),
             Err(ConfigError::BadSignal { .. })
@@ -329,7 +356,10 @@ mod tests {
         let t = parse_probe("tcp://[::1]:8443", &listen).unwrap();
         assert_eq!(t.listener(), 1);
         assert!(parse_probe("tcp://127.0.0.1:9999", &listen).is_err());
-        assert!(parse_probe("tcp://[::1]:8080", &listen).is_err(), "family differs");
+        assert!(
+            parse_probe("tcp://[::1]:8080", &listen).is_err(),
+            "family differs"
+        );
         assert!(parse_probe("ftp://127.0.0.1:8080", &listen).is_err());
         assert!(parse_probe("127.0.0.1:8080", &listen).is_err());
         assert!(parse_probe("tcp://0.0.0.0:8080", &listen).is_err());
@@ -347,7 +377,12 @@ mod tests {
 
     #[test]
     fn generation_is_substituted_everywhere() {
-        let cmd = vec!["envoy".into(), "--base-id".into(), "{generation}".into(), "x{generation}y".into()];
+        let cmd = vec![
+            "envoy".into(),
+            "--base-id".into(),
+            "{generation}".into(),
+            "x{generation}y".into(),
+        ];
         assert_eq!(
             substitute_generation(&cmd, 7),
             vec!["envoy", "--base-id", "7", "x7y"]

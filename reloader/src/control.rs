@@ -35,14 +35,22 @@ pub enum Response {
     /// The reload request was accepted (no `wait`).
     ReloadAccepted,
     /// The reload completed.
-    ReloadDone { report: ReloadReport },
+    ReloadDone {
+        report: ReloadReport,
+    },
     /// The reload failed; the previous generation is still active.
-    ReloadFailed { report: ReloadReport },
-    Status { status: Box<StatusReport> },
+    ReloadFailed {
+        report: ReloadReport,
+    },
+    Status {
+        status: Box<StatusReport>,
+    },
     /// The controller is stopping.
     Stopping,
     /// The request was refused or could not be read.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Why a request line could not be decoded.
@@ -105,16 +113,28 @@ mod tests {
             decode_request(br#"{"request":"explode"}"#),
             Err(DecodeError::Malformed { .. })
         ));
+        assert!(
+            matches!(
+                decode_request(br#"{"request":"reload"}"#),
+                Err(DecodeError::Malformed { .. })
+            ),
+            "missing field"
+        );
+        assert!(
+            matches!(
+                decode_request(br#"{"request":"status","extra":1}"#),
+                Err(DecodeError::Malformed { .. })
+            ),
+            "unknown field"
+        );
         assert!(matches!(
-            decode_request(br#"{"request":"reload"}"#),
+            decode_request(b"\xff\xfe"),
             Err(DecodeError::Malformed { .. })
-        ), "missing field");
+        ));
         assert!(matches!(
-            decode_request(br#"{"request":"status","extra":1}"#),
+            decode_request(b""),
             Err(DecodeError::Malformed { .. })
-        ), "unknown field");
-        assert!(matches!(decode_request(b"\xff\xfe"), Err(DecodeError::Malformed { .. })));
-        assert!(matches!(decode_request(b""), Err(DecodeError::Malformed { .. })));
+        ));
         let huge = vec![b' '; MAX_REQUEST];
         assert_eq!(decode_request(&huge), Err(DecodeError::TooLarge));
     }

@@ -134,9 +134,15 @@ impl Shared {
             return;
         }
         inner.final_counters.insert(number, counters);
-        inner.final_counters.retain(|n, _| inner.generations.get(*n).is_some());
-        inner.stderr.retain(|n, _| *n == number || inner.generations.get(*n).is_some());
-        inner.sockets.retain(|n, _| inner.generations.get(*n).is_some());
+        inner
+            .final_counters
+            .retain(|n, _| inner.generations.get(*n).is_some());
+        inner
+            .stderr
+            .retain(|n, _| *n == number || inner.generations.get(*n).is_some());
+        inner
+            .sockets
+            .retain(|n, _| inner.generations.get(*n).is_some());
         let slot = inner.generations.get(number).map(|g| g.slot);
         if let Some(slot) = slot {
             for listener in 0..self.config.listen.len() as u32 {
@@ -218,7 +224,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         error!("{}", report.human());
         stop_all(&shared, &mut sigchld).await;
         remove_socket(&shared.config.control_socket);
-        bail!("the first generation did not start: {}", report.error.unwrap_or_default());
+        bail!(
+            "the first generation did not start: {}",
+            report.error.unwrap_or_default()
+        );
     }
 
     tokio::spawn(reload_worker(shared.clone()));
@@ -319,7 +328,10 @@ fn handle_exits(shared: &Arc<Shared>) {
                     shared.generation_ended(&mut inner, number, State::Exited, how);
                 }
                 State::Active => {
-                    error!(generation = number, pid, "active generation {how}; restarting");
+                    error!(
+                        generation = number,
+                        pid, "active generation {how}; restarting"
+                    );
                     // Its sockets are gone with it; leave selection to the
                     // kernel until a new generation is active.
                     for listener in 0..shared.config.listen.len() as u32 {

@@ -129,9 +129,9 @@ impl Generations {
     /// Starts the next generation in a free slot (its process is not
     /// spawned yet: see [`Generations::set_pid`]).
     pub fn begin(&mut self, now: Instant) -> Result<&Generation, GenerationError> {
-        let slot = self.free_slot().ok_or(GenerationError::NoFreeSlot {
-            slots: self.slots,
-        })?;
+        let slot = self
+            .free_slot()
+            .ok_or(GenerationError::NoFreeSlot { slots: self.slots })?;
         let number = self.next;
         self.next += 1;
         self.list.push(Generation {
@@ -300,7 +300,10 @@ mod tests {
         );
         g.transition(n, State::Failed, now, Some("exited".into()))
             .unwrap();
-        assert!(g.transition(n, State::Ready, now, None).is_err(), "failed is final");
+        assert!(
+            g.transition(n, State::Ready, now, None).is_err(),
+            "failed is final"
+        );
         assert_eq!(
             g.transition(99, State::Ready, now, None),
             Err(GenerationError::Unknown { number: 99 })
@@ -313,7 +316,10 @@ mod tests {
         let now = Instant::now();
         let slots: Vec<u32> = (0..4).map(|_| g.begin(now).unwrap().slot).collect();
         assert_eq!(slots, vec![0, 1, 2, 3]);
-        assert_eq!(g.begin(now).unwrap_err(), GenerationError::NoFreeSlot { slots: 4 });
+        assert_eq!(
+            g.begin(now).unwrap_err(),
+            GenerationError::NoFreeSlot { slots: 4 }
+        );
         g.transition(2, State::Failed, now, None).unwrap();
         let next = g.begin(now).unwrap();
         assert_eq!((next.number, next.slot), (5, 1), "generation 2 held slot 1");
@@ -347,7 +353,10 @@ mod tests {
             g.transition(n, State::Active, now, None).unwrap();
         }
         assert_eq!(g.active().unwrap().number, 3);
-        assert_eq!(g.draining().map(|d| d.number).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            g.draining().map(|d| d.number).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 
     #[test]

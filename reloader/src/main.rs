@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("reloader: {}", reloader::steering::error_chain(error.as_ref()));
+            eprintln!(
+                "reloader: {}",
+                reloader::steering::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -57,8 +60,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Reload(args) => {
             let socket = args.instance.socket()?;
-            let timeout =
-                config::parse_duration("--timeout", &args.timeout, Duration::from_millis(100), Duration::from_secs(86_400))?;
+            let timeout = config::parse_duration(
+                "--timeout",
+                &args.timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(86_400),
+            )?;
             let response = ask(&socket, &Request::Reload { wait: args.wait }, Some(timeout))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
@@ -101,8 +108,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Stop(args) => {
             let socket = args.instance.socket()?;
-            let timeout =
-                config::parse_duration("--timeout", &args.timeout, Duration::from_millis(100), Duration::from_secs(86_400))?;
+            let timeout = config::parse_duration(
+                "--timeout",
+                &args.timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(86_400),
+            )?;
             match ask(&socket, &Request::Stop, Some(Duration::from_secs(10)))? {
                 Response::Stopping => {}
                 other => return unexpected(other),
@@ -111,7 +122,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let deadline = std::time::Instant::now() + timeout;
             while socket.exists() {
                 if std::time::Instant::now() > deadline {
-                    bail!("instance {} is still stopping after {}", args.instance.name, args.timeout);
+                    bail!(
+                        "instance {} is still stopping after {}",
+                        args.instance.name,
+                        args.timeout
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

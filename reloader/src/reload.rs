@@ -70,8 +70,8 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadReport> 
         Ok(ready) => ready,
         Err(error) => {
             fail(shared, number, &error);
-            report.error = Some(error);
-            report.stderr_tail = stderr_tail(shared, number);
+            report.stderr_tail = stderr_tail(shared, number).await;
+            report.error = Some(explain_failure(error, &report.stderr_tail));
             record(shared, &report, false);
             return Err(report);
         }
@@ -79,40 +79,15 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadReport> 
     report.spawn_to_ready_ms = Some(ms(ready - t0));
 
     // Cutover: one map update per listener.
-    let cutover = {
-        let mut inner = shared.lock();
-        let now = Instant::now();
-        if let Err(error) = inner.generations.transition(number, State::Ready, ready, None) {
-            drop(inner);
-            let error = format!("generation {number} ended while starting: {error}");
+    let cutover = match cut_over(shared, number, slot, previous, ready) {
+        Ok(cutover) => cutover,
+        Err(error) => {
+            fail(shared, number, &error);
+            report.stderr_tail = stderr_tail(shared, number).await;
             report.error = Some(error);
-            report.stderr_tail = stderr_tail(shared, number);
             record(shared, &report, false);
             return Err(report);
         }
-        for listener in 0..shared.config.listen.len() as u32 {
-            if let Err(error) = inner.steering.set_active(listener, Some(slot)) {
-                // Cannot happen for registered listeners; if it does, the
-                // old generation keeps what it had.
-                drop(inner);
-                let error = format!("cutover failed: {error}");
-                fail(shared, number, &error);
-                report.error = Some(error);
-                record(shared, &report, false);
-                return Err(report);
-            }
-        }
-        let now_after = Instant::now();
-        inner
-            .generations
-            .transition(number, State::Active, now_after, None)
-            .expect("ready generation becomes active");
-        if let Some(old) = previous {
-            let _ = inner
-                .generations
-                .transition(old, State::Draining, now_after, None);
-        }
-        now
     };
     shared.notify_changed();
     report.ready_to_cutover_ms = Some(ms(cutover - ready));
@@ -140,6 +115,42 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadReport> 
     );
     record(shared, &report, true);
     Ok(report)
+}
+
+/// Makes `number` active on every listener (one map update each) and
+/// marks `previous` draining. Returns when the maps were updated.
+fn cut_over(
+    shared: &Shared,
+    number: u64,
+    slot: u32,
+    previous: Option<u64>,
+    ready: Instant,
+) -> Result<Instant, String> {
+    let mut inner = shared.lock();
+    inner
+        .generations
+        .transition(number, State::Ready, ready, None)
+        .map_err(|e| format!("generation {number} ended while starting: {e}"))?;
+    let cutover = Instant::now();
+    for listener in 0..shared.config.listen.len() as u32 {
+        // Cannot fail for registered listeners; if it does, the old
+        // generation keeps the listeners not yet switched.
+        inner
+            .steering
+            .set_active(listener, Some(slot))
+            .map_err(|e| format!("cutover failed: {e}"))?;
+    }
+    let now = Instant::now();
+    inner
+        .generations
+        .transition(number, State::Active, now, None)
+        .map_err(|e| e.to_string())?;
+    if let Some(old) = previous {
+        let _ = inner
+            .generations
+            .transition(old, State::Draining, now, None);
+    }
+    Ok(cutover)
 }
 
 /// Waits for a free slot within the draining limit and begins the next
@@ -176,10 +187,16 @@ async fn take_slot(shared: &Arc<Shared>) -> Result<(u64, u32, Option<u64>), Stri
 }
 
 /// Spawns the generation and waits until it is ready; returns when.
-async fn start(shared: &Arc<Shared>, number: u64, slot: u32, t0: Instant) -> Result<Instant, String> {
+async fn start(
+    shared: &Arc<Shared>,
+    number: u64,
+    slot: u32,
+    t0: Instant,
+) -> Result<Instant, String> {
     let config = &shared.config;
     let command = substitute_generation(&config.command, number);
-    let (pid, tail) = supervisor::spawn(&command, number, &config.name).map_err(|e| e.to_string())?;
+    let (pid, tail) =
+        supervisor::spawn(&command, number, &config.name).map_err(|e| e.to_string())?;
     {
         let mut inner = shared.lock();
         inner
@@ -335,8 +352,9 @@ async fn probe_once(shared: &Arc<Shared>, slot: u32, probe: &Probe) -> Result<()
         match probe {
             Probe::Tcp { .. } => Ok(()),
             Probe::Http { host, path, .. } => {
-                let request =
-                    format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: reloader-probe\r\n\r\n");
+                let request = format!(
+                    "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: reloader-probe\r\n\r\n"
+                );
                 stream
                     .write_all(request.as_bytes())
                     .await
@@ -355,7 +373,12 @@ async fn probe_once(shared: &Arc<Shared>, slot: u32, probe: &Probe) -> Result<()
         }
     })
     .await
-    .unwrap_or_else(|_| Err(format!("no answer within {}", human_duration(PROBE_TIMEOUT))));
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "no answer within {}",
+            human_duration(PROBE_TIMEOUT)
+        ))
+    });
     let _ = shared.lock().steering.remove_probe(listener, port);
     result
 }
@@ -401,7 +424,12 @@ async fn drain(shared: &Arc<Shared>, old: u64) {
         return;
     };
     tokio::time::sleep(config.settle).await;
-    info!(generation = old, pid, signal = config.drain_signal.as_str(), "draining");
+    info!(
+        generation = old,
+        pid,
+        signal = config.drain_signal.as_str(),
+        "draining"
+    );
     supervisor::signal(pid, config.drain_signal);
     let deadline = tokio::time::Instant::now() + config.drain_timeout;
     let exited = |shared: &Shared| {
@@ -433,13 +461,28 @@ async fn drain(shared: &Arc<Shared>, old: u64) {
     }
 }
 
-fn stderr_tail(shared: &Shared, number: u64) -> Vec<String> {
-    shared
-        .lock()
-        .stderr
-        .get(&number)
-        .map(|t| t.lock().expect("tail lock").iter().cloned().collect())
-        .unwrap_or_default()
+async fn stderr_tail(shared: &Shared, number: u64) -> Vec<String> {
+    let tail = shared.lock().stderr.get(&number).cloned();
+    match tail {
+        Some(tail) => tail.lines(Duration::from_millis(500)).await,
+        None => Vec::new(),
+    }
+}
+
+/// Adds the likely fix to a failure whose stderr shows a bind conflict.
+fn explain_failure(error: String, stderr: &[String]) -> String {
+    let bind_conflict = stderr
+        .iter()
+        .any(|l| l.contains("in use") || l.contains("EADDRINUSE"));
+    if bind_conflict {
+        format!(
+            "{error}; it could not bind an address the old generation holds: a server must set \
+             SO_REUSEPORT to listen beside it (nginx: `listen ... reuseport`; Envoy: \
+             `enable_reuse_port: true`)"
+        )
+    } else {
+        error
+    }
 }
 
 fn record(shared: &Shared, report: &ReloadReport, ok: bool) {

@@ -159,7 +159,10 @@ impl StatusReport {
             self.steering,
             human_duration(Duration::from_millis(self.uptime_ms))
         );
-        let _ = writeln!(out, "\nLISTENER                                       ACTIVE");
+        let _ = writeln!(
+            out,
+            "\nLISTENER                                       ACTIVE"
+        );
         for l in &self.listeners {
             let active = l
                 .active_generation

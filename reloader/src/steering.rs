@@ -34,8 +34,8 @@ use aya::{
 };
 use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
 use reloader_ebpf::{
-    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey, ProbeTarget, SlotState, counter_index, map, program,
-    socket_index,
+    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey,
+    ProbeTarget, SlotState, counter_index, map, program, socket_index,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};

@@ -32,7 +32,41 @@ use tracing::{debug, warn};
 const STDERR_TAIL: usize = 20;
 
 /// The last stderr lines of a generation.
-pub type StderrTail = Arc<Mutex<VecDeque<String>>>;
+#[derive(Clone)]
+pub struct StderrTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl StderrTail {
+    fn new() -> Self {
+        Self {
+            lines: Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL))),
+            closed: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    fn push(&self, line: String) {
+        let mut lines = self.lines.lock().expect("stderr tail lock");
+        if lines.len() == STDERR_TAIL {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    /// The kept lines, once the process closed its stderr (or `wait`
+    /// passed: a crashed server's children may keep it open).
+    pub async fn lines(&self, wait: std::time::Duration) -> Vec<String> {
+        let mut closed = self.closed.subscribe();
+        let _ = tokio::time::timeout(wait, closed.wait_for(|c| *c)).await;
+        self.lines
+            .lock()
+            .expect("stderr tail lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
 
 /// Makes this process a child subreaper.
 pub fn become_subreaper() -> io::Result<()> {
@@ -64,7 +98,7 @@ pub fn spawn(command: &[String], generation: u64, name: &str) -> io::Result<(u32
         )
     })?;
     let pid = child.id();
-    let tail: StderrTail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+    let tail = StderrTail::new();
     if let Some(stderr) = child.stderr.take() {
         let stderr = tokio::process::ChildStderr::from_std(stderr)?;
         let tail = tail.clone();
@@ -73,12 +107,9 @@ pub fn spawn(command: &[String], generation: u64, name: &str) -> io::Result<(u32
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("{prefix} {line}");
-                let mut tail = tail.lock().expect("stderr tail lock");
-                if tail.len() == STDERR_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+                tail.push(line);
             }
+            tail.closed.send_replace(true);
         });
     }
     // Dropping `child` neither waits nor kills: the reaper owns its exit.
@@ -92,10 +123,16 @@ pub fn reap() -> Vec<(u32, String)> {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
-                reaped.push((pid.as_raw() as u32, describe(ExitStatus::from_raw(code << 8))));
+                reaped.push((
+                    pid.as_raw() as u32,
+                    describe(ExitStatus::from_raw(code << 8)),
+                ));
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                reaped.push((pid.as_raw() as u32, format!("killed by {}", signal.as_str())));
+                reaped.push((
+                    pid.as_raw() as u32,
+                    format!("killed by {}", signal.as_str()),
+                ));
             }
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return reaped,
             Ok(_) => {}
@@ -131,7 +168,9 @@ pub fn signal(pid: u32, signal: Signal) {
 /// Sends `signal` to the process group led by `pid`.
 pub fn signal_group(pid: u32, signal: Signal) {
     match killpg(Pid::from_raw(pid as i32), signal) {
-        Ok(()) | Err(Errno::ESRCH) => debug!(pgid = pid, signal = signal.as_str(), "signalled group"),
+        Ok(()) | Err(Errno::ESRCH) => {
+            debug!(pgid = pid, signal = signal.as_str(), "signalled group")
+        }
         Err(error) => warn!(pgid = pid, signal = signal.as_str(), %error, "killpg failed"),
     }
 }
@@ -156,7 +195,10 @@ mod tests {
     #[test]
     fn exit_statuses_read_well() {
         assert_eq!(describe(ExitStatus::from_raw(0)), "exited with status 0");
-        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exited with status 3");
+        assert_eq!(
+            describe(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
         assert_eq!(describe(ExitStatus::from_raw(9)), "killed by SIGKILL");
     }
 }

@@ -76,7 +76,10 @@ fn main() {
         args = Args::parse_from(argv);
     }
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
-    eprintln!("testserver gen {generation} pid {} starting", std::process::id());
+    eprintln!(
+        "testserver gen {generation} pid {} starting",
+        std::process::id()
+    );
     if args.exit_on_start {
         eprintln!("testserver: exiting on start as asked (--exit-on-start)");
         std::process::exit(3);
@@ -117,7 +120,10 @@ fn main() {
         // exits), and the child only uses async-signal-safe state first.
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => {
-                eprintln!("testserver gen {generation} worker {i} pid {}", std::process::id());
+                eprintln!(
+                    "testserver gen {generation} worker {i} pid {}",
+                    std::process::id()
+                );
                 serve(own, &args, &generation, mask);
             }
             ForkResult::Parent { child } => {
@@ -235,7 +241,8 @@ fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, args: &Args)
                 }
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if request.is_empty() && args.close_idle_on_drain && draining.load(Ordering::SeqCst) {
+                if request.is_empty() && args.close_idle_on_drain && draining.load(Ordering::SeqCst)
+                {
                     // The graceful-stop behaviour steering protects against.
                     return;
                 }

@@ -153,3 +153,6 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
     }
     String::from_utf8(line).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))
 }
+
+pub mod instance;
+pub mod load;

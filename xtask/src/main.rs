@@ -50,6 +50,10 @@ fn main() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // The launcher tests run the real `reloader` binary.
+    run(std::process::Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["build", "--workspace", "--bins"]))?;
     let mut cmd = std::process::Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--all-targets"])

@@ -1,0 +1,471 @@
+//! `reloader run` end to end: the real binary, the real kernel, real
+//! servers (the test server and Debian's nginx), each test in its own
+//! network namespace, with a continuous load of new connections that must
+//! all be answered.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use reloader_tests::{
+    instance::{Instance, process_alive},
+    load::{self, Load},
+    privileged,
+};
+use serde_json::Value;
+
+const ADDR: &str = "127.0.0.1:8080";
+
+fn addr() -> SocketAddr {
+    ADDR.parse().unwrap()
+}
+
+fn testserver() -> &'static str {
+    env!("CARGO_BIN_EXE_testserver")
+}
+
+/// Reloads `n` times under load and checks every connection was answered,
+/// and that connections started after a reload completed were answered by
+/// that reload's generation or a later one.
+fn reload_under_load(instance: &mut Instance, n: usize, concurrency: usize) -> load::Report {
+    let load = Load::start(addr(), concurrency);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut completed: Vec<(Duration, u64)> = Vec::new();
+    for i in 0..n {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "reload {i} failed: {answer}\n{}", instance.log_text());
+        let generation = answer["report"]["generation"].as_u64().expect("generation");
+        completed.push((load.start.elapsed(), generation));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.finish();
+    report.assert_no_failures();
+    for outcome in &report.outcomes {
+        let served = *outcome.result.as_ref().unwrap();
+        let newest_done = completed
+            .iter()
+            .filter(|(t, _)| *t < outcome.started)
+            .map(|(_, g)| *g)
+            .max()
+            .unwrap_or(1);
+        assert!(
+            served >= newest_done,
+            "a connection started at {:?}, after generation {newest_done} was active and its \
+             predecessor had exited, was answered by generation {served}",
+            outcome.started
+        );
+    }
+    println!(
+        "{} connections, {} reloads, 0 failed; per generation: {:?}",
+        report.total(),
+        n,
+        report.by_generation()
+    );
+    report
+}
+
+#[test]
+fn test_server_reloads_under_load_lose_no_connection() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--drain-timeout", "10s"],
+        // Workers hold the listeners (like nginx), and the old generation's
+        // graceful stop closes accepted connections it has not read yet:
+        // the behaviour that fails clients in a plain reuseport reload.
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--workers",
+            "2",
+            "--close-idle-on-drain",
+        ],
+    );
+    let report = reload_under_load(&mut instance, 20, 8);
+    assert!(
+        report.by_generation().len() >= 10,
+        "most generations served traffic: {:?}",
+        report.by_generation()
+    );
+    let status = instance.status();
+    assert_eq!(status["reloads_succeeded"], 20);
+    assert_eq!(status["listeners"][0]["active_generation"], 21);
+    assert!(instance.stop().success());
+}
+
+fn nginx_dir(generations: u64) -> tempfile::TempDir {
+    assert!(
+        Path::new("/usr/sbin/nginx").exists(),
+        "nginx is not installed: apt-get install nginx-light (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
+         events { worker_connections 1024; }\n",
+    )
+    .unwrap();
+    // One http block per generation, so each answers with its number.
+    for g in 1..=generations {
+        std::fs::write(
+            dir.path().join(format!("gen-{g}.conf")),
+            format!(
+                "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    \
+                 listen {ADDR} reuseport;\n    location / {{ return 200 \"gen={g} pid=$pid\\n\"; }}\n  \
+                 }}\n}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+#[test]
+fn nginx_reloads_under_load_lose_no_connection() {
+    privileged();
+    let dir = nginx_dir(40);
+    let d = dir.path().display().to_string();
+    let conf = format!("{d}/nginx.conf");
+    let globals = format!("pid {d}/nginx-{{generation}}.pid; include {d}/gen-{{generation}}.conf;");
+    let mut instance = Instance::start_in(
+        dir,
+        &[
+            "--listen",
+            ADDR,
+            "--drain-signal",
+            "QUIT",
+            "--drain-timeout",
+            "10s",
+        ],
+        &["/usr/sbin/nginx", "-c", &conf, "-g", &globals],
+    );
+    let report = reload_under_load(&mut instance, 20, 8);
+    let status = instance.status();
+    assert_eq!(status["reloads_succeeded"], 20);
+    println!(
+        "nginx: {} connections, 20 reloads, {} failed; last reload: {}",
+        report.total(),
+        report.failures().len(),
+        status["last_reload"]
+    );
+    assert!(instance.stop().success());
+}
+
+/// A reload whose new generation cannot become ready fails with the reason;
+/// the old generation keeps serving and no connection fails.
+fn rollback(mode: &str, reason: &str) {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode_file = dir.path().join("mode");
+    let mode_arg = mode_file.display().to_string();
+    let mut instance = Instance::start_in(
+        dir,
+        &["--listen", ADDR, "--ready-timeout", "2s"],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    let load = Load::start(addr(), 4);
+    std::fs::write(&mode_file, mode).unwrap();
+    let (ok, answer) = instance.reload_wait();
+    assert!(!ok, "the reload must fail: {answer}");
+    assert_eq!(answer["response"], "reload-failed");
+    let report = &answer["report"];
+    let text = format!("{} {}", report["error"], report["stderr_tail"]);
+    assert!(text.contains(reason), "reason {reason:?} not in {text}");
+    assert_eq!(
+        instance.active_generation(),
+        Some(1),
+        "generation 1 still active"
+    );
+    let failed = instance.status()["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["generation"] == 2)
+        .cloned()
+        .unwrap();
+    assert_eq!(failed["state"], "failed");
+    assert!(
+        !process_alive(failed["pid"].as_u64().unwrap() as u32),
+        "candidate killed"
+    );
+
+    // The instance recovers once the server is fixed.
+    std::fs::remove_file(&mode_file).unwrap();
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(report.by_generation().contains_key(&1));
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn rollback_when_the_new_generation_exits_on_start() {
+    rollback("--exit-on-start", "exiting on start as asked");
+}
+
+#[test]
+fn rollback_when_the_new_generation_never_listens() {
+    rollback("--never-listen", "no listening socket for 127.0.0.1:8080");
+}
+
+#[test]
+fn rollback_when_the_new_generation_binds_without_reuseport() {
+    rollback("--no-reuseport", "SO_REUSEPORT");
+}
+
+#[test]
+fn a_first_generation_without_reuseport_is_refused_with_the_fix() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = Instance::spawn_in(
+        dir,
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--no-reuseport"],
+    );
+    let status = instance.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = instance.log_text();
+    assert!(log.contains("does not have SO_REUSEPORT set"), "{log}");
+    assert!(log.contains("reuseport"), "names the fix: {log}");
+}
+
+#[test]
+fn an_old_generation_that_ignores_the_drain_signal_is_killed_at_the_timeout() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode_file = dir.path().join("mode");
+    std::fs::write(&mode_file, "--ignore-drain").unwrap();
+    let mode_arg = mode_file.display().to_string();
+    let mut instance = Instance::start_in(
+        dir,
+        &["--listen", ADDR, "--drain-timeout", "1s"],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    std::fs::remove_file(&mode_file).unwrap();
+    let load = Load::start(addr(), 4);
+    let started = Instant::now();
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for the drain timeout"
+    );
+    let report = load.finish();
+    report.assert_no_failures();
+    let status = instance.status();
+    assert_eq!(status["drain_kills"], 1);
+    let old = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["generation"] == 1)
+        .cloned()
+        .unwrap();
+    assert_eq!(old["outcome"], "killed by SIGKILL");
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn overlapping_reloads_coalesce_into_one_follow_up() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        // Slow starts keep the first reload in progress while the others
+        // arrive.
+        &[testserver(), "--listen", ADDR, "--start-delay-ms", "500"],
+    );
+    let socket = instance.socket.clone();
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 100 }));
+                let out = Command::new(reloader_tests::instance::reloader_bin())
+                    .args(["reload", "--wait", "--json", "--control-socket"])
+                    .arg(&socket)
+                    .output()
+                    .unwrap();
+                let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+                (out.status.success(), answer)
+            })
+        })
+        .collect();
+    let mut generations = Vec::new();
+    for r in requests {
+        let (ok, answer) = r.join().unwrap();
+        assert!(ok, "{answer}");
+        generations.push(answer["report"]["generation"].as_u64().unwrap());
+    }
+    generations.sort();
+    assert_eq!(generations[0], 2, "the first request started generation 2");
+    assert_eq!(
+        *generations.last().unwrap(),
+        3,
+        "the five that arrived during it share one follow-up: {generations:?}"
+    );
+    assert_eq!(instance.status()["reloads_succeeded"], 2);
+    instance.remember_pids();
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn a_crashed_active_generation_is_restarted() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode_file = dir.path().join("mode");
+    std::fs::write(&mode_file, "--crash-after-ms 700").unwrap();
+    let mode_arg = mode_file.display().to_string();
+    let instance = Instance::start_in(
+        dir,
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    std::fs::remove_file(&mode_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while instance.active_generation() != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "no restart\n{}",
+            instance.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = instance.status();
+    assert_eq!(status["restarts"], 1);
+    let crashed = &status["generations"].as_array().unwrap()[1];
+    assert_eq!(crashed["generation"], 1);
+    assert_eq!(crashed["outcome"], "exited with status 70");
+    assert_eq!(
+        load::request(addr()).unwrap(),
+        2,
+        "the new generation serves"
+    );
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn stop_leaves_no_process_behind() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--workers", "3"],
+    );
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    let controller = instance.pid();
+    let tree = descendants(controller);
+    assert!(tree.len() >= 4, "leader and three workers: {tree:?}");
+    let status = instance.stop();
+    assert!(status.success(), "clean stop exits 0: {status}");
+    for pid in tree {
+        assert!(!process_alive(pid), "pid {pid} outlived the stop");
+    }
+}
+
+#[test]
+fn status_json_matches_reality() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--ready-probe", "http://127.0.0.1:8080/"],
+        &[testserver(), "--listen", ADDR, "--workers", "2"],
+    );
+    for _ in 0..30 {
+        assert_eq!(load::request(addr()).unwrap(), 1);
+    }
+    let status = instance.status();
+    assert_eq!(status["steering"], "select-or-migrate");
+    let g1 = &status["generations"][0];
+    assert_eq!(g1["generation"], 1);
+    assert_eq!(g1["state"], "active");
+    let pid = g1["pid"].as_u64().unwrap() as u32;
+    assert!(process_alive(pid));
+    assert_eq!(
+        g1["counters"]["steered"], 30,
+        "every connection went through the program"
+    );
+    assert_eq!(g1["counters"]["probe_routed"], 1, "the readiness probe");
+    let sockets = g1["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 2, "one listener per worker");
+    for s in sockets {
+        assert_eq!(s["addr"], ADDR);
+        assert_eq!(s["accept_queue"], 0);
+        assert!(s["inode"].as_u64().unwrap() > 0);
+    }
+
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok);
+    let report = &answer["report"];
+    for phase in [
+        "spawn_to_ready_ms",
+        "ready_to_cutover_ms",
+        "cutover_to_old_exited_ms",
+        "total_ms",
+    ] {
+        assert!(
+            report[phase].as_f64().unwrap() >= 0.0,
+            "{phase} in {report}"
+        );
+    }
+    for _ in 0..10 {
+        assert_eq!(load::request(addr()).unwrap(), 2);
+    }
+    let status = instance.status();
+    let gens = status["generations"].as_array().unwrap();
+    assert_eq!(gens[0]["generation"], 2);
+    assert_eq!(gens[0]["counters"]["steered"], 10);
+    assert_eq!(gens[1]["state"], "exited");
+    assert_eq!(gens[1]["counters"]["steered"], 30, "frozen when it exited");
+    assert!(!process_alive(pid));
+    assert_eq!(status["last_reload"]["generation"], 2);
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn reload_without_wait_returns_once_accepted() {
+    privileged();
+    let instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let out = instance.client(&["reload"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "reload requested"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while instance.active_generation() != Some(2) {
+        assert!(Instant::now() < deadline, "the accepted reload happened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(instance.stop().success());
+}
+
+fn descendants(root: u32) -> Vec<u32> {
+    let output = Command::new("ps")
+        .args(["-eo", "pid=,ppid="])
+        .output()
+        .unwrap();
+    let pairs: Vec<(u32, u32)> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(|x| x.parse().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .collect();
+    let mut tree = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid) in &pairs {
+            if *ppid == p {
+                tree.push(*pid);
+                frontier.push(*pid);
+            }
+        }
+    }
+    tree
+}

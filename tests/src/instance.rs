@@ -1,0 +1,242 @@
+//! Runs the real `reloader` binary as a test would run it from a shell.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The `reloader` binary next to the test executable (`cargo xtask test`
+/// builds it before the tests).
+pub fn reloader_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("reloader");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p reloader`; `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `reloader run` controller started by a test.
+pub struct Instance {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    /// Every generation pid seen, for cleanup and leak checks.
+    pub pids: Vec<u32>,
+}
+
+impl Instance {
+    /// Starts `reloader run ARGS -- SERVER` and waits until its first
+    /// generation is active.
+    pub fn start(args: &[&str], server: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, args, server)
+    }
+
+    /// As [`Instance::start`], in a directory the test prepared.
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str], server: &[&str]) -> Self {
+        let instance = Self::spawn_in(dir, args, server);
+        instance.wait_active(Duration::from_secs(30));
+        instance
+    }
+
+    /// Starts the controller without waiting for anything.
+    pub fn spawn_in(dir: tempfile::TempDir, args: &[&str], server: &[&str]) -> Self {
+        let socket = dir.path().join("control.sock");
+        let log = dir.path().join("reloader.log");
+        let child = Command::new(reloader_bin())
+            .arg("run")
+            .arg("--control-socket")
+            .arg(&socket)
+            .args(args)
+            .arg("--")
+            .args(server)
+            .env("RELOADER_LOG", "info,reloader=debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("spawn reloader run");
+        Self {
+            child: Some(child),
+            dir,
+            socket,
+            log,
+            pids: Vec::new(),
+        }
+    }
+
+    /// Runs a `reloader` client subcommand against this instance.
+    pub fn client(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(reloader_bin());
+        cmd.arg(args[0])
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(&args[1..]);
+        cmd.output().expect("run reloader client")
+    }
+
+    /// `reloader status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.client(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// `reloader reload --wait --json`: (succeeded, response).
+    pub fn reload_wait(&mut self) -> (bool, Value) {
+        let out = self.client(&["reload", "--wait", "--json", "--timeout", "120s"]);
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "reload answer is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        self.remember_pids();
+        (out.status.success(), value)
+    }
+
+    /// The generation active on the first listener.
+    pub fn active_generation(&self) -> Option<u64> {
+        self.status()["listeners"][0]["active_generation"].as_u64()
+    }
+
+    /// Waits until some generation is active.
+    pub fn wait_active(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.client(&["status", "--json"]);
+            if out.status.success() {
+                let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+                if status["listeners"][0]["active_generation"]
+                    .as_u64()
+                    .is_some()
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no active generation within {timeout:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Records the pids of the generations `status` lists.
+    pub fn remember_pids(&mut self) {
+        let out = self.client(&["status", "--json"]);
+        if let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) {
+            for g in status["generations"].as_array().into_iter().flatten() {
+                if let Some(pid) = g["pid"].as_u64()
+                    && !self.pids.contains(&(pid as u32))
+                {
+                    self.pids.push(pid as u32);
+                }
+            }
+        }
+    }
+
+    /// `reloader stop`, then waits for the controller; returns its exit
+    /// status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.remember_pids();
+        let out = self.client(&["stop", "--timeout", "60s"]);
+        assert!(
+            out.status.success(),
+            "stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// Waits for the controller to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("controller running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "controller did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The controller's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The controller's log so far (server stderr included).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // A test failed with the instance running: stop it, and whatever
+        // it ran, so nothing outlives the test.
+        self.remember_pids();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for pid in &self.pids {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if std::thread::panicking() {
+            eprintln!("--- reloader log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

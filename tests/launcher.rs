@@ -469,3 +469,47 @@ fn descendants(root: u32) -> Vec<u32> {
     }
     tree
 }
+
+/// Generations are not tied to the controller's life: killed with SIGKILL,
+/// it leaves the servers serving and the steering program attached. The
+/// generation's leader here is a shell (it keeps the SIGPIPE disposition it
+/// was started with, as a C server does; Rust's runtime would not) that
+/// writes to its stderr, a pipe nobody reads once the controller is gone:
+/// that write must fail, not kill the server.
+#[test]
+fn generations_keep_serving_when_the_controller_is_killed() {
+    privileged();
+    let script = format!(
+        "{} --listen {ADDR} & while :; do echo tick >&2; sleep 0.05; done",
+        testserver()
+    );
+    let mut instance = Instance::start(&["--listen", ADDR], &["sh", "-c", &script]);
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    let leader = instance.status()["generations"][0]["pid"].as_u64().unwrap() as u32;
+    let load = Load::start(addr(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    instance.wait_exit(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.finish();
+    report.assert_no_failures();
+    assert_eq!(
+        *report.by_generation().keys().max().unwrap(),
+        2,
+        "generation 2 kept serving: {:?}",
+        report.by_generation()
+    );
+    assert_eq!(
+        load::request(addr()).expect("served after the controller died"),
+        2
+    );
+    assert!(
+        process_alive(leader),
+        "the generation's leader died writing to its stderr after the controller was killed"
+    );
+}

@@ -22,10 +22,11 @@ pub enum Request {
     /// Start a reload; with `wait`, answer when it completed (new
     /// generation active everywhere and the old one exited).
     Reload { wait: bool },
-    /// The instance's state.
-    Status,
+    /// The instance's state. (Empty struct variants, not unit ones: serde
+    /// applies `deny_unknown_fields` only to those.)
+    Status {},
     /// Drain every generation and exit.
-    Stop,
+    Stop {},
 }
 
 /// What the controller answers.
@@ -98,8 +99,8 @@ mod tests {
         for request in [
             Request::Reload { wait: true },
             Request::Reload { wait: false },
-            Request::Status,
-            Request::Stop,
+            Request::Status {},
+            Request::Stop {},
         ] {
             let line = encode(&request);
             assert_eq!(line.last(), Some(&b'\n'));

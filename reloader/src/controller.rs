@@ -540,10 +540,10 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
 
 async fn handle_request(shared: &Arc<Shared>, request: Request) -> Response {
     match request {
-        Request::Status => Response::Status {
+        Request::Status {} => Response::Status {
             status: Box::new(status(shared)),
         },
-        Request::Stop => {
+        Request::Stop {} => {
             shared.stopping.send_replace(true);
             Response::Stopping
         }

@@ -94,7 +94,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status(args) => {
             let socket = args.instance.socket()?;
-            match ask(&socket, &Request::Status, Some(Duration::from_secs(10)))? {
+            match ask(&socket, &Request::Status {}, Some(Duration::from_secs(10)))? {
                 Response::Status { status } => {
                     if args.json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -114,7 +114,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Duration::from_millis(100),
                 Duration::from_secs(86_400),
             )?;
-            match ask(&socket, &Request::Stop, Some(Duration::from_secs(10)))? {
+            match ask(&socket, &Request::Stop {}, Some(Duration::from_secs(10)))? {
                 Response::Stopping => {}
                 other => return unexpected(other),
             }

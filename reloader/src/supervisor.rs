@@ -91,6 +91,17 @@ pub fn spawn(command: &[String], generation: u64, name: &str) -> io::Result<(u32
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
+    // The server's stderr is a pipe to us. If the controller dies, the next
+    // write to it must fail with EPIPE rather than kill the server with
+    // SIGPIPE: generations outlive the controller by design. std resets
+    // SIGPIPE to the default before running this hook.
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| {
         io::Error::new(
             e.kind(),

@@ -199,25 +199,25 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // A test failed with the instance running: stop it, and whatever
-        // it ran, so nothing outlives the test.
-        self.remember_pids();
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
+        // Stop the controller if it still runs, then kill whatever it ran
+        // (it may already be gone, e.g. killed by the test), so nothing
+        // outlives the test.
+        if let Some(mut child) = self.child.take() {
+            self.remember_pids();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
         for pid in &self.pids {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(*pid as i32),

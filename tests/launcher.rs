@@ -513,3 +513,102 @@ fn generations_keep_serving_when_the_controller_is_killed() {
         "the generation's leader died writing to its stderr after the controller was killed"
     );
 }
+
+/// `--max-draining N`: a reload that would make N+1 generations drain at
+/// once waits until one has exited; below the limit reloads proceed while
+/// old generations still drain.
+fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode_file = dir.path().join("mode");
+    std::fs::write(&mode_file, "--ignore-drain").unwrap();
+    let mode_arg = mode_file.display().to_string();
+    let instance = Instance::start_in(
+        dir,
+        &[
+            "--listen",
+            ADDR,
+            "--drain-timeout",
+            "3s",
+            "--max-draining",
+            max_draining,
+        ],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    std::fs::remove_file(&mode_file).unwrap();
+    // Generation 1 ignores its drain signal: it drains until killed at 3s.
+    assert!(instance.client(&["reload"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.active_generation() != Some(2) {
+        assert!(Instant::now() < deadline, "generation 2 became active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let out = instance.client(&["reload", "--wait", "--json"]);
+    let took = started.elapsed();
+    assert!(out.status.success());
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["report"]["generation"], 3);
+    instance.stop();
+    (took, answer)
+}
+
+#[test]
+fn a_reload_beyond_max_draining_waits_for_a_draining_generation_to_exit() {
+    let (took, _) = reload_while_draining("1");
+    // Generation 3 could only start once generation 1 was killed at its
+    // drain timeout (3s after its drain signal).
+    assert!(took >= Duration::from_secs(2), "reload took {took:?}");
+}
+
+#[test]
+fn reloads_below_max_draining_do_not_wait_for_old_generations() {
+    let (took, answer) = reload_while_draining("2");
+    // Generation 3 started at once; its own predecessor (2) drains fast.
+    assert!(
+        took < Duration::from_secs(2),
+        "reload took {took:?}: it waited for generation 1 ({answer})"
+    );
+}
+
+/// Garbage on the control socket gets an error reply and changes nothing.
+#[test]
+fn malformed_control_requests_get_an_error_and_change_nothing() {
+    use std::io::{Read, Write};
+    privileged();
+    let instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let ask = |bytes: &[u8], close_write: bool| -> String {
+        let mut stream = std::os::unix::net::UnixStream::connect(&instance.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.write_all(bytes);
+        if close_write {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    let cases: &[(&[u8], bool, &str)] = &[
+        (b"{\"request\":\"explode\"}\n", false, "malformed"),
+        (b"not json at all\n", false, "malformed"),
+        (b"{\"request\":\"reload\"}\n", false, "malformed"),
+        (b"{\"request\":\"status\",\"evil\":1}\n", false, "malformed"),
+        (b"{\"request\":\"stop\"", true, "truncated"),
+        (&[b'x'; 10_000], false, "larger than"),
+    ];
+    for (bytes, close, expect) in cases {
+        let answer = ask(bytes, *close);
+        assert!(answer.contains("\"error\""), "{answer}");
+        assert!(answer.contains(expect), "{expect:?} not in {answer}");
+    }
+    let status = instance.status();
+    assert_eq!(
+        status["listeners"][0]["active_generation"], 1,
+        "nothing changed"
+    );
+    assert_eq!(status["reloads_succeeded"], 0);
+    assert_eq!(load::request(addr()).unwrap(), 1);
+    assert!(instance.stop().success(), "and a stop request still works");
+}

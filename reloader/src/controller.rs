@@ -220,14 +220,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
             _ = sigint.recv() => { shared.stopping.send_replace(true); }
         }
     };
-    if let Err(report) = first_result {
-        error!("{}", report.human());
-        stop_all(&shared, &mut sigchld).await;
-        remove_socket(&shared.config.control_socket);
-        bail!(
-            "the first generation did not start: {}",
-            report.error.unwrap_or_default()
-        );
+    match first_result {
+        // Nothing to drain for the first generation.
+        Ok(cut_over) => {
+            cut_over.finish(&shared).await;
+        }
+        Err(report) => {
+            error!("{}", report.human());
+            stop_all(&shared, &mut sigchld).await;
+            remove_socket(&shared.config.control_socket);
+            bail!(
+                "the first generation did not start: {}",
+                report.error.unwrap_or_default()
+            );
+        }
     }
 
     tokio::spawn(reload_worker(shared.clone()));
@@ -288,13 +294,23 @@ async fn reload_worker(shared: Arc<Shared>) {
             }
             return;
         }
-        let response = match reload::reload(&shared).await {
-            Ok(report) => Response::ReloadDone { report },
-            Err(report) => Response::ReloadFailed { report },
-        };
-        for w in waiters {
-            let _ = w.send(response.clone());
+        match reload::reload(&shared).await {
+            Ok(cut_over) => {
+                // The drain runs on its own; the next reload may start now.
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let report = cut_over.finish(&shared).await;
+                    answer(waiters, &Response::ReloadDone { report });
+                });
+            }
+            Err(report) => answer(waiters, &Response::ReloadFailed { report }),
         }
+    }
+}
+
+fn answer(waiters: Vec<oneshot::Sender<Response>>, response: &Response) {
+    for w in waiters {
+        let _ = w.send(response.clone());
     }
 }
 

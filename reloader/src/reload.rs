@@ -49,9 +49,38 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// restart backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
-/// Runs one reload. `Err` carries the failure report; the previous
-/// generation is still active then.
-pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadReport> {
+/// A reload that has cut over; what is left is draining the old generation.
+pub struct CutOver {
+    report: ReloadReport,
+    t0: Instant,
+    cutover: Instant,
+}
+
+impl CutOver {
+    /// Drains the previous generation (if any) and completes the report:
+    /// the `reload --wait` barrier.
+    pub async fn finish(mut self, shared: &Arc<Shared>) -> ReloadReport {
+        if let Some(old) = self.report.previous {
+            drain(shared, old).await;
+            self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
+        }
+        self.report.total_ms = Some(ms(self.t0.elapsed()));
+        self.report.result = "succeeded".into();
+        info!(
+            generation = self.report.generation,
+            total = %human_duration(self.t0.elapsed()),
+            "reload complete"
+        );
+        record(shared, &self.report, true);
+        self.report
+    }
+}
+
+/// Runs one reload up to the cutover (steps 1–5). `Err` carries the failure
+/// report; the previous generation is still active then. The drain (steps
+/// 6–7) is [`CutOver::finish`], which callers run concurrently so the next
+/// reload need not wait for it (`--max-draining` bounds how many drain).
+pub async fn reload(shared: &Arc<Shared>) -> Result<CutOver, ReloadReport> {
     let t0 = Instant::now();
     let (number, slot, previous) = take_slot(shared).await.map_err(|error| ReloadReport {
         result: "failed".into(),
@@ -101,20 +130,11 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadReport> 
             }
         });
     }
-
-    if let Some(old) = previous {
-        drain(shared, old).await;
-        report.cutover_to_old_exited_ms = Some(ms(cutover.elapsed()));
-    }
-    report.total_ms = Some(ms(t0.elapsed()));
-    report.result = "succeeded".into();
-    info!(
-        generation = number,
-        total = %human_duration(t0.elapsed()),
-        "reload complete"
-    );
-    record(shared, &report, true);
-    Ok(report)
+    Ok(CutOver {
+        report,
+        t0,
+        cutover,
+    })
 }
 
 /// Makes `number` active on every listener (one map update each) and

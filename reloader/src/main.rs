@@ -60,12 +60,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Reload(args) => {
             let socket = args.instance.socket()?;
-            let timeout = config::parse_duration(
-                "--timeout",
-                &args.timeout,
-                Duration::from_millis(100),
-                Duration::from_secs(86_400),
-            )?;
+            let timeout = client_timeout(&args.timeout)?;
             let response = ask(&socket, &Request::Reload { wait: args.wait }, Some(timeout))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
@@ -108,12 +103,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Stop(args) => {
             let socket = args.instance.socket()?;
-            let timeout = config::parse_duration(
-                "--timeout",
-                &args.timeout,
-                Duration::from_millis(100),
-                Duration::from_secs(86_400),
-            )?;
+            let timeout = client_timeout(&args.timeout)?;
             match ask(&socket, &Request::Stop {}, Some(Duration::from_secs(10)))? {
                 Response::Stopping => {}
                 other => return unexpected(other),
@@ -134,6 +124,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A client's `--timeout`.
+fn client_timeout(value: &str) -> Result<Duration> {
+    Ok(config::parse_duration(
+        "--timeout",
+        value,
+        Duration::from_millis(100),
+        Duration::from_secs(86_400),
+    )?)
 }
 
 fn unexpected(response: Response) -> Result<ExitCode> {

@@ -27,6 +27,27 @@ fn testserver() -> &'static str {
     env!("CARGO_BIN_EXE_testserver")
 }
 
+/// Starts the test server under reloader with `--mode-file`: `initial`
+/// (if any) are extra flags for generation 1; the test rewrites the file to
+/// change how later generations start.
+fn with_mode_file(args: &[&str], initial: Option<&str>) -> (Instance, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mode_file = dir.path().join("mode");
+    if let Some(mode) = initial {
+        std::fs::write(&mode_file, mode).unwrap();
+    }
+    let mode_arg = mode_file.display().to_string();
+    let instance = Instance::start_in(
+        dir,
+        args,
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    if initial.is_some() {
+        std::fs::remove_file(&mode_file).unwrap();
+    }
+    (instance, mode_file)
+}
+
 /// Reloads `n` times under load and checks every connection was answered,
 /// and that connections started after a reload completed were answered by
 /// that reload's generation or a later one.
@@ -161,14 +182,8 @@ fn nginx_reloads_under_load_lose_no_connection() {
 /// the old generation keeps serving and no connection fails.
 fn rollback(mode: &str, reason: &str) {
     privileged();
-    let dir = tempfile::tempdir().unwrap();
-    let mode_file = dir.path().join("mode");
-    let mode_arg = mode_file.display().to_string();
-    let mut instance = Instance::start_in(
-        dir,
-        &["--listen", ADDR, "--ready-timeout", "2s"],
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
-    );
+    let (mut instance, mode_file) =
+        with_mode_file(&["--listen", ADDR, "--ready-timeout", "2s"], None);
     let load = Load::start(addr(), 4);
     std::fs::write(&mode_file, mode).unwrap();
     let (ok, answer) = instance.reload_wait();
@@ -239,16 +254,10 @@ fn a_first_generation_without_reuseport_is_refused_with_the_fix() {
 #[test]
 fn an_old_generation_that_ignores_the_drain_signal_is_killed_at_the_timeout() {
     privileged();
-    let dir = tempfile::tempdir().unwrap();
-    let mode_file = dir.path().join("mode");
-    std::fs::write(&mode_file, "--ignore-drain").unwrap();
-    let mode_arg = mode_file.display().to_string();
-    let mut instance = Instance::start_in(
-        dir,
+    let (mut instance, _) = with_mode_file(
         &["--listen", ADDR, "--drain-timeout", "1s"],
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+        Some("--ignore-drain"),
     );
-    std::fs::remove_file(&mode_file).unwrap();
     let load = Load::start(addr(), 4);
     let started = Instant::now();
     let (ok, answer) = instance.reload_wait();
@@ -318,16 +327,7 @@ fn overlapping_reloads_coalesce_into_one_follow_up() {
 #[test]
 fn a_crashed_active_generation_is_restarted() {
     privileged();
-    let dir = tempfile::tempdir().unwrap();
-    let mode_file = dir.path().join("mode");
-    std::fs::write(&mode_file, "--crash-after-ms 700").unwrap();
-    let mode_arg = mode_file.display().to_string();
-    let instance = Instance::start_in(
-        dir,
-        &["--listen", ADDR],
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
-    );
-    std::fs::remove_file(&mode_file).unwrap();
+    let (instance, _) = with_mode_file(&["--listen", ADDR], Some("--crash-after-ms 700"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while instance.active_generation() != Some(2) {
         assert!(
@@ -519,12 +519,7 @@ fn generations_keep_serving_when_the_controller_is_killed() {
 /// old generations still drain.
 fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
     privileged();
-    let dir = tempfile::tempdir().unwrap();
-    let mode_file = dir.path().join("mode");
-    std::fs::write(&mode_file, "--ignore-drain").unwrap();
-    let mode_arg = mode_file.display().to_string();
-    let instance = Instance::start_in(
-        dir,
+    let (instance, _) = with_mode_file(
         &[
             "--listen",
             ADDR,
@@ -533,9 +528,8 @@ fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
             "--max-draining",
             max_draining,
         ],
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+        Some("--ignore-drain"),
     );
-    std::fs::remove_file(&mode_file).unwrap();
     // Generation 1 ignores its drain signal: it drains until killed at 3s.
     assert!(instance.client(&["reload"]).status.success());
     let deadline = Instant::now() + Duration::from_secs(10);

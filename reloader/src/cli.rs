@@ -17,8 +17,20 @@ use crate::config::{self, ConfigError, RunConfig};
                   newest ready generation, and the old one drains and exits."
 )]
 pub struct Cli {
+    /// Log format on stderr (level: RELOADER_LOG or RUST_LOG, e.g.
+    /// `info,reloader=debug`; `reloader::ebpf=debug` adds the eBPF
+    /// program's own debug records).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +116,9 @@ pub struct RunArgs {
     /// works (connections queued in a closing listener are then reset).
     #[arg(long, hide = true)]
     pub force_select_only: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// The server command; `{generation}` in it becomes the generation
     /// number. The server also gets RELOADER_GENERATION and RELOADER_NAME.
     #[arg(last = true, value_name = "CMD")]
@@ -152,6 +167,13 @@ impl RunArgs {
             control_socket,
             command: self.command,
             force_select_only: self.force_select_only,
+            metrics: self
+                .metrics
+                .map(|m| {
+                    m.parse()
+                        .map_err(|_| ConfigError::BadMetricsAddress { value: m.clone() })
+                })
+                .transpose()?,
         })
     }
 }

@@ -52,6 +52,9 @@ pub enum ConfigError {
     /// A probe URL we cannot use.
     #[error("--ready-probe {value:?}: {why}")]
     BadProbe { value: String, why: String },
+    /// `--metrics` is not `IP:PORT`.
+    #[error("--metrics {value:?} is not an address: use IP:PORT, e.g. 127.0.0.1:9090")]
+    BadMetricsAddress { value: String },
     /// A bad instance name.
     #[error(
         "--name {value:?}: use letters, digits, '-', '_' and '.' (at most 64), not starting with '.'"
@@ -105,6 +108,8 @@ pub struct RunConfig {
     pub control_socket: PathBuf,
     pub command: Vec<String>,
     pub force_select_only: bool,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `500ms`, `30s`, `2m` → Duration, checked against a sane range.

@@ -52,6 +52,7 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// State shared by the controller's tasks.
 pub struct Shared {
     pub config: RunConfig,
+    pub metrics: crate::metrics::Metrics,
     started: Instant,
     inner: Mutex<Inner>,
     /// Ticks whenever a generation changes state.
@@ -159,6 +160,10 @@ impl Shared {
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     let control = bind_control_socket(&config.control_socket, &config.name).await?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
 
     let mut steering = Steering::load(&Options {
         force_select_only: config.force_select_only,
@@ -193,6 +198,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         reload_wanted: Notify::new(),
         stopping,
         config,
+        metrics: crate::metrics::Metrics::default(),
     });
 
     // Signals first, so a child that exits at once is reaped.
@@ -202,6 +208,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let mut sigint = signal(SignalKind::interrupt())?;
 
     tokio::spawn(serve_control(shared.clone(), control));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(shared.clone(), listener));
+    }
     info!(
         name = %shared.config.name,
         socket = %shared.config.control_socket.display(),
@@ -223,7 +232,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     match first_result {
         // Nothing to drain for the first generation.
         Ok(cut_over) => {
-            cut_over.finish(&shared).await;
+            let report = cut_over.finish(&shared).await;
+            crate::notify::ready(&format!("generation {} active", report.generation));
         }
         Err(report) => {
             error!("{}", report.human());
@@ -294,16 +304,26 @@ async fn reload_worker(shared: Arc<Shared>) {
             }
             return;
         }
+        crate::notify::reloading();
         match reload::reload(&shared).await {
             Ok(cut_over) => {
                 // The drain runs on its own; the next reload may start now.
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let report = cut_over.finish(&shared).await;
+                    crate::notify::ready(&format!("generation {} active", report.generation));
                     answer(waiters, &Response::ReloadDone { report });
                 });
             }
-            Err(report) => answer(waiters, &Response::ReloadFailed { report }),
+            Err(report) => {
+                let active = shared.lock().generations.active().map(|g| g.number);
+                crate::notify::ready(&format!(
+                    "reload to generation {} failed; generation {} active",
+                    report.generation,
+                    active.map_or("none".into(), |g| g.to_string())
+                ));
+                answer(waiters, &Response::ReloadFailed { report });
+            }
         }
     }
 }
@@ -389,6 +409,7 @@ pub fn generation_healthy(shared: &Shared) {
 /// generation exited on its own.
 async fn stop_all(shared: &Arc<Shared>, sigchld: &mut tokio::signal::unix::Signal) -> bool {
     shared.stopping.send_replace(true);
+    crate::notify::stopping();
     let live: Vec<(u64, u32, State)> = shared
         .lock()
         .generations

@@ -17,6 +17,8 @@ pub mod control;
 pub mod controller;
 pub mod discovery;
 pub mod generation;
+pub mod metrics;
+pub mod notify;
 pub mod reload;
 pub mod status;
 pub mod steering;

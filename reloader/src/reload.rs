@@ -512,6 +512,7 @@ fn record(shared: &Shared, report: &ReloadReport, ok: bool) {
     if report.generation == 1 {
         return;
     }
+    shared.metrics.reload(report);
     if ok {
         inner.reloads_succeeded += 1;
     } else {

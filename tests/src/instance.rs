@@ -52,6 +52,16 @@ impl Instance {
 
     /// Starts the controller without waiting for anything.
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str], server: &[&str]) -> Self {
+        Self::spawn_with_env(dir, args, server, &[])
+    }
+
+    /// As [`Instance::spawn_in`], with extra environment for the controller.
+    pub fn spawn_with_env(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        server: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let socket = dir.path().join("control.sock");
         let log = dir.path().join("reloader.log");
         let child = Command::new(reloader_bin())
@@ -62,6 +72,7 @@ impl Instance {
             .arg("--")
             .args(server)
             .env("RELOADER_LOG", "info,reloader=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log file"))
             .stderr(

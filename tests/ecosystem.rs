@@ -1,0 +1,203 @@
+//! How reloader fits where users run it: Prometheus, systemd's notify
+//! protocol, log formats. Real binary, real kernel, own network namespace.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::net::UnixDatagram,
+    time::{Duration, Instant},
+};
+
+use reloader_tests::{
+    instance::Instance,
+    load::{self},
+    privileged,
+};
+
+const ADDR: &str = "127.0.0.1:8080";
+const METRICS: &str = "127.0.0.1:9100";
+
+fn testserver() -> &'static str {
+    env!("CARGO_BIN_EXE_testserver")
+}
+
+/// `name{labels} value` lines of an OpenMetrics scrape.
+fn scrape(addr: &str) -> (String, HashMap<String, f64>) {
+    let mut stream = TcpStream::connect(addr).expect("metrics endpoint listens");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let mut values = HashMap::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("series value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        values.insert(series.to_owned(), value);
+    }
+    (body.to_owned(), values)
+}
+
+#[test]
+fn metrics_are_served_and_agree_with_what_happened() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--metrics", METRICS],
+        &[testserver(), "--listen", ADDR],
+    );
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    for _ in 0..20 {
+        assert_eq!(load::request(addr).unwrap(), 1);
+    }
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    for _ in 0..5 {
+        assert_eq!(load::request(addr).unwrap(), 2);
+    }
+    let (body, m) = scrape(METRICS);
+    assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics terminator");
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing in\n{body}"));
+    assert_eq!(get(r#"reloader_reloads_total{result="succeeded"}"#), 1.0);
+    assert_eq!(
+        get(r#"reloader_connections_steered_total{generation="1"}"#),
+        20.0
+    );
+    assert_eq!(
+        get(r#"reloader_connections_steered_total{generation="2"}"#),
+        5.0
+    );
+    assert_eq!(
+        get(r#"reloader_connections_fallback_total{generation="2"}"#),
+        0.0
+    );
+    assert_eq!(get(r#"reloader_generations{state="active"}"#), 1.0);
+    assert_eq!(get(r#"reloader_generations{state="exited"}"#), 1.0);
+    assert_eq!(get("reloader_active_generation"), 2.0);
+    assert_eq!(
+        get(r#"reloader_reload_phase_seconds_count{phase="total"}"#),
+        1.0
+    );
+    assert!(get(r#"reloader_reload_phase_seconds_sum{phase="total"}"#) > 0.0);
+    assert_eq!(get("reloader_child_restarts_total"), 0.0);
+    assert_eq!(get("reloader_drain_kills_total"), 0.0);
+
+    // No reload failed, so there is no failed series yet.
+    assert!(!m.contains_key(r#"reloader_reloads_total{result="failed"}"#));
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn a_taken_metrics_port_is_an_error_before_anything_starts() {
+    privileged();
+    let _taken = std::net::TcpListener::bind(METRICS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = Instance::spawn_in(
+        dir,
+        &["--listen", ADDR, "--metrics", METRICS],
+        &[testserver(), "--listen", ADDR],
+    );
+    assert!(!instance.wait_exit(Duration::from_secs(20)).success());
+    let log = instance.log_text();
+    assert!(
+        log.contains("--metrics 127.0.0.1:9100: cannot listen there"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("starting generation"),
+        "nothing started: {log}"
+    );
+}
+
+/// Reads notify datagrams until one contains `want` (10 s at most).
+fn expect_notify(socket: &UnixDatagram, seen: &mut Vec<String>, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = seen.iter().find(|m| m.contains(want)) {
+            let m = m.clone();
+            seen.retain(|x| *x != m);
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} notification; got {seen:?}"
+        );
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+#[test]
+fn systemd_notify_protocol_for_type_notify_reload() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let path_text = path.display().to_string();
+    let mut instance = Instance::spawn_with_env(
+        dir,
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+        &[("NOTIFY_SOCKET", &path_text)],
+    );
+    let mut seen = Vec::new();
+    let ready = expect_notify(&socket, &mut seen, "READY=1");
+    assert!(ready.contains("STATUS=generation 1 active"), "{ready}");
+    instance.wait_active(Duration::from_secs(10));
+
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    let reloading = expect_notify(&socket, &mut seen, "RELOADING=1");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    let ready = expect_notify(&socket, &mut seen, "READY=1");
+    assert!(ready.contains("STATUS=generation 2 active"), "{ready}");
+
+    assert!(instance.stop().success());
+    expect_notify(&socket, &mut seen, "STOPPING=1");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    privileged();
+    let instance = Instance::start(
+        &["--listen", ADDR, "--log-format", "json"],
+        &[testserver(), "--listen", ADDR],
+    );
+    let log = instance.log_text();
+    let mut parsed = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+        parsed += 1;
+    }
+    assert!(parsed >= 3, "controller events logged as JSON: {log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"message\":\"active\"") && l.contains("\"generation\":1")),
+        "structured fields: {log}"
+    );
+    assert!(instance.stop().success());
+}

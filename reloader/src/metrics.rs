@@ -32,9 +32,14 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{controller::Shared, status::StatusReport};
+use crate::{
+    controller::Shared,
+    status::{CounterStatus, StatusReport},
+};
 
 type Labels = Vec<(String, String)>;
+/// A per-generation BPF counter family: name, help, which field.
+type CounterField = (&'static str, &'static str, fn(&CounterStatus) -> u64);
 
 /// Phase duration buckets: 1 ms to ~65 s.
 fn phase_histogram() -> Histogram {
@@ -126,7 +131,7 @@ impl Metrics {
             active,
         );
 
-        let families: [(&str, &str, fn(&crate::status::CounterStatus) -> u64); 4] = [
+        let families: [CounterField; 4] = [
             (
                 "connections_steered",
                 "New connections the steering program sent to a generation",

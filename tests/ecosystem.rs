@@ -201,3 +201,132 @@ fn json_logs_are_one_object_per_line() {
     );
     assert!(instance.stop().success());
 }
+
+fn demo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(reloader_tests::instance::reloader_bin())
+        .arg("demo")
+        .args(args)
+        .output()
+        .expect("run reloader demo")
+}
+
+/// The number after `label` on the summary row that starts with it.
+fn summary_value(stdout: &str, label: &str, column: usize) -> u64 {
+    let row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} row in\n{stdout}"));
+    let cells: Vec<&str> = row[row.find(label).unwrap() + label.len()..]
+        .split_whitespace()
+        .collect();
+    cells[column]
+        .parse()
+        .unwrap_or_else(|_| panic!("{label:?} column {column} in {row:?}"))
+}
+
+#[test]
+fn demo_runs_headless_and_its_summary_adds_up() {
+    privileged();
+    let out = demo(&[
+        "--duration",
+        "4s",
+        "--reload-every",
+        "500ms",
+        "--port",
+        "18080",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answered = summary_value(&stdout, "connections answered", 0);
+    let failed = summary_value(&stdout, "connections failed", 0);
+    let reloads = summary_value(&stdout, "reloads", 0);
+    assert!(answered > 100, "{stdout}");
+    assert_eq!(failed, 0, "{stdout}");
+    assert!(reloads >= 6, "a reload every 500ms for 4s: {stdout}");
+    // The progress lines and the summary count the same connections.
+    let done = stdout
+        .lines()
+        .find(|l| l.starts_with("[reloader] done:"))
+        .expect("final progress line");
+    assert!(
+        done.contains(&format!("{answered} connections, 0 failed")),
+        "{done} vs {answered}"
+    );
+    assert!(stdout.contains(&format!(
+        "reloader: 0 failed connections across {reloads} reloads"
+    )));
+    let generations = summary_value(&stdout, "generations that served", 0);
+    assert!(generations >= reloads, "each generation served: {stdout}");
+}
+
+#[test]
+fn demo_compare_runs_both_methods_under_the_same_load() {
+    privileged();
+    let out = demo(&[
+        "--duration",
+        "3s",
+        "--reload-every",
+        "500ms",
+        "--compare",
+        "--port",
+        "18081",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("naive reuseport") && stdout.contains("reloader"),
+        "{stdout}"
+    );
+    let naive_reloads = summary_value(&stdout, "reloads", 0);
+    let reloader_reloads = summary_value(&stdout, "reloads", 3);
+    assert_eq!(naive_reloads, reloader_reloads, "same schedule: {stdout}");
+    assert!(summary_value(&stdout, "connections answered", 0) > 100);
+    assert_eq!(
+        summary_value(&stdout, "connections failed", 1),
+        0,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_without_privileges_says_what_is_needed() {
+    use std::os::unix::process::CommandExt;
+    privileged();
+    let out = std::process::Command::new(reloader_tests::instance::reloader_bin())
+        .args(["demo", "--duration", "1s"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("run it as root"), "{stderr}");
+    assert!(stderr.contains("CAP_BPF"), "{stderr}");
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(reloader_tests::instance::reloader_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    for word in ["reload", "status", "--drain-signal", "--ready-probe"] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    assert!(run(&["completions", "zsh"]).contains("#compdef reloader"));
+    let man = run(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH reloader"),
+        "roff: {}",
+        &man[..80]
+    );
+}

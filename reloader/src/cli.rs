@@ -44,6 +44,73 @@ pub enum Command {
     Status(StatusArgs),
     /// Drain every generation of an instance and stop it.
     Stop(StopArgs),
+    /// See reloader work: reload a built-in server every second under load.
+    Demo(DemoArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+    /// The demo's built-in server (what `demo` runs as the managed child).
+    #[command(name = "__serve", hide = true)]
+    Serve {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Runs `reloader run` around a built-in HTTP server (this binary, nothing to install), \
+sends it a continuous load of new connections on 127.0.0.1:PORT, reloads it every \
+--reload-every and shows, live, which generation answers and whether any connection \
+failed. The built-in server's graceful stop behaves like HAProxy's (stop listening, close \
+connections that sent no request yet), so --compare shows what a plain SO_REUSEPORT \
+reload does to the same load. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_PTRACE).")]
+pub struct DemoArgs {
+    /// How long to run (each phase with --compare).
+    #[arg(long, default_value = "20s", value_name = "DURATION")]
+    pub duration: String,
+    /// Time between reloads.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub reload_every: String,
+    /// Port on 127.0.0.1.
+    #[arg(long, default_value_t = 18080)]
+    pub port: u16,
+    /// First run the same load with a plain SO_REUSEPORT reload, then
+    /// reloader, and compare.
+    #[arg(long)]
+    pub compare: bool,
+    /// Concurrent connection loops.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+impl DemoArgs {
+    pub fn options(&self) -> Result<crate::demo::DemoOptions, ConfigError> {
+        let duration = config::parse_duration(
+            "--duration",
+            &self.duration,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        let reload_every = config::parse_duration(
+            "--reload-every",
+            &self.reload_every,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?;
+        Ok(crate::demo::DemoOptions {
+            duration,
+            reload_every,
+            port: self.port,
+            compare: self.compare,
+            concurrency: self.concurrency.clamp(1, 256),
+        })
+    }
 }
 
 const RUN_EXAMPLES: &str = "\

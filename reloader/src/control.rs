@@ -85,6 +85,66 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     line
 }
 
+/// Errors of the client side (`reloader reload|status|stop`, the demo).
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Nothing answers on the socket.
+    #[error(
+        "cannot reach the controller at {path}: is `reloader run` running with this --name (or \
+         --control-socket)?"
+    )]
+    Unreachable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange failed or timed out.
+    #[error("no answer from the controller at {path}")]
+    NoAnswer {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer is not a response we know.
+    #[error("could not read the controller's answer: {reason}")]
+    BadAnswer { reason: String },
+}
+
+/// Sends one request to the controller at `socket` and reads its one-line
+/// response, waiting at most `timeout` for it.
+pub fn ask(
+    socket: &std::path::Path,
+    request: &Request,
+    timeout: std::time::Duration,
+) -> Result<Response, ClientError> {
+    use std::io::{BufRead, Write};
+    let path = socket.display().to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
+        ClientError::Unreachable {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let no_answer = |source| ClientError::NoAnswer {
+        path: path.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(no_answer)?;
+    stream.write_all(&encode(request)).map_err(no_answer)?;
+    let mut line = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(no_answer)?;
+    if line.is_empty() {
+        return Err(ClientError::BadAnswer {
+            reason: "the controller closed the connection without answering".into(),
+        });
+    }
+    serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer {
+        reason: e.to_string(),
+    })
+}
+
 /// Whether a peer with `uid` may control an instance run by `owner`.
 pub fn peer_allowed(uid: u32, owner: u32) -> bool {
     uid == 0 || uid == owner

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod controller;
+pub mod demo;
 pub mod discovery;
 pub mod generation;
 pub mod metrics;

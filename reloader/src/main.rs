@@ -1,10 +1,4 @@
-use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::Path,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -65,7 +59,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Reload(args) => {
             let socket = args.instance.socket()?;
             let timeout = client_timeout(&args.timeout)?;
-            let response = ask(&socket, &Request::Reload { wait: args.wait }, Some(timeout))?;
+            let response = control::ask(&socket, &Request::Reload { wait: args.wait }, timeout)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
             }
@@ -93,7 +87,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status(args) => {
             let socket = args.instance.socket()?;
-            match ask(&socket, &Request::Status {}, Some(Duration::from_secs(10)))? {
+            match control::ask(&socket, &Request::Status {}, Duration::from_secs(10))? {
                 Response::Status { status } => {
                     if args.json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -105,10 +99,30 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 other => unexpected(other),
             }
         }
+        Command::Demo(args) => {
+            let options = args.options()?;
+            let clean = reloader::demo::run(&options)?;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Serve { listen } => reloader::demo::server::run(listen),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "reloader", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stop(args) => {
             let socket = args.instance.socket()?;
             let timeout = client_timeout(&args.timeout)?;
-            match ask(&socket, &Request::Stop {}, Some(Duration::from_secs(10)))? {
+            match control::ask(&socket, &Request::Stop {}, Duration::from_secs(10))? {
                 Response::Stopping => {}
                 other => return unexpected(other),
             }
@@ -145,25 +159,4 @@ fn unexpected(response: Response) -> Result<ExitCode> {
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the controller: {other:?}"),
     }
-}
-
-/// Sends one request and reads one response line.
-fn ask(socket: &Path, request: &Request, timeout: Option<Duration>) -> Result<Response> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the controller at {}: is `reloader run` running with this --name \
-             (or --control-socket)?",
-            socket.display()
-        )
-    })?;
-    stream.set_read_timeout(timeout)?;
-    stream.write_all(&control::encode(request))?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .context("no answer from the controller")?;
-    if line.is_empty() {
-        bail!("the controller closed the connection without answering");
-    }
-    serde_json::from_str(&line).context("could not read the controller's answer")
 }

@@ -1,20 +1,16 @@
 //! A small HTTP server for reloader's tests: listens with `SO_REUSEPORT` and
 //! answers every request with `gen=G pid=P` (G from `RELOADER_GENERATION`),
-//! then closes. Its modes reproduce what real servers do during a reload.
+//! then closes (the serving loop is the demo server's,
+//! `reloader::demo::server`). Its modes reproduce what real servers do
+//! during a reload.
 //!
 //! `--mode-file PATH`: extra flags read from PATH at start, so a test can
 //! change how the *next* generation behaves without restarting reloader.
 
 use std::{
-    io::{ErrorKind, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    net::{SocketAddr, TcpListener},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use clap::Parser;
@@ -22,7 +18,7 @@ use nix::{
     sys::signal::{SigSet, Signal},
     unistd::{ForkResult, fork},
 };
-use socket2::{Domain, Socket, Type};
+use reloader::demo::server;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -107,7 +103,7 @@ fn main() {
 
     if args.workers == 0 {
         let listeners: Vec<TcpListener> = args.listen.iter().map(|a| listen(a, &args)).collect();
-        serve(listeners, &args, &generation, mask);
+        serve(listeners, &args, mask);
     }
 
     // Master: one socket per (worker, address), then fork.
@@ -124,7 +120,7 @@ fn main() {
                     "testserver gen {generation} worker {i} pid {}",
                     std::process::id()
                 );
-                serve(own, &args, &generation, mask);
+                serve(own, &args, mask);
             }
             ForkResult::Parent { child } => {
                 children.push(child);
@@ -144,121 +140,20 @@ fn main() {
 }
 
 fn listen(addr: &SocketAddr, args: &Args) -> TcpListener {
-    let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None).expect("socket");
-    if !args.no_reuseport {
-        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    match server::listen(*addr, !args.no_reuseport) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("testserver: bind {addr}: {e}");
+            std::process::exit(1);
+        }
     }
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).expect("IPV6_V6ONLY");
-    }
-    if let Err(e) = socket.bind(&(*addr).into()) {
-        eprintln!("testserver: bind {addr}: {e}");
-        std::process::exit(1);
-    }
-    socket.listen(1024).expect("listen");
-    socket.set_nonblocking(true).expect("nonblocking");
-    socket.into()
 }
 
-fn serve(listeners: Vec<TcpListener>, args: &Args, generation: &str, mask: SigSet) -> ! {
-    let draining = Arc::new(AtomicBool::new(false));
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    {
-        let draining = draining.clone();
-        let ignore = args.ignore_drain;
-        thread::spawn(move || {
-            loop {
-                let _ = mask.wait();
-                if ignore {
-                    eprintln!("testserver: ignoring the drain signal (--ignore-drain)");
-                    continue;
-                }
-                draining.store(true, Ordering::SeqCst);
-            }
-        });
-    }
-    let body = format!("gen={generation} pid={}\n", std::process::id());
-    let mut fds: Vec<libc::pollfd> = listeners
-        .iter()
-        .map(|l| libc::pollfd {
-            fd: l.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    while !draining.load(Ordering::SeqCst) {
-        // SAFETY: valid pollfd array.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
-        for listener in &listeners {
-            loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        in_flight.fetch_add(1, Ordering::SeqCst);
-                        let body = body.clone();
-                        let draining = draining.clone();
-                        let in_flight = in_flight.clone();
-                        let args = args.clone();
-                        thread::spawn(move || {
-                            handle(stream, &body, &draining, &args);
-                            in_flight.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        eprintln!("testserver: accept: {e}");
-                        break;
-                    }
-                }
-            }
-        }
-        for fd in &mut fds {
-            fd.revents = 0;
-        }
-    }
-    // Drain: stop listening (queued connections migrate to the new
-    // generation), finish what was accepted, exit.
-    drop(listeners);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(5));
-    }
-    std::process::exit(0);
-}
-
-fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, args: &Args) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(10)));
-    let started = Instant::now();
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                request.extend_from_slice(&buf[..n]);
-                if request.windows(4).any(|w| w == b"\r\n\r\n") || request.ends_with(b"\n\n") {
-                    break;
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if request.is_empty() && args.close_idle_on_drain && draining.load(Ordering::SeqCst)
-                {
-                    // The graceful-stop behaviour steering protects against.
-                    return;
-                }
-                if started.elapsed() > Duration::from_secs(10) {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
-    }
-    if args.reply_delay_ms > 0 {
-        thread::sleep(Duration::from_millis(args.reply_delay_ms));
-    }
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes());
+fn serve(listeners: Vec<TcpListener>, args: &Args, mask: SigSet) -> ! {
+    let behaviour = server::Behaviour {
+        close_idle_on_drain: args.close_idle_on_drain,
+        ignore_drain: args.ignore_drain,
+        reply_delay: Duration::from_millis(args.reply_delay_ms),
+    };
+    server::serve(listeners, &behaviour, mask)
 }

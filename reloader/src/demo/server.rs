@@ -1,0 +1,184 @@
+//! The demo's built-in HTTP server (`reloader __serve`, hidden): what the
+//! demo runs as the managed child, so the demo needs nothing installed.
+//!
+//! It answers every request with `gen=G pid=P` (G from
+//! `RELOADER_GENERATION`) and closes. Its graceful stop (SIGTERM) behaves
+//! like HAProxy's soft-stop: it stops listening at once (what was still
+//! queued in its listener is reset unless the kernel migrates it), closes
+//! accepted connections that have not sent a request yet, finishes the
+//! requests it has, and exits. Those are the two ways a plain reuseport
+//! reload fails clients; the demo shows reloader avoiding both.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Socket, Type};
+
+/// How a server started by [`serve`] behaves.
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    /// On drain, close accepted connections that have not sent a request
+    /// yet (the demo server does; servers commonly do).
+    pub close_idle_on_drain: bool,
+    /// Keep serving when the drain signal arrives (tests).
+    pub ignore_drain: bool,
+    /// Wait this long before answering each request (tests).
+    pub reply_delay: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            close_idle_on_drain: true,
+            ignore_drain: false,
+            reply_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// The demo server: listens on `addr` and serves until SIGTERM or SIGINT.
+pub fn run(addr: SocketAddr) -> ! {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block().expect("block SIGTERM");
+    match listen(addr, true) {
+        Ok(listener) => serve(vec![listener], &Behaviour::default(), mask),
+        Err(e) => {
+            eprintln!("demo server: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// A non-blocking listener on `addr` (`SO_REUSEPORT` if `reuseport`).
+pub fn listen(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Serves `listeners` until a signal in `drain` (blocked by the caller in
+/// every thread) arrives, then drains and exits the process.
+pub fn serve(listeners: Vec<TcpListener>, behaviour: &Behaviour, drain: SigSet) -> ! {
+    let draining = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    {
+        let draining = draining.clone();
+        let ignore = behaviour.ignore_drain;
+        thread::spawn(move || {
+            loop {
+                let _ = drain.wait();
+                if ignore {
+                    eprintln!("server: ignoring the drain signal");
+                    continue;
+                }
+                draining.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
+    let body: Arc<str> = format!("gen={generation} pid={}\n", std::process::id()).into();
+    let mut fds: Vec<libc::pollfd> = listeners
+        .iter()
+        .map(|l| libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    while !draining.load(Ordering::SeqCst) {
+        // SAFETY: a valid pollfd array of the given length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+        for listener in &listeners {
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        let (body, draining, in_flight) =
+                            (body.clone(), draining.clone(), in_flight.clone());
+                        let behaviour = behaviour.clone();
+                        thread::spawn(move || {
+                            handle(stream, &body, &draining, &behaviour);
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        eprintln!("server: accept: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        for fd in &mut fds {
+            fd.revents = 0;
+        }
+    }
+    // Stop listening first: queued connections migrate to the new
+    // generation (or are reset without steering), then finish the rest.
+    drop(listeners);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    std::process::exit(0);
+}
+
+fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, behaviour: &Behaviour) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(10)));
+    let started = Instant::now();
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                request.extend_from_slice(&buf[..n]);
+                if request.windows(4).any(|w| w == b"\r\n\r\n") || request.ends_with(b"\n\n") {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                // Graceful stop closes connections with no request yet.
+                if request.is_empty()
+                    && behaviour.close_idle_on_drain
+                    && draining.load(Ordering::SeqCst)
+                {
+                    return;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    if !behaviour.reply_delay.is_zero() {
+        thread::sleep(behaviour.reply_delay);
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
+}

@@ -330,3 +330,128 @@ fn completions_and_man_page_come_from_the_cli_definition() {
         &man[..80]
     );
 }
+
+/// `--pass-fds`: reloader opens each generation's listeners and hands them
+/// over; the server only accepts inherited sockets (it checks LISTEN_PID is
+/// its own pid) and reloads under load lose nothing.
+#[test]
+fn pass_fds_hands_each_generation_its_listeners() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--listen", "[::1]:8443", "--pass-fds"],
+        &[testserver(), "--inherited"],
+    );
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let v6: SocketAddr = "[::1]:8443".parse().unwrap();
+    assert_eq!(load::request(v6).unwrap(), 1, "both listeners were passed");
+    let running = load::Load::start(addr, 4);
+    for _ in 0..5 {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "{answer}\n{}", instance.log_text());
+    }
+    let report = running.finish();
+    report.assert_no_failures();
+    assert_eq!(load::request(v6).unwrap(), 6);
+    let log = instance.log_text();
+    assert!(
+        log.contains(r#"2 inherited sockets named "listen0:listen1""#),
+        "{log}"
+    );
+    assert!(instance.stop().success());
+}
+
+/// `--ready notify`: a generation is ready only once it sent READY=1 to the
+/// NOTIFY_SOCKET reloader gave it; one that never does is rolled back.
+#[test]
+fn ready_notify_waits_for_the_generation_to_say_ready() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode = dir.path().join("mode");
+    std::fs::write(&mode, "--notify-ready").unwrap();
+    let mode_arg = mode.display().to_string();
+    let mut instance = Instance::start_in(
+        dir,
+        &[
+            "--listen",
+            ADDR,
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "2s",
+        ],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    // The next generation listens but never says READY=1.
+    std::fs::remove_file(&mode).unwrap();
+    let (ok, answer) = instance.reload_wait();
+    assert!(!ok, "{answer}");
+    let error = answer["report"]["error"].as_str().unwrap();
+    assert!(error.contains("never sent READY=1"), "{error}");
+    assert_eq!(instance.active_generation(), Some(2));
+    assert!(instance.stop().success());
+}
+
+/// As a container's PID 1: reaps processes reparented to it (a generation
+/// that leaves an orphan behind), answers as pid 1, stops cleanly.
+#[test]
+fn works_as_pid_1_of_a_pid_namespace() {
+    privileged();
+    // The generation's shell forks a short-lived helper into a subshell that
+    // exits at once: the helper is reparented to PID 1, reloader.
+    let script = format!("(sleep 0.3 &); exec {} --listen {ADDR}", testserver());
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = Instance::spawn_wrapped(
+        dir,
+        &["unshare", "--pid", "--fork", "--mount-proc"],
+        &["--listen", ADDR],
+        &["sh", "-c", &script],
+        &[],
+    );
+    instance.wait_active(Duration::from_secs(20));
+    let status = instance.status();
+    assert_eq!(status["pid"], 1, "the controller is PID 1 in its namespace");
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    assert_eq!(load::request(ADDR.parse().unwrap()).unwrap(), 2);
+
+    // After the orphans' `sleep` ended, none is left as a zombie.
+    std::thread::sleep(Duration::from_millis(600));
+    let unshare = instance.pid();
+    let controller = children_of(unshare);
+    assert_eq!(
+        controller.len(),
+        1,
+        "unshare runs one child: the controller"
+    );
+    let zombies: Vec<u32> = children_of(controller[0])
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        })
+        .collect();
+    assert!(zombies.is_empty(), "unreaped orphans: {zombies:?}");
+    assert!(instance.stop().success(), "clean stop as PID 1");
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}

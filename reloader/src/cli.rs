@@ -26,6 +26,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadyMode {
+    Listeners,
+    Notify,
+}
+
 /// `--log-format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -54,6 +61,16 @@ pub enum Command {
     /// Print the man page (roff).
     #[command(hide = true)]
     Man,
+    /// Socket activation shim: sets LISTEN_PID to its own pid and execs CMD.
+    #[command(name = "__exec", hide = true)]
+    Exec {
+        #[arg(long)]
+        listen_fds: usize,
+        #[arg(long, default_value = "")]
+        fd_names: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// The demo's built-in server (what `demo` runs as the managed child).
     #[command(name = "__serve", hide = true)]
     Serve {
@@ -183,6 +200,16 @@ pub struct RunArgs {
     /// works (connections queued in a closing listener are then reset).
     #[arg(long, hide = true)]
     pub force_select_only: bool,
+    /// Socket activation: reloader opens each generation's SO_REUSEPORT
+    /// listeners itself and passes them as fds 3, 4, … (one per --listen,
+    /// in order) with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
+    #[arg(long)]
+    pub pass_fds: bool,
+    /// When a generation counts as ready: `listeners` (it holds a listener
+    /// for every address) or `notify` (that, and it sent READY=1 to the
+    /// NOTIFY_SOCKET reloader gives each generation).
+    #[arg(long, value_enum, default_value_t = ReadyMode::Listeners)]
+    pub ready: ReadyMode,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -234,6 +261,8 @@ impl RunArgs {
             control_socket,
             command: self.command,
             force_select_only: self.force_select_only,
+            pass_fds: self.pass_fds,
+            ready_notify: self.ready == ReadyMode::Notify,
             metrics: self
                 .metrics
                 .map(|m| {

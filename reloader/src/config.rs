@@ -108,6 +108,10 @@ pub struct RunConfig {
     pub control_socket: PathBuf,
     pub command: Vec<String>,
     pub force_select_only: bool,
+    /// Create each generation's listeners and pass them (socket activation).
+    pub pass_fds: bool,
+    /// Also wait for READY=1 on a per-generation NOTIFY_SOCKET.
+    pub ready_notify: bool,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
 }

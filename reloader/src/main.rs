@@ -6,7 +6,7 @@ use reloader::{
     cli::{Cli, Command, LogFormat},
     config,
     control::{self, Request, Response},
-    controller,
+    controller, supervisor,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -107,6 +107,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Exec {
+            listen_fds,
+            fd_names,
+            command,
+        } => {
+            let error = supervisor::exec_with_listen_fds(listen_fds, &fd_names, &command);
+            bail!("failed to start {:?}: {error}", command[0]);
         }
         Command::Serve { listen } => reloader::demo::server::run(listen),
         Command::Completions { shell } => {

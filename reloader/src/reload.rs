@@ -215,8 +215,46 @@ async fn start(
 ) -> Result<Instant, String> {
     let config = &shared.config;
     let command = substitute_generation(&config.command, number);
-    let (pid, tail) =
-        supervisor::spawn(&command, number, &config.name).map_err(|e| e.to_string())?;
+    // Socket activation: this generation's listeners, opened here. Our
+    // copies close right after the spawn; discovery then finds them in the
+    // server like any others.
+    let passed = if config.pass_fds {
+        config
+            .listen
+            .iter()
+            .map(|addr| {
+                crate::demo::server::listen(*addr, true).map_err(|e| {
+                    format!(
+                        "--pass-fds: cannot listen on {addr}: {e} (is it held by a socket without \
+                         SO_REUSEPORT?)"
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let notify = if config.ready_notify {
+        Some(NotifySocket::bind(
+            config
+                .control_socket
+                .with_extension(format!("gen{number}.notify")),
+        )?)
+    } else {
+        None
+    };
+    let extras = supervisor::SpawnExtras {
+        listen_fds: passed
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_fd(), format!("listen{i}")))
+            .collect(),
+        notify_socket: notify.as_ref().map(|n| n.path.as_path()),
+    };
+    let spawned = supervisor::spawn(&command, number, &config.name, &extras);
+    drop(extras);
+    drop(passed);
+    let (pid, tail) = spawned.map_err(|e| e.to_string())?;
     {
         let mut inner = shared.lock();
         inner
@@ -230,10 +268,67 @@ async fn start(
 
     let found = wait_for_listeners(shared, number, pid, deadline, &mut changed).await?;
     register(shared, number, slot, &found)?;
+    if let Some(notify) = &notify {
+        notify
+            .wait_ready(shared, number, deadline, &mut changed)
+            .await?;
+    }
     if let Some(probe) = &config.ready_probe {
         wait_for_probe(shared, number, slot, probe, deadline, &mut changed).await?;
     }
     Ok(Instant::now())
+}
+
+/// A generation's own `NOTIFY_SOCKET` (`--ready notify`); removed on drop.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    socket: tokio::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind(path: std::path::PathBuf) -> Result<Self, String> {
+        let _ = std::fs::remove_file(&path);
+        let socket = tokio::net::UnixDatagram::bind(&path)
+            .map_err(|e| format!("cannot create notify socket {}: {e}", path.display()))?;
+        Ok(Self { path, socket })
+    }
+
+    /// Waits for a datagram with a `READY=1` line.
+    async fn wait_ready(
+        &self,
+        shared: &Shared,
+        number: u64,
+        deadline: Instant,
+        changed: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            check_alive(shared, number)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "not ready within {}: it never sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+                    human_duration(shared.config.ready_timeout)
+                ));
+            }
+            tokio::select! {
+                received = self.socket.recv(&mut buf) => {
+                    let n = received.map_err(|e| format!("notify socket: {e}"))?;
+                    if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                        return Ok(());
+                    }
+                }
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(left) => {}
+            }
+        }
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Scans until every address has sockets and two scans agree.

@@ -57,6 +57,13 @@ struct Args {
     /// Milliseconds to wait before answering each request.
     #[arg(long, default_value_t = 0)]
     reply_delay_ms: u64,
+    /// Serve only sockets passed by socket activation (LISTEN_FDS, with
+    /// LISTEN_PID equal to this process); exit 1 without them.
+    #[arg(long)]
+    inherited: bool,
+    /// Send READY=1 to NOTIFY_SOCKET once listening.
+    #[arg(long)]
+    notify_ready: bool,
     /// File with extra flags for this start.
     #[arg(long)]
     mode_file: Option<std::path::PathBuf>,
@@ -101,8 +108,14 @@ fn main() {
         }
     }
 
+    if args.inherited {
+        let listeners = inherited();
+        notify_ready(&args);
+        serve(listeners, &args, mask);
+    }
     if args.workers == 0 {
         let listeners: Vec<TcpListener> = args.listen.iter().map(|a| listen(a, &args)).collect();
+        notify_ready(&args);
         serve(listeners, &args, mask);
     }
 
@@ -137,6 +150,42 @@ fn main() {
         let _ = nix::sys::wait::waitpid(*child, None);
     }
     std::process::exit(0);
+}
+
+/// The sockets systemd-style socket activation passed, checked.
+fn inherited() -> Vec<TcpListener> {
+    use std::os::fd::FromRawFd;
+    // listen_fds() checks LISTEN_PID against our pid.
+    let fds: Vec<i32> = match sd_notify::listen_fds() {
+        Ok(fds) => fds.collect(),
+        Err(e) => {
+            eprintln!("testserver: no inherited sockets (--inherited): {e}");
+            std::process::exit(1);
+        }
+    };
+    if fds.is_empty() {
+        eprintln!("testserver: LISTEN_FDS is missing or LISTEN_PID is not this process");
+        std::process::exit(1);
+    }
+    eprintln!(
+        "testserver: {} inherited sockets named {:?}",
+        fds.len(),
+        std::env::var("LISTEN_FDNAMES").unwrap_or_default()
+    );
+    fds.into_iter()
+        .map(|fd| {
+            // SAFETY: the fd was passed to us as a listening socket.
+            let listener = unsafe { TcpListener::from_raw_fd(fd) };
+            listener.set_nonblocking(true).expect("nonblocking");
+            listener
+        })
+        .collect()
+}
+
+fn notify_ready(args: &Args) {
+    if args.notify_ready {
+        sd_notify::notify(&[sd_notify::NotifyState::Ready]).expect("notify READY=1");
+    }
 }
 
 fn listen(addr: &SocketAddr, args: &Args) -> TcpListener {

@@ -62,9 +62,29 @@ impl Instance {
         server: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_wrapped(dir, &[], args, server, env)
+    }
+
+    /// As [`Instance::spawn_with_env`], with the controller started through
+    /// `wrapper` (e.g. `unshare --pid --fork`).
+    pub fn spawn_wrapped(
+        dir: tempfile::TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        server: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let socket = dir.path().join("control.sock");
         let log = dir.path().join("reloader.log");
-        let child = Command::new(reloader_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(reloader_bin());
+                c
+            }
+            None => Command::new(reloader_bin()),
+        };
+        let child = command
             .arg("run")
             .arg("--control-socket")
             .arg(&socket)

@@ -455,3 +455,35 @@ fn children_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// contrib/reloader@.service is a unit systemd accepts (with ExecStart
+/// pointed at the binary under test, which `verify` checks exists).
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/reloader@.service"
+    ))
+    .expect("contrib/reloader@.service");
+    let bin = reloader_tests::instance::reloader_bin();
+    let unit = unit.replace("/usr/local/bin/reloader", &bin.display().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reloader@web.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd) is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // nginx is referenced by the unit; anything else reported is a problem.
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("/usr/sbin/nginx"))
+        .collect();
+    assert!(out.status.success() && problems.is_empty(), "{text}");
+}

@@ -130,12 +130,17 @@ pub fn ask(
         source,
     };
     stream.set_read_timeout(Some(timeout)).map_err(no_answer)?;
-    stream.write_all(&encode(request)).map_err(no_answer)?;
+    // A controller that refuses us answers and closes without reading, so
+    // our write may fail (EPIPE) while its answer is waiting to be read.
+    let written = stream.write_all(&encode(request));
     let mut line = String::new();
     std::io::BufReader::new(&stream)
         .read_line(&mut line)
         .map_err(no_answer)?;
     if line.is_empty() {
+        if let Err(source) = written {
+            return Err(no_answer(source));
+        }
         return Err(ClientError::BadAnswer {
             reason: "the controller closed the connection without answering".into(),
         });
@@ -198,6 +203,41 @@ mod tests {
         ));
         let huge = vec![b' '; MAX_REQUEST];
         assert_eq!(decode_request(&huge), Err(DecodeError::TooLarge));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, decoding never panics, and anything it
+        /// accepts is a request that encodes back to an equivalent line.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            if let Ok(request) = decode_request(&bytes) {
+                let line = encode(&request);
+                proptest::prop_assert_eq!(decode_request(&line[..line.len() - 1]), Ok(request));
+            }
+        }
+
+        /// JSON-shaped input: objects with a `request` tag and random
+        /// fields, the likeliest malformed input from a script.
+        #[test]
+        fn json_like_requests_decode_only_when_well_formed(
+            tag in "(reload|status|stop|relaod|)",
+            field in "(wait|extra|)",
+            value in "(true|false|1|\"x\"|null)",
+        ) {
+            let body = if field.is_empty() {
+                format!(r#"{{"request":"{tag}"}}"#)
+            } else {
+                format!(r#"{{"request":"{tag}","{field}":{value}}}"#)
+            };
+            let expected = match (tag.as_str(), field.as_str(), value.as_str()) {
+                ("reload", "wait", "true") => Some(Request::Reload { wait: true }),
+                ("reload", "wait", "false") => Some(Request::Reload { wait: false }),
+                ("status", "", _) => Some(Request::Status {}),
+                ("stop", "", _) => Some(Request::Stop {}),
+                _ => None,
+            };
+            proptest::prop_assert_eq!(decode_request(body.as_bytes()).ok(), expected);
+        }
     }
 
     #[test]

@@ -159,6 +159,8 @@ impl Shared {
 /// clean (every generation exited within its drain timeout).
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
+    let _lock = lock_instance(&config.control_socket, &config.name)?;
+    check_addresses_free(&config.listen)?;
     let control = bind_control_socket(&config.control_socket, &config.name).await?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
@@ -480,6 +482,80 @@ async fn stop_all(shared: &Arc<Shared>, sigchld: &mut tokio::signal::unix::Signa
     }
     supervisor::reap();
     clean
+}
+
+/// Takes the instance's lock (`NAME.lock` beside its control socket) for
+/// the controller's lifetime, so two controllers never run one instance.
+fn lock_instance(socket: &Path, name: &str) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = socket.with_extension("lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("failed to open the instance lock {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            write!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "instance {name:?} is already running (controller pid {}): stop it with \
+                 `reloader stop --name {name}`, or choose another --name",
+                pid.trim()
+            )
+        }
+        Err((_, errno)) => Err(errno).with_context(|| format!("failed to lock {}", path.display())),
+    }
+}
+
+/// Refuses addresses that some socket already listens on: another reloader
+/// instance, or a server started outside reloader. Sharing a reuseport
+/// group with them would either fail or steer their connections.
+fn check_addresses_free(listen: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+    let existing = discovery::listeners()?;
+    for addr in listen {
+        let overlapping = existing.iter().any(|l| {
+            l.addr.port() == addr.port()
+                && l.addr.is_ipv4() == addr.is_ipv4()
+                && (l.addr.ip() == addr.ip()
+                    || l.addr.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        });
+        if !overlapping {
+            continue;
+        }
+        let holders: Vec<String> = discovery::holders_of(*addr)?
+            .into_iter()
+            .map(|(l, holder)| match holder {
+                Some(h) => format!(
+                    "pid {} ({}) on {}",
+                    h.pid,
+                    discovery::process_name(h.pid).unwrap_or_else(|| "?".into()),
+                    l.addr
+                ),
+                None => format!("a socket on {} (inode {})", l.addr, l.inode),
+            })
+            .collect();
+        bail!(
+            "{addr} is already served by {}: another reloader instance or a server started \
+             outside reloader holds it; stop it first (reloader must own the addresses it \
+             steers)",
+            holders.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Binds the control socket: refuses when another controller answers on

@@ -5,7 +5,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -117,45 +116,14 @@ fn test_server_reloads_under_load_lose_no_connection() {
     assert!(instance.stop().success());
 }
 
-fn nginx_dir(generations: u64) -> tempfile::TempDir {
-    assert!(
-        Path::new("/usr/sbin/nginx").exists(),
-        "nginx is not installed: apt-get install nginx-light (.ci/run does)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    std::fs::write(
-        dir.path().join("nginx.conf"),
-        "daemon off;\nmaster_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
-         events { worker_connections 1024; }\n",
-    )
-    .unwrap();
-    // One http block per generation, so each answers with its number.
-    for g in 1..=generations {
-        std::fs::write(
-            dir.path().join(format!("gen-{g}.conf")),
-            format!(
-                "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
-                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    \
-                 listen {ADDR} reuseport;\n    location / {{ return 200 \"gen={g} pid=$pid\\n\"; }}\n  \
-                 }}\n}}\n"
-            ),
-        )
-        .unwrap();
-    }
-    dir
-}
-
 #[test]
 fn nginx_reloads_under_load_lose_no_connection() {
     privileged();
-    let dir = nginx_dir(40);
-    let d = dir.path().display().to_string();
-    let conf = format!("{d}/nginx.conf");
-    let globals = format!("pid {d}/nginx-{{generation}}.pid; include {d}/gen-{{generation}}.conf;");
+    let nginx = reloader_tests::nginx::Nginx::new(ADDR, 40);
+    let command = nginx.command();
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let mut instance = Instance::start_in(
-        dir,
+        nginx.dir,
         &[
             "--listen",
             ADDR,
@@ -164,7 +132,7 @@ fn nginx_reloads_under_load_lose_no_connection() {
             "--drain-timeout",
             "10s",
         ],
-        &["/usr/sbin/nginx", "-c", &conf, "-g", &globals],
+        &command,
     );
     let report = reload_under_load(&mut instance, 20, 8);
     let status = instance.status();
@@ -424,6 +392,11 @@ fn status_json_matches_reality() {
     assert_eq!(gens[1]["counters"]["steered"], 30, "frozen when it exited");
     assert!(!process_alive(pid));
     assert_eq!(status["last_reload"]["generation"], 2);
+    assert_eq!(
+        status["map_entries"],
+        serde_json::json!({"listeners": 1, "sockets": 2, "probes": 0}),
+        "the exited generation's sockets are gone from the maps; the probe route was removed"
+    );
     assert!(instance.stop().success());
 }
 

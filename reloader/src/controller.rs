@@ -749,6 +749,7 @@ pub fn status(shared: &Shared) -> StatusReport {
             .unmanaged_counters()
             .map(|c| c.fallback)
             .unwrap_or_default(),
+        map_entries: inner.steering.entry_counts().unwrap_or_default(),
     }
 }
 

@@ -28,6 +28,9 @@ pub struct StatusReport {
     pub drain_kills: u64,
     /// Decisions for groups with no registered listener.
     pub unmanaged_fallback: u64,
+    /// Entries in the steering maps now.
+    #[serde(default)]
+    pub map_entries: crate::steering::EntryCounts,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

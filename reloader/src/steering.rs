@@ -487,6 +487,26 @@ impl Steering {
             .map_err(map_error(map::COUNTERS, "set"))
     }
 
+    /// Entries in the maps as the kernel holds them: listener keys, sockets
+    /// registered (summed slot sizes), probe routes. For leak checks.
+    pub fn entry_counts(&self) -> Result<EntryCounts> {
+        let listeners = self.listener_keys.keys().count() as u64;
+        let probes = self.probes.keys().count() as u64;
+        let mut sockets = 0u64;
+        for index in 0..MAX_LISTENERS * MAX_SLOTS {
+            let state = self
+                .slot_sockets
+                .get(&index, 0)
+                .map_err(map_error(map::SLOT_SOCKETS, "get"))?;
+            sockets += u64::from(state.sockets);
+        }
+        Ok(EntryCounts {
+            listeners,
+            sockets,
+            probes,
+        })
+    }
+
     fn read_counters(&self, index: u32) -> Result<Counters> {
         debug_assert!(index < COUNTERS_LEN);
         let values = self
@@ -542,6 +562,14 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+/// How many entries the steering maps hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryCounts {
+    pub listeners: u64,
+    pub sockets: u64,
+    pub probes: u64,
 }
 
 /// Drives aya-log: records from the program's debug statements.

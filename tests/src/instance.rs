@@ -8,9 +8,12 @@ use std::{
 
 use serde_json::Value;
 
-/// The `reloader` binary next to the test executable (`cargo xtask test`
-/// builds it before the tests).
+/// The `reloader` binary: `$RELOADER_BIN`, or the one next to the test
+/// executable (`cargo xtask test` builds it before the tests).
 pub fn reloader_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("RELOADER_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe
         .parent()

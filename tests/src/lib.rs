@@ -156,3 +156,4 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
 
 pub mod instance;
 pub mod load;
+pub mod nginx;

@@ -42,6 +42,11 @@ pub struct Report {
 impl Load {
     /// Starts `concurrency` client threads against `addr`.
     pub fn start(addr: SocketAddr, concurrency: usize) -> Self {
+        Self::start_bounded(addr, concurrency, MAX_RUN)
+    }
+
+    /// As [`Load::start`], stopping by itself after `max_run`.
+    pub fn start_bounded(addr: SocketAddr, concurrency: usize, max_run: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let threads = (0..concurrency)
@@ -49,7 +54,7 @@ impl Load {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     let mut outcomes = Vec::new();
-                    while !stop.load(Ordering::Relaxed) && start.elapsed() < MAX_RUN {
+                    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_run {
                         let started = start.elapsed();
                         outcomes.push(Outcome {
                             started,

@@ -8,6 +8,7 @@
 //! proves the committed bytes are what the source builds to.
 
 mod ebpf;
+mod soak;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,16 @@ enum Task {
     /// Run every test: unit tests and the privileged integration tests
     /// (those need root: they use the real kernel's BPF and network
     /// namespaces).
+    /// Many reloads under load with the test server and nginx, watching the
+    /// controller for leaks (fds, RSS, threads, map entries). As root.
+    Soak {
+        /// Reloads per server.
+        #[arg(long, default_value_t = 1000)]
+        reloads: usize,
+        /// Servers to soak: testserver, nginx.
+        #[arg(long, value_delimiter = ',', default_value = "testserver,nginx")]
+        servers: Vec<String>,
+    },
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -46,6 +57,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
+        Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
     }
 }
 

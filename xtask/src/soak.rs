@@ -1,0 +1,199 @@
+//! `cargo xtask soak`: many reloads under a continuous load, with the test
+//! server and with nginx, watching the controller for leaks.
+//!
+//! It reports failed connections (must be 0) and, at the start and the end,
+//! the controller's open fds, RSS and threads and the steering maps' entry
+//! counts (must be flat). It fails when a connection failed, a reload
+//! failed, or fds, threads or map entries grew. RSS is reported, not judged:
+//! allocators keep freed memory, so a small drift is not a leak.
+//!
+//! Every run happens in its own network namespace (as the privileged tests
+//! do), on release builds.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use reloader_tests::{instance::Instance, load::Load, nginx::Nginx, privileged};
+use serde_json::{Value, json};
+
+use crate::{run, workspace_root};
+
+const ADDR: &str = "127.0.0.1:8080";
+
+/// The controller's resources at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Sample {
+    fds: usize,
+    rss_kib: u64,
+    threads: u64,
+    map_entries: Value,
+}
+
+fn sample(instance: &Instance) -> Result<Sample> {
+    let pid = instance.pid();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} in /proc/{pid}/status"))
+    };
+    Ok(Sample {
+        fds,
+        rss_kib: field("VmRSS:")?,
+        threads: field("Threads:")?,
+        map_entries: instance.status()["map_entries"].clone(),
+    })
+}
+
+pub fn soak(reloads: usize, servers: &[String]) -> Result<()> {
+    let root = workspace_root();
+    run(std::process::Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--release", "--workspace", "--bins"]))?;
+    let release = root.join("target/release");
+    // SAFETY: set before any thread is started.
+    unsafe { std::env::set_var("RELOADER_BIN", release.join("reloader")) };
+    let mut results = Vec::new();
+    for server in servers {
+        let release = release.clone();
+        let server = server.clone();
+        // A thread of its own: the network namespace is per thread.
+        let result = std::thread::spawn(move || soak_one(&server, reloads, &release))
+            .join()
+            .map_err(|_| anyhow::anyhow!("soak thread panicked"))??;
+        results.push(result);
+    }
+    let path = root.join("target/soak.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("\nresults: {}", path.display());
+    let mut problems = Vec::new();
+    for r in &results {
+        let name = r["server"].as_str().unwrap_or("?");
+        if r["failed_connections"] != 0 || r["failed_reloads"] != 0 {
+            problems.push(format!("{name}: failed connections or reloads"));
+        }
+        for key in ["fds", "threads", "map_entries"] {
+            if r["start"][key] != r["end"][key] {
+                problems.push(format!(
+                    "{name}: {key} changed from {} to {}",
+                    r["start"][key], r["end"][key]
+                ));
+            }
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "soak found problems: {}",
+        problems.join("; ")
+    );
+    Ok(())
+}
+
+fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
+    privileged();
+    let nginx;
+    let (instance_dir, command, args): (tempfile::TempDir, Vec<String>, Vec<&str>) = match server {
+        "testserver" => (
+            tempfile::tempdir()?,
+            vec![
+                release.join("testserver").display().to_string(),
+                "--listen".into(),
+                ADDR.into(),
+                "--workers".into(),
+                "2".into(),
+                "--close-idle-on-drain".into(),
+            ],
+            vec!["--listen", ADDR, "--drain-timeout", "10s"],
+        ),
+        "nginx" => {
+            nginx = Nginx::new(ADDR, reloads as u64 + 10);
+            let command = nginx.command();
+            (
+                tempfile::tempdir()?,
+                command,
+                vec![
+                    "--listen",
+                    ADDR,
+                    "--drain-signal",
+                    "QUIT",
+                    "--drain-timeout",
+                    "10s",
+                ],
+            )
+        }
+        other => bail!("unknown server {other:?}: use testserver or nginx"),
+    };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut instance = Instance::start_in(instance_dir, &args, &command);
+    // Warm up: allocations that happen once (first reload, first scrape).
+    for _ in 0..3 {
+        let (ok, answer) = instance.reload_wait();
+        ensure!(ok, "warm-up reload failed: {answer}");
+    }
+    let start = sample(&instance)?;
+    println!("{server}: start {start:?}");
+    let load = Load::start_bounded(ADDR.parse()?, 8, Duration::from_secs(7200));
+    let began = Instant::now();
+    let mut failed_reloads = 0;
+    for i in 1..=reloads {
+        let (ok, answer) = instance.reload_wait();
+        if !ok {
+            failed_reloads += 1;
+            eprintln!("{server}: reload {i} failed: {answer}");
+        }
+        if i % 100 == 0 {
+            println!(
+                "{server}: {i} reloads in {:.0}s",
+                began.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let report = load.finish();
+    let elapsed = began.elapsed();
+    let end = sample(&instance)?;
+    println!("{server}: end   {end:?}");
+    let failures = report.failures();
+    for f in failures.iter().take(10) {
+        eprintln!(
+            "{server}: failed connection at {:?}: {:?}",
+            f.started, f.result
+        );
+    }
+    let last = instance.status()["last_reload"].clone();
+    let stopped = instance.stop();
+    let result = json!({
+        "server": server,
+        "reloads": reloads,
+        "failed_reloads": failed_reloads,
+        "connections": report.total(),
+        "failed_connections": failures.len(),
+        "seconds": elapsed.as_secs_f64(),
+        "clean_stop": stopped.success(),
+        "last_reload": last,
+        "start": {"fds": start.fds, "rss_kib": start.rss_kib, "threads": start.threads, "map_entries": start.map_entries},
+        "end": {"fds": end.fds, "rss_kib": end.rss_kib, "threads": end.threads, "map_entries": end.map_entries},
+    });
+    println!(
+        "{server}: {reloads} reloads in {:.0}s, {} connections, {} failed; fds {} -> {}, \
+         RSS {} -> {} KiB, threads {} -> {}, map entries {} -> {}",
+        elapsed.as_secs_f64(),
+        report.total(),
+        failures.len(),
+        start.fds,
+        end.fds,
+        start.rss_kib,
+        end.rss_kib,
+        start.threads,
+        end.threads,
+        start.map_entries,
+        end.map_entries
+    );
+    Ok(result)
+}

@@ -178,7 +178,7 @@ fn systemd_notify_protocol_for_type_notify_reload() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     privileged();
-    let instance = Instance::start(
+    let mut instance = Instance::start(
         &["--listen", ADDR, "--log-format", "json"],
         &[testserver(), "--listen", ADDR],
     );

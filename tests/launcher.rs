@@ -295,7 +295,7 @@ fn overlapping_reloads_coalesce_into_one_follow_up() {
 #[test]
 fn a_crashed_active_generation_is_restarted() {
     privileged();
-    let (instance, _) = with_mode_file(&["--listen", ADDR], Some("--crash-after-ms 700"));
+    let (mut instance, _) = with_mode_file(&["--listen", ADDR], Some("--crash-after-ms 700"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while instance.active_generation() != Some(2) {
         assert!(
@@ -403,7 +403,7 @@ fn status_json_matches_reality() {
 #[test]
 fn reload_without_wait_returns_once_accepted() {
     privileged();
-    let instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     let out = instance.client(&["reload"]);
     assert!(out.status.success());
     assert_eq!(
@@ -492,7 +492,7 @@ fn generations_keep_serving_when_the_controller_is_killed() {
 /// old generations still drain.
 fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
     privileged();
-    let (instance, _) = with_mode_file(
+    let (mut instance, _) = with_mode_file(
         &[
             "--listen",
             ADDR,
@@ -543,7 +543,7 @@ fn reloads_below_max_draining_do_not_wait_for_old_generations() {
 fn malformed_control_requests_get_an_error_and_change_nothing() {
     use std::io::{Read, Write};
     privileged();
-    let instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     let ask = |bytes: &[u8], close_write: bool| -> String {
         let mut stream = std::os::unix::net::UnixStream::connect(&instance.socket).unwrap();
         stream

@@ -40,7 +40,7 @@ fn refused(dir: tempfile::TempDir, args: &[&str]) -> String {
 #[test]
 fn a_second_controller_for_the_same_instance_is_refused_naming_the_running_pid() {
     privileged();
-    let first = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut first = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     // Same control socket (hence same instance lock), another address.
     let dir = tempfile::tempdir().unwrap();
     let mut second = Command::new(reloader_bin());
@@ -70,7 +70,7 @@ fn a_second_controller_for_the_same_instance_is_refused_naming_the_running_pid()
 #[test]
 fn another_instance_on_the_same_address_is_refused_naming_the_holder() {
     privileged();
-    let first = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut first = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     let log = refused(
         tempfile::tempdir().unwrap(),
         &["--name", "other", "--listen", ADDR],
@@ -98,7 +98,7 @@ fn a_port_held_by_a_plain_socket_is_refused_naming_the_holder() {
 #[test]
 fn a_peer_with_another_uid_is_refused() {
     privileged();
-    let instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     // Let uid 65534 reach the socket at all (it is 0600 in a 0700 dir), so
     // the controller's own SO_PEERCRED check is what refuses it.
     std::fs::set_permissions(instance.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -168,5 +168,174 @@ fn forced_select_only_steering_reloads_without_failures() {
     report.assert_no_failures();
     assert_eq!(instance.status()["steering"], "select-only");
     assert!(instance.log_text().contains("select-only steering forced"));
+    assert!(instance.stop().success());
+}
+
+fn kill_controller(instance: &mut Instance) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    instance.wait_exit(Duration::from_secs(5));
+}
+
+/// SIGKILL the controller under load, start it again with the same
+/// instance: it adopts the running generation (same pid, no new one
+/// started), reloads work as before, and no connection fails across the
+/// kill, the restart and the reload.
+#[test]
+fn a_restarted_controller_adopts_running_generations_without_downtime() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--workers",
+            "2",
+            "--close-idle-on-drain",
+        ],
+    );
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    let before = instance.status();
+    let pid = before["generations"][0]["pid"].clone();
+    let load = Load::start(addr(), 4);
+    std::thread::sleep(Duration::from_millis(200));
+
+    kill_controller(&mut instance);
+    std::thread::sleep(Duration::from_millis(300));
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(20));
+    let after = instance.status();
+    assert_eq!(after["listeners"][0]["active_generation"], 2, "{after}");
+    assert_eq!(
+        after["generations"][0]["pid"], pid,
+        "the same process, adopted"
+    );
+    assert_eq!(after["generations"][0]["state"], "active");
+    assert!(
+        after["recovered"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("adopted generations 2 (active")),
+        "{after}"
+    );
+    let steered_before = before["generations"][0]["counters"]["steered"]
+        .as_u64()
+        .unwrap();
+    let steered_after = after["generations"][0]["counters"]["steered"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        steered_after > steered_before,
+        "the pinned counters kept counting"
+    );
+
+    for _ in 0..3 {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "{answer}\n{}", instance.log_text());
+    }
+    let report = load.finish();
+    report.assert_no_failures();
+    assert_eq!(*report.by_generation().keys().max().unwrap(), 5);
+    assert!(instance.stop().success());
+    assert!(
+        !instance.socket.with_extension("state.json").exists(),
+        "a clean stop leaves no state file behind"
+    );
+    let pins = reloader::state::pin_dir("default", &instance.socket);
+    assert!(!pins.exists(), "nor pinned maps: {}", pins.display());
+}
+
+/// The previous controller died and so did its generations: the state it
+/// left is cleaned up and reported, and the instance starts fresh, with
+/// generation numbers continuing.
+#[test]
+fn stale_state_is_cleaned_up_and_reported() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    let server = instance.status()["generations"][0]["pid"].as_u64().unwrap() as i32;
+    kill_controller(&mut instance);
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(20));
+    let status = instance.status();
+    let recovered = status["recovered"].as_str().unwrap_or_default();
+    assert!(
+        recovered.contains("none of its generations (2) serves any more"),
+        "{status}"
+    );
+    assert_eq!(
+        status["listeners"][0]["active_generation"], 3,
+        "numbering continues"
+    );
+    assert_eq!(load::request(addr()).unwrap(), 3);
+    assert!(instance.stop().success());
+}
+
+/// A reload was starting a candidate when the controller died: the
+/// successor kills that candidate and keeps the active generation.
+#[test]
+fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mode = dir.path().join("mode");
+    let mode_arg = mode.display().to_string();
+    let mut instance = Instance::start_in(
+        dir,
+        &["--listen", ADDR, "--ready-timeout", "30s"],
+        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+    );
+    std::fs::write(&mode, "--never-listen").unwrap();
+    assert!(instance.client(&["reload"]).status.success());
+    // Wait until the candidate (generation 2) runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let candidate = loop {
+        let status = instance.status();
+        if let Some(g) = status["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["generation"] == 2 && g["pid"].is_u64())
+        {
+            break g["pid"].as_u64().unwrap() as u32;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    kill_controller(&mut instance);
+    std::fs::remove_file(&mode).unwrap();
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reloader_tests::instance::process_alive(candidate) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the candidate was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = instance.status();
+    assert_eq!(status["listeners"][0]["active_generation"], 1);
+    let failed = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["generation"] == 2)
+        .cloned()
+        .unwrap();
+    assert_eq!(failed["state"], "failed");
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    assert_eq!(answer["report"]["generation"], 3);
     assert!(instance.stop().success());
 }

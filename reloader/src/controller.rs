@@ -52,6 +52,10 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// State shared by the controller's tasks.
 pub struct Shared {
     pub config: RunConfig,
+    /// The state file a restarted controller adopts from.
+    state_path: std::path::PathBuf,
+    /// What this controller found from a previous one, for `status`.
+    recovered: Option<String>,
     pub metrics: crate::metrics::Metrics,
     started: Instant,
     inner: Mutex<Inner>,
@@ -95,9 +99,40 @@ impl Shared {
         self.changed.subscribe()
     }
 
-    /// Tells waiters that generations changed.
+    /// Tells waiters that generations changed, and records the change in
+    /// the state file for a successor controller.
     pub fn notify_changed(&self) {
+        self.persist();
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Writes the state file (see [`crate::state`]).
+    pub fn persist(&self) {
+        let saved = {
+            let inner = self.lock();
+            let generations = inner
+                .generations
+                .live()
+                .filter_map(|g| {
+                    let pid = g.pid?;
+                    Some(crate::state::SavedGeneration {
+                        number: g.number,
+                        slot: g.slot,
+                        pid,
+                        start_time: crate::state::start_time(pid)?,
+                        state: g.state,
+                    })
+                })
+                .collect();
+            crate::state::Saved::new(
+                self.config.listen.clone(),
+                inner.generations.next_number(),
+                generations,
+            )
+        };
+        if let Err(error) = crate::state::save(&self.state_path, &saved) {
+            warn!(%error, path = %self.state_path.display(), "cannot write the state file");
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -160,20 +195,142 @@ impl Shared {
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     let _lock = lock_instance(&config.control_socket, &config.name)?;
-    check_addresses_free(&config.listen)?;
+    let state_path = crate::state::state_path(&config.control_socket);
+    let pin_dir = crate::state::pin_dir(&config.name, &config.control_socket);
+    let saved = crate::state::load(&state_path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: remove it if no generation of instance {:?} runs",
+            config.name
+        )
+    })?;
+    let recovery = crate::state::recovery(saved.as_ref(), |pid, start| {
+        crate::state::start_time(pid) == Some(start)
+    });
+    let recovered = match &recovery {
+        crate::state::Recovery::Fresh => {
+            // Pins without a state file: nothing to adopt.
+            Steering::unpin(&pin_dir);
+            None
+        }
+        crate::state::Recovery::Stale { gone } => {
+            for g in gone {
+                // A generation whose leader runs but that cannot be adopted
+                // (no active generation to keep serving): not ours to keep.
+                if crate::state::start_time(g.pid) == Some(g.start_time) {
+                    supervisor::signal_group(g.pid, Signal::SIGKILL);
+                }
+            }
+            Steering::unpin(&pin_dir);
+            let _ = std::fs::remove_file(&state_path);
+            let text = format!(
+                "a previous controller (pid {}) left state behind, but none of its generations \
+                 ({}) serves any more: cleaned up, starting fresh",
+                saved.as_ref().map_or(0, |s| s.controller_pid),
+                gone.iter()
+                    .map(|g| g.number.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            warn!("{text}");
+            Some(text)
+        }
+        crate::state::Recovery::Adopt { live, gone } => {
+            let saved = saved.as_ref().expect("adoption has a state file");
+            if saved.listen != config.listen {
+                bail!(
+                    "instance {:?} has running generations (pids {}) serving {:?}: restart it with \
+                     the same --listen addresses, or stop them first",
+                    config.name,
+                    live.iter()
+                        .map(|g| g.pid.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    saved.listen
+                );
+            }
+            let text = format!(
+                "adopted generations {} from a previous controller (pid {}){}",
+                live.iter()
+                    .map(|g| format!("{} ({}, pid {})", g.number, g.state, g.pid))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                saved.controller_pid,
+                if gone.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; generations {} had exited meanwhile",
+                        gone.iter()
+                            .map(|g| g.number.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            info!("{text}");
+            Some(text)
+        }
+    };
+    let adopting = matches!(recovery, crate::state::Recovery::Adopt { .. });
+    if !adopting {
+        check_addresses_free(&config.listen)?;
+    }
     let control = bind_control_socket(&config.control_socket, &config.name).await?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
 
-    let mut steering = Steering::load(&Options {
+    let options = Options {
         force_select_only: config.force_select_only,
         ebpf_debug_logs: tracing::enabled!(target: "reloader::ebpf", tracing::Level::DEBUG),
-    })?;
-    for (i, addr) in config.listen.iter().enumerate() {
-        steering.add_listener(i as u32, *addr)?;
+        pin_dir: Some(pin_dir.clone()),
+    };
+    let mut steering = match Steering::load(&options) {
+        Err(
+            error @ (crate::steering::SteeringError::BpffsUnavailable { .. }
+            | crate::steering::SteeringError::PinDirError { .. }),
+        ) if !adopting => {
+            warn!(%error, "running without pinned maps: a restarted controller cannot adopt");
+            Steering::load(&Options {
+                pin_dir: None,
+                ..options
+            })?
+        }
+        other => other?,
+    };
+    if adopting && !steering.reused_maps() {
+        bail!(
+            "generations of instance {:?} still run, but the steering maps pinned in {} are gone: \
+             stop those generations, then start again",
+            config.name,
+            pin_dir.display()
+        );
     }
+    for (i, addr) in config.listen.iter().enumerate() {
+        if adopting {
+            steering.adopt_listener(i as u32, *addr)?;
+        } else {
+            steering.add_listener(i as u32, *addr)?;
+        }
+    }
+    let generations = match &recovery {
+        crate::state::Recovery::Adopt { live, .. } => Generations::restore(
+            MAX_SLOTS,
+            HISTORY,
+            saved.as_ref().map_or(1, |s| s.next_generation),
+            live.iter().map(|g| (g.number, g.slot, g.pid, g.state)),
+            Instant::now(),
+        ),
+        // Numbering continues after a previous controller's generations.
+        _ => Generations::restore(
+            MAX_SLOTS,
+            HISTORY,
+            saved.as_ref().map_or(1, |s| s.next_generation),
+            [],
+            Instant::now(),
+        ),
+    };
     if let Some(pump) = steering.log_pump() {
         tokio::spawn(pump_logs(pump));
     }
@@ -183,7 +340,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         started: Instant::now(),
         inner: Mutex::new(Inner {
             steering,
-            generations: Generations::new(MAX_SLOTS, HISTORY),
+            generations,
             waiters: Vec::new(),
             pending: false,
             last_reload: None,
@@ -201,6 +358,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         stopping,
         config,
         metrics: crate::metrics::Metrics::default(),
+        state_path,
+        recovered,
     });
 
     // Signals first, so a child that exits at once is reaped.
@@ -220,7 +379,97 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         "controller started"
     );
 
-    // The first generation: if it cannot start there is nothing to serve.
+    if adopting {
+        adopt(&shared);
+        crate::notify::ready("adopted running generations");
+    } else {
+        start_first(&shared, &mut sigchld, &mut sigterm, &mut sigint).await?;
+    }
+
+    tokio::spawn(reload_worker(shared.clone()));
+    let mut stop_requested = shared.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = sigchld.recv() => handle_exits(&shared),
+            _ = sighup.recv() => request_reload(&shared, None),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = stop_requested.wait_for(|s| *s) => break,
+        }
+    }
+    info!("stopping: draining every generation");
+    let clean = stop_all(&shared, &mut sigchld).await;
+    forget_instance(&shared, &pin_dir);
+    remove_socket(&shared.config.control_socket);
+    info!(clean, "stopped");
+    Ok(clean)
+}
+
+/// After a stop, nothing of the instance remains: no state file, no pins.
+fn forget_instance(shared: &Shared, pin_dir: &Path) {
+    let _ = std::fs::remove_file(&shared.state_path);
+    Steering::unpin(pin_dir);
+}
+
+/// Takes over the generations a previous controller left running: they
+/// are not our children, so their exits are watched through pidfds; a
+/// candidate that was starting is killed (that reload is lost); draining
+/// ones are drained again.
+fn adopt(shared: &Arc<Shared>) {
+    let live: Vec<(u64, u32, State)> = shared
+        .lock()
+        .generations
+        .live()
+        .filter_map(|g| g.pid.map(|p| (g.number, p, g.state)))
+        .collect();
+    for (number, pid, state) in live {
+        match state {
+            State::Starting | State::Ready => {
+                supervisor::signal_group(pid, Signal::SIGKILL);
+                let mut inner = shared.lock();
+                shared.generation_ended(
+                    &mut inner,
+                    number,
+                    State::Failed,
+                    "killed: it was starting when the previous controller died".into(),
+                );
+                continue;
+            }
+            State::Active => {
+                if let Ok(found) = discovery::find(pid, &shared.config.listen) {
+                    let sockets = found
+                        .per_address
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, v)| v.iter().map(move |(l, _)| (i, l.clone())))
+                        .collect();
+                    shared.lock().sockets.insert(number, sockets);
+                }
+            }
+            State::Draining => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reload::drain(&shared, number).await });
+            }
+            State::Exited | State::Failed => continue,
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let how = supervisor::wait_exit(pid).await;
+            exited(&shared, vec![(pid, how)]);
+        });
+    }
+    shared.notify_changed();
+}
+
+/// Starts the first generation; if it cannot start there is nothing to
+/// serve, and the controller exits.
+async fn start_first(
+    shared: &Arc<Shared>,
+    sigchld: &mut tokio::signal::unix::Signal,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let shared = shared.clone();
     let first = reload::reload(&shared);
     tokio::pin!(first);
     let first_result = loop {
@@ -239,7 +488,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         }
         Err(report) => {
             error!("{}", report.human());
-            stop_all(&shared, &mut sigchld).await;
+            stop_all(&shared, sigchld).await;
+            let _ = std::fs::remove_file(&shared.state_path);
             remove_socket(&shared.config.control_socket);
             bail!(
                 "the first generation did not start: {}",
@@ -247,23 +497,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
             );
         }
     }
-
-    tokio::spawn(reload_worker(shared.clone()));
-    let mut stop_requested = shared.stopping.subscribe();
-    loop {
-        tokio::select! {
-            _ = sigchld.recv() => handle_exits(&shared),
-            _ = sighup.recv() => request_reload(&shared, None),
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = stop_requested.wait_for(|s| *s) => break,
-        }
-    }
-    info!("stopping: draining every generation");
-    let clean = stop_all(&shared, &mut sigchld).await;
-    remove_socket(&shared.config.control_socket);
-    info!(clean, "stopped");
-    Ok(clean)
+    Ok(())
 }
 
 /// Asks for a reload; `waiter` gets the result of the reload that starts
@@ -339,9 +573,15 @@ fn answer(waiters: Vec<oneshot::Sender<Response>>, response: &Response) {
 /// Handles SIGCHLD: reaps, and updates the generations whose leader exited.
 fn handle_exits(shared: &Arc<Shared>) {
     let reaped = supervisor::reap();
-    if reaped.is_empty() {
-        return;
+    if !reaped.is_empty() {
+        exited(shared, reaped);
     }
+}
+
+/// Updates the generations whose leader ended (`(pid, how)`): reaped
+/// children, or adopted processes whose pidfd reported their exit.
+fn exited(shared: &Arc<Shared>, ended: Vec<(u32, String)>) {
+    let reaped = ended;
     let mut restart = false;
     {
         let mut inner = shared.lock();
@@ -750,6 +990,7 @@ pub fn status(shared: &Shared) -> StatusReport {
             .map(|c| c.fallback)
             .unwrap_or_default(),
         map_entries: inner.steering.entry_counts().unwrap_or_default(),
+        recovered: shared.recovered.clone(),
     }
 }
 

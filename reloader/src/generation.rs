@@ -17,7 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 /// Lifecycle states.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Spawned; its listeners are not all found yet, or its probe has not
@@ -124,6 +124,42 @@ impl Generations {
             next: 1,
             list: Vec::new(),
         }
+    }
+
+    /// Rebuilds the generations a previous controller left running
+    /// (`(number, slot, pid, state)`); numbering continues at `next`.
+    pub fn restore(
+        slots: u32,
+        history: usize,
+        next: u64,
+        live: impl IntoIterator<Item = (u64, u32, u32, State)>,
+        now: Instant,
+    ) -> Self {
+        let list = live
+            .into_iter()
+            .map(|(number, slot, pid, state)| Generation {
+                number,
+                slot,
+                pid: Some(pid),
+                state,
+                timeline: Timeline {
+                    spawned: Some(now),
+                    ..Timeline::default()
+                },
+                outcome: None,
+            })
+            .collect();
+        Self {
+            slots,
+            history,
+            next,
+            list,
+        }
+    }
+
+    /// The number the next generation will get.
+    pub fn next_number(&self) -> u64 {
+        self.next
     }
 
     /// Starts the next generation in a free slot (its process is not

@@ -21,6 +21,7 @@ pub mod generation;
 pub mod metrics;
 pub mod notify;
 pub mod reload;
+pub mod state;
 pub mod status;
 pub mod steering;
 pub mod supervisor;

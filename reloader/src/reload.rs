@@ -263,6 +263,8 @@ async fn start(
             .map_err(|e| e.to_string())?;
         inner.stderr.insert(number, tail);
     }
+    // A controller killed from here on must know this candidate's pid.
+    shared.persist();
     let deadline = t0 + config.ready_timeout;
     let mut changed = shared.subscribe();
 
@@ -532,7 +534,7 @@ fn fail(shared: &Arc<Shared>, number: u64, error: &str) {
 
 /// Lets `old` settle, signals it to drain, and waits until it exits,
 /// killing its process group at the drain timeout.
-async fn drain(shared: &Arc<Shared>, old: u64) {
+pub async fn drain(shared: &Arc<Shared>, old: u64) {
     let config = &shared.config;
     let mut changed = shared.subscribe();
     let Some(pid) = shared.lock().generations.get(old).and_then(|g| g.pid) else {

@@ -28,6 +28,10 @@ pub struct StatusReport {
     pub drain_kills: u64,
     /// Decisions for groups with no registered listener.
     pub unmanaged_fallback: u64,
+    /// What this controller took over (or cleaned up) from a previous one
+    /// that was killed.
+    #[serde(default)]
+    pub recovered: Option<String>,
     /// Entries in the steering maps now.
     #[serde(default)]
     pub map_entries: crate::steering::EntryCounts,
@@ -213,6 +217,9 @@ impl StatusReport {
             "\nreloads: {} succeeded, {} failed; restarts: {}; drain kills: {}",
             self.reloads_succeeded, self.reloads_failed, self.restarts, self.drain_kills
         );
+        if let Some(recovered) = &self.recovered {
+            let _ = writeln!(out, "at start: {recovered}");
+        }
         if let Some(last) = &self.last_reload {
             let _ = writeln!(out, "last reload: {}", last.human());
         }

@@ -77,6 +77,9 @@ pub struct Options {
     /// Keep the program's debug statements (emitted through aya-log); off,
     /// the verifier removes them so they cost nothing per SYN.
     pub ebpf_debug_logs: bool,
+    /// Pin the maps here (bpffs), reusing pins a previous controller left:
+    /// what lets a restarted controller adopt running generations.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// Errors of the steering module. Each says what the user can do about it.
@@ -178,6 +181,22 @@ pub enum SteeringError {
         other: SocketAddr,
         why: &'static str,
     },
+    /// bpffs is not mounted and could not be.
+    #[error(
+        "bpffs is not mounted at /sys/fs/bpf and mounting it failed: mount it (`mount -t bpf bpf \
+         /sys/fs/bpf`) so a restarted controller can adopt running generations"
+    )]
+    BpffsUnavailable {
+        #[source]
+        source: nix::Error,
+    },
+    /// Creating the pin directory failed.
+    #[error("failed to create the pin directory {path}")]
+    PinDirError {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     /// Reading `/sys/devices/system/cpu/possible` failed.
     #[error("failed to count CPUs ({what})")]
     CpuCountError {
@@ -202,6 +221,8 @@ pub struct Steering {
     counters: PerCpuArray<MapData, Counters>,
     listeners: StdHashMap<u32, SocketAddr>,
     cpus: usize,
+    /// The maps were pinned by a previous controller and reused.
+    reused: bool,
 }
 
 impl std::fmt::Debug for Steering {
@@ -220,10 +241,23 @@ impl Steering {
         raise_memlock();
         // aya-log-common levels: 0 disables every statement, 4 is debug.
         let log_level: u8 = if options.ebpf_debug_logs { 4 } else { 0 };
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &log_level, true)
-            .load(OBJECT)
-            .map_err(classify_load_error)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
+        let mut reused = false;
+        let pins: Vec<(&'static str, std::path::PathBuf)>;
+        if let Some(dir) = &options.pin_dir {
+            ensure_bpffs()?;
+            std::fs::create_dir_all(dir).map_err(|source| SteeringError::PinDirError {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            reused = dir.join(map::ACTIVE).exists();
+            pins = PINNED.iter().map(|name| (*name, dir.join(name))).collect();
+            for (name, path) in &pins {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(classify_load_error)?;
 
         let (mode, program_name) = if options.force_select_only {
             warn!(
@@ -261,14 +295,42 @@ impl Steering {
             program_name,
             listeners: StdHashMap::new(),
             cpus,
+            reused,
         };
-        // Array entries start zeroed; slot 0 is a real slot, so mark every
-        // listener inactive explicitly.
-        for listener in 0..MAX_LISTENERS {
-            steering.write_active(listener, NO_SLOT)?;
+        if !reused {
+            // Array entries start zeroed; slot 0 is a real slot, so mark
+            // every listener inactive explicitly.
+            for listener in 0..MAX_LISTENERS {
+                steering.write_active(listener, NO_SLOT)?;
+            }
         }
-        info!(%mode, "steering program loaded");
+        info!(%mode, reused_pinned_maps = reused, "steering program loaded");
         Ok(steering)
+    }
+
+    /// Whether the maps were a previous controller's (pinned, reused).
+    pub fn reused_maps(&self) -> bool {
+        self.reused
+    }
+
+    /// Takes over listener `listener` at `addr` as a previous controller
+    /// registered it: its slots and active slot stay as they are.
+    pub fn adopt_listener(&mut self, listener: u32, addr: SocketAddr) -> Result<()> {
+        check_listener_index(listener)?;
+        let key = self.key_for(addr);
+        self.listener_keys
+            .insert(key, listener, 0)
+            .map_err(map_error(map::LISTENER_KEYS, "insert"))?;
+        self.listeners.insert(listener, addr);
+        Ok(())
+    }
+
+    /// Removes the pinned maps in `dir` (after a clean stop, or stale ones).
+    pub fn unpin(dir: &std::path::Path) {
+        for name in PINNED {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(dir);
     }
 
     /// Which program is loaded.
@@ -620,6 +682,38 @@ pub fn listener_key(mode: Mode, addr: SocketAddr) -> ListenerKey {
             }
         }
     }
+}
+
+/// The maps a restarted controller needs: all of them but aya-log's.
+const PINNED: [&str; 6] = [
+    map::LISTENER_KEYS,
+    map::ACTIVE,
+    map::SLOT_SOCKETS,
+    map::SOCKETS,
+    map::PROBES,
+    map::COUNTERS,
+];
+
+/// Mounts bpffs at /sys/fs/bpf unless it is there.
+fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    let _ = std::fs::create_dir_all("/sys/fs/bpf");
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| SteeringError::BpffsUnavailable { source })?;
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
 }
 
 fn check_slot(slot: u32) -> Result<()> {

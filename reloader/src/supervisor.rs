@@ -256,6 +256,40 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Waits until `pid` exits. For processes that are not our children
+/// (adopted from a previous controller), so no SIGCHLD and no exit status
+/// reach us: a pidfd becomes readable when the process exits (Linux ≥ 5.3).
+pub async fn wait_exit(pid: u32) -> String {
+    const UNKNOWN: &str = "exited (status unknown: adopted from a previous controller)";
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return UNKNOWN.into();
+    }
+    // SAFETY: a fresh pidfd we own.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the pidfd stays open and unchanged while the AsyncFd owns it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+            UNKNOWN.into()
+        }
+        Err(_) => {
+            warn!(
+                pid,
+                "cannot watch the process's pidfd; polling /proc for its exit"
+            );
+            while crate::state::start_time(pid).is_some() {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            UNKNOWN.into()
+        }
+    }
+}
+
 /// Sends `signal` to `pid`; a process that is already gone is not an error.
 pub fn signal(pid: u32, signal: Signal) {
     match kill(Pid::from_raw(pid as i32), signal) {

@@ -31,6 +31,9 @@ pub fn reloader_bin() -> PathBuf {
 /// A `reloader run` controller started by a test.
 pub struct Instance {
     child: Option<Child>,
+    /// How the controller was started, for [`Instance::respawn`].
+    command: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -87,32 +90,50 @@ impl Instance {
             }
             None => Command::new(reloader_bin()),
         };
-        let child = command
+        command
             .arg("run")
             .arg("--control-socket")
             .arg(&socket)
             .args(args)
             .arg("--")
-            .args(server)
-            .env("RELOADER_LOG", "info,reloader=debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log file"))
-            .stderr(
-                std::fs::File::options()
-                    .append(true)
-                    .open(&log)
-                    .expect("log"),
-            )
-            .spawn()
-            .expect("spawn reloader run");
-        Self {
-            child: Some(child),
+            .args(server);
+        let mut instance = Self {
+            child: None,
+            command: std::iter::once(command.get_program().to_owned())
+                .chain(command.get_args().map(ToOwned::to_owned))
+                .collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
             socket,
             log,
             pids: Vec::new(),
-        }
+        };
+        instance.respawn();
+        instance
+    }
+
+    /// Starts the controller (again, after the previous one exited or was
+    /// killed) with the same command line, appending to the same log.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "the previous controller still runs");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .env("RELOADER_LOG", "info,reloader=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn reloader run");
+        self.child = Some(child);
     }
 
     /// Runs a `reloader` client subcommand against this instance.
@@ -195,7 +216,7 @@ impl Instance {
 
     /// `reloader stop`, then waits for the controller; returns its exit
     /// status.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(&mut self) -> ExitStatus {
         self.remember_pids();
         let out = self.client(&["stop", "--timeout", "60s"]);
         assert!(

@@ -339,3 +339,26 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     assert_eq!(answer["report"]["generation"], 3);
     assert!(instance.stop().success());
 }
+
+/// Many idle control connections (connected, sending nothing) do not keep
+/// a reload request from being served.
+#[test]
+fn idle_control_connections_do_not_block_reloads() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let idle: Vec<_> = (0..200)
+        .map(|_| std::os::unix::net::UnixStream::connect(&instance.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // The controller's own read timeout for a request is 5s: a reload that
+    // had to wait for idle clients to time out would miss this deadline.
+    let out = instance.client(&["reload", "--wait", "--timeout", "3s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(idle);
+    assert_eq!(instance.active_generation(), Some(2));
+    assert!(instance.stop().success());
+}

@@ -43,8 +43,10 @@ use crate::{
 
 /// Ended generations kept for `status`.
 const HISTORY: usize = 8;
-/// Concurrent control connections served; more wait for a place.
-const MAX_CLIENTS: usize = 64;
+/// Control connections served at once. Beyond that a connection is told
+/// "busy" at once rather than queued: idle connections (each may hold its
+/// place up to the 5 s request timeout) must never delay a reload.
+const MAX_CLIENTS: usize = 256;
 /// First delay before restarting a crashed active generation.
 const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -827,7 +829,8 @@ fn remove_socket(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-/// Serves control connections, at most [`MAX_CLIENTS`] at once.
+/// Serves control connections, at most [`MAX_CLIENTS`] at once; never
+/// waits for a place.
 async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let owner = nix::unistd::geteuid().as_raw();
@@ -835,8 +838,15 @@ async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let busy = Response::Error {
+                    message: format!("busy: {MAX_CLIENTS} control connections are open; try again"),
+                };
+                let mut stream = stream;
+                let _ = stream.write_all(&control::encode(&busy)).await;
+            });
+            continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -26,25 +26,8 @@ fn testserver() -> &'static str {
     env!("CARGO_BIN_EXE_testserver")
 }
 
-/// Starts the test server under reloader with `--mode-file`: `initial`
-/// (if any) are extra flags for generation 1; the test rewrites the file to
-/// change how later generations start.
 fn with_mode_file(args: &[&str], initial: Option<&str>) -> (Instance, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let mode_file = dir.path().join("mode");
-    if let Some(mode) = initial {
-        std::fs::write(&mode_file, mode).unwrap();
-    }
-    let mode_arg = mode_file.display().to_string();
-    let instance = Instance::start_in(
-        dir,
-        args,
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
-    );
-    if initial.is_some() {
-        std::fs::remove_file(&mode_file).unwrap();
-    }
-    (instance, mode_file)
+    Instance::with_mode_file(testserver(), ADDR, args, initial)
 }
 
 /// Reloads `n` times under load and checks every connection was answered,
@@ -165,13 +148,7 @@ fn rollback(mode: &str, reason: &str) {
         Some(1),
         "generation 1 still active"
     );
-    let failed = instance.status()["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["generation"] == 2)
-        .cloned()
-        .unwrap();
+    let failed = instance.generation(2);
     assert_eq!(failed["state"], "failed");
     assert!(
         !process_alive(failed["pid"].as_u64().unwrap() as u32),
@@ -238,13 +215,7 @@ fn an_old_generation_that_ignores_the_drain_signal_is_killed_at_the_timeout() {
     report.assert_no_failures();
     let status = instance.status();
     assert_eq!(status["drain_kills"], 1);
-    let old = status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["generation"] == 1)
-        .cloned()
-        .unwrap();
+    let old = instance.generation(1);
     assert_eq!(old["outcome"], "killed by SIGKILL");
     assert!(instance.stop().success());
 }

@@ -287,13 +287,11 @@ fn stale_state_is_cleaned_up_and_reported() {
 #[test]
 fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     privileged();
-    let dir = tempfile::tempdir().unwrap();
-    let mode = dir.path().join("mode");
-    let mode_arg = mode.display().to_string();
-    let mut instance = Instance::start_in(
-        dir,
+    let (mut instance, mode) = Instance::with_mode_file(
+        testserver(),
+        ADDR,
         &["--listen", ADDR, "--ready-timeout", "30s"],
-        &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
+        None,
     );
     std::fs::write(&mode, "--never-listen").unwrap();
     assert!(instance.client(&["reload"]).status.success());
@@ -326,13 +324,7 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     }
     let status = instance.status();
     assert_eq!(status["listeners"][0]["active_generation"], 1);
-    let failed = status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["generation"] == 2)
-        .cloned()
-        .unwrap();
+    let failed = instance.generation(2);
     assert_eq!(failed["state"], "failed");
     let (ok, answer) = instance.reload_wait();
     assert!(ok, "{answer}");

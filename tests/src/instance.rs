@@ -172,6 +172,44 @@ impl Instance {
         (out.status.success(), value)
     }
 
+    /// Generation `number` as `status --json` lists it.
+    pub fn generation(&self, number: u64) -> Value {
+        self.status()["generations"]
+            .as_array()
+            .expect("generations")
+            .iter()
+            .find(|g| g["generation"] == number)
+            .cloned()
+            .unwrap_or_else(|| panic!("generation {number} is not listed"))
+    }
+
+    /// Starts `server` (the test server) under reloader with `--mode-file`:
+    /// `initial` (if any) are extra server flags for generation 1, removed
+    /// once it started; a test writes the file to change how later
+    /// generations start. Returns the mode file's path.
+    pub fn with_mode_file(
+        server: &str,
+        addr: &str,
+        args: &[&str],
+        initial: Option<&str>,
+    ) -> (Self, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mode_file = dir.path().join("mode");
+        if let Some(mode) = initial {
+            std::fs::write(&mode_file, mode).expect("mode file");
+        }
+        let mode_arg = mode_file.display().to_string();
+        let instance = Self::start_in(
+            dir,
+            args,
+            &[server, "--listen", addr, "--mode-file", &mode_arg],
+        );
+        if initial.is_some() {
+            std::fs::remove_file(&mode_file).expect("mode file");
+        }
+        (instance, mode_file)
+    }
+
     /// The generation active on the first listener.
     pub fn active_generation(&self) -> Option<u64> {
         self.status()["listeners"][0]["active_generation"].as_u64()

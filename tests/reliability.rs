@@ -354,3 +354,70 @@ fn idle_control_connections_do_not_block_reloads() {
     assert_eq!(instance.active_generation(), Some(2));
     assert!(instance.stop().success());
 }
+
+/// bpffs not mounted at /sys/fs/bpf (a private mount namespace without
+/// it): reloader mounts it itself, and works.
+#[test]
+fn bpffs_not_mounted_is_mounted() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = Instance::spawn_wrapped(
+        dir,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"umount /sys/fs/bpf && exec "$@""#,
+            "sh",
+        ],
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+        &[],
+    );
+    instance.wait_active(Duration::from_secs(20));
+    assert_eq!(load::request(addr()).unwrap(), 1);
+    let log = instance.log_text();
+    assert!(log.contains("mounted bpffs at /sys/fs/bpf"), "{log}");
+    assert!(log.contains("reused_pinned_maps=false"), "{log}");
+    assert!(instance.stop().success());
+}
+
+/// bpffs cannot be mounted (here: /sys/fs is an empty read-only tmpfs, so
+/// /sys/fs/bpf neither exists nor can be created): reloader says so and
+/// runs without pinned maps.
+#[test]
+fn bpffs_unavailable_runs_without_pins_and_says_so() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"mount -t tmpfs -o ro tmpfs /sys/fs && exec "$@""#;
+    let mut instance = Instance::spawn_wrapped(
+        dir,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ],
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+        &[],
+    );
+    instance.wait_active(Duration::from_secs(20));
+    assert_eq!(load::request(addr()).unwrap(), 1);
+    let (ok, _) = instance.reload_wait();
+    assert!(ok, "reloads work without pins");
+    let log = instance.log_text();
+    assert!(
+        log.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"),
+        "{log}"
+    );
+    assert!(log.contains("a restarted controller cannot adopt"), "{log}");
+    assert!(instance.stop().success());
+}

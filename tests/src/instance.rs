@@ -311,6 +311,14 @@ impl Drop for Instance {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A controller killed by the test leaves its pinned maps behind (by
+        // design: a successor adopts them); remove them with the test.
+        let args: Vec<&str> = self.command.iter().filter_map(|a| a.to_str()).collect();
+        let name = args
+            .windows(2)
+            .find(|w| w[0] == "--name")
+            .map_or("default", |w| w[1]);
+        reloader::steering::Steering::unpin(&reloader::state::pin_dir(name, &self.socket));
         for pid in &self.pids {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(*pid as i32),

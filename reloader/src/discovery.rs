@@ -62,6 +62,13 @@ pub enum DiscoveryError {
         #[source]
         source: io::Error,
     },
+    /// The kernel has no TCP sock_diag handler (`tcp_diag` is a module on
+    /// many distribution kernels, normally loaded on demand).
+    #[error(
+        "the kernel cannot list TCP sockets over sock_diag (ENOENT): load its modules with \
+         `modprobe tcp_diag` (needs CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG)"
+    )]
+    NoTcpDiag,
     /// A sock_diag answer could not be decoded.
     #[error("could not decode a sock_diag answer: {message}")]
     Decode { message: String },
@@ -147,9 +154,11 @@ fn dump_listeners(family: u8) -> Result<Vec<Listener>, DiscoveryError> {
                 }
                 NetlinkPayload::Done(_) => return Ok(found),
                 NetlinkPayload::Error(error) => {
-                    return Err(DiscoveryError::NetlinkError {
-                        source: error.to_io(),
-                    });
+                    let source = error.to_io();
+                    if source.raw_os_error() == Some(libc::ENOENT) {
+                        return Err(DiscoveryError::NoTcpDiag);
+                    }
+                    return Err(DiscoveryError::NetlinkError { source });
                 }
                 _ => {}
             }

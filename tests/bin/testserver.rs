@@ -51,6 +51,10 @@ struct Args {
     /// Exit with status 70 this many milliseconds after start.
     #[arg(long)]
     crash_after_ms: Option<u64>,
+    /// Exit with status 70 on SIGUSR2 (a crash a test triggers when it
+    /// wants, whatever the machine's speed).
+    #[arg(long)]
+    crash_on_usr2: bool,
     /// Drain signal name.
     #[arg(long, default_value = "SIGTERM")]
     drain_signal: String,
@@ -93,6 +97,16 @@ fn main() {
     mask.add(drain);
     mask.thread_block().expect("block drain signal");
 
+    if args.crash_on_usr2 {
+        let mut usr2 = SigSet::empty();
+        usr2.add(Signal::SIGUSR2);
+        usr2.thread_block().expect("block SIGUSR2");
+        thread::spawn(move || {
+            let _ = usr2.wait();
+            eprintln!("testserver: crashing on SIGUSR2 (--crash-on-usr2)");
+            std::process::exit(70);
+        });
+    }
     if let Some(ms) = args.crash_after_ms {
         thread::spawn(move || {
             thread::sleep(Duration::from_millis(ms));

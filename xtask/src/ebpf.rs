@@ -31,14 +31,15 @@ pub const OBJECT: &str = "reloader/ebpf/steer.bpf.o";
 const TARGET: &str = "bpfel-unknown-none";
 const BIN: &str = "reloader-steer";
 
-pub fn install_toolchain() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing.
+pub fn install_apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
     if missing.is_empty() {
-        println!("apt packages: all present");
+        println!("apt packages {}: present", packages.join(" "));
     } else {
         println!("apt packages: installing {}", missing.join(" "));
         run(Command::new("apt-get").arg("update"))?;
@@ -47,6 +48,11 @@ pub fn install_toolchain() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+pub fn install_toolchain() -> Result<()> {
+    install_apt(APT_PACKAGES)?;
     ensure!(
         Path::new(BPF_CORE).is_dir(),
         "{BPF_CORE} is missing after installing libstd-rust-web-dev-bpf"

@@ -9,6 +9,7 @@
 
 mod ebpf;
 mod soak;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,22 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "testserver,nginx")]
         servers: Vec<String>,
     },
+    /// The privileged integration tests: on this host (as root), or with
+    /// --vm inside a QEMU guest running a Debian kernel.
+    IntegrationTest {
+        /// Run them in a VM (Debian's current linux-image-amd64 by default).
+        #[arg(long)]
+        vm: bool,
+        /// Kernel for --vm: a bzImage/vmlinux, or a linux-image-*.deb.
+        #[arg(long, value_name = "PATH_OR_DEB")]
+        kernel: Option<std::path::PathBuf>,
+        /// Use KVM instead of TCG (hangs on some hosts).
+        #[arg(long)]
+        kvm: bool,
+        /// Give up on the VM after this many minutes.
+        #[arg(long, default_value_t = 25)]
+        timeout_minutes: u64,
+    },
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -58,6 +75,17 @@ fn main() -> Result<()> {
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
+        Task::IntegrationTest {
+            vm: true,
+            kernel,
+            kvm,
+            timeout_minutes,
+        } => vm::integration_test(&vm::VmOptions {
+            kernel,
+            kvm,
+            timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+        }),
+        Task::IntegrationTest { vm: false, .. } => integration_test_on_host(),
     }
 }
 
@@ -71,6 +99,15 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--all-targets"])
         .args(args);
     run(&mut cmd)
+}
+
+fn integration_test_on_host() -> Result<()> {
+    run(std::process::Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["build", "--workspace", "--bins"]))?;
+    run(std::process::Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["test", "-p", "reloader-tests"]))
 }
 
 fn workspace_root() -> std::path::PathBuf {

@@ -60,6 +60,10 @@ enum Task {
         /// Give up on the VM after this many minutes.
         #[arg(long, default_value_t = 25)]
         timeout_minutes: u64,
+        /// With --vm: run only these test binaries (steering, launcher,
+        /// ecosystem, reliability).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -80,10 +84,12 @@ fn main() -> Result<()> {
             kernel,
             kvm,
             timeout_minutes,
+            only,
         } => vm::integration_test(&vm::VmOptions {
             kernel,
             kvm,
             timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+            only,
         }),
         Task::IntegrationTest { vm: false, .. } => integration_test_on_host(),
     }

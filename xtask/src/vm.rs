@@ -53,6 +53,8 @@ pub struct VmOptions {
     pub kernel: Option<PathBuf>,
     pub kvm: bool,
     pub timeout: Duration,
+    /// Test binaries to run (all when empty).
+    pub only: Vec<String>,
 }
 
 pub fn integration_test(options: &VmOptions) -> Result<()> {
@@ -62,7 +64,23 @@ pub fn integration_test(options: &VmOptions) -> Result<()> {
     let vm_dir = root.join("target/vm");
     std::fs::create_dir_all(vm_dir.join("cache"))?;
     let kernel = prepare_kernel(options.kernel.as_deref(), &vm_dir)?;
-    let binaries = build_static(&root)?;
+    let mut binaries = build_static(&root)?;
+    if !options.only.is_empty() {
+        for name in &options.only {
+            ensure!(
+                binaries.tests.iter().any(|(n, _)| n == name),
+                "--only {name}: no such test binary (have: {})",
+                binaries
+                    .tests
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        binaries.tests.retain(|(n, _)| options.only.contains(n));
+        println!("vm: running only {}", options.only.join(", "));
+    }
     let initramfs = make_initramfs(&binaries, kernel.modules.as_deref(), &vm_dir)?;
     let kernel = kernel.image;
     println!(

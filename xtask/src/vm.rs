@@ -448,6 +448,8 @@ fn boot(kernel: &Path, initramfs: &Path, options: &VmOptions) -> Result<Outcome>
 
 impl Outcome {
     fn parse(&mut self, line: &str, started: Instant) {
+        // Firmware output can precede a marker on the same console line.
+        let line = line.find("@@").map_or(line, |i| &line[i..]);
         if let Some(kernel) = line.strip_prefix("@@KERNEL ") {
             self.kernel = Some(kernel.to_owned());
             self.boot = Some(started.elapsed());
@@ -517,7 +519,7 @@ mod tests {
         let mut o = Outcome::default();
         let t = Instant::now();
         for line in [
-            "@@KERNEL 6.1.0-56-amd64",
+            "Booting from ROM..@@KERNEL 6.1.0-56-amd64",
             "@@BEGIN steering",
             "test a ... ok",
             "test b ... FAILED",

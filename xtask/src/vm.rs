@@ -297,7 +297,9 @@ fn build_static(root: &Path) -> Result<Binaries> {
 }
 
 /// The guest's /init: mounts what the tests need, runs every test binary
-/// with markers around it, powers off.
+/// with markers around it, powers off. No tmpfs over /tmp: the initramfs
+/// root is already writable memory, and `testserver` sits at the host path
+/// the tests were compiled with, which is under /tmp for a clone there.
 fn init_script(tests: &[(String, PathBuf)]) -> String {
     let skips: String = EXCLUDED
         .iter()
@@ -310,7 +312,6 @@ fn init_script(tests: &[(String, PathBuf)]) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
-         mount -t tmpfs tmpfs /tmp\n\
          mount -t tmpfs tmpfs /run\n\
          mount -t bpf bpf /sys/fs/bpf\n\
          [ -d /lib/modules ] && depmod && modprobe tcp_diag\n\

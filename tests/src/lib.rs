@@ -154,6 +154,22 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
     String::from_utf8(line).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))
 }
 
+/// The test server as the soak and the benchmark run it: two workers, each
+/// with its own `SO_REUSEPORT` listener on `addr` (like nginx), and a
+/// graceful stop that, like nginx's, closes accepted connections it has not
+/// read a request from yet.
+pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<String> {
+    vec![
+        testserver.display().to_string(),
+        "--listen".into(),
+        addr.into(),
+        "--workers".into(),
+        "2".into(),
+        "--close-idle-on-drain".into(),
+    ]
+}
+
 pub mod instance;
 pub mod load;
+pub mod loadgen;
 pub mod nginx;

@@ -7,6 +7,7 @@
 //! building and testing `reloader` needs only stable Rust; `check-ebpf`
 //! proves the committed bytes are what the source builds to.
 
+mod bench;
 mod ebpf;
 mod soak;
 mod vm;
@@ -32,9 +33,6 @@ enum Task {
     /// Rebuild the steering program in a scratch directory and fail if it
     /// differs from the committed object.
     CheckEbpf,
-    /// Run every test: unit tests and the privileged integration tests
-    /// (those need root: they use the real kernel's BPF and network
-    /// namespaces).
     /// Many reloads under load with the test server and nginx, watching the
     /// controller for leaks (fds, RSS, threads, map entries). As root.
     Soak {
@@ -65,11 +63,19 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Run every test: unit tests and the privileged integration tests
+    /// (those need root: they use the real kernel's BPF and network
+    /// namespaces).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure reloads under load: plain SO_REUSEPORT, with
+    /// net.ipv4.tcp_migrate_req=1, and with reloader, for the test server
+    /// and nginx; plus steering overhead, cutover latency and an idle
+    /// controller's cost (root; writes a table, JSON and an SVG plot).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -79,6 +85,7 @@ fn main() -> Result<()> {
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
+        Task::Bench(args) => bench::run(args, &workspace_root()),
         Task::IntegrationTest {
             vm: true,
             kernel,

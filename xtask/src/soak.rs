@@ -102,14 +102,7 @@ fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
     let (instance_dir, command, args): (tempfile::TempDir, Vec<String>, Vec<&str>) = match server {
         "testserver" => (
             tempfile::tempdir()?,
-            vec![
-                release.join("testserver").display().to_string(),
-                "--listen".into(),
-                ADDR.into(),
-                "--workers".into(),
-                "2".into(),
-                "--close-idle-on-drain".into(),
-            ],
+            reloader_tests::testserver_command(&release.join("testserver"), ADDR),
             vec!["--listen", ADDR, "--drain-timeout", "10s"],
         ),
         "nginx" => {

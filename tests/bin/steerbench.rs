@@ -1,0 +1,335 @@
+//! Micro-measurements of the steering program for `cargo xtask bench`, in a
+//! network namespace of its own (run as root). Prints one JSON object.
+//!
+//! - `overhead`: the new-connection rate against one reuseport group of two
+//!   listeners with no program attached, and with the steering program
+//!   attached and both listeners in the active slot (so the same two
+//!   sockets share the load either way). Rounds alternate between the two
+//!   so drift on a shared machine hits both alike.
+//! - `cutover`: two listeners in slots A and B, a client connecting in a
+//!   tight loop while A is active; the time from just before the map update
+//!   that makes B active to the first connection that reaches B. On
+//!   loopback the SYN is processed inside the client's `connect`, so the
+//!   client's own clock brackets the steering decision, free of the
+//!   acceptors' scheduling; B's first `accept` is reported too.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd, BorrowedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use reloader::steering::{Options, Steering};
+use reloader_tests::{loadgen::monotonic_ns, privileged, reuseport_listener};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Connection rate with the program attached vs. without.
+    Overhead {
+        /// Pairs of rounds (one without, one with the program).
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        /// Length of one round, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        round_ms: u64,
+        /// Client threads.
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+    },
+    /// Map update to the first connection accepted by the new slot.
+    Cutover {
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    privileged();
+    let steering = Steering::load(&Options::default()).expect("load the steering program");
+    let result = match args.what {
+        What::Overhead {
+            pairs,
+            round_ms,
+            clients,
+        } => overhead(steering, pairs, Duration::from_millis(round_ms), clients),
+        What::Cutover { rounds } => cutover(steering, rounds),
+    };
+    println!("{result}");
+}
+
+fn borrowed(listener: &TcpListener) -> BorrowedFd<'_> {
+    listener.as_fd()
+}
+
+/// Accepts and closes at once (the server closes first, so clients do not
+/// pile up TIME_WAIT sockets and run out of ports).
+fn accept_and_close(listener: TcpListener, stop: Arc<AtomicBool>) {
+    listener.set_nonblocking(false).expect("blocking listener");
+    while !stop.load(Ordering::Relaxed) {
+        let _ = listener.accept();
+    }
+}
+
+fn overhead(mut steering: Steering, pairs: usize, round: Duration, clients: usize) -> String {
+    let addr: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+    let a = reuseport_listener(addr);
+    let b = reuseport_listener(addr);
+    steering.add_listener(0, addr).expect("add listener");
+    steering
+        .set_slot_sockets(0, 0, &[borrowed(&a), borrowed(&b)])
+        .expect("slot 0 sockets");
+    steering.set_active(0, Some(0)).expect("activate slot 0");
+    let attach_fd = a.try_clone().expect("dup listener");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for listener in [a, b] {
+        let stop = stop.clone();
+        threads.push(thread::spawn(move || accept_and_close(listener, stop)));
+    }
+    for _ in 0..clients {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while !stop.load(Ordering::Relaxed) {
+                match TcpStream::connect(addr) {
+                    // Wait for the server's close: the connection is done.
+                    Ok(mut s) => match s.read(&mut buf) {
+                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    },
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    let measure = |done: &AtomicU64| {
+        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+        thread::sleep(round);
+        (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    // Warm up without measuring.
+    thread::sleep(round / 2);
+    let mut none = Vec::new();
+    let mut steered = Vec::new();
+    for pair in 0..pairs {
+        // Alternate which goes first, so a trend (other work on the
+        // machine, TIME_WAIT sockets piling up) favours neither.
+        for with_program in [pair % 2 == 1, pair % 2 == 0] {
+            if with_program {
+                steering.attach(attach_fd.as_fd()).expect("attach");
+                steered.push(measure(&done));
+            } else {
+                Steering::detach(attach_fd.as_fd()).ok();
+                none.push(measure(&done));
+            }
+        }
+    }
+    Steering::detach(attach_fd.as_fd()).ok();
+    stop.store(true, Ordering::Relaxed);
+    // Wake the blocking accepts.
+    for _ in 0..4 {
+        let _ = TcpStream::connect(addr);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let counters = steering.counters(0, 0).expect("counters");
+    assert!(
+        counters.steered > 0,
+        "the program made no decision while attached"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let pair_ratios: Vec<f64> = none.iter().zip(&steered).map(|(n, s)| s / n).collect();
+    json!({
+        "rounds_without_program_per_s": none,
+        "rounds_with_program_per_s": steered,
+        "rate_without_program_per_s": mean(&none),
+        "rate_with_program_per_s": mean(&steered),
+        "ratio": mean(&steered) / mean(&none),
+        "median_pair_ratio": median(&pair_ratios),
+        "steered_by_program": counters.steered,
+        "fallback": counters.fallback,
+        "failed_connections": failed.load(Ordering::Relaxed),
+        "round_ms": round.as_millis() as u64,
+        "clients": clients,
+    })
+    .to_string()
+}
+
+/// One client connection of the cutover measurement.
+struct Attempt {
+    /// `CLOCK_MONOTONIC` before `connect` and after it returned, ns. On
+    /// loopback the SYN is processed (and the program runs) inside the
+    /// client's `connect` call, so this brackets the steering decision.
+    connect_start: u64,
+    connect_end: u64,
+    /// Which slot's listener answered: b'A' or b'B'.
+    slot: u8,
+}
+
+/// Accepts, tells the client which listener it reached, closes (the server
+/// closes first, so the client's tight loop leaves no TIME_WAIT behind).
+/// B also notes when it accepted its first connection after being armed.
+fn accept_and_name(listener: TcpListener, name: u8, stop: Arc<AtomicBool>, first: Arc<AtomicU64>) {
+    listener.set_nonblocking(false).expect("blocking listener");
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = first.compare_exchange(0, monotonic_ns(), Ordering::SeqCst, Ordering::SeqCst);
+            let _ = stream.write_all(&[name]);
+        }
+    }
+}
+
+fn cutover(mut steering: Steering, rounds: usize) -> String {
+    let addr: SocketAddr = "127.0.0.1:9101".parse().unwrap();
+    let a = reuseport_listener(addr);
+    let b = reuseport_listener(addr);
+    steering.attach(a.as_fd()).expect("attach");
+    steering.add_listener(0, addr).expect("add listener");
+    steering
+        .set_slot_sockets(0, 0, &[borrowed(&a)])
+        .expect("slot A");
+    steering
+        .set_slot_sockets(0, 1, &[borrowed(&b)])
+        .expect("slot B");
+    steering.set_active(0, Some(0)).expect("activate A");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_accept_b = Arc::new(AtomicU64::new(u64::MAX));
+    let mut acceptors = Vec::new();
+    for (listener, name, first) in [
+        (a, b'A', Arc::new(AtomicU64::new(u64::MAX))),
+        (b, b'B', first_accept_b.clone()),
+    ] {
+        let stop = stop.clone();
+        acceptors.push(thread::spawn(move || {
+            accept_and_name(listener, name, stop, first)
+        }));
+    }
+    let client = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut attempts = Vec::new();
+            let mut buf = [0u8; 1];
+            while !stop.load(Ordering::Relaxed) {
+                let connect_start = monotonic_ns();
+                let Ok(mut stream) = TcpStream::connect(addr) else {
+                    continue;
+                };
+                let connect_end = monotonic_ns();
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                if let Ok(1) = stream.read(&mut buf) {
+                    attempts.push(Attempt {
+                        connect_start,
+                        connect_end,
+                        slot: buf[0],
+                    });
+                }
+            }
+            attempts
+        })
+    };
+
+    // (update started, update returned, B's first accept) per round.
+    let mut updates = Vec::new();
+    for _ in 0..rounds {
+        steering.set_active(0, Some(0)).expect("activate A");
+        thread::sleep(Duration::from_millis(10));
+        first_accept_b.store(0, Ordering::SeqCst);
+        let t0 = monotonic_ns();
+        steering.set_active(0, Some(1)).expect("activate B");
+        let t1 = monotonic_ns();
+        thread::sleep(Duration::from_millis(10));
+        updates.push((t0, t1, first_accept_b.swap(u64::MAX, Ordering::SeqCst)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let attempts = client.join().expect("client thread");
+    for _ in 0..4 {
+        let _ = TcpStream::connect(addr);
+    }
+    for t in acceptors {
+        let _ = t.join();
+    }
+
+    let mut first_syn_us = Vec::new();
+    let mut first_accept_us = Vec::new();
+    let mut update_us = Vec::new();
+    let mut stale = 0;
+    let mut missed = 0;
+    for &(t0, t1, accepted) in &updates {
+        update_us.push((t1 - t0) as f64 / 1000.0);
+        if accepted != 0 && accepted != u64::MAX {
+            first_accept_us.push(accepted.saturating_sub(t0) as f64 / 1000.0);
+        }
+        let round_end = t0 + 10_000_000;
+        let in_round = attempts
+            .iter()
+            .filter(|x| x.connect_end >= t0 && x.connect_start < round_end);
+        // Connections that began after the update returned must all reach B.
+        stale += in_round
+            .clone()
+            .filter(|x| x.connect_start > t1 && x.slot == b'A')
+            .count();
+        // The first connection that reached B: its SYN was steered before
+        // its connect returned.
+        match in_round
+            .filter(|x| x.slot == b'B')
+            .map(|x| x.connect_end)
+            .min()
+        {
+            Some(end) => first_syn_us.push(end.saturating_sub(t0) as f64 / 1000.0),
+            None => missed += 1,
+        }
+    }
+    json!({
+        "rounds": rounds,
+        "rounds_without_a_connection_to_b": missed,
+        "connections": attempts.len(),
+        "stale_connections_to_a_after_update": stale,
+        "update_to_first_connection_on_b_us": summary(&first_syn_us),
+        "update_to_first_accept_on_b_us": summary(&first_accept_us),
+        "map_update_syscall_us": summary(&update_us),
+    })
+    .to_string()
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn summary(v: &[f64]) -> serde_json::Value {
+    json!({
+        "n": v.len(),
+        "median": median(v),
+        "p99": percentile(v, 0.99),
+        "max": v.iter().copied().fold(f64::NAN, f64::max),
+    })
+}

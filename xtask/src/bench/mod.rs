@@ -1,0 +1,343 @@
+//! `cargo xtask bench`: the numbers users choose a reload method by,
+//! measured in one run on one machine so their ratios mean something even
+//! though absolute figures vary between runs.
+//!
+//! For the test server and nginx, R reloads at interval I under the same
+//! load of new connections, three ways (see [`scenario`]), each in its own
+//! network namespace; then the micro-measurements ([`micro`]). Prints the
+//! tables, writes a JSON file and an SVG plot.
+//!
+//! It is a benchmark, not a test: it fails only when it cannot run, or when
+//! reloader itself failed a connection or a reload (a bug, not a number).
+
+mod micro;
+mod plot;
+mod report;
+mod scenario;
+mod server;
+mod table;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use reloader_tests::loadgen::Event;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use self::{
+    report::{Reload, Summary},
+    scenario::{Bins, Method, Params},
+    server::Server,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A short run for routine use (5 reloads per scenario; under a minute
+    /// after the build). Without it: 1,000 reloads per scenario (about 45
+    /// minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Reloads per scenario [default: 1000; --quick: 5].
+    #[arg(long)]
+    reloads: Option<usize>,
+    /// Milliseconds from one reload's start to the next (a reload that takes
+    /// longer is followed at once).
+    #[arg(long, default_value_t = 400)]
+    interval_ms: u64,
+    /// Connections the load client keeps open at once, each followed at
+    /// once by the next.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Servers to reload.
+    #[arg(long, value_delimiter = ',', default_value = "testserver,nginx")]
+    servers: Vec<String>,
+    /// Where to write the JSON results [default: target/bench/bench.json].
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where to write the SVG plot [default: target/bench/bench.svg].
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// One scenario's results.
+#[derive(Serialize)]
+pub struct ScenarioResult {
+    pub server: &'static str,
+    pub method: &'static str,
+    pub description: &'static str,
+    /// `net.ipv4.tcp_migrate_req` in the scenario's namespace.
+    pub migrate_req: String,
+    pub seconds: f64,
+    pub summary: Summary,
+    /// The reloads that failed, with the reason.
+    pub failed_reloads: Vec<Reload>,
+}
+
+#[derive(Serialize)]
+pub struct Micro {
+    pub steering_overhead: Value,
+    pub cutover: Value,
+    pub idle: micro::Idle,
+}
+
+pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
+    let started = Instant::now();
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the bench needs root: it loads BPF programs and creates network namespaces \
+             (`sudo -E cargo xtask bench`)"
+        );
+    }
+    let servers: Vec<Server> = args
+        .servers
+        .iter()
+        .map(|s| match s.as_str() {
+            "testserver" => Ok(Server::TestServer),
+            "nginx" => Ok(Server::Nginx),
+            other => bail!("unknown server {other:?}: testserver or nginx"),
+        })
+        .collect::<Result<_>>()?;
+    if servers.contains(&Server::Nginx) && !Path::new(server::NGINX).exists() {
+        bail!(
+            "{} is missing: `apt-get install nginx-light` (or --servers testserver)",
+            server::NGINX
+        );
+    }
+    let params = Params {
+        reloads: args.reloads.unwrap_or(if args.quick { 5 } else { 1000 }),
+        interval_ms: args.interval_ms,
+        concurrency: args.concurrency,
+        warmup_ms: 300,
+        cooldown_ms: 300,
+        timeout_ms: 3000,
+    };
+    let bins = build(root)?;
+    // `reloader run` through the tests' helper, on the release build.
+    // SAFETY: set before the bench starts any thread.
+    unsafe { std::env::set_var("RELOADER_BIN", &bins.reloader) };
+    let host_migrate_req = server::migrate_req()?;
+    let json_path = args
+        .json
+        .unwrap_or_else(|| root.join("target/bench/bench.json"));
+    let svg_path = args
+        .svg
+        .unwrap_or_else(|| root.join("target/bench/bench.svg"));
+    for p in [&json_path, &svg_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
+        }
+    }
+    let machine = machine();
+    eprintln!(
+        "bench: {} reloads per scenario every {} ms, {} connections at a time; {}",
+        params.reloads, params.interval_ms, params.concurrency, machine["summary"]
+    );
+
+    let mut results = Vec::new();
+    let mut rows = Vec::new();
+    for &server in &servers {
+        for method in Method::ALL {
+            let t = Instant::now();
+            eprint!("bench: {} / {} ... ", server.name(), method.name());
+            let outcome = scenario::run(server, method, &bins, &params)?;
+            let summary = report::summarize(&outcome.events, &outcome.reloads);
+            eprintln!(
+                "{:.0}s: {} connections, {} failed, {} reloads ({} failed)",
+                t.elapsed().as_secs_f64(),
+                summary.connections,
+                summary.failed,
+                summary.reloads,
+                summary.reloads_failed
+            );
+            let title = format!("{} / {}", server.name(), method.name());
+            rows.push(plot_row(title, &outcome.events, &outcome.reloads, &summary));
+            results.push(ScenarioResult {
+                server: server.name(),
+                method: method.name(),
+                description: method.description(),
+                migrate_req: outcome.migrate_req,
+                seconds: t.elapsed().as_secs_f64(),
+                failed_reloads: outcome
+                    .reloads
+                    .into_iter()
+                    .filter(|r| !r.succeeded)
+                    .take(20)
+                    .collect(),
+                summary,
+            });
+        }
+    }
+
+    eprintln!("bench: micro-measurements ...");
+    let (pairs, round_ms, rounds, idle_s) = if args.quick {
+        (3, 500, 30, 3.0)
+    } else {
+        (10, 1000, 200, 10.0)
+    };
+    let micro = Micro {
+        steering_overhead: micro::overhead(&bins, pairs, round_ms)?,
+        cutover: micro::cutover(&bins, rounds)?,
+        idle: micro::idle(&bins, idle_s)?,
+    };
+    if server::migrate_req()? != host_migrate_req {
+        eprintln!(
+            "bench: WARNING: the host's {} changed during the run (was {host_migrate_req})",
+            server::MIGRATE_SYSCTL
+        );
+    }
+
+    let tables = table::render(&results, &micro);
+    println!("{tables}");
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let heading = format!(
+        "reloader bench: {} reloads per scenario every {} ms under {} concurrent new connections ({}, Linux {})",
+        params.reloads,
+        params.interval_ms,
+        params.concurrency,
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?"),
+    );
+    plot::draw(&svg_path, &heading, &rows)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let document = json!({
+        "command": command,
+        "mode": if args.quick { "quick" } else { "full" },
+        "seconds": seconds,
+        "machine": machine,
+        "params": params,
+        "scenarios": results,
+        "micro": micro,
+        "tables": tables,
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&document)? + "\n")
+        .with_context(|| format!("failed to write {}", json_path.display()))?;
+    eprintln!(
+        "bench: done in {seconds:.0}s; wrote {} and {}",
+        json_path.display(),
+        svg_path.display()
+    );
+
+    // reloader failing a connection or a reload is a bug, not a number.
+    let mut bugs = Vec::new();
+    for r in results
+        .iter()
+        .filter(|r| r.method == Method::Reloader.name())
+    {
+        let s = &r.summary;
+        if s.failed > 0 || s.reloads_failed > 0 {
+            bugs.push(format!(
+                "{}: {} connections failed ({:?}), {} reloads failed; first failures: {}; failed reloads: {}",
+                r.server,
+                s.failed,
+                s.failed_by_kind,
+                s.reloads_failed,
+                serde_json::to_string(&s.failures.iter().take(10).collect::<Vec<_>>())?,
+                serde_json::to_string(&r.failed_reloads)?,
+            ));
+        }
+    }
+    if !bugs.is_empty() {
+        bail!("reloader failed under load (a bug):\n{}", bugs.join("\n"));
+    }
+    Ok(())
+}
+
+/// Builds the release binaries the bench runs.
+fn build(root: &Path) -> Result<Bins> {
+    eprintln!("bench: cargo build --release -p reloader -p reloader-tests --bins");
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "reloader",
+            "-p",
+            "reloader-tests",
+            "--bins",
+        ])
+        .status()
+        .context("failed to run cargo build")?;
+    anyhow::ensure!(status.success(), "the release build failed: {status}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = |name: &str| target.join("release").join(name);
+    Ok(Bins {
+        reloader: bin("reloader"),
+        testserver: bin("testserver"),
+        loadgen: bin("loadgen"),
+        steerbench: bin("steerbench"),
+    })
+}
+
+/// What the plot shows of one scenario.
+fn plot_row(title: String, events: &[Event], reloads: &[Reload], summary: &Summary) -> plot::Row {
+    let t0 = events.first().map_or(0, |e| e.start_ns);
+    let t_end = events.last().map_or(t0, |e| e.start_ns + 1);
+    // Up close: up to the end of the sixth reload, and a little after.
+    let zoom_end = reloads
+        .get(5)
+        .or(reloads.last())
+        .map_or(t_end, |r| (r.end_ns + 300_000_000).min(t_end));
+    let whole_width = ((t_end - t0) / 400).max(50_000_000);
+    plot::Row {
+        title,
+        t0_ns: t0,
+        zoom: report::buckets(events, t0, zoom_end, 25_000_000, true),
+        whole: report::buckets(events, t0, t_end, whole_width, false),
+        reloads_s: reloads
+            .iter()
+            .map(|r| {
+                (
+                    r.start_ns.saturating_sub(t0) as f64 / 1e9,
+                    r.end_ns.saturating_sub(t0) as f64 / 1e9,
+                )
+            })
+            .collect(),
+        failed: summary.failed,
+        connections: summary.connections,
+    }
+}
+
+/// The machine, for the record: CPUs, memory, CPU model, kernel, load.
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = micro::status_field(&read("/proc/meminfo"), "MemTotal").unwrap_or(0);
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nginx = std::process::Command::new(server::NGINX)
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_default();
+    let load = read("/proc/loadavg").trim().to_owned();
+    json!({
+        "cpus": cpus,
+        "memory_gib": mem_kib as f64 / 1024.0 / 1024.0,
+        "cpu": cpu,
+        "kernel": kernel,
+        "nginx": nginx,
+        "loadavg_at_start": load,
+        "summary": format!(
+            "{cpus} CPUs ({cpu}), {:.1} GiB, Linux {kernel}, load average {load}",
+            mem_kib as f64 / 1024.0 / 1024.0
+        ),
+    })
+}

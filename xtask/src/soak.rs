@@ -35,19 +35,11 @@ struct Sample {
 fn sample(instance: &Instance) -> Result<Sample> {
     let pid = instance.pid();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{name} in /proc/{pid}/status"))
-    };
+    let status = procfs::process::Process::new(pid as i32)?.status()?;
     Ok(Sample {
         fds,
-        rss_kib: field("VmRSS:")?,
-        threads: field("Threads:")?,
+        rss_kib: status.vmrss.context("VmRSS in /proc/PID/status")?,
+        threads: status.threads,
         map_entries: instance.status()["map_entries"].clone(),
     })
 }

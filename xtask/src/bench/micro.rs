@@ -67,21 +67,13 @@ pub struct Idle {
 /// Summed over every thread of `pid`: (voluntary, nonvoluntary, threads).
 fn context_switches(pid: u32) -> Result<(u64, u64, usize)> {
     let (mut voluntary, mut nonvoluntary, mut threads) = (0, 0, 0);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let status = std::fs::read_to_string(task?.path().join("status"))?;
-        voluntary += status_field(&status, "voluntary_ctxt_switches").unwrap_or(0);
-        nonvoluntary += status_field(&status, "nonvoluntary_ctxt_switches").unwrap_or(0);
+    for task in procfs::process::Process::new(pid as i32)?.tasks()? {
+        let status = task?.status()?;
+        voluntary += status.voluntary_ctxt_switches.unwrap_or(0);
+        nonvoluntary += status.nonvoluntary_ctxt_switches.unwrap_or(0);
         threads += 1;
     }
     Ok((voluntary, nonvoluntary, threads))
-}
-
-/// A numeric field of `/proc/PID/status` (the first number after `name:`).
-pub fn status_field(status: &str, name: &str) -> Option<u64> {
-    status.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        (key == name).then(|| value.split_whitespace().next()?.parse().ok())?
-    })
 }
 
 pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
@@ -97,8 +89,10 @@ pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
         std::thread::sleep(Duration::from_secs_f64(seconds));
         let (v1, n1, threads) = context_switches(pid)?;
         let elapsed = t0.elapsed().as_secs_f64();
-        let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kib = status_field(&proc_status, "VmRSS").unwrap_or(0);
+        let rss_kib = procfs::process::Process::new(pid as i32)?
+            .status()?
+            .vmrss
+            .unwrap_or(0);
         controller.stop();
         Ok(Idle {
             seconds: elapsed,
@@ -109,19 +103,4 @@ pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
             rss_kib,
         })
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_status_fields() {
-        let status = "Name:\treloader\nVmRSS:\t    4242 kB\nvoluntary_ctxt_switches:\t17\n\
-                      nonvoluntary_ctxt_switches:\t3\n";
-        assert_eq!(status_field(status, "VmRSS"), Some(4242));
-        assert_eq!(status_field(status, "voluntary_ctxt_switches"), Some(17));
-        assert_eq!(status_field(status, "nonvoluntary_ctxt_switches"), Some(3));
-        assert_eq!(status_field(status, "VmSwap"), None);
-    }
 }

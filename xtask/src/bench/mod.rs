@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use procfs::Current;
 use reloader_tests::loadgen::Event;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -311,7 +312,7 @@ fn plot_row(title: String, events: &[Event], reloads: &[Reload], summary: &Summa
 fn machine() -> Value {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_kib = micro::status_field(&read("/proc/meminfo"), "MemTotal").unwrap_or(0);
+    let mem_kib = procfs::Meminfo::current().map_or(0, |m| m.mem_total / 1024);
     let cpu = read("/proc/cpuinfo")
         .lines()
         .find_map(|l| {

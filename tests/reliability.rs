@@ -357,22 +357,28 @@ fn idle_control_connections_do_not_block_reloads() {
 
 /// bpffs not mounted at /sys/fs/bpf (a private mount namespace without
 /// it): reloader mounts it itself, and works.
+/// A wrapper that runs the controller in a private mount namespace after
+/// `script` (which ends with `exec "$@"`) changed what it sees.
+fn in_private_mount_namespace(script: &str) -> [&str; 8] {
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]
+}
+
 #[test]
 fn bpffs_not_mounted_is_mounted() {
     privileged();
     let dir = tempfile::tempdir().unwrap();
     let mut instance = Instance::spawn_wrapped(
         dir,
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            r#"umount /sys/fs/bpf && exec "$@""#,
-            "sh",
-        ],
+        &in_private_mount_namespace(r#"umount /sys/fs/bpf && exec "$@""#),
         &["--listen", ADDR],
         &[testserver(), "--listen", ADDR],
         &[],
@@ -395,16 +401,7 @@ fn bpffs_unavailable_runs_without_pins_and_says_so() {
     let script = r#"mount -t tmpfs -o ro tmpfs /sys/fs && exec "$@""#;
     let mut instance = Instance::spawn_wrapped(
         dir,
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ],
+        &in_private_mount_namespace(script),
         &["--listen", ADDR],
         &[testserver(), "--listen", ADDR],
         &[],

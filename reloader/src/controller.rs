@@ -228,10 +228,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
                 "a previous controller (pid {}) left state behind, but none of its generations \
                  ({}) serves any more: cleaned up, starting fresh",
                 saved.as_ref().map_or(0, |s| s.controller_pid),
-                gone.iter()
-                    .map(|g| g.number.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list(gone, |g| g.number.to_string())
             );
             warn!("{text}");
             Some(text)
@@ -243,29 +240,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
                     "instance {:?} has running generations (pids {}) serving {:?}: restart it with \
                      the same --listen addresses, or stop them first",
                     config.name,
-                    live.iter()
-                        .map(|g| g.pid.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    list(live, |g| g.pid.to_string()),
                     saved.listen
                 );
             }
             let text = format!(
                 "adopted generations {} from a previous controller (pid {}){}",
-                live.iter()
-                    .map(|g| format!("{} ({}, pid {})", g.number, g.state, g.pid))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                list(live, |g| format!(
+                    "{} ({}, pid {})",
+                    g.number, g.state, g.pid
+                )),
                 saved.controller_pid,
                 if gone.is_empty() {
                     String::new()
                 } else {
                     format!(
                         "; generations {} had exited meanwhile",
-                        gone.iter()
-                            .map(|g| g.number.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        list(gone, |g| g.number.to_string())
                     )
                 }
             );
@@ -1021,4 +1012,9 @@ async fn pump_logs(pump: crate::steering::LogPump) {
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
+}
+
+/// `items` as a comma-separated list, each written by `f` (for messages).
+fn list<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
+    items.iter().map(f).collect::<Vec<_>>().join(", ")
 }

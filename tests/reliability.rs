@@ -245,7 +245,7 @@ fn a_restarted_controller_adopts_running_generations_without_downtime() {
         !instance.socket.with_extension("state.json").exists(),
         "a clean stop leaves no state file behind"
     );
-    let pins = reloader::state::pin_dir("default", &instance.socket);
+    let pins = reloader::state::saved::pin_dir("default", &instance.socket);
     assert!(!pins.exists(), "nor pinned maps: {}", pins.display());
 }
 

@@ -8,7 +8,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd},
 };
 
-use reloader::steering::{Mode, Options, Steering};
+use reloader::steering::{Mode, Options, Steer, Steering};
 use reloader_tests::{
     accept_all, connect, connect_with_greeting, privileged, read_line, reuseport_listener,
     reuseport_socket,

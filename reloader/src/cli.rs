@@ -1,10 +1,15 @@
 //! The command line: `reloader run | reload | status | stop`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::Signal;
 
-use crate::config::{self, ConfigError, RunConfig};
+use crate::config::{self, ConfigError, RunConfig, duration_in};
+pub use crate::logging::LogFormat;
+
+const MS: Duration = Duration::from_millis(1);
+const HOUR: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,13 +36,6 @@ pub struct Cli {
 pub enum ReadyMode {
     Listeners,
     Notify,
-}
-
-/// `--log-format`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,7 +73,7 @@ pub enum Command {
     #[command(name = "__serve", hide = true)]
     Serve {
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: SocketAddr,
     },
 }
 
@@ -89,11 +87,13 @@ connections that sent no request yet), so --compare shows what a plain SO_REUSEP
 reload does to the same load. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_PTRACE).")]
 pub struct DemoArgs {
     /// How long to run (each phase with --compare).
-    #[arg(long, default_value = "20s", value_name = "DURATION")]
-    pub duration: String,
+    #[arg(long, default_value = "20s", value_name = "DURATION",
+          value_parser = duration_in("--duration", Duration::from_secs(1), HOUR))]
+    pub duration: Duration,
     /// Time between reloads.
-    #[arg(long, default_value = "1s", value_name = "DURATION")]
-    pub reload_every: String,
+    #[arg(long, default_value = "1s", value_name = "DURATION",
+          value_parser = duration_in("--reload-every", MS * 100, Duration::from_secs(600)))]
+    pub reload_every: Duration,
     /// Port on 127.0.0.1.
     #[arg(long, default_value_t = 18080)]
     pub port: u16,
@@ -107,26 +107,14 @@ pub struct DemoArgs {
 }
 
 impl DemoArgs {
-    pub fn options(&self) -> Result<crate::demo::DemoOptions, ConfigError> {
-        let duration = config::parse_duration(
-            "--duration",
-            &self.duration,
-            Duration::from_secs(1),
-            Duration::from_secs(3600),
-        )?;
-        let reload_every = config::parse_duration(
-            "--reload-every",
-            &self.reload_every,
-            Duration::from_millis(100),
-            Duration::from_secs(600),
-        )?;
-        Ok(crate::demo::DemoOptions {
-            duration,
-            reload_every,
+    pub fn options(&self) -> crate::demo::DemoOptions {
+        crate::demo::DemoOptions {
+            duration: self.duration,
+            reload_every: self.reload_every,
             port: self.port,
             compare: self.compare,
             concurrency: self.concurrency.clamp(1, 256),
-        })
+        }
     }
 }
 
@@ -135,9 +123,10 @@ Examples:
   # nginx: `listen 80 reuseport;` in its config, graceful stop with QUIT
   reloader run --listen 0.0.0.0:80 --drain-signal QUIT -- nginx -g 'daemon off;'
 
-  # HAProxy: soft-stop with USR1, readiness through its own listener
+  # HAProxy: soft-stop with USR1, in the foreground (-db; no `daemon` in
+  # its config), readiness through its own listener
   reloader run --listen 0.0.0.0:443 --drain-signal USR1 \\
-      --ready-probe tcp://127.0.0.1:443 -- haproxy -f /etc/haproxy/haproxy.cfg
+      --ready-probe tcp://127.0.0.1:443 -- haproxy -db -f /etc/haproxy/haproxy.cfg
 
   # Envoy: a distinct base id per generation
   reloader run --listen [::]:8080 -- envoy -c envoy.yaml --base-id {generation}
@@ -148,7 +137,7 @@ Then: `reloader reload --wait` (or SIGHUP), `reloader status`, `reloader stop`."
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
     /// Instance name (one controller per name).
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = config::parse_name)]
     pub name: String,
     /// Control socket path [default: /run/reloader/NAME.sock as root,
     /// $XDG_RUNTIME_DIR/reloader/NAME.sock otherwise].
@@ -158,7 +147,6 @@ pub struct InstanceArgs {
 
 impl InstanceArgs {
     pub fn socket(&self) -> Result<PathBuf, ConfigError> {
-        config::check_name(&self.name)?;
         Ok(self
             .control_socket
             .clone()
@@ -171,27 +159,31 @@ pub struct RunArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
     /// An address the server listens on with SO_REUSEPORT (repeat for each).
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub listen: Vec<String>,
+    #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen_addr)]
+    pub listen: Vec<SocketAddr>,
     /// How long a new generation may take to listen on every address and
     /// pass its probe.
-    #[arg(long, default_value = "30s", value_name = "DURATION")]
-    pub ready_timeout: String,
+    #[arg(long, default_value = "30s", value_name = "DURATION",
+          value_parser = duration_in("--ready-timeout", MS * 100, HOUR))]
+    pub ready_timeout: Duration,
     /// Readiness check through the new generation's own listener:
     /// tcp://IP:PORT (connects) or http://IP:PORT/PATH (expects 2xx).
     #[arg(long, value_name = "URL")]
     pub ready_probe: Option<String>,
     /// Signal that tells an old generation to finish its work and exit.
-    #[arg(long, default_value = "TERM", value_name = "SIGNAL")]
-    pub drain_signal: String,
+    #[arg(long, default_value = "TERM", value_name = "SIGNAL",
+          value_parser = config::signal_named("--drain-signal"))]
+    pub drain_signal: Signal,
     /// How long an old generation may drain before its process group is killed.
-    #[arg(long, default_value = "30s", value_name = "DURATION")]
-    pub drain_timeout: String,
+    #[arg(long, default_value = "30s", value_name = "DURATION",
+          value_parser = duration_in("--drain-timeout", MS * 100, HOUR * 24))]
+    pub drain_timeout: Duration,
     /// How long an old generation keeps running after cutover, receiving
     /// nothing new, before it is told to drain (so it reads requests of
     /// connections it already accepted).
-    #[arg(long, default_value = "250ms", value_name = "DURATION")]
-    pub settle: String,
+    #[arg(long, default_value = "250ms", value_name = "DURATION",
+          value_parser = duration_in("--settle", Duration::ZERO, MS * 60_000))]
+    pub settle: Duration,
     /// Old generations allowed to drain at once; a reload beyond that waits
     /// until one has exited.
     #[arg(long, default_value_t = 4, value_name = "N")]
@@ -211,8 +203,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ReadyMode::Listeners)]
     pub ready: ReadyMode,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
     /// The server command; `{generation}` in it becomes the generation
     /// number. The server also gets RELOADER_GENERATION and RELOADER_NAME.
     #[arg(last = true, value_name = "CMD")]
@@ -220,20 +212,18 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Checks everything before anything starts.
+    /// Checks what needs more than one flag, before anything starts.
     pub fn into_config(self) -> Result<RunConfig, ConfigError> {
         let control_socket = self.instance.socket()?;
-        let listen = config::parse_listen(&self.listen)?;
+        config::check_listen(&self.listen)?;
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(ConfigError::EmptyCommand);
         }
         let ready_probe = self
             .ready_probe
             .as_deref()
-            .map(|p| config::parse_probe(p, &listen))
+            .map(|p| config::parse_probe(p, &self.listen))
             .transpose()?;
-        let ms = Duration::from_millis;
-        let hour = Duration::from_secs(3600);
         if self.max_draining == 0 || self.max_draining > crate::steering::MAX_DRAINING {
             return Err(ConfigError::BadMaxDraining {
                 value: self.max_draining,
@@ -241,35 +231,19 @@ impl RunArgs {
         }
         Ok(RunConfig {
             name: self.instance.name,
-            ready_timeout: config::parse_duration(
-                "--ready-timeout",
-                &self.ready_timeout,
-                ms(100),
-                hour,
-            )?,
-            drain_timeout: config::parse_duration(
-                "--drain-timeout",
-                &self.drain_timeout,
-                ms(100),
-                24 * hour,
-            )?,
-            settle: config::parse_duration("--settle", &self.settle, ms(0), ms(60_000))?,
-            drain_signal: config::parse_signal("--drain-signal", &self.drain_signal)?,
+            ready_timeout: self.ready_timeout,
+            drain_timeout: self.drain_timeout,
+            settle: self.settle,
+            drain_signal: self.drain_signal,
             max_draining: self.max_draining,
-            listen,
+            listen: self.listen,
             ready_probe,
             control_socket,
             command: self.command,
             force_select_only: self.force_select_only,
             pass_fds: self.pass_fds,
             ready_notify: self.ready == ReadyMode::Notify,
-            metrics: self
-                .metrics
-                .map(|m| {
-                    m.parse()
-                        .map_err(|_| ConfigError::BadMetricsAddress { value: m.clone() })
-                })
-                .transpose()?,
+            metrics: self.metrics,
         })
     }
 }
@@ -283,8 +257,9 @@ pub struct ReloadArgs {
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up waiting after this long.
-    #[arg(long, default_value = "60s", value_name = "DURATION")]
-    pub timeout: String,
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -304,8 +279,9 @@ pub struct StopArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
     /// Give up waiting for the instance to exit after this long.
-    #[arg(long, default_value = "60s", value_name = "DURATION")]
-    pub timeout: String,
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
 }
 
 #[cfg(test)]

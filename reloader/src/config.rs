@@ -116,6 +116,29 @@ pub struct RunConfig {
     pub metrics: Option<SocketAddr>,
 }
 
+impl RunConfig {
+    /// A configuration for unit tests: `listen`, short timeouts, no probe.
+    #[cfg(test)]
+    pub fn for_tests(listen: &[&str]) -> Self {
+        Self {
+            name: "test".into(),
+            listen: listen.iter().map(|a| a.parse().expect("address")).collect(),
+            ready_timeout: Duration::from_millis(500),
+            ready_probe: None,
+            drain_signal: Signal::SIGTERM,
+            drain_timeout: Duration::from_secs(2),
+            settle: Duration::from_millis(10),
+            max_draining: 4,
+            control_socket: std::env::temp_dir().join("reloader-unit-test.sock"),
+            command: vec!["sleep".into(), "60".into()],
+            force_select_only: false,
+            pass_fds: false,
+            ready_notify: false,
+            metrics: None,
+        }
+    }
+}
+
 /// `500ms`, `30s`, `2m` → Duration, checked against a sane range.
 pub fn parse_duration(
     flag: &'static str,
@@ -159,31 +182,66 @@ pub fn parse_signal(flag: &'static str, value: &str) -> Result<Signal, ConfigErr
     })
 }
 
-/// Parses and checks the `--listen` addresses.
-pub fn parse_listen(values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-    if values.is_empty() {
+/// One `--listen` value (a clap value parser).
+pub fn parse_listen_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = value.parse().map_err(|_| ConfigError::BadAddress {
+        value: value.to_owned(),
+    })?;
+    if addr.port() == 0 {
+        return Err(ConfigError::PortZero { addr });
+    }
+    Ok(addr)
+}
+
+/// Checks the `--listen` addresses together: at least one, not too many,
+/// none twice.
+pub fn check_listen(addrs: &[SocketAddr]) -> Result<(), ConfigError> {
+    if addrs.is_empty() {
         return Err(ConfigError::NoListen);
     }
-    if values.len() > MAX_LISTENERS as usize {
-        return Err(ConfigError::TooManyListen {
-            count: values.len(),
-        });
+    if addrs.len() > MAX_LISTENERS as usize {
+        return Err(ConfigError::TooManyListen { count: addrs.len() });
     }
     let mut seen = HashSet::new();
-    let mut addrs = Vec::with_capacity(values.len());
-    for value in values {
-        let addr: SocketAddr = value.parse().map_err(|_| ConfigError::BadAddress {
-            value: value.clone(),
-        })?;
-        if addr.port() == 0 {
-            return Err(ConfigError::PortZero { addr });
+    for addr in addrs {
+        if !seen.insert(*addr) {
+            return Err(ConfigError::DuplicateListen { addr: *addr });
         }
-        if !seen.insert(addr) {
-            return Err(ConfigError::DuplicateListen { addr });
-        }
-        addrs.push(addr);
     }
+    Ok(())
+}
+
+/// Parses and checks the `--listen` addresses.
+pub fn parse_listen(values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let addrs = values
+        .iter()
+        .map(|v| parse_listen_addr(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_listen(&addrs)?;
     Ok(addrs)
+}
+
+/// A clap value parser for a duration flag within `min..=max`.
+pub fn duration_in(
+    flag: &'static str,
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, ConfigError> + Clone + Send + Sync + 'static {
+    move |value| parse_duration(flag, value, min, max)
+}
+
+/// A clap value parser for a signal flag.
+pub fn signal_named(
+    flag: &'static str,
+) -> impl Fn(&str) -> Result<Signal, ConfigError> + Clone + Send + Sync + 'static {
+    move |value| parse_signal(flag, value)
+}
+
+/// A clap value parser for `--metrics`.
+pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| ConfigError::BadMetricsAddress {
+        value: value.to_owned(),
+    })
 }
 
 /// Parses `tcp://HOST:PORT` or `http://HOST:PORT/path` and finds the managed
@@ -234,6 +292,11 @@ pub fn parse_probe(value: &str, listen: &[SocketAddr]) -> Result<Probe, ConfigEr
         }),
         _ => Err(bad("the scheme must be tcp or http")),
     }
+}
+
+/// An instance name (a clap value parser).
+pub fn parse_name(name: &str) -> Result<String, ConfigError> {
+    check_name(name).map(|()| name.to_owned())
 }
 
 /// Checks an instance name (it becomes a file name).

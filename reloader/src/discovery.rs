@@ -16,7 +16,7 @@
 //!    its map; the copy is closed right after.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
     os::fd::{FromRawFd, OwnedFd, RawFd},
@@ -216,22 +216,8 @@ pub fn socket_holders(pids: &[u32]) -> BTreeMap<u64, Holder> {
 pub struct Found {
     /// For each wanted address (same order), its sockets and holders.
     pub per_address: Vec<Vec<(Listener, Holder)>>,
-}
-
-impl Found {
-    /// Whether every wanted address has at least one socket.
-    pub fn complete(&self) -> bool {
-        self.per_address.iter().all(|v| !v.is_empty())
-    }
-
-    /// The socket inodes found, for comparing two scans.
-    pub fn inodes(&self) -> HashSet<u64> {
-        self.per_address
-            .iter()
-            .flatten()
-            .map(|(l, _)| l.inode)
-            .collect()
-    }
+    /// Every address the tree listens on (wanted or not), sorted.
+    pub tree_listens_on: Vec<SocketAddr>,
 }
 
 /// Finds the listening sockets for `wanted` held by the tree of `root`.
@@ -249,7 +235,17 @@ pub fn find(root: u32, wanted: &[SocketAddr]) -> Result<Found, DiscoveryError> {
                 .collect()
         })
         .collect();
-    Ok(Found { per_address })
+    let mut tree_listens_on: Vec<SocketAddr> = listening
+        .iter()
+        .filter(|l| holders.contains_key(&l.inode))
+        .map(|l| l.addr)
+        .collect();
+    tree_listens_on.sort();
+    tree_listens_on.dedup();
+    Ok(Found {
+        per_address,
+        tree_listens_on,
+    })
 }
 
 /// Copies fd `fd` of process `pid` into this process.

@@ -3,42 +3,22 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
-    cli::{Cli, Command, LogFormat},
-    config,
+    cli::{Cli, Command},
     control::{self, Request, Response},
-    controller, supervisor,
+    instance, supervisor,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Kept until the end: it flushes buffered log lines.
+    let _log = reloader::logging::init(cli.log_format);
     match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!(
-                "reloader: {}",
-                reloader::steering::error_chain(error.as_ref())
-            );
+            eprintln!("reloader: {}", reloader::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RELOADER_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // `try_init` also bridges the `log` records of aya and aya-log.
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-    };
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -49,7 +29,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            let clean = runtime.block_on(controller::run(config))?;
+            let clean = runtime.block_on(instance::run(config))?;
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {
@@ -58,8 +38,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Reload(args) => {
             let socket = args.instance.socket()?;
-            let timeout = client_timeout(&args.timeout)?;
-            let response = control::ask(&socket, &Request::Reload { wait: args.wait }, timeout)?;
+            let response =
+                control::ask(&socket, &Request::Reload { wait: args.wait }, args.timeout)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
             }
@@ -100,8 +80,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Demo(args) => {
-            let options = args.options()?;
-            let clean = reloader::demo::run(&options)?;
+            let clean = reloader::demo::run(&args.options())?;
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {
@@ -129,19 +108,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Stop(args) => {
             let socket = args.instance.socket()?;
-            let timeout = client_timeout(&args.timeout)?;
-            match control::ask(&socket, &Request::Stop {}, Duration::from_secs(10))? {
+            match control::ask(
+                &socket,
+                &Request::Stop {},
+                args.timeout.min(Duration::from_secs(10)),
+            )? {
                 Response::Stopping => {}
                 other => return unexpected(other),
             }
             // The controller removes its socket as its last step.
-            let deadline = std::time::Instant::now() + timeout;
+            let deadline = std::time::Instant::now() + args.timeout;
             while socket.exists() {
                 if std::time::Instant::now() > deadline {
                     bail!(
                         "instance {} is still stopping after {}",
                         args.instance.name,
-                        args.timeout
+                        humantime::format_duration(args.timeout)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -152,19 +134,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// A client's `--timeout`.
-fn client_timeout(value: &str) -> Result<Duration> {
-    Ok(config::parse_duration(
-        "--timeout",
-        value,
-        Duration::from_millis(100),
-        Duration::from_secs(86_400),
-    )?)
-}
-
 fn unexpected(response: Response) -> Result<ExitCode> {
     match response {
-        Response::Error { message } => bail!("{message}"),
+        Response::Error { message } | Response::Busy { message } => bail!("{message}"),
         other => bail!("unexpected answer from the controller: {other:?}"),
     }
 }

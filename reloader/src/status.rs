@@ -6,7 +6,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::generation::human_duration;
+use crate::generation::{State, human_duration};
 
 /// The whole instance.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -15,7 +15,7 @@ pub struct StatusReport {
     /// The controller's pid.
     pub pid: u32,
     /// `select-or-migrate` or `select-only`.
-    pub steering: String,
+    pub steering: crate::steering::Mode,
     pub uptime_ms: u64,
     pub listeners: Vec<ListenerStatus>,
     pub generations: Vec<GenerationStatus>,
@@ -35,6 +35,10 @@ pub struct StatusReport {
     /// Entries in the steering maps now.
     #[serde(default)]
     pub map_entries: crate::steering::EntryCounts,
+    /// Lines (the controller's log and its servers' stderr) dropped because
+    /// the controller's stderr was not read fast enough.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -43,11 +47,11 @@ pub struct ListenerStatus {
     pub active_generation: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GenerationStatus {
     pub generation: u64,
     pub pid: Option<u32>,
-    pub state: String,
+    pub state: State,
     pub age_ms: u64,
     pub slot: u32,
     /// How it ended (exit status or failure reason).
@@ -94,6 +98,25 @@ impl std::ops::AddAssign for CounterStatus {
     }
 }
 
+/// How a reload ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadResult {
+    Succeeded,
+    #[default]
+    Failed,
+}
+
+impl ReloadResult {
+    /// The label value metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// One reload: what happened and how long each phase took.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReloadReport {
@@ -101,8 +124,7 @@ pub struct ReloadReport {
     pub generation: u64,
     /// The generation it replaced, if any.
     pub previous: Option<u64>,
-    /// `succeeded` or `failed`.
-    pub result: String,
+    pub result: ReloadResult,
     /// Why it failed (the previous generation stays active).
     pub error: Option<String>,
     /// The new generation's last stderr lines, when it failed.
@@ -121,7 +143,7 @@ fn ms(v: Option<f64>) -> String {
 impl ReloadReport {
     /// One line for people.
     pub fn human(&self) -> String {
-        if self.result == "succeeded" {
+        if self.result == ReloadResult::Succeeded {
             let previous = self
                 .previous
                 .map(|p| format!(" (replaced {p})"))

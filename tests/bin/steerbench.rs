@@ -26,7 +26,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use reloader::steering::{Options, Steering};
+use reloader::steering::{Options, Steer, Steering};
 use reloader_tests::{loadgen::monotonic_ns, privileged, reuseport_listener};
 use serde_json::json;
 

@@ -318,7 +318,7 @@ impl Drop for Instance {
             .windows(2)
             .find(|w| w[0] == "--name")
             .map_or("default", |w| w[1]);
-        reloader::steering::Steering::unpin(&reloader::state::pin_dir(name, &self.socket));
+        reloader::steering::Steering::unpin(&reloader::state::saved::pin_dir(name, &self.socket));
         for pid in &self.pids {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(*pid as i32),

@@ -31,7 +31,6 @@ use crate::{
     discovery,
     generation::human_duration,
     steering::{Options, Steering, SteeringError},
-    supervisor,
 };
 
 /// `reloader demo` options.
@@ -111,7 +110,7 @@ async fn naive_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outcome>
         let pid = child.id();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !discovery::find(pid, &[addr])?.complete() {
+            while discovery::find(pid, &[addr])?.per_address[0].is_empty() {
                 if Instant::now() > deadline {
                     bail!("the demo server did not listen within 10s");
                 }
@@ -153,7 +152,7 @@ async fn naive_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outcome>
         generation += 1;
         let next = spawn(generation)?;
         wait_listening(&next).await??;
-        supervisor::signal(current.id(), Signal::SIGTERM);
+        terminate(&current);
         exiting.push(std::mem::replace(&mut current, next));
         exiting.retain_mut(|c| c.try_wait().ok().flatten().is_none());
         newest.store(generation, std::sync::atomic::Ordering::Relaxed);
@@ -163,7 +162,7 @@ async fn naive_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outcome>
     stop.send_replace(true);
     let _ = load.await;
     let elapsed = start.elapsed();
-    supervisor::signal(current.id(), Signal::SIGTERM);
+    terminate(&current);
     for mut child in exiting.into_iter().chain(Some(current)) {
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     }
@@ -225,7 +224,7 @@ async fn reloader_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outco
                     Ok(Ok(Response::Status { status })) => status
                         .generations
                         .iter()
-                        .map(|g| (g.generation, g.state.clone()))
+                        .map(|g| (g.generation, g.state.to_string()))
                         .collect(),
                     _ => BTreeMap::new(),
                 }
@@ -539,4 +538,13 @@ fn print_summary(options: &DemoOptions, outcomes: &mut [Outcome]) {
             reloader.reloads
         );
     }
+}
+
+/// Sends SIGTERM to a demo server we started (our unreaped child: its pid
+/// cannot have been reused).
+fn terminate(child: &Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    );
 }

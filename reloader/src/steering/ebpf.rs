@@ -1,9 +1,5 @@
-//! Steering: the only module that talks to aya.
-//!
-//! Loads the embedded `SK_REUSEPORT` program (`reloader-ebpf`), attaches it
-//! to reuseport groups, and keeps its maps: which listening sockets belong to
-//! which (listener, slot), which slot of each listener is active, which
-//! client source ports are readiness probes, and the per-slot counters.
+//! The aya side of steering: loads the embedded `SK_REUSEPORT` program
+//! (`reloader-ebpf`), attaches it to reuseport groups, and keeps its maps.
 //!
 //! Kernel behaviour this relies on (see also `reloader-ebpf/src/main.rs`):
 //! - A program attached with `SO_ATTACH_REUSEPORT_EBPF` through any member
@@ -28,185 +24,27 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, ReusePortSockArray},
-    programs::{ProgramError, SkReuseport},
+    programs::SkReuseport,
 };
 use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
 use reloader_ebpf::{
-    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey,
-    ProbeTarget, SlotState, counter_index, map, program, socket_index,
+    COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_LISTENERS, MAX_SLOTS,
+    MAX_SOCKETS_PER_SLOT, NO_SLOT, ProbeKey, ProbeTarget, SlotState, counter_index, map, program,
+    socket_index,
 };
-use thiserror::Error;
 use tracing::{debug, info, warn};
 
-pub use reloader_ebpf::{MAX_LISTENERS, MAX_SLOTS};
-
-/// Old generations that may drain at once: every slot but the active
-/// generation's and a candidate's.
-pub const MAX_DRAINING: u32 = MAX_SLOTS - 2;
+use super::{
+    EntryCounts, Mode, Options, Result, Steer, SteeringError,
+    error::{classify, classify_load_error},
+    listener_key,
+};
 
 /// The steering object, built by `cargo xtask build-ebpf` from
 /// `reloader-ebpf` and checked against its source by `cargo xtask check-ebpf`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!("../ebpf/steer.bpf.o");
-
-/// Which program runs, decided by what the kernel supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Steers new connections and migrates queued ones of closing listeners.
-    SelectOrMigrate,
-    /// Steers new connections only (kernels before 5.14, or forced).
-    SelectOnly,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::SelectOrMigrate => "select-or-migrate",
-            Self::SelectOnly => "select-only",
-        })
-    }
-}
-
-/// How to load the program.
-#[derive(Clone, Debug, Default)]
-pub struct Options {
-    /// Load the select-only program even where select-or-migrate works.
-    pub force_select_only: bool,
-    /// Keep the program's debug statements (emitted through aya-log); off,
-    /// the verifier removes them so they cost nothing per SYN.
-    pub ebpf_debug_logs: bool,
-    /// Pin the maps here (bpffs), reusing pins a previous controller left:
-    /// what lets a restarted controller adopt running generations.
-    pub pin_dir: Option<std::path::PathBuf>,
-}
-
-/// Errors of the steering module. Each says what the user can do about it.
-#[derive(Debug, Error)]
-pub enum SteeringError {
-    /// The kernel refused to create maps or load programs for lack of
-    /// privilege.
-    #[error(
-        "the kernel refused to load the eBPF steering program (permission denied): run reloader \
-         as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE (CAP_SYS_ADMIN on kernels \
-         before 5.8)"
-    )]
-    PermissionDenied {
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The kernel has no `bpf(2)`.
-    #[error(
-        "this kernel has no BPF syscall (ENOSYS): reloader needs a kernel built with \
-         CONFIG_BPF_SYSCALL, and is not supported inside gVisor-like sandboxes"
-    )]
-    NoBpfSyscall {
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// Creating the object's maps or parsing it failed.
-    #[error("failed to load the eBPF steering object")]
-    LoadError {
-        #[source]
-        source: EbpfError,
-    },
-    /// The kernel rejected a program.
-    #[error("the kernel rejected the {program} program")]
-    ProgramLoadError {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    /// The object lacks a map this module needs (object and source disagree).
-    #[error("the eBPF object has no map {name}: rebuild it with `cargo xtask build-ebpf`")]
-    MapNotFound { name: &'static str },
-    /// A map operation failed.
-    #[error("eBPF map {map}: {operation} failed")]
-    MapError {
-        map: &'static str,
-        operation: &'static str,
-        #[source]
-        source: MapError,
-    },
-    /// Attaching to or detaching from a reuseport group failed.
-    #[error("failed to {operation} the steering program on socket fd {fd}")]
-    AttachError {
-        operation: &'static str,
-        fd: i32,
-        #[source]
-        source: ProgramError,
-    },
-    /// A socket offered for registration lacks `SO_REUSEPORT`.
-    #[error(
-        "the listening socket for {addr} (fd {fd}) does not have SO_REUSEPORT set: the server \
-         must set it before bind (nginx: `listen ... reuseport`; Envoy: `enable_reuse_port: true`; \
-         HAProxy sets it by default)"
-    )]
-    NotReuseport { fd: i32, addr: String },
-    /// A socket offered for registration is not a listening TCP socket.
-    #[error("socket fd {fd} is not a listening TCP socket")]
-    NotListening { fd: i32 },
-    /// A socket's bound address is not the listener's address.
-    #[error("socket fd {fd} is bound to {found}, not to listener {listener}'s address {expected}")]
-    WrongAddress {
-        fd: i32,
-        listener: u32,
-        expected: SocketAddr,
-        found: String,
-    },
-    /// Querying a socket failed.
-    #[error("failed to query socket fd {fd}")]
-    SocketError {
-        fd: i32,
-        #[source]
-        source: nix::Error,
-    },
-    /// Listener index outside `0..MAX_LISTENERS` or not added.
-    #[error("listener {listener} is not registered (at most {MAX_LISTENERS} listeners)")]
-    UnknownListener { listener: u32 },
-    /// Slot index outside `0..MAX_SLOTS`.
-    #[error("slot {slot} is out of range (at most {MAX_SLOTS} slots per listener)")]
-    SlotOutOfRange { slot: u32 },
-    /// More sockets than a slot holds.
-    #[error(
-        "{count} listening sockets for one address in one generation; at most \
-         {MAX_SOCKETS_PER_SLOT} are supported"
-    )]
-    TooManySockets { count: usize },
-    /// Two listeners the program could not tell apart.
-    #[error("{addr} cannot be managed together with {other}: {why}")]
-    ListenerConflict {
-        addr: SocketAddr,
-        other: SocketAddr,
-        why: &'static str,
-    },
-    /// bpffs is not mounted and could not be.
-    #[error(
-        "bpffs is not mounted at /sys/fs/bpf and mounting it failed: mount it (`mount -t bpf bpf \
-         /sys/fs/bpf`) so a restarted controller can adopt running generations"
-    )]
-    BpffsUnavailable {
-        #[source]
-        source: nix::Error,
-    },
-    /// Creating the pin directory failed.
-    #[error("failed to create the pin directory {path}")]
-    PinDirError {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    /// Reading `/sys/devices/system/cpu/possible` failed.
-    #[error("failed to count CPUs ({what})")]
-    CpuCountError {
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
-
-type Result<T, E = SteeringError> = std::result::Result<T, E>;
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/steer.bpf.o");
 
 /// The loaded program and its maps.
 pub struct Steering {
@@ -270,7 +108,7 @@ impl Steering {
                 Ok(()) => (Mode::SelectOrMigrate, program::SELECT_OR_MIGRATE),
                 Err(error) => {
                     warn!(
-                        error = %error_chain(&error),
+                        error = %crate::error_chain(&error),
                         "this kernel does not accept the select-or-migrate program (Linux >= 5.14 \
                          needed); using select-only steering: connections queued in an old \
                          generation's listeners are reset when it closes"
@@ -333,11 +171,6 @@ impl Steering {
         let _ = std::fs::remove_dir(dir);
     }
 
-    /// Which program is loaded.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     /// Starts the aya-log pump for the program's debug statements (a no-op
     /// unless [`Options::ebpf_debug_logs`] was set): records go to the `log`
     /// crate, which the binary bridges to tracing. Poll the returned fd for
@@ -351,26 +184,6 @@ impl Steering {
                 None
             }
         }
-    }
-
-    /// Attaches the program to the reuseport group `socket` belongs to. The
-    /// socket must have `SO_REUSEPORT` and be bound (the group exists from
-    /// bind for this purpose).
-    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
-        check_reuseport(socket, None)?;
-        let program: &SkReuseport = self
-            .ebpf
-            .program(self.program_name)
-            .expect("loaded program is present")
-            .try_into()
-            .expect("program has type SkReuseport");
-        program
-            .attach(socket)
-            .map_err(|source| SteeringError::AttachError {
-                operation: "attach",
-                fd: socket.as_raw_fd(),
-                source,
-            })
     }
 
     /// Detaches whatever program the group of `socket` has.
@@ -434,141 +247,6 @@ impl Steering {
         Ok(())
     }
 
-    /// Registers the listening sockets of (`listener`, `slot`), replacing
-    /// whatever the slot held. Each must be a listening TCP socket with
-    /// `SO_REUSEPORT`, bound to the listener's address. The map does not
-    /// keep the sockets alive: callers may close their descriptors after.
-    pub fn set_slot_sockets(
-        &mut self,
-        listener: u32,
-        slot: u32,
-        sockets: &[BorrowedFd<'_>],
-    ) -> Result<()> {
-        let addr = self.listener_addr(listener)?;
-        check_slot(slot)?;
-        if sockets.len() > MAX_SOCKETS_PER_SLOT as usize {
-            return Err(SteeringError::TooManySockets {
-                count: sockets.len(),
-            });
-        }
-        for socket in sockets {
-            check_reuseport(*socket, Some((listener, addr)))?;
-        }
-        // Shrink the count first so the program never reads a stale entry,
-        // then write the sockets, then publish the new count.
-        self.write_slot_count(listener, slot, 0)?;
-        for (n, socket) in sockets.iter().enumerate() {
-            self.sockets
-                .set(socket_index(listener, slot, n as u32), socket, 0)
-                .map_err(map_error(map::SOCKETS, "set"))?;
-        }
-        self.clear_socket_entries(listener, slot, sockets.len() as u32)?;
-        self.write_slot_count(listener, slot, sockets.len() as u32)?;
-        debug!(listener, slot, sockets = sockets.len(), "slot sockets set");
-        Ok(())
-    }
-
-    /// Empties (`listener`, `slot`). Counters are kept; see
-    /// [`Steering::reset_counters`].
-    pub fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()> {
-        check_slot(slot)?;
-        self.write_slot_count(listener, slot, 0)?;
-        self.clear_socket_entries(listener, slot, 0)
-    }
-
-    /// Makes `slot` the one that receives every new connection to
-    /// `listener` (`None`: no slot, the kernel's hash selection decides).
-    /// This single map update is the cutover.
-    pub fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()> {
-        self.listener_addr(listener)?;
-        if let Some(slot) = slot {
-            check_slot(slot)?;
-        }
-        self.write_active(listener, slot.unwrap_or(NO_SLOT))
-    }
-
-    /// The slot that receives new connections to `listener`.
-    pub fn active(&self, listener: u32) -> Result<Option<u32>> {
-        self.listener_addr(listener)?;
-        let state = self
-            .active
-            .get(&listener, 0)
-            .map_err(map_error(map::ACTIVE, "get"))?;
-        Ok((state.active_slot != NO_SLOT).then_some(state.active_slot))
-    }
-
-    /// Routes a SYN to `listener` from client source port `port` to `slot`,
-    /// whatever the active slot is (readiness probes of a candidate).
-    pub fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()> {
-        self.listener_addr(listener)?;
-        check_slot(slot)?;
-        let key = ProbeKey {
-            listener,
-            port: u32::from(port),
-        };
-        let target = ProbeTarget { slot, _pad: 0 };
-        self.probes
-            .insert(key, target, 0)
-            .map_err(map_error(map::PROBES, "insert"))
-    }
-
-    /// Removes a probe route; removing one that does not exist is not an
-    /// error.
-    pub fn remove_probe(&mut self, listener: u32, port: u16) -> Result<()> {
-        let key = ProbeKey {
-            listener,
-            port: u32::from(port),
-        };
-        match self.probes.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(map::PROBES, "remove")(error)),
-        }
-    }
-
-    /// The counters of (`listener`, `slot`), summed over CPUs.
-    pub fn counters(&self, listener: u32, slot: u32) -> Result<Counters> {
-        check_listener_index(listener)?;
-        check_slot(slot)?;
-        self.read_counters(counter_index(listener, slot))
-    }
-
-    /// Decisions for groups that had no registered listener.
-    pub fn unmanaged_counters(&self) -> Result<Counters> {
-        self.read_counters(reloader_ebpf::UNMANAGED_COUNTER)
-    }
-
-    /// Zeroes the counters of (`listener`, `slot`), for a slot taken by a
-    /// new generation.
-    pub fn reset_counters(&mut self, listener: u32, slot: u32) -> Result<()> {
-        check_listener_index(listener)?;
-        check_slot(slot)?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); self.cpus])
-            .expect("one value per possible CPU");
-        self.counters
-            .set(counter_index(listener, slot), zero, 0)
-            .map_err(map_error(map::COUNTERS, "set"))
-    }
-
-    /// Entries in the maps as the kernel holds them: listener keys, sockets
-    /// registered (summed slot sizes), probe routes. For leak checks.
-    pub fn entry_counts(&self) -> Result<EntryCounts> {
-        let listeners = self.listener_keys.keys().count() as u64;
-        let probes = self.probes.keys().count() as u64;
-        let mut sockets = 0u64;
-        for index in 0..MAX_LISTENERS * MAX_SLOTS {
-            let state = self
-                .slot_sockets
-                .get(&index, 0)
-                .map_err(map_error(map::SLOT_SOCKETS, "get"))?;
-            sockets += u64::from(state.sockets);
-        }
-        Ok(EntryCounts {
-            listeners,
-            sockets,
-            probes,
-        })
-    }
-
     fn read_counters(&self, index: u32) -> Result<Counters> {
         debug_assert!(index < COUNTERS_LEN);
         let values = self
@@ -611,11 +289,23 @@ impl Steering {
             .map_err(map_error(map::SLOT_SOCKETS, "set"))
     }
 
-    /// Clears the entries of (`listener`, `slot`) from index `from` on.
-    fn clear_socket_entries(&mut self, listener: u32, slot: u32, from: u32) -> Result<()> {
-        for n in from..MAX_SOCKETS_PER_SLOT {
+    /// How many entries of (`listener`, `slot`) are published.
+    fn read_slot_count(&self, listener: u32, slot: u32) -> Result<u32> {
+        check_listener_index(listener)?;
+        let state = self
+            .slot_sockets
+            .get(&counter_index(listener, slot), 0)
+            .map_err(map_error(map::SLOT_SOCKETS, "get"))?;
+        Ok(state.sockets.min(MAX_SOCKETS_PER_SLOT))
+    }
+
+    /// Clears the entries `from..to` of (`listener`, `slot`): only what was
+    /// published, so emptying a slot costs one syscall per socket it held,
+    /// not one per possible socket.
+    fn clear_socket_entries(&mut self, listener: u32, slot: u32, from: u32, to: u32) -> Result<()> {
+        for n in from..to {
             match self.sockets.clear_index(&socket_index(listener, slot, n)) {
-                // An empty entry reports ENOENT.
+                // An empty entry (its socket closed) reports ENOENT.
                 Ok(()) => {}
                 Err(MapError::SyscallError(error))
                     if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -626,12 +316,142 @@ impl Steering {
     }
 }
 
-/// How many entries the steering maps hold.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct EntryCounts {
-    pub listeners: u64,
-    pub sockets: u64,
-    pub probes: u64,
+impl Steer for Steering {
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        check_reuseport(socket, None)?;
+        let program: &SkReuseport = self
+            .ebpf
+            .program(self.program_name)
+            .expect("loaded program is present")
+            .try_into()
+            .expect("program has type SkReuseport");
+        program
+            .attach(socket)
+            .map_err(|source| SteeringError::AttachError {
+                operation: "attach",
+                fd: socket.as_raw_fd(),
+                source,
+            })
+    }
+
+    fn set_slot_sockets(
+        &mut self,
+        listener: u32,
+        slot: u32,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<()> {
+        let addr = self.listener_addr(listener)?;
+        check_slot(slot)?;
+        if sockets.len() > MAX_SOCKETS_PER_SLOT as usize {
+            return Err(SteeringError::TooManySockets {
+                count: sockets.len(),
+            });
+        }
+        for socket in sockets {
+            check_reuseport(*socket, Some((listener, addr)))?;
+        }
+        // Shrink the count first so the program never reads a stale entry,
+        // then write the sockets, then publish the new count.
+        let old = self.read_slot_count(listener, slot)?;
+        self.write_slot_count(listener, slot, 0)?;
+        for (n, socket) in sockets.iter().enumerate() {
+            self.sockets
+                .set(socket_index(listener, slot, n as u32), socket, 0)
+                .map_err(map_error(map::SOCKETS, "set"))?;
+        }
+        self.clear_socket_entries(listener, slot, sockets.len() as u32, old)?;
+        self.write_slot_count(listener, slot, sockets.len() as u32)?;
+        debug!(listener, slot, sockets = sockets.len(), "slot sockets set");
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()> {
+        check_slot(slot)?;
+        let old = self.read_slot_count(listener, slot)?;
+        self.write_slot_count(listener, slot, 0)?;
+        self.clear_socket_entries(listener, slot, 0, old)
+    }
+
+    fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()> {
+        self.listener_addr(listener)?;
+        if let Some(slot) = slot {
+            check_slot(slot)?;
+        }
+        self.write_active(listener, slot.unwrap_or(NO_SLOT))
+    }
+
+    fn active(&self, listener: u32) -> Result<Option<u32>> {
+        self.listener_addr(listener)?;
+        let state = self
+            .active
+            .get(&listener, 0)
+            .map_err(map_error(map::ACTIVE, "get"))?;
+        Ok((state.active_slot != NO_SLOT).then_some(state.active_slot))
+    }
+
+    fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()> {
+        self.listener_addr(listener)?;
+        check_slot(slot)?;
+        let key = ProbeKey {
+            listener,
+            port: u32::from(port),
+        };
+        let target = ProbeTarget { slot, _pad: 0 };
+        self.probes
+            .insert(key, target, 0)
+            .map_err(map_error(map::PROBES, "insert"))
+    }
+
+    fn remove_probe(&mut self, listener: u32, port: u16) -> Result<()> {
+        let key = ProbeKey {
+            listener,
+            port: u32::from(port),
+        };
+        match self.probes.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(map::PROBES, "remove")(error)),
+        }
+    }
+
+    fn counters(&self, listener: u32, slot: u32) -> Result<Counters> {
+        check_listener_index(listener)?;
+        check_slot(slot)?;
+        self.read_counters(counter_index(listener, slot))
+    }
+
+    fn unmanaged_counters(&self) -> Result<Counters> {
+        self.read_counters(reloader_ebpf::UNMANAGED_COUNTER)
+    }
+
+    fn reset_counters(&mut self, listener: u32, slot: u32) -> Result<()> {
+        check_listener_index(listener)?;
+        check_slot(slot)?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); self.cpus])
+            .expect("one value per possible CPU");
+        self.counters
+            .set(counter_index(listener, slot), zero, 0)
+            .map_err(map_error(map::COUNTERS, "set"))
+    }
+
+    fn entry_counts(&self) -> Result<EntryCounts> {
+        let listeners = self.listener_keys.keys().count() as u64;
+        let probes = self.probes.keys().count() as u64;
+        let mut sockets = 0u64;
+        for &listener in self.listeners.keys() {
+            for slot in 0..MAX_SLOTS {
+                sockets += u64::from(self.read_slot_count(listener, slot)?);
+            }
+        }
+        Ok(EntryCounts {
+            listeners,
+            sockets,
+            probes,
+        })
+    }
 }
 
 /// Drives aya-log: records from the program's debug statements.
@@ -653,34 +473,6 @@ impl AsFd for LogPump {
 impl AsRawFd for LogPump {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
-    }
-}
-
-/// The key the program computes for a group bound to `addr`.
-pub fn listener_key(mode: Mode, addr: SocketAddr) -> ListenerKey {
-    match mode {
-        Mode::SelectOnly => ListenerKey {
-            port: u32::from(addr.port()),
-            ..ListenerKey::default()
-        },
-        Mode::SelectOrMigrate => {
-            let (family, addr_words) = match addr {
-                SocketAddr::V4(v4) => (
-                    libc::AF_INET as u32,
-                    [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
-                ),
-                SocketAddr::V6(v6) => {
-                    let o = v6.ip().octets();
-                    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    (libc::AF_INET6 as u32, [word(0), word(4), word(8), word(12)])
-                }
-            };
-            ListenerKey {
-                family,
-                port: u32::from(addr.port()),
-                addr: addr_words,
-            }
-        }
     }
 }
 
@@ -804,50 +596,6 @@ fn map_error(map: &'static str, operation: &'static str) -> impl Fn(MapError) ->
     }
 }
 
-fn classify_load_error(source: EbpfError) -> SteeringError {
-    classify(SteeringError::LoadError { source })
-}
-
-/// Turns errors caused by missing privilege or a missing syscall into the
-/// variants that tell the user what to do.
-fn classify(error: SteeringError) -> SteeringError {
-    match root_errno(&error) {
-        // EACCES is the verifier's answer, not a missing privilege.
-        Some(libc::EPERM) => SteeringError::PermissionDenied {
-            source: Box::new(error),
-        },
-        Some(libc::ENOSYS) => SteeringError::NoBpfSyscall {
-            source: Box::new(error),
-        },
-        _ => error,
-    }
-}
-
-fn root_errno(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>()
-            && let Some(code) = io.raw_os_error()
-        {
-            return Some(code);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// `error: cause: cause`, for one-line log fields.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        current = e.source();
-    }
-    text
-}
-
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -858,41 +606,5 @@ fn raise_memlock() {
         // Kernels >= 5.11 account BPF memory to the cgroup instead, so this
         // only matters on older ones; the load error will say more.
         debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn select_only_keys_ignore_family_and_address() {
-        let a = listener_key(Mode::SelectOnly, "127.0.0.1:8080".parse().unwrap());
-        let b = listener_key(Mode::SelectOnly, "[::1]:8080".parse().unwrap());
-        assert_eq!(a, b);
-        assert_eq!(a.port, 8080);
-        assert_eq!(a.family, 0);
-    }
-
-    #[test]
-    fn migrate_keys_hold_address_in_kernel_byte_order() {
-        let k = listener_key(Mode::SelectOrMigrate, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(k.family, libc::AF_INET as u32);
-        assert_eq!(k.port, 8080);
-        // The kernel stores src_ip4 as a big-endian word; read back in
-        // memory order it is the octets in order.
-        assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
-        let k6 = listener_key(Mode::SelectOrMigrate, "[::1]:8080".parse().unwrap());
-        assert_eq!(k6.family, libc::AF_INET6 as u32);
-        assert_eq!(k6.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
-        assert_ne!(k, k6);
-    }
-
-    #[test]
-    fn wildcard_and_loopback_are_different_listeners() {
-        let any = listener_key(Mode::SelectOrMigrate, "0.0.0.0:80".parse().unwrap());
-        let lo = listener_key(Mode::SelectOrMigrate, "127.0.0.1:80".parse().unwrap());
-        assert_ne!(any, lo);
-        assert_eq!(any.addr, [0; 4]);
     }
 }

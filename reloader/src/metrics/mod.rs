@@ -18,23 +18,20 @@
 //! | `reloader_connections_fallback_total` | counter | `generation` |
 //! | `reloader_child_restarts_total` | counter | |
 //! | `reloader_drain_kills_total` | counter | |
+//! | `reloader_log_lines_dropped_total` | counter | |
 
-use std::{net::SocketAddr, sync::Arc};
+mod server;
 
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-use tracing::{debug, info, warn};
+pub use server::{Source, bind, serve};
 
 use crate::{
-    controller::Shared,
-    status::{CounterStatus, StatusReport},
+    generation::State,
+    status::{CounterStatus, ReloadReport, StatusReport},
 };
 
 type Labels = Vec<(String, String)>;
@@ -50,12 +47,12 @@ fn phase_histogram() -> Histogram {
 
 /// Metrics recorded as events happen.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Recorder {
     reloads: Family<Labels, Counter>,
     phases: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
-impl Default for Metrics {
+impl Default for Recorder {
     fn default() -> Self {
         Self {
             reloads: Family::default(),
@@ -68,11 +65,11 @@ fn label(key: &str, value: impl ToString) -> Labels {
     vec![(key.to_owned(), value.to_string())]
 }
 
-impl Metrics {
+impl Recorder {
     /// Records a reload's result and the phases it reached.
-    pub fn reload(&self, report: &crate::status::ReloadReport) {
+    pub fn reload(&self, report: &ReloadReport) {
         self.reloads
-            .get_or_create(&label("result", &report.result))
+            .get_or_create(&label("result", report.result.as_str()))
             .inc();
         for (phase, ms) in [
             ("spawn_to_ready", report.spawn_to_ready_ms),
@@ -104,12 +101,17 @@ impl Metrics {
 
         let generations = Family::<Labels, Gauge>::default();
         for state in [
-            "starting", "ready", "active", "draining", "exited", "failed",
+            State::Starting,
+            State::Ready,
+            State::Active,
+            State::Draining,
+            State::Exited,
+            State::Failed,
         ] {
             generations.get_or_create(&label("state", state)).set(0);
         }
         for g in &status.generations {
-            generations.get_or_create(&label("state", &g.state)).inc();
+            generations.get_or_create(&label("state", g.state)).inc();
         }
         registry.register(
             "generations",
@@ -178,68 +180,17 @@ impl Metrics {
             kills,
         );
 
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(status.log_lines_dropped);
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (the controller's and its servers' stderr) dropped because the \
+             controller's stderr was not read fast enough",
+            dropped,
+        );
+
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");
         text
     }
-}
-
-/// Serves `GET /metrics` on `addr` until the process exits.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving metrics on /metrics");
-    }
-    loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut head = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (bounded size and time).
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < head.len() {
-                    let n = stream.read(&mut head[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let request = String::from_utf8_lossy(&head[..len]);
-            let response = if request.starts_with("GET /metrics ") || request.starts_with("GET / ")
-            {
-                let status = crate::controller::status(&shared);
-                let body = shared.metrics.encode(&status);
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
-                     charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-            };
-            if let Err(error) = stream.write_all(response.as_bytes()).await {
-                debug!(%peer, %error, "metrics response");
-            }
-        });
-    }
-}
-
-/// Binds the metrics address (before anything starts, so a taken port is
-/// an error the user sees at once).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        warn!(%addr, error = %e, "cannot serve metrics");
-        anyhow::anyhow!("--metrics {addr}: cannot listen there: {e}")
-    })
 }

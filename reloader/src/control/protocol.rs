@@ -1,5 +1,5 @@
 //! The control protocol between `reloader reload|status|stop` and the
-//! running controller.
+//! running controller: the messages and their encoding.
 //!
 //! One Unix stream socket per instance (mode 0600). A client sends one
 //! request as a single JSON line and reads one JSON line back. Requests are
@@ -52,6 +52,11 @@ pub enum Response {
     Error {
         message: String,
     },
+    /// Every connection place is taken; ask again (the CLI does, with
+    /// backoff, until its `--timeout`).
+    Busy {
+        message: String,
+    },
 }
 
 /// Why a request line could not be decoded.
@@ -83,71 +88,6 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     let mut line = serde_json::to_vec(message).expect("control messages serialize");
     line.push(b'\n');
     line
-}
-
-/// Errors of the client side (`reloader reload|status|stop`, the demo).
-#[derive(Debug, Error)]
-pub enum ClientError {
-    /// Nothing answers on the socket.
-    #[error(
-        "cannot reach the controller at {path}: is `reloader run` running with this --name (or \
-         --control-socket)?"
-    )]
-    Unreachable {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The exchange failed or timed out.
-    #[error("no answer from the controller at {path}")]
-    NoAnswer {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The answer is not a response we know.
-    #[error("could not read the controller's answer: {reason}")]
-    BadAnswer { reason: String },
-}
-
-/// Sends one request to the controller at `socket` and reads its one-line
-/// response, waiting at most `timeout` for it.
-pub fn ask(
-    socket: &std::path::Path,
-    request: &Request,
-    timeout: std::time::Duration,
-) -> Result<Response, ClientError> {
-    use std::io::{BufRead, Write};
-    let path = socket.display().to_string();
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
-        ClientError::Unreachable {
-            path: path.clone(),
-            source,
-        }
-    })?;
-    let no_answer = |source| ClientError::NoAnswer {
-        path: path.clone(),
-        source,
-    };
-    stream.set_read_timeout(Some(timeout)).map_err(no_answer)?;
-    // A controller that refuses us answers and closes without reading, so
-    // our write may fail (EPIPE) while its answer is waiting to be read.
-    let written = stream.write_all(&encode(request));
-    let mut line = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(no_answer)?;
-    if line.is_empty() {
-        if let Err(source) = written {
-            return Err(no_answer(source));
-        }
-        return Err(ClientError::BadAnswer {
-            reason: "the controller closed the connection without answering".into(),
-        });
-    }
-    serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer {
-        reason: e.to_string(),
-    })
 }
 
 /// Whether a peer with `uid` may control an instance run by `owner`.

@@ -1,4 +1,4 @@
-//! What a controller leaves behind for its successor, so that killing the
+//! The state file: what a controller leaves behind for its successor, so that killing the
 //! controller (SIGKILL, OOM) never takes the service down:
 //!
 //! - the steering maps, pinned in bpffs (the program stays attached to the
@@ -108,15 +108,6 @@ pub fn load(path: &Path) -> Result<Option<Saved>, String> {
         ));
     }
     Ok(Some(saved))
-}
-
-/// The start time of `pid`, if it runs (zombies do not count).
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = procfs::process::Process::new(pid as i32)
-        .ok()?
-        .stat()
-        .ok()?;
-    (stat.state != 'Z').then_some(stat.starttime)
 }
 
 /// What to do with a previous controller's state.

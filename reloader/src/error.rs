@@ -1,0 +1,144 @@
+//! Why a reload (or the first start) failed: one error type for every step
+//! of the reload machine and of the state it changes. Each variant names
+//! what the server or the kernel did — the server's own pid and fd number,
+//! the address, the errno (kept as `#[source]`) — and what to do about it.
+//! A failed reload leaves the previous generation active: nothing was
+//! routed to the candidate, so nothing is lost.
+
+use std::{net::SocketAddr, time::Duration};
+
+use thiserror::Error;
+
+use crate::{discovery::DiscoveryError, generation::human_duration, steering::SteeringError};
+
+/// Why a reload failed.
+#[derive(Debug, Error)]
+pub enum ReloadError {
+    /// The instance is stopping; no new generation starts.
+    #[error("the instance is stopping")]
+    Stopping,
+    /// The server command could not be started.
+    #[error("{command}: cannot start it")]
+    SpawnError {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--pass-fds`: reloader could not open a listener to pass.
+    #[error("--pass-fds: cannot listen on {addr} (is it held by a socket without SO_REUSEPORT?)")]
+    PassFdsError {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--ready notify`: the generation's notify socket could not be made.
+    #[error("cannot create the notify socket {path}")]
+    NotifySocketError {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The generation's process ended before it was ready.
+    #[error("{how} before it was ready{hint}")]
+    ExitedBeforeReady { how: String, hint: &'static str },
+    /// The generation ended (killed or failed) while the reload ran.
+    #[error("generation {generation} ended: {outcome}")]
+    Ended { generation: u64, outcome: String },
+    /// Not every address had a listening socket in the generation's tree in
+    /// time.
+    #[error(
+        "not ready within {}: no listening socket for {} in its process tree{}",
+        human_duration(*timeout),
+        list(missing),
+        listening_elsewhere(listening)
+    )]
+    NotListening {
+        timeout: Duration,
+        missing: Vec<SocketAddr>,
+        /// What the tree does listen on.
+        listening: Vec<SocketAddr>,
+    },
+    /// `--ready notify`: no `READY=1` in time.
+    #[error(
+        "not ready within {}: it never sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+        human_duration(*timeout)
+    )]
+    NoReadyNotify { timeout: Duration },
+    /// The readiness probe never passed.
+    #[error(
+        "readiness probe did not pass within {}: {last}",
+        human_duration(*timeout)
+    )]
+    ProbeFailed { timeout: Duration, last: String },
+    /// Finding or copying the generation's sockets failed.
+    #[error("cannot inspect the generation's sockets")]
+    DiscoveryError {
+        #[source]
+        source: Box<DiscoveryError>,
+    },
+    /// A socket of the server could not be registered with the steering
+    /// program.
+    #[error("{addr}: cannot steer to the socket held by pid {pid} ({process}) as fd {fd}")]
+    RegisterError {
+        addr: SocketAddr,
+        pid: u32,
+        process: String,
+        /// The server's own descriptor number.
+        fd: i32,
+        #[source]
+        source: Box<SteeringError>,
+    },
+    /// A steering map update of the reload failed.
+    #[error("{addr}: {what}")]
+    SteeringError {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: Box<SteeringError>,
+    },
+    /// Waiting for the result went wrong inside the controller.
+    #[error("internal error: {what}")]
+    Internal { what: String },
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn listening_elsewhere(addrs: &[SocketAddr]) -> String {
+    if addrs.is_empty() {
+        " (it listens on no TCP address)".into()
+    } else {
+        format!(" (it listens on {})", list(addrs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_the_server_did() {
+        let e = ReloadError::NotListening {
+            timeout: Duration::from_secs(2),
+            missing: vec!["127.0.0.1:8081".parse().unwrap()],
+            listening: vec!["0.0.0.0:8081".parse().unwrap()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "not ready within 2.0s: no listening socket for 127.0.0.1:8081 in its process tree \
+             (it listens on 0.0.0.0:8081)"
+        );
+        let io = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+        let chained = ReloadError::SpawnError {
+            command: "x".into(),
+            source: io,
+        };
+        assert_eq!(crate::root_errno(&chained), Some(libc::EOPNOTSUPP));
+        assert!(crate::error_chain(&chained).starts_with("x: cannot start it: "));
+    }
+}

@@ -1,0 +1,279 @@
+//! One instance (`reloader run`): boots it ([`recovery`]), runs its tasks,
+//! and stops it ([`shutdown`]).
+//!
+//! Concurrency model: one single-threaded tokio runtime. The state has one
+//! owner, [`crate::state::InstanceState`], behind [`Handle`]. The run loop
+//! here decides what happens next: it owns the reload [`Scheduler`] and
+//! receives every input — signals, [`Event`]s from the control server and
+//! the pidfd watchers, the end of a reload — so stop, SIGTERM and reload
+//! requests are handled in every phase, a first start included. A reload
+//! runs as a task of its own (the machine in [`crate::reload`]), which the
+//! loop aborts when the instance stops; drains of old generations run
+//! concurrently (`--max-draining` bounds them). Slow work never runs on
+//! this thread: discovery, netlink dumps and the state file's fsync go to
+//! blocking threads, and output goes through a non-blocking writer.
+
+mod events;
+mod reaper;
+mod recovery;
+mod shutdown;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use events::{Control, Event};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::{JoinHandle, JoinSet},
+};
+use tracing::{error, info};
+
+use crate::{
+    config::RunConfig,
+    generation::State,
+    reload::{
+        self, CutOver, System,
+        scheduler::{Outcome, Scheduler, Waiter, answer},
+    },
+    state::{Handle, InstanceState},
+    status::ReloadReport,
+    steering::Steering,
+    supervisor,
+};
+
+/// Events waiting for the run loop at most.
+const EVENT_QUEUE: usize = 256;
+
+/// A reload under way.
+struct Running {
+    task: JoinHandle<Result<CutOver, ReloadReport>>,
+    waiters: Vec<Waiter>,
+    first_start: bool,
+}
+
+/// Runs instance `config` until it is stopped. Returns whether the stop was
+/// clean (every generation exited within its drain timeout).
+pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
+    supervisor::become_subreaper().context("failed to become a child subreaper")?;
+    let config = Arc::new(config);
+    let _lock = recovery::lock_instance(&config.control_socket, &config.name)?;
+    let paths = recovery::Paths::of(&config);
+    let previous = recovery::look_back(&config, &paths)?;
+    let recovered = recovery::clean_up(&previous, &paths);
+    let adopting = previous.adopting();
+    if !adopting {
+        recovery::check_addresses_free(&config.listen)?;
+    }
+    let control = recovery::bind_control_socket(&config.control_socket, &config.name).await?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let mut steering = recovery::load_steering(&config, &paths, adopting)?;
+    if let Some(pump) = steering.log_pump() {
+        tokio::spawn(pump_logs(pump));
+    }
+    let (generations, processes) = recovery::generations(&previous);
+    let handle = Handle::new(InstanceState::new(
+        config.clone(),
+        Box::new(steering),
+        generations,
+        processes,
+        recovered,
+    ));
+    let persister = tokio::spawn(handle.clone().persist_to(paths.state.clone()));
+
+    // Signals first, so a child that exits at once is reaped.
+    let mut sigchld = signal(SignalKind::child())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
+    let control_task = tokio::spawn(crate::control::server::serve(
+        Control {
+            events: events_tx.clone(),
+            handle: handle.clone(),
+        },
+        control,
+    ));
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(crate::metrics::serve(handle.clone(), listener)));
+    info!(
+        name = %config.name,
+        socket = %config.control_socket.display(),
+        listen = ?config.listen,
+        "controller started"
+    );
+
+    let host = Arc::new(System {
+        config: config.clone(),
+    });
+    let mut scheduler = Scheduler::default();
+    let mut drains = JoinSet::new();
+    let mut first_start = !adopting;
+    if adopting {
+        adopt(&handle, &events_tx, &mut drains).await;
+        crate::notify::ready("adopted running generations");
+    } else {
+        scheduler.request(None);
+    }
+    let mut running: Option<Running> = None;
+    let mut first_failure = None;
+    loop {
+        if running.is_none()
+            && let Some(waiters) = scheduler.start()
+        {
+            if !first_start {
+                crate::notify::reloading();
+            }
+            let (handle, host) = (handle.clone(), host.clone());
+            let first = first_start;
+            running = Some(Running {
+                task: tokio::spawn(async move { reload::run(&handle, &*host, first).await }),
+                waiters,
+                first_start,
+            });
+            first_start = false;
+        }
+        tokio::select! {
+            _ = sigchld.recv() => reaper::reap_children(&handle, &events_tx),
+            _ = sighup.recv() => scheduler.request(None),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            Some(event) = events.recv() => match event {
+                Event::Reload { waiter } => scheduler.request(waiter),
+                Event::Restart => scheduler.request(None),
+                Event::AdoptedExited { pid } => reaper::adopted_exited(&handle, &events_tx, pid),
+                Event::Stop => break,
+            },
+            finished = reload_done(&mut running) => {
+                let Running { waiters, first_start, .. } = running.take().expect("a reload ran");
+                match finished {
+                    Ok(cut_over) => {
+                        let handle = handle.clone();
+                        drains.spawn(async move {
+                            let report = cut_over.finish(&handle).await;
+                            crate::notify::ready(&format!("generation {} active", report.generation));
+                            answer(waiters, &Outcome::Done(report));
+                        });
+                    }
+                    Err(report) if first_start => {
+                        error!("{}", report.human());
+                        answer(waiters, &Outcome::Failed(report.clone()));
+                        first_failure = Some(report);
+                        break;
+                    }
+                    Err(report) => {
+                        let active = handle.read(|s| s.active());
+                        crate::notify::ready(&format!(
+                            "reload to generation {} failed; generation {} active",
+                            report.generation,
+                            active.map_or("none".into(), |g| g.to_string())
+                        ));
+                        answer(waiters, &Outcome::Failed(report));
+                        if active.is_none() && !handle.read(|s| s.is_stopping()) {
+                            reaper::schedule_restart(&handle, &events_tx);
+                        }
+                    }
+                }
+            }
+            Some(_) = drains.join_next(), if !drains.is_empty() => {}
+        }
+    }
+
+    info!("stopping: draining every generation");
+    if let Some(running) = running.take() {
+        // A start in progress is cancelled; begin_stop kills its candidate.
+        running.task.abort();
+        answer(
+            running.waiters,
+            &Outcome::NotRun("the instance stopped before the reload completed".into()),
+        );
+    }
+    scheduler.refuse_all("the instance is stopping");
+    drains.abort_all();
+    let clean = shutdown::stop(&handle, &mut sigchld, &mut events, &events_tx).await;
+    control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    persister.abort();
+    let _ = persister.await;
+    // After a stop nothing of the instance remains: no state file, no pins.
+    let _ = std::fs::remove_file(&paths.state);
+    Steering::unpin(&paths.pins);
+    let _ = std::fs::remove_file(&config.control_socket);
+    if let Some(report) = first_failure {
+        anyhow::bail!(
+            "the first generation did not start: {}",
+            report.error.unwrap_or_default()
+        );
+    }
+    info!(clean, "stopped");
+    Ok(clean)
+}
+
+/// The end of the reload under way (never, if none runs).
+async fn reload_done(running: &mut Option<Running>) -> Result<CutOver, ReloadReport> {
+    match running {
+        Some(running) => match (&mut running.task).await {
+            Ok(result) => result,
+            Err(error) => Err(ReloadReport {
+                error: Some(format!("the reload task ended: {error}")),
+                ..ReloadReport::default()
+            }),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes over the generations a previous controller left running: a
+/// candidate that was starting is killed (that reload is lost), draining
+/// ones are drained again, and every leader's exit is watched by pidfd.
+async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinSet<()>) {
+    let listen = handle.read(|s| s.config().listen.clone());
+    for (number, state) in handle.read(|s| s.live()) {
+        match state {
+            State::Starting | State::Ready => {
+                handle.update(|s| s.kill_orphaned_candidate(number));
+            }
+            State::Active => {
+                let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid)) else {
+                    continue;
+                };
+                let listen = listen.clone();
+                let sockets =
+                    tokio::task::spawn_blocking(move || recovery::adopted_sockets(pid, &listen))
+                        .await
+                        .unwrap_or_default();
+                handle.update(|s| s.adopted_sockets(number, sockets));
+            }
+            State::Draining => {
+                let handle = handle.clone();
+                drains.spawn(async move { reload::drain(&handle, number).await });
+            }
+            State::Exited | State::Failed => {}
+        }
+    }
+    reaper::watch_adopted(handle, events);
+}
+
+/// Forwards the eBPF program's aya-log records (debug level) to tracing.
+async fn pump_logs(pump: crate::steering::LogPump) {
+    // SAFETY: LogPump owns its ring buffer map fd, which stays open and
+    // unchanged for as long as the pump (now owned by the AsyncFd) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pump, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,89 @@
+//! Where the controller's output goes: its own log records (tracing) and
+//! the lines its servers write to stderr share one non-blocking, lossy
+//! writer to the controller's stderr (tracing-appender). Whoever reads
+//! that stderr — a terminal, journald, a pipe nobody reads — can never
+//! stall the controller: when its buffer is full, lines are dropped and
+//! counted ([`dropped_lines`], shown by `status` and a metric).
+
+use std::{io::Write, sync::OnceLock};
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::EnvFilter;
+
+/// Lines buffered for the writer thread before new ones are dropped.
+const BUFFERED_LINES: usize = 4096;
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+struct Sink {
+    writer: NonBlocking,
+    dropped: ErrorCounter,
+    format: LogFormat,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Sets up logging to stderr; keep the guard until the process exits (it
+/// flushes what is buffered, waiting at most about a second).
+pub fn init(format: LogFormat) -> Option<WorkerGuard> {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("reloader-log")
+        .finish(std::io::stderr());
+    let filter = EnvFilter::try_from_env("RELOADER_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer.clone());
+    // `try_init` also bridges the `log` records of aya and aya-log.
+    let installed = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+    if installed.is_err() {
+        return None;
+    }
+    let dropped = writer.error_counter();
+    let _ = SINK.set(Sink {
+        writer,
+        dropped,
+        format,
+    });
+    Some(guard)
+}
+
+/// Forwards one line a server wrote to its stderr.
+pub fn server_line(instance: &str, generation: u64, line: &str) {
+    // Without a sink (unit tests) the line is only kept in the tail.
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let mut text = match sink.format {
+        LogFormat::Text => format!("[{instance} gen {generation}] {line}"),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": "INFO",
+            "target": "server",
+            "fields": { "message": line, "generation": generation, "instance": instance },
+        })
+        .to_string(),
+    };
+    text.push('\n');
+    // One write is one buffered message: never blocks, never interleaves.
+    let _ = sink.writer.clone().write(text.as_bytes());
+}
+
+/// Lines (log records and server output) dropped because stderr was not
+/// read fast enough.
+pub fn dropped_lines() -> u64 {
+    SINK.get().map_or(0, |s| s.dropped.dropped_lines() as u64)
+}

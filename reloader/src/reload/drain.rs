@@ -1,0 +1,52 @@
+//! Steps 7–8: let the old generation settle (it receives nothing new and
+//! reads what it already accepted), signal it to drain, and wait for its
+//! exit, killing its process group at the drain timeout. Every wait is
+//! bounded: a generation that does not exit even after SIGKILL is given up
+//! after [`KILL_GRACE`] and its slot freed.
+
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::{generation::human_duration, state::Handle};
+
+/// How long a SIGKILLed generation may take to be seen exiting.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Drains generation `old`; returns when it has exited (or was given up).
+pub async fn drain(handle: &Handle, old: u64) {
+    let config = handle.read(|s| s.config().clone());
+    tokio::time::sleep(config.settle).await;
+    if !handle.update(|s| s.drain_signal(old)) {
+        return;
+    }
+    if wait_exit(handle, old, config.drain_timeout).await {
+        return;
+    }
+    warn!(
+        generation = old,
+        timeout = %human_duration(config.drain_timeout),
+        "still running at the drain timeout: killing its process group"
+    );
+    handle.update(|s| s.kill(old));
+    if !wait_exit(handle, old, KILL_GRACE).await {
+        handle.update(|s| s.abandon(old, KILL_GRACE));
+    }
+}
+
+/// Waits up to `timeout` for generation `number` to end; true if it did.
+pub async fn wait_exit(handle: &Handle, number: u64, timeout: Duration) -> bool {
+    let mut changed = handle.subscribe();
+    let ended =
+        |handle: &Handle| handle.read(|s| s.generation(number).is_none_or(|g| !g.state.is_live()));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if ended(handle) {
+            return true;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => return ended(handle),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! One reload, step by step (README "How it works"):
+//!
+//! 1. **take slot**: a free steering slot for generation N+1, waiting while
+//!    `--max-draining` generations drain; its counters start at zero.
+//! 2. **spawn** N+1 in it (its own process group, held by pidfd).
+//! 3. **discover** its listening sockets: every managed address has one in
+//!    its process tree, the same set in two scans in a row (nginx opens one
+//!    socket per worker, one after another).
+//! 4. **register** them: copied with `pidfd_getfd`, checked for
+//!    `SO_REUSEPORT`, put in its slot; the program is attached to each group.
+//! 5. **probe** through N+1's own listener (`--ready-probe`, routed by the
+//!    probe's source port), and `READY=1` with `--ready notify`.
+//! 6. **cut over**: one map update per listener.
+//! 7. **settle**, then **drain** N: the drain signal, SIGKILL at the drain
+//!    timeout. Done when N has exited: the `reload --wait` barrier.
+//!
+//! Any failure before step 6 kills N+1 and leaves N active: nothing was
+//! routed to N+1, so nothing is lost. The steps are functions of
+//! [`machine`] with one error type ([`crate::error::ReloadError`]); what they
+//! change lives in [`crate::state`]; spawning and inspecting processes go
+//! through [`Host`], so the machine runs in unit tests without privileges.
+
+mod drain;
+mod host;
+pub mod machine;
+mod probe;
+mod ready;
+pub mod scheduler;
+
+use std::{future::Future, net::SocketAddr, path::Path};
+
+pub use drain::drain;
+pub use host::System;
+pub use machine::{CutOver, run};
+
+use crate::{
+    discovery::{Holder, Listener},
+    error::ReloadError,
+    state::FoundSocket,
+    supervisor::Spawned,
+};
+
+/// One look at a generation's process tree.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// For each managed address (same order as `--listen`), its listening
+    /// sockets and where the tree holds them.
+    pub per_address: Vec<Vec<(Listener, Holder)>>,
+    /// Every address the tree listens on, for "not ready" messages.
+    pub listening: Vec<SocketAddr>,
+}
+
+impl Scan {
+    /// Whether every managed address has at least one socket.
+    pub fn complete(&self) -> bool {
+        self.per_address.iter().all(|v| !v.is_empty())
+    }
+
+    /// The socket inodes found, for comparing two scans.
+    pub fn inodes(&self) -> std::collections::BTreeSet<u64> {
+        self.per_address
+            .iter()
+            .flatten()
+            .map(|(l, _)| l.inode)
+            .collect()
+    }
+}
+
+/// What the reload machine does to processes: spawn a generation, look at
+/// its sockets, copy them. [`System`] does it for real; unit tests fake it.
+pub trait Host: Send + Sync + 'static {
+    /// Starts generation `number` (`notify_socket`: its `NOTIFY_SOCKET`).
+    fn spawn(&self, number: u64, notify_socket: Option<&Path>) -> Result<Spawned, ReloadError>;
+
+    /// Which listening sockets the tree of `pid` holds (slow: runs on a
+    /// blocking thread).
+    fn scan(&self, pid: u32) -> impl Future<Output = Result<Scan, ReloadError>> + Send;
+
+    /// Copies the sockets of `scan` into this process.
+    fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! Readiness probes (`--ready-probe`) through the candidate's own listener:
+//! the probe socket's source port is registered in the program's probe
+//! table, so its SYN reaches generation N+1 even though every other new
+//! connection still goes to N.
+
+use std::time::{Duration, Instant};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+};
+
+use crate::{config::Probe, error::ReloadError, generation::human_duration, state::Handle};
+
+/// How often a failing probe is retried.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long one probe attempt may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Probes generation `number` until it passes, it exits, or `deadline`.
+pub async fn wait_for_probe(
+    handle: &Handle,
+    number: u64,
+    probe: &Probe,
+    deadline: Instant,
+) -> Result<(), ReloadError> {
+    let mut changed = handle.subscribe();
+    loop {
+        handle.read(|s| s.check_alive(number))?;
+        let last = match probe_once(handle, number, probe).await {
+            Ok(()) => return Ok(()),
+            Err(ProbeError::Steering(error)) => return Err(error),
+            Err(ProbeError::Failed(text)) => text,
+        };
+        if Instant::now() >= deadline {
+            return Err(ReloadError::ProbeFailed {
+                timeout: handle.read(|s| s.config().ready_timeout),
+                last,
+            });
+        }
+        let _ = tokio::time::timeout(PROBE_INTERVAL, changed.changed()).await;
+    }
+}
+
+enum ProbeError {
+    /// The probe could not be routed: no point in retrying.
+    Steering(ReloadError),
+    /// The server did not answer as expected (yet).
+    Failed(String),
+}
+
+/// One probe attempt.
+async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), ProbeError> {
+    let addr = probe.addr();
+    let failed = |text: String| ProbeError::Failed(text);
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| failed(format!("probe socket: {e}")))?;
+    let any: std::net::SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    socket
+        .bind(any)
+        .map_err(|e| failed(format!("probe bind: {e}")))?;
+    let port = socket
+        .local_addr()
+        .map_err(|e| failed(e.to_string()))?
+        .port();
+    let listener = probe.listener();
+    handle
+        .update(|s| s.add_probe(number, listener, port))
+        .map_err(ProbeError::Steering)?;
+    let result = tokio::time::timeout(PROBE_TIMEOUT, exchange(socket, probe))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer within {}",
+                human_duration(PROBE_TIMEOUT)
+            ))
+        });
+    handle.update(|s| s.remove_probe(listener, port));
+    result.map_err(failed)
+}
+
+async fn exchange(socket: TcpSocket, probe: &Probe) -> Result<(), String> {
+    let addr = probe.addr();
+    let mut stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    match probe {
+        Probe::Tcp { .. } => Ok(()),
+        Probe::Http { host, path, .. } => {
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: reloader-probe\r\n\r\n"
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 256];
+            // Enough of the response to read its status line.
+            while !head.contains(&b'\n') && head.len() < 4096 {
+                let n = stream
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("reading the response: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            // Partial is fine: only the status line matters.
+            let _ = response.parse(&head);
+            match response.code {
+                Some(code) if (200..300).contains(&code) => Ok(()),
+                Some(code) => Err(format!("GET {path} answered {code}")),
+                None => Err(format!(
+                    "GET {path}: not an HTTP response: {:?}",
+                    String::from_utf8_lossy(&head[..head.len().min(64)])
+                )),
+            }
+        }
+    }
+}

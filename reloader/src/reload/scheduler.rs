@@ -1,0 +1,110 @@
+//! Which reload runs next. Requests that arrive while a reload runs
+//! coalesce into one follow-up reload whose result every requester gets;
+//! they are never queued without bound. Pure: the instance's run loop owns
+//! one and asks it what to start.
+
+use tokio::sync::oneshot;
+
+use crate::status::ReloadReport;
+
+/// What a requester of `reload --wait` is told.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The new generation is active everywhere and the old one exited.
+    Done(ReloadReport),
+    /// The reload failed; the previous generation is still active.
+    Failed(ReloadReport),
+    /// The reload never ran (the instance stopped first).
+    NotRun(String),
+}
+
+/// Someone waiting for the result of the next reload.
+pub type Waiter = oneshot::Sender<Outcome>;
+
+/// Tells every waiter `outcome`.
+pub fn answer(waiters: Vec<Waiter>, outcome: &Outcome) {
+    for waiter in waiters {
+        let _ = waiter.send(outcome.clone());
+    }
+}
+
+/// Pending reload requests.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    pending: bool,
+    waiters: Vec<Waiter>,
+}
+
+impl Scheduler {
+    /// A reload was requested; `waiter` gets the result of the reload that
+    /// starts after this call.
+    pub fn request(&mut self, waiter: Option<Waiter>) {
+        self.pending = true;
+        self.waiters.extend(waiter);
+    }
+
+    /// Whether a reload is wanted.
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Starts the pending reload, if any: returns who waits for it.
+    pub fn start(&mut self) -> Option<Vec<Waiter>> {
+        if !self.pending {
+            return None;
+        }
+        self.pending = false;
+        Some(std::mem::take(&mut self.waiters))
+    }
+
+    /// Answers everyone still waiting with `reason` (at stop).
+    pub fn refuse_all(&mut self, reason: &str) {
+        self.pending = false;
+        answer(
+            std::mem::take(&mut self.waiters),
+            &Outcome::NotRun(reason.to_owned()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_during_a_reload_coalesce_into_one_follow_up() {
+        let mut s = Scheduler::default();
+        assert!(s.start().is_none(), "nothing requested");
+        let (a, mut ra) = oneshot::channel();
+        s.request(Some(a));
+        let first = s.start().expect("a reload starts");
+        assert_eq!(first.len(), 1);
+        // Three requests while it runs: one follow-up, three waiters.
+        let (b, mut rb) = oneshot::channel();
+        let (c, mut rc) = oneshot::channel();
+        s.request(Some(b));
+        s.request(None);
+        s.request(Some(c));
+        let second = s.start().expect("one follow-up");
+        assert_eq!(second.len(), 2);
+        assert!(s.start().is_none(), "only one follow-up");
+        answer(first, &Outcome::NotRun("x".into()));
+        assert!(matches!(ra.try_recv(), Ok(Outcome::NotRun(_))));
+        answer(second, &Outcome::Failed(ReloadReport::default()));
+        assert!(matches!(rb.try_recv(), Ok(Outcome::Failed(_))));
+        assert!(matches!(rc.try_recv(), Ok(Outcome::Failed(_))));
+    }
+
+    #[test]
+    fn waiters_are_answered_at_stop() {
+        let mut s = Scheduler::default();
+        let (a, mut ra) = oneshot::channel();
+        s.request(Some(a));
+        s.refuse_all("the instance is stopping");
+        assert!(!s.is_pending());
+        match ra.try_recv() {
+            Ok(Outcome::NotRun(reason)) => assert_eq!(reason, "the instance is stopping"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

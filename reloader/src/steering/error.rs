@@ -1,0 +1,151 @@
+//! Errors of the steering module.
+
+use std::{io, net::SocketAddr};
+
+use aya::{EbpfError, maps::MapError, programs::ProgramError};
+use reloader_ebpf::{MAX_LISTENERS, MAX_SLOTS, MAX_SOCKETS_PER_SLOT};
+use thiserror::Error;
+
+/// Errors of the steering module. Each says what the user can do about it.
+#[derive(Debug, Error)]
+pub enum SteeringError {
+    /// The kernel refused to create maps or load programs for lack of
+    /// privilege.
+    #[error(
+        "the kernel refused to load the eBPF steering program (permission denied): run reloader \
+         as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE (CAP_SYS_ADMIN on kernels \
+         before 5.8)"
+    )]
+    PermissionDenied {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kernel has no `bpf(2)`.
+    #[error(
+        "this kernel has no BPF syscall (ENOSYS): reloader needs a kernel built with \
+         CONFIG_BPF_SYSCALL, and is not supported inside gVisor-like sandboxes"
+    )]
+    NoBpfSyscall {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Creating the object's maps or parsing it failed.
+    #[error("failed to load the eBPF steering object")]
+    LoadError {
+        #[source]
+        source: EbpfError,
+    },
+    /// The kernel rejected a program.
+    #[error("the kernel rejected the {program} program")]
+    ProgramLoadError {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// The object lacks a map this module needs (object and source disagree).
+    #[error("the eBPF object has no map {name}: rebuild it with `cargo xtask build-ebpf`")]
+    MapNotFound { name: &'static str },
+    /// A map operation failed.
+    #[error("eBPF map {map}: {operation} failed")]
+    MapError {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// Attaching to or detaching from a reuseport group failed. `fd` is
+    /// reloader's copy of the socket; callers name the server's own.
+    #[error("failed to {operation} the steering program (SO_ATTACH_REUSEPORT_EBPF)")]
+    AttachError {
+        operation: &'static str,
+        fd: i32,
+        #[source]
+        source: ProgramError,
+    },
+    /// A socket offered for registration lacks `SO_REUSEPORT`.
+    #[error(
+        "the listening socket for {addr} does not have SO_REUSEPORT set: the server \
+         must set it before bind (nginx: `listen ... reuseport`; Envoy: `enable_reuse_port: true`; \
+         HAProxy sets it by default)"
+    )]
+    NotReuseport { fd: i32, addr: String },
+    /// A socket offered for registration is not a listening TCP socket.
+    #[error("the socket is not a listening TCP socket")]
+    NotListening { fd: i32 },
+    /// A socket's bound address is not the listener's address.
+    #[error("the socket is bound to {found}, not to listener {listener}'s address {expected}")]
+    WrongAddress {
+        fd: i32,
+        listener: u32,
+        expected: SocketAddr,
+        found: String,
+    },
+    /// Querying a socket failed.
+    #[error("failed to query the socket (getsockname/getsockopt)")]
+    SocketError {
+        fd: i32,
+        #[source]
+        source: nix::Error,
+    },
+    /// Listener index outside `0..MAX_LISTENERS` or not added.
+    #[error("listener {listener} is not registered (at most {MAX_LISTENERS} listeners)")]
+    UnknownListener { listener: u32 },
+    /// Slot index outside `0..MAX_SLOTS`.
+    #[error("slot {slot} is out of range (at most {MAX_SLOTS} slots per listener)")]
+    SlotOutOfRange { slot: u32 },
+    /// More sockets than a slot holds.
+    #[error(
+        "{count} listening sockets for one address in one generation; at most \
+         {MAX_SOCKETS_PER_SLOT} are supported"
+    )]
+    TooManySockets { count: usize },
+    /// Two listeners the program could not tell apart.
+    #[error("{addr} cannot be managed together with {other}: {why}")]
+    ListenerConflict {
+        addr: SocketAddr,
+        other: SocketAddr,
+        why: &'static str,
+    },
+    /// bpffs is not mounted and could not be.
+    #[error(
+        "bpffs is not mounted at /sys/fs/bpf and mounting it failed: mount it (`mount -t bpf bpf \
+         /sys/fs/bpf`) so a restarted controller can adopt running generations"
+    )]
+    BpffsUnavailable {
+        #[source]
+        source: nix::Error,
+    },
+    /// Creating the pin directory failed.
+    #[error("failed to create the pin directory {path}")]
+    PinDirError {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading `/sys/devices/system/cpu/possible` failed.
+    #[error("failed to count CPUs ({what})")]
+    CpuCountError {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub(super) fn classify_load_error(source: EbpfError) -> SteeringError {
+    classify(SteeringError::LoadError { source })
+}
+
+/// Turns errors caused by missing privilege or a missing syscall into the
+/// variants that tell the user what to do.
+pub(super) fn classify(error: SteeringError) -> SteeringError {
+    match crate::root_errno(&error) {
+        // EACCES is the verifier's answer, not a missing privilege.
+        Some(libc::EPERM) => SteeringError::PermissionDenied {
+            source: Box::new(error),
+        },
+        Some(libc::ENOSYS) => SteeringError::NoBpfSyscall {
+            source: Box::new(error),
+        },
+        _ => error,
+    }
+}

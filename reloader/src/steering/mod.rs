@@ -1,0 +1,126 @@
+//! Steering: the eBPF program and its maps. [`ebpf`] is the only module of
+//! the crate that talks to aya; everything else sees the [`Steer`] trait,
+//! which the controller's state owns as a `Box<dyn Steer>` and unit tests
+//! replace with [`fake::FakeSteering`].
+//!
+//! The maps hold, per managed listener (one reuseport group) and per slot
+//! (one generation), the registered listening sockets, which slot is active,
+//! which client source ports are readiness probes, and per-slot counters.
+//! Layout and kernel behaviour: `reloader-ebpf/src/lib.rs` and
+//! `reloader-ebpf/src/main.rs`.
+
+mod ebpf;
+mod error;
+#[cfg(test)]
+pub mod fake;
+mod keys;
+
+use std::os::fd::BorrowedFd;
+
+pub use ebpf::{LogPump, Steering};
+pub use error::SteeringError;
+pub use keys::listener_key;
+pub use reloader_ebpf::{Counters, MAX_LISTENERS, MAX_SLOTS};
+
+/// Old generations that may drain at once: every slot but the active
+/// generation's and a candidate's.
+pub const MAX_DRAINING: u32 = MAX_SLOTS - 2;
+
+/// Which program runs, decided by what the kernel supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Steers new connections and migrates queued ones of closing listeners.
+    #[default]
+    SelectOrMigrate,
+    /// Steers new connections only (kernels before 5.14, or forced).
+    SelectOnly,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SelectOrMigrate => "select-or-migrate",
+            Self::SelectOnly => "select-only",
+        })
+    }
+}
+
+/// How to load the program.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Load the select-only program even where select-or-migrate works.
+    pub force_select_only: bool,
+    /// Keep the program's debug statements (emitted through aya-log); off,
+    /// the verifier removes them so they cost nothing per SYN.
+    pub ebpf_debug_logs: bool,
+    /// Pin the maps here (bpffs), reusing pins a previous controller left:
+    /// what lets a restarted controller adopt running generations.
+    pub pin_dir: Option<std::path::PathBuf>,
+}
+
+/// How many entries the steering maps hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryCounts {
+    pub listeners: u64,
+    pub sockets: u64,
+    pub probes: u64,
+}
+
+pub type Result<T, E = SteeringError> = std::result::Result<T, E>;
+
+/// The operations the controller performs on the steering maps once they
+/// are loaded and the listeners added. Each is one or a few map updates:
+/// cheap enough to run while the controller's state is locked.
+pub trait Steer: Send {
+    /// Which program is loaded.
+    fn mode(&self) -> Mode;
+
+    /// Attaches the program to the reuseport group `socket` belongs to. The
+    /// socket must have `SO_REUSEPORT` and be bound.
+    fn attach(&self, socket: BorrowedFd<'_>) -> Result<()>;
+
+    /// Registers the listening sockets of (`listener`, `slot`), replacing
+    /// whatever the slot held. Each must be a listening TCP socket with
+    /// `SO_REUSEPORT`, bound to the listener's address. The map does not
+    /// keep the sockets alive: callers may close their descriptors after.
+    fn set_slot_sockets(
+        &mut self,
+        listener: u32,
+        slot: u32,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<()>;
+
+    /// Empties (`listener`, `slot`); its counters are kept.
+    fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()>;
+
+    /// Makes `slot` the one that receives every new connection to
+    /// `listener` (`None`: no slot, the kernel's hash selection decides).
+    /// This single map update is the cutover.
+    fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()>;
+
+    /// The slot that receives new connections to `listener`.
+    fn active(&self, listener: u32) -> Result<Option<u32>>;
+
+    /// Routes a SYN to `listener` from client source port `port` to `slot`,
+    /// whatever the active slot is (readiness probes of a candidate).
+    fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()>;
+
+    /// Removes a probe route; removing one that does not exist is not an
+    /// error.
+    fn remove_probe(&mut self, listener: u32, port: u16) -> Result<()>;
+
+    /// The counters of (`listener`, `slot`), summed over CPUs.
+    fn counters(&self, listener: u32, slot: u32) -> Result<Counters>;
+
+    /// Zeroes the counters of (`listener`, `slot`), for a slot taken by a
+    /// new generation: counters belong to a generation, not to a slot.
+    fn reset_counters(&mut self, listener: u32, slot: u32) -> Result<()>;
+
+    /// Decisions for groups that had no registered listener.
+    fn unmanaged_counters(&self) -> Result<Counters>;
+
+    /// Entries in the maps as the kernel holds them: listener keys, sockets
+    /// registered (summed slot sizes), probe routes. For leak checks.
+    fn entry_counts(&self) -> Result<EntryCounts>;
+}

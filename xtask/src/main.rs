@@ -9,6 +9,7 @@
 
 mod bench;
 mod ebpf;
+mod modcycles;
 mod soak;
 mod vm;
 
@@ -71,6 +72,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fail when modules of the reloader crate import each other in a
+    /// circle.
+    Modcycles,
     /// Measure reloads under load: plain SO_REUSEPORT, with
     /// net.ipv4.tcp_migrate_req=1, and with reloader, for the test server
     /// and nginx; plus steering overhead, cutover latency and an idle
@@ -84,6 +88,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
+        Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
         Task::Bench(args) => bench::run(args, &workspace_root()),
         Task::IntegrationTest {

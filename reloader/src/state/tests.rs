@@ -10,9 +10,7 @@ use std::{
 };
 
 use super::*;
-use crate::{
-    discovery::Holder, generation::State, steering::fake::FakeSteering, supervisor::Process,
-};
+use crate::{steering::fake::FakeSteering, supervisor::Spawned};
 
 /// A state with `listen` addresses and a fake steering to look into.
 fn state(listen: &[&str]) -> (InstanceState, FakeSteering) {

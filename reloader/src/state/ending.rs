@@ -1,0 +1,198 @@
+//! How generations end: drained, killed at the drain timeout, given up
+//! after SIGKILL, exited on their own (a crash, for the active one), or
+//! stopped with the instance.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tracing::{error, info, warn};
+
+use super::{
+    ExitEffect, HEALTHY_AFTER, InstanceState, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN,
+    daemonize_hint,
+};
+use crate::{generation::State, supervisor::Process};
+
+impl InstanceState {
+    /// Sends the drain signal to generation `number`'s leader; false if it
+    /// no longer runs.
+    pub fn drain_signal(&mut self, number: u64) -> bool {
+        match self.processes.get(&number) {
+            Some(process)
+                if self
+                    .generations
+                    .get(number)
+                    .is_some_and(|g| g.state.is_live()) =>
+            {
+                info!(
+                    generation = number,
+                    pid = process.pid(),
+                    signal = self.config.drain_signal.as_str(),
+                    "draining"
+                );
+                process.signal(self.config.drain_signal);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Kills generation `number`'s process group (drain timeout).
+    pub fn kill(&mut self, number: u64) {
+        if let Some(process) = self.processes.get(&number)
+            && self
+                .generations
+                .get(number)
+                .is_some_and(|g| g.state.is_live())
+        {
+            process.signal_group(Signal::SIGKILL);
+            self.stats.drain_kills += 1;
+        }
+    }
+
+    /// Gives up on a generation that did not exit after SIGKILL: it is
+    /// reported as exited and its slot is freed (it may be stuck in the
+    /// kernel; its sockets are no longer steered to).
+    pub fn abandon(&mut self, number: u64, waited: Duration) {
+        if self
+            .generations
+            .get(number)
+            .is_some_and(|g| g.state.is_live())
+        {
+            let pid = self.processes.get(&number).map(Process::pid);
+            error!(
+                generation = number,
+                ?pid,
+                "did not exit after SIGKILL; freeing its slot"
+            );
+            self.end(
+                number,
+                State::Exited,
+                format!(
+                    "did not exit within {} of SIGKILL (pid {}); its slot was freed",
+                    crate::generation::human_duration(waited),
+                    pid.map_or("?".into(), |p| p.to_string())
+                ),
+            );
+        }
+    }
+
+    // ---- Exits.
+
+    /// Records that process `pid` ended (`how`): a reaped child (still a
+    /// zombie, so its group id is still its own) or an adopted process
+    /// whose pidfd said so. Whatever remains of its group is killed.
+    pub fn exited(&mut self, pid: u32, how: &str) -> ExitEffect {
+        let Some((number, state)) = self.generations.by_pid(pid).map(|g| (g.number, g.state))
+        else {
+            return ExitEffect::None;
+        };
+        if let Some(process) = self.processes.get(&number) {
+            process.signal_group(Signal::SIGKILL);
+        }
+        match state {
+            State::Starting | State::Ready => {
+                warn!(generation = number, pid, "{how} before it was ready");
+                self.early_exits.insert(number, how.to_owned());
+                self.end(
+                    number,
+                    State::Failed,
+                    format!("{how} before it was ready{}", daemonize_hint(how)),
+                );
+                ExitEffect::Ended { generation: number }
+            }
+            State::Draining => {
+                info!(generation = number, pid, "drained: {how}");
+                self.end(number, State::Exited, how.to_owned());
+                ExitEffect::Ended { generation: number }
+            }
+            State::Active => {
+                error!(generation = number, pid, "active generation {how}");
+                // Its sockets are gone with it; leave selection to the
+                // kernel until a new generation is active.
+                for listener in self.listeners() {
+                    let _ = self.steering.set_active(listener, None);
+                }
+                let healthy = self
+                    .generations
+                    .get(number)
+                    .and_then(|g| g.timeline.active)
+                    .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
+                if healthy {
+                    self.restart_backoff = RESTART_BACKOFF_MIN;
+                }
+                self.end(number, State::Exited, how.to_owned());
+                self.stats.restarts += 1;
+                ExitEffect::Crashed { generation: number }
+            }
+            State::Exited | State::Failed => ExitEffect::None,
+        }
+    }
+
+    /// The delay before the next restart after a crash or a failed
+    /// restart (doubling from 100 ms to 10 s).
+    pub fn next_restart_delay(&mut self) -> Duration {
+        let delay = self.restart_backoff;
+        self.restart_backoff = (delay * 2).min(RESTART_BACKOFF_MAX);
+        delay
+    }
+
+    /// A generation ended: its counters are frozen, its slot emptied.
+    pub(super) fn end(&mut self, number: u64, next: State, outcome: String) {
+        let counters = self.counters(number);
+        if let Err(error) = self
+            .generations
+            .transition(number, next, Instant::now(), Some(outcome))
+        {
+            warn!(%error, "generation state");
+            return;
+        }
+        self.ended_counters.insert(number, counters);
+        self.processes.remove(&number);
+        let slot = self.generations.get(number).map(|g| g.slot);
+        if let Some(slot) = slot {
+            for listener in self.listeners() {
+                if let Err(error) = self.steering.clear_slot(listener, slot) {
+                    warn!(error = %crate::error_chain(&error), "clearing slot");
+                }
+            }
+        }
+        let known = |n: &u64| self.generations.get(*n).is_some();
+        self.ended_counters.retain(|n, _| known(n));
+        self.stderr.retain(|n, _| known(n));
+        self.early_exits.retain(|n, _| known(n));
+        self.sockets.retain(|n, _| known(n));
+    }
+
+    // ---- Stop.
+
+    /// Begins the stop: no generation begins any more; the active one
+    /// drains like the others (its exit is no crash). Returns the live
+    /// generations: those that served drain, the others are killed.
+    pub fn begin_stop(&mut self) -> Vec<(u64, State)> {
+        self.stopping = true;
+        let live = self.live();
+        let now = Instant::now();
+        for &(number, state) in &live {
+            match state {
+                State::Active => {
+                    let _ = self
+                        .generations
+                        .transition(number, State::Draining, now, None);
+                }
+                State::Starting | State::Ready => {
+                    if let Some(process) = self.processes.get(&number) {
+                        process.signal_group(Signal::SIGKILL);
+                    }
+                    self.end(
+                        number,
+                        State::Failed,
+                        "killed: the instance is stopping".into(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        live
+    }
+}

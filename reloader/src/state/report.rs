@@ -1,0 +1,168 @@
+//! What the state reports: `status`, the counters of each generation,
+//! and the state file's content; and the records of adopted generations.
+
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+
+use super::{InstanceState, RegisteredSocket, saved};
+use crate::{
+    generation::State,
+    status::{CounterStatus, GenerationStatus, ListenerStatus, SocketStatus, StatusReport},
+    supervisor::Process,
+};
+
+impl InstanceState {
+    /// Counters of generation `number` summed over listeners: live from the
+    /// maps, or as frozen when it ended.
+    pub(super) fn counters(&self, number: u64) -> CounterStatus {
+        if let Some(done) = self.ended_counters.get(&number) {
+            return *done;
+        }
+        let Some(generation) = self.generations.get(number) else {
+            return CounterStatus::default();
+        };
+        let mut sum = CounterStatus::default();
+        for listener in self.listeners() {
+            if let Ok(c) = self.steering.counters(listener, generation.slot) {
+                sum += c.into();
+            }
+        }
+        sum
+    }
+
+    /// What `status` reports, without accept-queue lengths (those need a
+    /// netlink dump: [`Handle::status`] adds them outside the lock).
+    pub fn status(&self) -> StatusReport {
+        let now = Instant::now();
+        let listeners = self
+            .config
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let slot = self.steering.active(i as u32).ok().flatten();
+                ListenerStatus {
+                    addr: addr.to_string(),
+                    active_generation: self
+                        .generations
+                        .active()
+                        .filter(|g| Some(g.slot) == slot)
+                        .map(|g| g.number),
+                }
+            })
+            .collect();
+        let generations = self
+            .generations
+            .all()
+            .iter()
+            .rev()
+            .map(|g| {
+                let sockets = self
+                    .sockets
+                    .get(&g.number)
+                    .map(|v| {
+                        v.iter()
+                            .map(|s| SocketStatus {
+                                addr: s.socket.addr.to_string(),
+                                inode: s.socket.inode,
+                                cookie: s.socket.cookie,
+                                accept_queue: None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let spawned = g.timeline.spawned.unwrap_or(now);
+                let end = g.timeline.ended.unwrap_or(now);
+                GenerationStatus {
+                    generation: g.number,
+                    pid: g.pid,
+                    state: g.state,
+                    age_ms: end.saturating_duration_since(spawned).as_millis() as u64,
+                    slot: g.slot,
+                    outcome: g.outcome.clone(),
+                    sockets,
+                    counters: self.counters(g.number),
+                }
+            })
+            .collect();
+        StatusReport {
+            name: self.config.name.clone(),
+            pid: std::process::id(),
+            steering: self.steering.mode(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            listeners,
+            generations,
+            last_reload: self.last_reload.clone(),
+            reloads_succeeded: self.stats.reloads_succeeded,
+            reloads_failed: self.stats.reloads_failed,
+            restarts: self.stats.restarts,
+            drain_kills: self.stats.drain_kills,
+            unmanaged_fallback: self
+                .steering
+                .unmanaged_counters()
+                .map(|c| c.fallback)
+                .unwrap_or_default(),
+            map_entries: self.steering.entry_counts().unwrap_or_default(),
+            recovered: self.recovered.clone(),
+            log_lines_dropped: crate::logging::dropped_lines(),
+        }
+    }
+
+    /// What the state file records: the live generations with a process.
+    pub fn saved(&self) -> saved::Saved {
+        let generations = self
+            .generations
+            .live()
+            .filter_map(|g| {
+                let process = self.processes.get(&g.number)?;
+                Some(saved::SavedGeneration {
+                    number: g.number,
+                    slot: g.slot,
+                    pid: process.pid(),
+                    start_time: process.start_time(),
+                    state: g.state,
+                })
+            })
+            .collect();
+        saved::Saved::new(
+            self.config.listen.clone(),
+            self.generations.next_number(),
+            generations,
+        )
+    }
+
+    /// The sockets registered for generation `number`.
+    pub fn sockets(&self, number: u64) -> &[RegisteredSocket] {
+        self.sockets.get(&number).map_or(&[], Vec::as_slice)
+    }
+
+    /// Records sockets found for an adopted generation (already in its
+    /// slot, registered by the previous controller).
+    pub fn adopted_sockets(&mut self, number: u64, sockets: Vec<RegisteredSocket>) {
+        self.sockets.insert(number, sockets);
+    }
+
+    /// Processes of live generations that are not our children (adopted):
+    /// their exits must be watched by pidfd.
+    pub fn adopted(&self) -> Vec<(u64, &Process)> {
+        self.processes
+            .iter()
+            .filter(|(_, p)| !p.is_child())
+            .map(|(n, p)| (*n, p))
+            .collect()
+    }
+
+    /// Ends an adopted generation that was starting when the previous
+    /// controller died (that reload is lost).
+    pub fn kill_orphaned_candidate(&mut self, number: u64) {
+        if let Some(process) = self.processes.get(&number) {
+            process.signal_group(Signal::SIGKILL);
+        }
+        self.end(
+            number,
+            State::Failed,
+            "killed: it was starting when the previous controller died".into(),
+        );
+    }
+}

@@ -133,15 +133,31 @@ fn stop_services() -> Result<()> {
     Ok(())
 }
 
+/// Debian's Python (python3-venv): not whichever `python3` comes first in
+/// PATH (pyenv's, on some machines), so every machine gets the same venv.
+const PYTHON: &str = "/usr/bin/python3";
+
 fn install_pypi() -> Result<()> {
     let venv = venv();
     let python = venv.join("bin/python");
-    if !python.exists() {
+    let config = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
+    let debian = config
+        .lines()
+        .any(|l| l.replace(' ', "") == "home=/usr/bin");
+    if python.exists() && !debian {
         println!(
-            "test dependencies: creating the venv {} (python3 -m venv)",
+            "test dependencies: {} was not made by {PYTHON}: making it again",
             venv.display()
         );
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        std::fs::remove_dir_all(&venv)
+            .with_context(|| format!("failed to remove {}", venv.display()))?;
+    }
+    if !python.exists() {
+        println!(
+            "test dependencies: creating the venv {} ({PYTHON} -m venv)",
+            venv.display()
+        );
+        run(Command::new(PYTHON).arg("-m").arg("venv").arg(&venv))?;
     }
     let missing: Vec<_> = PYPI
         .iter()

@@ -568,8 +568,8 @@ fn plain_run(server: &Server, duration: Duration, migrate: bool) -> load::Report
 /// listener is reset unless it migrates); the same load against plain
 /// gunicorn, without and with `tcp_migrate_req=1`, measures that. Under
 /// reloader every live worker must serve, the program must (nearly) never
-/// fall back to the kernel's hash, and no more connections may fail than
-/// with `tcp_migrate_req=1` and no reloads at all.
+/// fall back to the kernel's hash, and no larger share of the connections
+/// may fail than with `tcp_migrate_req=1` and no reloads at all.
 #[test]
 fn gunicorn_max_requests_replaced_workers_serve_and_lose_no_more_than_tcp_migrate_req() {
     let _serial = serial();
@@ -604,7 +604,12 @@ fn gunicorn_max_requests_replaced_workers_serve_and_lose_no_more_than_tcp_migrat
     println!("{}\n{comparison}", run.summary());
     // "Near zero": at most 1% of the connections.
     let max_fallback = (run.report.total() / 100) as u64;
-    if let Some(failures) = run.failures(migrate.failures().len(), max_fallback) {
+    // The runs make different numbers of connections (reloads and probes
+    // take time): compare failure rates.
+    let tolerated = (migrate.failures().len() as f64 * (run.report.total() + run.probes) as f64
+        / migrate.total().max(1) as f64)
+        .ceil() as usize;
+    if let Some(failures) = run.failures(tolerated, max_fallback) {
         panic!("{failures}\n{comparison}");
     }
 }

@@ -301,3 +301,29 @@ pub fn listeners(
     inodes.retain(|_, holders| !holders.is_empty());
     inodes
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_name_generation_pid_thread_and_label() {
+        assert_eq!(
+            parse_answer("gen=3 pid=42 thread=1\n"),
+            Some(Answer {
+                generation: 3,
+                pid: Some(42),
+                thread: Some(1),
+                label: None
+            })
+        );
+        assert_eq!(
+            parse_answer("gen=2 caddy=2.11\n").map(|a| (a.pid, a.label)),
+            Some((None, Some("2.11".to_owned())))
+        );
+        // Caddy with an unset label answers `caddy=`.
+        assert_eq!(parse_answer("gen=1 caddy=").unwrap().label, None);
+        assert_eq!(parse_answer("pid=42"), None);
+        assert_eq!(parse_answer(""), None);
+    }
+}

@@ -294,15 +294,9 @@ fn demo_compare_runs_both_methods_under_the_same_load() {
 
 #[test]
 fn demo_without_privileges_says_what_is_needed() {
-    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    use std::os::unix::process::CommandExt;
     privileged();
-    // The checkout may sit where other users cannot enter (a clone under
-    // /root, mode 0700): the unprivileged user runs a copy of the binary
-    // from a directory everyone can read.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.path().join("reloader");
-    std::fs::copy(reloader_tests::instance::reloader_bin(), &bin).unwrap();
+    let (dir, bin) = reloader_tests::instance::reloader_bin_for_any_user();
     let out = std::process::Command::new(&bin)
         .args(["demo", "--duration", "1s"])
         .current_dir(dir.path())

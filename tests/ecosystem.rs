@@ -296,8 +296,10 @@ fn demo_compare_runs_both_methods_under_the_same_load() {
 fn demo_without_privileges_says_what_is_needed() {
     use std::os::unix::process::CommandExt;
     privileged();
-    let out = std::process::Command::new(reloader_tests::instance::reloader_bin())
+    let (dir, bin) = reloader_tests::instance::reloader_bin_for_any_user();
+    let out = std::process::Command::new(&bin)
         .args(["demo", "--duration", "1s"])
+        .current_dir(dir.path())
         .uid(65534)
         .gid(65534)
         .output()

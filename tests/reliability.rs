@@ -9,7 +9,7 @@ use std::{
 };
 
 use reloader_tests::{
-    instance::{Instance, reloader_bin},
+    instance::{Instance, reloader_bin, reloader_bin_for_any_user},
     load::{self, Load},
     privileged,
 };
@@ -103,11 +103,13 @@ fn a_peer_with_another_uid_is_refused() {
     // the controller's own SO_PEERCRED check is what refuses it.
     std::fs::set_permissions(instance.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&instance.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (bin_dir, bin) = reloader_bin_for_any_user();
     for request in [&["reload", "--wait"][..], &["stop"][..], &["status"][..]] {
-        let out = Command::new(reloader_bin())
+        let out = Command::new(&bin)
             .args(request)
             .arg("--control-socket")
             .arg(&instance.socket)
+            .current_dir(bin_dir.path())
             .uid(65534)
             .gid(65534)
             .output()
@@ -133,10 +135,12 @@ fn run_without_privileges_says_what_is_needed_and_starts_nothing() {
     privileged();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(reloader_bin())
+    let (bin_dir, bin) = reloader_bin_for_any_user();
+    let out = Command::new(&bin)
         .args(["run", "--control-socket"])
         .arg(dir.path().join("c.sock"))
         .args(["--listen", ADDR, "--", testserver(), "--listen", ADDR])
+        .current_dir(bin_dir.path())
         .uid(65534)
         .gid(65534)
         .output()

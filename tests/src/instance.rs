@@ -28,6 +28,23 @@ pub fn reloader_bin() -> PathBuf {
     bin
 }
 
+/// A copy of the `reloader` binary in a fresh directory every user can
+/// enter, for tests that run it as another user: the checkout (and so
+/// `target/`) may sit where others cannot (a clone under /root, mode 0700).
+/// The copy lives as long as the returned directory; run it with that
+/// directory as its working directory.
+pub fn reloader_bin_for_any_user() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tempdir");
+    let bin = dir.path().join("reloader");
+    std::fs::copy(reloader_bin(), &bin).expect("copy the reloader binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod reloader copy");
+    (dir, bin)
+}
+
 /// A `reloader run` controller started by a test.
 pub struct Instance {
     child: Option<Child>,

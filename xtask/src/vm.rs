@@ -47,6 +47,13 @@ const EXCLUDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Test binaries that cannot run in the busybox guest, with the reason.
+const HOST_ONLY_SUITES: &[(&str, &str)] = &[(
+    "servers",
+    "the real servers it wraps (nginx, HAProxy, Caddy, Apache, gunicorn, Go, Python) are not in \
+     the initramfs",
+)];
+
 pub struct VmOptions {
     /// A kernel image (bzImage or vmlinux), a `linux-image-*.deb`, or None
     /// for Debian's current `linux-image-amd64`.
@@ -65,6 +72,16 @@ pub fn integration_test(options: &VmOptions) -> Result<()> {
     std::fs::create_dir_all(vm_dir.join("cache"))?;
     let kernel = prepare_kernel(options.kernel.as_deref(), &vm_dir)?;
     let mut binaries = build_static(&root)?;
+    for (suite, reason) in HOST_ONLY_SUITES {
+        ensure!(
+            !options.only.iter().any(|n| n == suite),
+            "--only {suite}: it runs on the host only ({reason})"
+        );
+        if binaries.tests.iter().any(|(n, _)| n == suite) {
+            println!("vm: not running the {suite} suite: {reason}");
+            binaries.tests.retain(|(n, _)| n != suite);
+        }
+    }
     if !options.only.is_empty() {
         for name in &options.only {
             ensure!(

@@ -1,0 +1,3 @@
+module reloader.test/goserver
+
+go 1.19

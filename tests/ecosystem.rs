@@ -489,3 +489,82 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .collect();
     assert!(out.status.success() && problems.is_empty(), "{text}");
 }
+
+/// Regression: counters belong to a generation. Before, `status` showed
+/// generation N's connections plus those of every generation that had used
+/// its slot (5 connections each to generations 1–5 read 5, 5, 10, 10, 15),
+/// and `/metrics` the same. Slot reuse starts with the third generation.
+#[test]
+fn counters_are_per_generation_across_slot_reuse() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--metrics", METRICS, "--settle", "0s"],
+        &[testserver(), "--listen", ADDR],
+    );
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let mut sent = HashMap::new();
+    for generation in 1..=8u64 {
+        let n = 2 + generation as usize;
+        for _ in 0..n {
+            assert_eq!(load::request(addr).unwrap(), generation);
+        }
+        sent.insert(generation, n as u64);
+        if generation < 8 {
+            let (ok, answer) = instance.reload_wait();
+            assert!(ok, "reload: {answer}");
+        }
+    }
+    let status = instance.status();
+    let (_, metrics) = scrape(METRICS);
+    let generations = status["generations"].as_array().unwrap();
+    assert_eq!(generations.len(), 8, "all eight are listed: {status}");
+    for g in generations {
+        let number = g["generation"].as_u64().unwrap();
+        let slot = g["slot"].as_u64().unwrap();
+        let steered = g["counters"]["steered"].as_u64().unwrap();
+        assert_eq!(
+            steered, sent[&number],
+            "generation {number} (slot {slot}) shows only its own connections in status"
+        );
+        let metric = format!(r#"reloader_connections_steered_total{{generation="{number}"}}"#);
+        assert_eq!(
+            metrics.get(&metric).copied(),
+            Some(sent[&number] as f64),
+            "{metric}"
+        );
+    }
+    let slots: std::collections::BTreeSet<u64> = generations
+        .iter()
+        .map(|g| g["slot"].as_u64().unwrap())
+        .collect();
+    assert!(slots.len() < 8, "slots were reused: {slots:?}");
+    assert!(instance.stop().success());
+}
+
+/// Regression: the controller's stderr was written with blocking writes on
+/// its only thread, so a stderr pipe nobody read (a stuck log shipper)
+/// stalled reloads, reaping and the control socket once the pipe filled.
+#[test]
+fn a_stderr_nobody_reads_does_not_stall_reloads() {
+    privileged();
+    let mut instance = Instance::start_with_unread_stderr(
+        &["--listen", ADDR, "--settle", "0s"],
+        &[testserver(), "--listen", ADDR, "--chatty", "20000"],
+    );
+    for i in 0..20 {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "reload {i}: {answer}");
+        let status = instance.status();
+        assert_eq!(
+            status["listeners"][0]["active_generation"].as_u64(),
+            Some(i + 2),
+            "status answers between reloads"
+        );
+    }
+    let status = instance.status();
+    assert!(
+        status["log_lines_dropped"].as_u64().unwrap() > 0,
+        "the pipe filled and lines were dropped, counted: {status}"
+    );
+    assert!(instance.stop().success());
+}

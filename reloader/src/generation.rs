@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! starting ──► ready ──► active ──► draining ──► exited
-//!    │           │          │
-//!    └──► failed ◄┘          └──► exited (crashed while active)
+//!    │           │          │  ▲          │
+//!    └──► failed ◄┘          │  └──────────┘ reinstated (its successor
+//!                            │               crashed while it still
+//!                            │               held its listeners)
+//!                            └──► exited (crashed while active)
 //! ```
 //!
 //! A generation occupies one steering slot from spawn until it has exited;
@@ -51,7 +54,7 @@ impl State {
             (Starting, Ready | Failed)
                 | (Ready, Active | Failed)
                 | (Active, Draining | Exited)
-                | (Draining, Exited)
+                | (Draining, Exited | Active)
         )
     }
 }
@@ -76,6 +79,9 @@ pub struct Timeline {
     pub ready: Option<Instant>,
     pub active: Option<Instant>,
     pub draining: Option<Instant>,
+    /// When it was sent the drain signal (it may close its listeners from
+    /// then on).
+    pub signalled: Option<Instant>,
     pub ended: Option<Instant>,
 }
 
@@ -199,6 +205,21 @@ impl Generations {
         Ok(())
     }
 
+    /// Records that `number` was sent the drain signal.
+    pub fn signalled(&mut self, number: u64, now: Instant) -> Result<(), GenerationError> {
+        self.get_mut(number)?.timeline.signalled = Some(now);
+        Ok(())
+    }
+
+    /// The newest draining generation that has not been signalled yet: it
+    /// still holds its listeners and could serve again.
+    pub fn reinstatable(&self) -> Option<&Generation> {
+        self.list
+            .iter()
+            .rev()
+            .find(|g| g.state == State::Draining && g.timeline.signalled.is_none())
+    }
+
     /// Moves `number` to `next`, recording when; `outcome` says how it
     /// ended for `Exited` and `Failed`.
     pub fn transition(
@@ -220,7 +241,10 @@ impl Generations {
         let t = &mut generation.timeline;
         match next {
             State::Ready => t.ready = Some(now),
-            State::Active => t.active = Some(now),
+            State::Active => {
+                t.active = Some(now);
+                t.draining = None;
+            }
             State::Draining => t.draining = Some(now),
             State::Exited | State::Failed => {
                 t.ended = Some(now);
@@ -340,6 +364,11 @@ mod tests {
             g.transition(n, State::Ready, now, None).is_err(),
             "failed is final"
         );
+        let m = g.begin(now).unwrap().number;
+        assert!(
+            g.transition(m, State::Draining, now, None).is_err(),
+            "only an active generation drains"
+        );
         assert_eq!(
             g.transition(99, State::Ready, now, None),
             Err(GenerationError::Unknown { number: 99 })
@@ -393,6 +422,11 @@ mod tests {
             g.draining().map(|d| d.number).collect::<Vec<_>>(),
             vec![1, 2]
         );
+        // The newest draining generation not yet signalled can come back.
+        g.signalled(1, now).unwrap();
+        assert_eq!(g.reinstatable().map(|r| r.number), Some(2));
+        g.signalled(2, now).unwrap();
+        assert!(g.reinstatable().is_none());
     }
 
     #[test]

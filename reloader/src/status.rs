@@ -39,6 +39,11 @@ pub struct StatusReport {
     /// the controller's stderr was not read fast enough.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// Environment reloader sets for its servers (`NAME=value`), besides
+    /// what it inherited: `RELOADER_GENERATION`, `RELOADER_NAME`, and
+    /// `GODEBUG` with `multipathtcp=0` so Go servers listen with plain TCP.
+    #[serde(default)]
+    pub server_environment: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -239,6 +244,16 @@ impl StatusReport {
             "\nreloads: {} succeeded, {} failed; restarts: {}; drain kills: {}",
             self.reloads_succeeded, self.reloads_failed, self.restarts, self.drain_kills
         );
+        if let Some(godebug) = self
+            .server_environment
+            .iter()
+            .find(|e| e.starts_with("GODEBUG="))
+        {
+            let _ = writeln!(
+                out,
+                "servers get {godebug} (Go listens with plain TCP: MPTCP listeners cannot be steered)"
+            );
+        }
         if let Some(recovered) = &self.recovered {
             let _ = writeln!(out, "at start: {recovered}");
         }

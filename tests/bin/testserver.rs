@@ -68,6 +68,9 @@ struct Args {
     /// Send READY=1 to NOTIFY_SOCKET once listening.
     #[arg(long)]
     notify_ready: bool,
+    /// Write this many stderr lines per second (a chatty server).
+    #[arg(long, default_value_t = 0)]
+    chatty: u32,
     /// File with extra flags for this start.
     #[arg(long)]
     mode_file: Option<std::path::PathBuf>,
@@ -83,6 +86,7 @@ fn main() {
         args = Args::parse_from(argv);
     }
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
+    let chatty_generation = generation.clone();
     eprintln!(
         "testserver gen {generation} pid {} starting",
         std::process::id()
@@ -112,6 +116,22 @@ fn main() {
             thread::sleep(Duration::from_millis(ms));
             eprintln!("testserver: crashing as asked (--crash-after-ms)");
             std::process::exit(70);
+        });
+    }
+    if args.chatty > 0 {
+        let per_tick = (args.chatty / 100).max(1);
+        thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                for _ in 0..per_tick {
+                    n += 1;
+                    eprintln!(
+                        "testserver gen {chatty_generation}: chatter line {n} {}",
+                        "x".repeat(120)
+                    );
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
         });
     }
     thread::sleep(Duration::from_millis(args.start_delay_ms));

@@ -56,6 +56,9 @@ pub struct Instance {
     pub log: PathBuf,
     /// Every generation pid seen, for cleanup and leak checks.
     pub pids: Vec<u32>,
+    /// The controller's stderr is a pipe nobody reads (it stays open in
+    /// `child.stderr`).
+    unread_stderr: bool,
 }
 
 impl Instance {
@@ -97,6 +100,17 @@ impl Instance {
         server: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_wrapped_with(dir, wrapper, args, server, env, true)
+    }
+
+    fn spawn_wrapped_with(
+        dir: tempfile::TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        server: &[&str],
+        env: &[(&str, &str)],
+        start: bool,
+    ) -> Self {
         let socket = dir.path().join("control.sock");
         let log = dir.path().join("reloader.log");
         let mut command = match wrapper.split_first() {
@@ -127,8 +141,22 @@ impl Instance {
             socket,
             log,
             pids: Vec::new(),
+            unread_stderr: false,
         };
+        if start {
+            instance.respawn();
+        }
+        instance
+    }
+
+    /// As [`Instance::start`], with the controller's stderr a pipe that is
+    /// never read (it fills after 64 KiB).
+    pub fn start_with_unread_stderr(args: &[&str], server: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut instance = Self::spawn_wrapped_with(dir, &[], args, server, &[], false);
+        instance.unread_stderr = true;
         instance.respawn();
+        instance.wait_active(Duration::from_secs(30));
         instance
     }
 
@@ -141,13 +169,18 @@ impl Instance {
             .append(true)
             .open(&self.log)
             .expect("log file");
+        let stderr = if self.unread_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::from(log.try_clone().expect("log"))
+        };
         let child = Command::new(&self.command[0])
             .args(&self.command[1..])
             .env("RELOADER_LOG", "info,reloader=debug")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
+            .stdout(log)
+            .stderr(stderr)
             .spawn()
             .expect("spawn reloader run");
         self.child = Some(child);

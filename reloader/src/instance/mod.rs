@@ -37,7 +37,7 @@ use crate::{
         scheduler::{Outcome, Scheduler, Waiter, answer},
     },
     state::{Handle, InstanceState},
-    status::ReloadReport,
+    status::{ReloadReport, ReloadResult},
     steering::Steering,
     supervisor,
 };
@@ -118,6 +118,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     } else {
         scheduler.request(None);
     }
+    let tracker = tokio::spawn(reload::track(handle.clone(), host.clone()));
     let mut running: Option<Running> = None;
     let mut first_failure = None;
     loop {
@@ -154,8 +155,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
                         let handle = handle.clone();
                         drains.spawn(async move {
                             let report = cut_over.finish(&handle).await;
-                            crate::notify::ready(&format!("generation {} active", report.generation));
-                            answer(waiters, &Outcome::Done(report));
+                            let active = handle.read(|s| s.active());
+                            crate::notify::ready(&format!(
+                                "generation {} active",
+                                active.map_or("none".into(), |g| g.to_string())
+                            ));
+                            let outcome = match report.result {
+                                ReloadResult::Succeeded => Outcome::Done(report),
+                                ReloadResult::Failed => Outcome::Failed(report),
+                            };
+                            answer(waiters, &outcome);
                         });
                     }
                     Err(report) if first_start => {
@@ -194,6 +203,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     scheduler.refuse_all("the instance is stopping");
     drains.abort_all();
     let clean = shutdown::stop(&handle, &mut sigchld, &mut events, &events_tx).await;
+    tracker.abort();
     control_task.abort();
     if let Some(task) = metrics_task {
         task.abort();

@@ -16,7 +16,7 @@ pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Drains generation `old`; returns when it has exited (or was given up).
 pub async fn drain(handle: &Handle, old: u64) {
     let config = handle.read(|s| s.config().clone());
-    tokio::time::sleep(config.settle).await;
+    settle(handle, old, config.settle).await;
     if !handle.update(|s| s.drain_signal(old)) {
         return;
     }
@@ -31,6 +31,27 @@ pub async fn drain(handle: &Handle, old: u64) {
     handle.update(|s| s.kill(old));
     if !wait_exit(handle, old, KILL_GRACE).await {
         handle.update(|s| s.abandon(old, KILL_GRACE));
+    }
+}
+
+/// Lets `old` run for `settle` while it drains (it receives nothing new);
+/// returns early if it no longer drains (it ended, or was reinstated
+/// because its successor failed).
+async fn settle(handle: &Handle, old: u64, settle: Duration) {
+    let mut changed = handle.subscribe();
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        let draining = handle.read(|s| {
+            s.generation(old)
+                .is_some_and(|g| g.state == crate::generation::State::Draining)
+        });
+        if !draining {
+            return;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => return,
+        }
     }
 }
 

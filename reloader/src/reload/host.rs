@@ -1,7 +1,7 @@
 //! [`System`]: the real [`Host`] — processes, `/proc`, sock_diag and
 //! `pidfd_getfd`.
 
-use std::{net::SocketAddr, os::fd::AsFd, path::Path, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, os::fd::AsFd, path::Path, sync::Arc};
 
 use super::{Host, Scan};
 use crate::{
@@ -65,6 +65,15 @@ impl Host for System {
             })?
     }
 
+    async fn listening(&self) -> Result<BTreeSet<u64>, ReloadError> {
+        let listen = self.config.listen.clone();
+        tokio::task::spawn_blocking(move || Self::listening_now(&listen))
+            .await
+            .map_err(|e| ReloadError::Internal {
+                what: format!("discovery thread: {e}"),
+            })?
+    }
+
     fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
         scan.per_address
             .iter()
@@ -86,6 +95,20 @@ impl Host for System {
                     .collect()
             })
             .collect()
+    }
+}
+
+impl System {
+    /// Inodes listening on managed addresses.
+    fn listening_now(listen: &[SocketAddr]) -> Result<BTreeSet<u64>, ReloadError> {
+        let all = discovery::listeners().map_err(|source| ReloadError::DiscoveryError {
+            source: Box::new(source),
+        })?;
+        Ok(all
+            .into_iter()
+            .filter(|l| listen.contains(&l.addr))
+            .map(|l| l.inode)
+            .collect())
     }
 }
 

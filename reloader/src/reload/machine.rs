@@ -45,12 +45,24 @@ impl CutOver {
             self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
         }
         self.report.total_ms = Some(ms(self.t0.elapsed()));
-        self.report.result = ReloadResult::Succeeded;
-        info!(
-            generation = self.report.generation,
-            total = %human_duration(self.t0.elapsed()),
-            "reload complete"
-        );
+        match handle.read(|s| s.failed_after_cutover(self.report.generation)) {
+            None => {
+                self.report.result = ReloadResult::Succeeded;
+                info!(
+                    generation = self.report.generation,
+                    total = %human_duration(self.t0.elapsed()),
+                    "reload complete"
+                );
+            }
+            Some(reason) => {
+                warn!(
+                    generation = self.report.generation,
+                    "reload failed: {reason}"
+                );
+                self.report.result = ReloadResult::Failed;
+                self.report.error = Some(reason);
+            }
+        }
         record(handle, &self.report, self.first_start);
         self.report
     }

@@ -14,6 +14,11 @@
 //! 7. **settle**, then **drain** N: the drain signal, SIGKILL at the drain
 //!    timeout. Done when N has exited: the `reload --wait` barrier.
 //!
+//! From then on N+1's listeners are tracked ([`track`]): sockets it opens
+//! later are registered, closed ones drop out. If N+1 fails while N still
+//! holds its listeners (N settles, not yet signalled), N is made active
+//! again and the reload is reported failed.
+//!
 //! Any failure before step 6 kills N+1 and leaves N active: nothing was
 //! routed to N+1, so nothing is lost. The steps are functions of
 //! [`machine`] with one error type ([`crate::error::ReloadError`]); what they
@@ -26,12 +31,14 @@ pub mod machine;
 mod probe;
 mod ready;
 pub mod scheduler;
+mod track;
 
 use std::{future::Future, net::SocketAddr, path::Path};
 
 pub use drain::drain;
 pub use host::System;
 pub use machine::{CutOver, run};
+pub use track::{TRACK_INTERVAL, track};
 
 use crate::{
     discovery::{Holder, Listener},
@@ -78,6 +85,12 @@ pub trait Host: Send + Sync + 'static {
 
     /// Copies the sockets of `scan` into this process.
     fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError>;
+
+    /// The inodes of the sockets listening on managed addresses now (one
+    /// cheap kernel query; runs on a blocking thread).
+    fn listening(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::BTreeSet<u64>, ReloadError>> + Send;
 }
 
 #[cfg(test)]

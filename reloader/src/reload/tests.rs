@@ -96,6 +96,10 @@ impl Host for FakeHost {
         })
     }
 
+    async fn listening(&self) -> Result<std::collections::BTreeSet<u64>, ReloadError> {
+        Ok(std::collections::BTreeSet::new())
+    }
+
     fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
         let sockets = self.sockets.lock().unwrap();
         Ok(scan

@@ -16,14 +16,14 @@ use crate::{generation::State, supervisor::Process};
 impl InstanceState {
     /// Sends the drain signal to generation `number`'s leader; false if it
     /// no longer runs.
+    /// (Only while it drains: a generation reinstated meanwhile serves.)
     pub fn drain_signal(&mut self, number: u64) -> bool {
+        let draining = self
+            .generations
+            .get(number)
+            .is_some_and(|g| g.state == State::Draining);
         match self.processes.get(&number) {
-            Some(process)
-                if self
-                    .generations
-                    .get(number)
-                    .is_some_and(|g| g.state.is_live()) =>
-            {
+            Some(process) if draining => {
                 info!(
                     generation = number,
                     pid = process.pid(),
@@ -31,6 +31,7 @@ impl InstanceState {
                     "draining"
                 );
                 process.signal(self.config.drain_signal);
+                let _ = self.generations.signalled(number, Instant::now());
                 true
             }
             _ => false,
@@ -108,11 +109,7 @@ impl InstanceState {
             }
             State::Active => {
                 error!(generation = number, pid, "active generation {how}");
-                // Its sockets are gone with it; leave selection to the
-                // kernel until a new generation is active.
-                for listener in self.listeners() {
-                    let _ = self.steering.set_active(listener, None);
-                }
+                let reinstated = self.reinstate_previous(number, how);
                 let healthy = self
                     .generations
                     .get(number)
@@ -123,10 +120,64 @@ impl InstanceState {
                 }
                 self.end(number, State::Exited, how.to_owned());
                 self.stats.restarts += 1;
-                ExitEffect::Crashed { generation: number }
+                ExitEffect::Crashed {
+                    generation: number,
+                    reinstated,
+                }
             }
             State::Exited | State::Failed => ExitEffect::None,
         }
+    }
+
+    /// The active generation `failed` (exited, or lost its listener for an
+    /// address): the previous generation becomes active again at once if
+    /// it still holds its listeners — it drains but has not been sent the
+    /// drain signal — with one map update per listener. Otherwise
+    /// selection is left to the kernel until a new generation is active.
+    pub(super) fn reinstate_previous(&mut self, failed: u64, why: &str) -> Option<u64> {
+        let previous = self
+            .generations
+            .reinstatable()
+            .map(|g| (g.number, g.slot))
+            .filter(|(n, _)| {
+                let covered: std::collections::BTreeSet<usize> =
+                    self.sockets(*n).iter().map(|s| s.listener).collect();
+                covered.len() == self.config.listen.len()
+            });
+        let slot = previous.map(|(_, slot)| slot);
+        for listener in self.listeners() {
+            if let Err(error) = self.steering.set_active(listener, slot) {
+                error!(error = %crate::error_chain(&error), listener, "reinstating");
+            }
+        }
+        let (previous, _) = previous?;
+        let _ = self
+            .generations
+            .transition(previous, State::Active, Instant::now(), None);
+        warn!(
+            generation = previous,
+            failed, "reinstated: its successor {why} while it still held its listeners"
+        );
+        self.reinstated.insert(failed, (previous, why.to_owned()));
+        Some(previous)
+    }
+
+    /// Why the reload that made `number` active did not hold, if it did
+    /// not: it ended before its predecessor had exited (the barrier).
+    pub fn failed_after_cutover(&self, number: u64) -> Option<String> {
+        if let Some((previous, why)) = self.reinstated.get(&number) {
+            return Some(format!(
+                "generation {number} {why} after the cutover; generation {previous} (still \
+                 holding its listeners) was made active again"
+            ));
+        }
+        let g = self.generations.get(number)?;
+        (!g.state.is_live()).then(|| {
+            format!(
+                "generation {number} {} after the cutover",
+                g.outcome.as_deref().unwrap_or("ended")
+            )
+        })
     }
 
     /// The delay before the next restart after a crash or a failed
@@ -159,6 +210,7 @@ impl InstanceState {
         }
         let known = |n: &u64| self.generations.get(*n).is_some();
         self.ended_counters.retain(|n, _| known(n));
+        self.reinstated.retain(|n, _| known(n));
         self.stderr.retain(|n, _| known(n));
         self.early_exits.retain(|n, _| known(n));
         self.sockets.retain(|n, _| known(n));

@@ -14,6 +14,7 @@ mod handle;
 mod report;
 pub mod saved;
 mod steps;
+mod tracking;
 
 use std::{
     collections::HashMap,
@@ -23,6 +24,7 @@ use std::{
 };
 
 pub use handle::Handle;
+pub use tracking::{Refreshed, Tracked};
 
 use crate::{
     config::RunConfig,
@@ -90,9 +92,14 @@ pub enum ExitEffect {
     None,
     /// A starting, ready or draining generation ended.
     Ended { generation: u64 },
-    /// The active generation crashed: nothing receives new connections by
-    /// steering until a new generation is active.
-    Crashed { generation: u64 },
+    /// The active generation crashed. The previous generation was made
+    /// active again if it still held its listeners; otherwise nothing
+    /// receives new connections by steering until a new generation is
+    /// active.
+    Crashed {
+        generation: u64,
+        reinstated: Option<u64>,
+    },
 }
 
 /// Counts shown by `status` and the metrics.
@@ -116,6 +123,9 @@ pub struct InstanceState {
     stderr: HashMap<u64, StderrTail>,
     /// How generations that exited before they were ready ended.
     early_exits: HashMap<u64, String>,
+    /// Active generations that failed while their predecessor still held
+    /// its listeners: (the predecessor made active again, what happened).
+    reinstated: HashMap<u64, (u64, String)>,
     stats: Stats,
     last_reload: Option<ReloadReport>,
     restart_backoff: Duration,
@@ -145,6 +155,7 @@ impl InstanceState {
             ended_counters: HashMap::new(),
             stderr: HashMap::new(),
             early_exits: HashMap::new(),
+            reinstated: HashMap::new(),
             stats: Stats::default(),
             last_reload: None,
             restart_backoff: RESTART_BACKOFF_MIN,

@@ -106,6 +106,14 @@ impl InstanceState {
             map_entries: self.steering.entry_counts().unwrap_or_default(),
             recovered: self.recovered.clone(),
             log_lines_dropped: crate::logging::dropped_lines(),
+            server_environment: vec![
+                "RELOADER_GENERATION=<generation>".into(),
+                format!("RELOADER_NAME={}", self.config.name),
+                format!(
+                    "GODEBUG={}",
+                    crate::supervisor::godebug(std::env::var("GODEBUG").ok().as_deref())
+                ),
+            ],
         }
     }
 

@@ -185,7 +185,10 @@ fn a_crash_of_the_active_generation_leaves_selection_to_the_kernel() {
     let (number, slot, mut child) = activate(&mut state);
     assert_eq!(
         exit(&mut state, &mut child, "killed by SIGSEGV"),
-        ExitEffect::Crashed { generation: number }
+        ExitEffect::Crashed {
+            generation: number,
+            reinstated: None
+        }
     );
     assert_eq!(fake.maps().active.get(&0), None);
     assert!(!fake.maps().slots.contains_key(&(0, slot)));

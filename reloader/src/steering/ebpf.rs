@@ -529,6 +529,12 @@ fn check_reuseport(socket: BorrowedFd<'_>, expected: Option<(u32, SocketAddr)>) 
     let query = |source| SteeringError::SocketError { fd, source };
     let local: SockaddrStorage = getsockname(fd).map_err(query)?;
     let local_text = local.to_string();
+    if protocol(socket).map_err(query)? == IPPROTO_MPTCP {
+        return Err(SteeringError::MptcpListener {
+            fd,
+            addr: local_text,
+        });
+    }
     if !getsockopt(&socket, sockopt::ReusePort).map_err(query)? {
         return Err(SteeringError::NotReuseport {
             fd,
@@ -549,6 +555,26 @@ fn check_reuseport(socket: BorrowedFd<'_>, expected: Option<(u32, SocketAddr)>) 
         }
     }
     Ok(())
+}
+
+/// `IPPROTO_MPTCP` (not in libc for every target).
+const IPPROTO_MPTCP: i32 = 262;
+
+/// The socket's `SO_PROTOCOL`.
+fn protocol(socket: BorrowedFd<'_>) -> nix::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid fd, an int-sized buffer and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    nix::errno::Errno::result(rc).map(|_| value)
 }
 
 fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {

@@ -69,6 +69,17 @@ pub enum SteeringError {
          HAProxy sets it by default)"
     )]
     NotReuseport { fd: i32, addr: String },
+    /// A socket offered for registration is an MPTCP socket: the kernel
+    /// lets no `SK_REUSEPORT` program attach to it or select it.
+    #[error(
+        "the listening socket for {addr} is an MPTCP socket (IPPROTO_MPTCP, what Go >= 1.24 \
+         listens with by default), and the kernel cannot steer connections to MPTCP listeners: \
+         let the server listen with plain TCP (reloader sets GODEBUG=multipathtcp=0 for its \
+         servers unless GODEBUG already sets multipathtcp; a Go program that calls \
+         SetMultipathTCP(true) must stop doing so; or `sysctl net.mptcp.enabled=0` in the \
+         server's network namespace)"
+    )]
+    MptcpListener { fd: i32, addr: String },
     /// A socket offered for registration is not a listening TCP socket.
     #[error("the socket is not a listening TCP socket")]
     NotListening { fd: i32 },

@@ -62,6 +62,7 @@ pub fn spawn(
     };
     cmd.env("RELOADER_GENERATION", generation.to_string())
         .env("RELOADER_NAME", name)
+        .env("GODEBUG", godebug(std::env::var("GODEBUG").ok().as_deref()))
         // Our own NOTIFY_SOCKET (systemd's) is not the server's.
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
@@ -109,6 +110,32 @@ pub fn spawn(
     Ok(Spawned { process, stderr })
 }
 
+/// The `GODEBUG` a generation gets: the controller's own, plus
+/// `multipathtcp=0` unless it sets that key already. Go ≥ 1.24 listens
+/// with `IPPROTO_MPTCP` by default, and the kernel lets no `SK_REUSEPORT`
+/// program select an MPTCP listener (`EOPNOTSUPP` attaching to it, and its
+/// TCP subflow listener cannot be put in any socket map), so reloader could
+/// not steer to a modern Go server; with this key Go listens with plain
+/// TCP. The last value of a repeated key wins in Go, so a user's explicit
+/// `multipathtcp=1` is kept (and then refused with a clear error at
+/// registration).
+pub fn godebug(current: Option<&str>) -> String {
+    match current.map(str::trim).filter(|c| !c.is_empty()) {
+        None => GODEBUG_MPTCP_OFF.to_owned(),
+        Some(current)
+            if current
+                .split(',')
+                .any(|kv| kv.trim().split('=').next() == Some("multipathtcp")) =>
+        {
+            current.to_owned()
+        }
+        Some(current) => format!("{current},{GODEBUG_MPTCP_OFF}"),
+    }
+}
+
+/// What [`godebug`] adds.
+pub const GODEBUG_MPTCP_OFF: &str = "multipathtcp=0";
+
 /// Moves `fds` to 3, 4, … without CLOEXEC (in the forked child). First
 /// every fd is copied above the target range, so that no `dup2` overwrites
 /// a descriptor still to be moved.
@@ -146,4 +173,21 @@ pub fn exec_with_listen_fds(count: usize, names: &str, command: &[String]) -> io
         .env("LISTEN_FDS", count.to_string())
         .env("LISTEN_FDNAMES", names)
         .exec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_servers_listen_with_plain_tcp_unless_told_otherwise() {
+        assert_eq!(godebug(None), "multipathtcp=0");
+        assert_eq!(godebug(Some("")), "multipathtcp=0");
+        assert_eq!(godebug(Some("http2debug=1")), "http2debug=1,multipathtcp=0");
+        assert_eq!(
+            godebug(Some("multipathtcp=1,x=2")),
+            "multipathtcp=1,x=2",
+            "the user's own choice is kept"
+        );
+    }
 }

@@ -1,0 +1,139 @@
+//! The state side of listener tracking (`crate::reload` tracks): which
+//! generations are tracked, and rewriting a generation's slot with the
+//! sockets it holds now.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+    time::Instant,
+};
+
+use super::{FoundSocket, InstanceState, RegisteredSocket};
+use crate::{error::ReloadError, generation::State};
+
+/// A generation whose listeners are tracked.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub number: u64,
+    pub pid: u32,
+    /// The inodes registered for it now.
+    pub inodes: BTreeSet<u64>,
+}
+
+/// What a refresh did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    Unchanged,
+    /// Its slot now holds what it holds.
+    Sockets {
+        added: usize,
+        removed: usize,
+    },
+    /// The active generation no longer listens on `lost`; the previous one
+    /// was made active again (`reinstated`) and this one must drain.
+    Demoted {
+        lost: SocketAddr,
+        reinstated: u64,
+    },
+    /// As `Demoted`, but no previous generation could take over.
+    LostListener {
+        lost: SocketAddr,
+    },
+}
+
+impl InstanceState {
+    /// Generations whose listeners are tracked: ready and active ones.
+    pub fn tracked(&self) -> Vec<Tracked> {
+        self.generations
+            .live()
+            .filter(|g| matches!(g.state, State::Ready | State::Active))
+            .filter_map(|g| {
+                Some(Tracked {
+                    number: g.number,
+                    pid: g.pid?,
+                    inodes: self
+                        .sockets(g.number)
+                        .iter()
+                        .map(|s| s.socket.inode)
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Inodes registered for any live generation.
+    pub fn registered_inodes(&self) -> BTreeSet<u64> {
+        self.generations
+            .live()
+            .flat_map(|g| self.sockets(g.number).iter().map(|s| s.socket.inode))
+            .collect()
+    }
+
+    /// Rewrites generation `number`'s slot with `found` (per address, as
+    /// `--listen` orders them): what its tree holds now.
+    pub fn refresh(
+        &mut self,
+        number: u64,
+        found: Vec<Vec<FoundSocket>>,
+    ) -> Result<Refreshed, ReloadError> {
+        let Some(generation) = self.generations.get(number) else {
+            return Ok(Refreshed::Unchanged);
+        };
+        if !matches!(generation.state, State::Ready | State::Active) {
+            return Ok(Refreshed::Unchanged);
+        }
+        let (slot, active) = (generation.slot, generation.state == State::Active);
+        if let Some(i) = found.iter().position(Vec::is_empty) {
+            let lost = self.config.listen[i];
+            if !active {
+                return Ok(Refreshed::LostListener { lost });
+            }
+            let why = format!("stopped listening on {lost}");
+            return Ok(match self.reinstate_previous(number, &why) {
+                Some(reinstated) => {
+                    let _ =
+                        self.generations
+                            .transition(number, State::Draining, Instant::now(), None);
+                    Refreshed::Demoted { lost, reinstated }
+                }
+                None => Refreshed::LostListener { lost },
+            });
+        }
+        let before: BTreeSet<u64> = self
+            .sockets(number)
+            .iter()
+            .map(|s| s.socket.inode)
+            .collect();
+        let mut registered = Vec::new();
+        for (i, sockets) in found.iter().enumerate() {
+            let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.copy.as_fd()).collect();
+            let first = &sockets[0];
+            self.steering
+                .set_slot_sockets(i as u32, slot, &fds)
+                .map_err(|source| ReloadError::RegisterError {
+                    addr: self.config.listen[i],
+                    pid: first.holder.pid,
+                    process: crate::discovery::process_name(first.holder.pid)
+                        .unwrap_or_else(|| "?".into()),
+                    fd: first.holder.fd,
+                    source: Box::new(source),
+                })?;
+            registered.extend(sockets.iter().map(|s| RegisteredSocket {
+                listener: i,
+                socket: s.socket.clone(),
+                holder: s.holder,
+            }));
+        }
+        let after: BTreeSet<u64> = registered.iter().map(|s| s.socket.inode).collect();
+        self.sockets.insert(number, registered);
+        Ok(if before == after {
+            Refreshed::Unchanged
+        } else {
+            Refreshed::Sockets {
+                added: after.difference(&before).count(),
+                removed: before.difference(&after).count(),
+            }
+        })
+    }
+}

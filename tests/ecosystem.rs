@@ -418,44 +418,40 @@ fn works_as_pid_1_of_a_pid_namespace() {
     assert!(ok);
     assert_eq!(load::request(ADDR.parse().unwrap()).unwrap(), 2);
 
-    // After the orphans' `sleep` ended, none is left as a zombie.
-    std::thread::sleep(Duration::from_millis(600));
+    // Once the orphaned `sleep` has ended, none is left as a zombie.
     let unshare = instance.pid();
-    let controller = children_of(unshare);
+    let controller: Vec<u32> = reloader_tests::process::children(unshare)
+        .into_iter()
+        .collect();
     assert_eq!(
         controller.len(),
         1,
         "unshare runs one child: the controller"
     );
-    let zombies: Vec<u32> = children_of(controller[0])
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-        })
-        .collect();
-    assert!(zombies.is_empty(), "unreaped orphans: {zombies:?}");
+    let orphan_ran = |pid: &u32| {
+        procfs::process::Process::new(*pid as i32)
+            .and_then(|p| p.stat())
+            .is_ok_and(|s| s.comm == "sleep")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let children = reloader_tests::process::children(controller[0]);
+        let zombies: Vec<u32> = children
+            .iter()
+            .copied()
+            .filter(|pid| reloader_tests::process::zombie(*pid))
+            .collect();
+        let sleeping = children.iter().any(orphan_ran);
+        if !sleeping && zombies.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unreaped orphans 5s after they exited: {zombies:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(instance.stop().success(), "clean stop as PID 1");
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<u32>().ok())
-                    == Some(parent)
-            })
-        })
-        .collect()
 }
 
 /// contrib/reloader@.service is a unit systemd accepts (with ExecStart

@@ -309,7 +309,7 @@ fn stop_leaves_no_process_behind() {
     let (ok, _) = instance.reload_wait();
     assert!(ok);
     let controller = instance.pid();
-    let tree = descendants(controller);
+    let tree = reloader_tests::process::descendants(controller);
     assert!(tree.len() >= 4, "leader and three workers: {tree:?}");
     let status = instance.stop();
     assert!(status.success(), "clean stop exits 0: {status}");
@@ -397,31 +397,6 @@ fn reload_without_wait_returns_once_accepted() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(instance.stop().success());
-}
-
-fn descendants(root: u32) -> Vec<u32> {
-    let output = Command::new("ps")
-        .args(["-eo", "pid=,ppid="])
-        .output()
-        .unwrap();
-    let pairs: Vec<(u32, u32)> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace().map(|x| x.parse().ok());
-            Some((it.next()??, it.next()??))
-        })
-        .collect();
-    let mut tree = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for (pid, ppid) in &pairs {
-            if *ppid == p {
-                tree.push(*pid);
-                frontier.push(*pid);
-            }
-        }
-    }
-    tree
 }
 
 /// Generations are not tied to the controller's life: killed with SIGKILL,

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     os::unix::{fs::PermissionsExt, process::CommandExt},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use reloader_tests::{
@@ -269,7 +269,11 @@ fn stale_state_is_cleaned_up_and_reported() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reloader_tests::process::alive(server as u32) {
+        assert!(Instant::now() < deadline, "the server did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
     let status = instance.status();
@@ -299,31 +303,35 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     );
     std::fs::write(&mode, "--never-listen").unwrap();
     assert!(instance.client(&["reload"]).status.success());
-    // Wait until the candidate (generation 2) runs.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Wait until the candidate (generation 2) runs the server (its start
+    // gate opens only once the state file names it).
+    let deadline = Instant::now() + Duration::from_secs(10);
     let candidate = loop {
         let status = instance.status();
-        if let Some(g) = status["generations"]
+        let pid = status["generations"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|g| g["generation"] == 2 && g["pid"].is_u64())
-        {
-            break g["pid"].as_u64().unwrap() as u32;
+            .find(|g| g["generation"] == 2)
+            .and_then(|g| g["pid"].as_u64());
+        let serving = pid.is_some_and(|pid| {
+            procfs::process::Process::new(pid as i32)
+                .and_then(|p| p.stat())
+                .is_ok_and(|s| s.comm == "testserver")
+        });
+        if let (Some(pid), true) = (pid, serving) {
+            break pid as u32;
         }
-        assert!(std::time::Instant::now() < deadline);
+        assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     };
     kill_controller(&mut instance);
     std::fs::remove_file(&mode).unwrap();
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while reloader_tests::instance::process_alive(candidate) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the candidate was killed"
-        );
+        assert!(Instant::now() < deadline, "the candidate was killed");
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = instance.status();

@@ -323,7 +323,7 @@ fn check_generation(instance: &Instance, server: &Server, generation: u64, run: 
     // Listeners: a socket that appears after the generation was registered
     // may still be registered a moment later; one that stays unregistered
     // for 2 s gets no connection.
-    let held = servers::listeners(pid, addr(), &servers::tree(pid));
+    let held = servers::listeners(addr(), &servers::tree(pid));
     let mut unregistered: BTreeMap<u64, BTreeSet<u32>> = held
         .iter()
         .filter(|(inode, _)| !registered_inodes.contains(inode))
@@ -333,7 +333,7 @@ fn check_generation(instance: &Instance, server: &Server, generation: u64, run: 
     while !unregistered.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         let (_, now_registered) = registered(instance, generation);
-        let still_held = servers::listeners(pid, addr(), &servers::tree(pid));
+        let still_held = servers::listeners(addr(), &servers::tree(pid));
         unregistered
             .retain(|inode, _| !now_registered.contains(inode) && still_held.contains_key(inode));
     }
@@ -374,10 +374,10 @@ fn check_generation(instance: &Instance, server: &Server, generation: u64, run: 
         probes += 1;
         match servers::request(addr()) {
             Ok(answer) => {
-                if answer.generation != generation {
+                if answer.generation != Some(generation) {
                     run.problems.push(format!(
                         "a probe while generation {generation} was active was answered by \
-                         generation {}",
+                         generation {:?}",
                         answer.generation
                     ));
                 }

@@ -59,9 +59,12 @@ pub enum Command {
     /// Print the man page (roff).
     #[command(hide = true)]
     Man,
-    /// Socket activation shim: sets LISTEN_PID to its own pid and execs CMD.
+    /// Every generation's start: waits for the controller's go, sets
+    /// LISTEN_PID to its own pid when sockets are passed, and execs CMD.
     #[command(name = "__exec", hide = true)]
     Exec {
+        #[arg(long)]
+        gate_fd: i32,
         #[arg(long)]
         listen_fds: usize,
         #[arg(long, default_value = "")]

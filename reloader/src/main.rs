@@ -88,11 +88,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Exec {
+            gate_fd,
             listen_fds,
             fd_names,
             command,
         } => {
-            let error = supervisor::exec_with_listen_fds(listen_fds, &fd_names, &command);
+            let error = supervisor::exec_shim(gate_fd, listen_fds, &fd_names, &command);
             bail!("failed to start {:?}: {error}", command[0]);
         }
         Command::Serve { listen } => reloader::demo::server::run(listen),

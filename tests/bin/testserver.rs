@@ -223,7 +223,7 @@ fn notify_ready(args: &Args) {
 }
 
 fn listen(addr: &SocketAddr, args: &Args) -> TcpListener {
-    match server::listen(*addr, !args.no_reuseport) {
+    match reloader::net::tcp_listener(*addr, !args.no_reuseport) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("testserver: bind {addr}: {e}");

@@ -39,7 +39,15 @@ pub fn reloader_bin_for_any_user() -> (tempfile::TempDir, PathBuf) {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod tempdir");
     let bin = dir.path().join("reloader");
-    std::fs::copy(reloader_bin(), &bin).expect("copy the reloader binary");
+    // Copied by `cp`, not by this process: a test thread that forks while
+    // this process holds the copy open for writing would keep it open in
+    // its child, and executing the copy would fail with ETXTBSY.
+    let copied = Command::new("cp")
+        .arg(reloader_bin())
+        .arg(&bin)
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "copy the reloader binary");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
         .expect("chmod reloader copy");
     (dir, bin)
@@ -382,12 +390,4 @@ impl Drop for Instance {
 }
 
 /// Whether a process exists (and is not a zombie).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub use crate::process::alive as process_alive;

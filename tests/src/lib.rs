@@ -15,7 +15,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, unshare};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket, Type};
 
 /// Asserts the test runs as root and enters a new network namespace.
 pub fn privileged() {
@@ -54,24 +54,12 @@ fn loopback_up() {
 
 /// A TCP socket with `SO_REUSEPORT`, bound to `addr`, not yet listening.
 pub fn reuseport_socket(addr: SocketAddr) -> Socket {
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    socket.set_reuse_port(true).expect("SO_REUSEPORT");
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).expect("IPV6_V6ONLY");
-    }
-    socket
-        .bind(&addr.into())
-        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    socket
+    reloader::net::bound_tcp(addr, true).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
 }
 
 /// A non-blocking listening socket with `SO_REUSEPORT` on `addr`.
 pub fn reuseport_listener(addr: SocketAddr) -> TcpListener {
-    let socket = reuseport_socket(addr);
-    socket.listen(1024).expect("listen");
-    socket.set_nonblocking(true).expect("nonblocking");
-    socket.into()
+    reloader::net::tcp_listener(addr, true).unwrap_or_else(|e| panic!("listen on {addr}: {e}"))
 }
 
 /// Opens `n` connections to `addr`; each sends `hello {i}\n`.
@@ -173,4 +161,5 @@ pub mod instance;
 pub mod load;
 pub mod loadgen;
 pub mod nginx;
+pub mod process;
 pub mod servers;

@@ -1,18 +1,18 @@
-//! A bounded load of new connections: each opens a TCP connection, sends an
-//! HTTP request, and must read a complete `200` response naming the
-//! generation that served it. Every connection's outcome is kept, so tests
-//! can assert "no failure" and "answered by the expected generation".
+//! A bounded load of new connections for the privileged tests, driven by
+//! the one load client ([`reloader::demo::load`]) on a thread of its own:
+//! each connection sends an HTTP request and must read a complete `200`
+//! response naming the generation that served it. Every connection's
+//! outcome is kept, so tests can assert "no failure" and "answered by the
+//! expected generation".
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::SocketAddr,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
+
+use reloader::demo::load::{self as client, Answer, Config, Kind};
+use tokio::sync::oneshot;
 
 /// Hard limit on how long a load may run, whatever the test does.
 const MAX_RUN: Duration = Duration::from_secs(300);
@@ -24,13 +24,16 @@ pub struct Outcome {
     pub started: Duration,
     /// The generation that answered, or what went wrong.
     pub result: Result<u64, String>,
+    /// Who answered (pid, thread), when the server said.
+    pub answer: Answer,
 }
 
 /// A running load.
 pub struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Vec<Outcome>>>,
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<Vec<client::Event>>,
     pub start: Instant,
+    start_ns: u64,
 }
 
 /// A finished load.
@@ -40,49 +43,62 @@ pub struct Report {
 }
 
 impl Load {
-    /// Starts `concurrency` client threads against `addr`.
+    /// Starts `concurrency` connection loops against `addr`.
     pub fn start(addr: SocketAddr, concurrency: usize) -> Self {
         Self::start_bounded(addr, concurrency, MAX_RUN)
     }
 
     /// As [`Load::start`], stopping by itself after `max_run`.
     pub fn start_bounded(addr: SocketAddr, concurrency: usize, max_run: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = oneshot::channel();
+        let config = Config {
+            max_duration: max_run,
+            ..Config::concurrent(addr, concurrency)
+        };
         let start = Instant::now();
-        let threads = (0..concurrency)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let mut outcomes = Vec::new();
-                    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_run {
-                        let started = start.elapsed();
-                        outcomes.push(Outcome {
-                            started,
-                            result: request(addr),
-                        });
-                    }
-                    outcomes
-                })
-            })
-            .collect();
+        let start_ns = client::monotonic_ns();
+        let thread = std::thread::spawn(move || {
+            runtime().block_on(client::run(config, async {
+                let _ = stopped.await;
+            }))
+        });
         Self {
             stop,
-            threads,
+            thread,
             start,
+            start_ns,
         }
     }
 
     /// Stops the clients and collects every outcome.
     pub fn finish(self) -> Report {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut outcomes: Vec<Outcome> = self
-            .threads
-            .into_iter()
-            .flat_map(|t| t.join().expect("load thread"))
-            .collect();
-        outcomes.sort_by_key(|o| o.started);
-        Report { outcomes }
+        let _ = self.stop.send(());
+        let events = self.thread.join().expect("load thread");
+        let start_ns = self.start_ns;
+        Report {
+            outcomes: events.iter().map(|e| outcome(e, start_ns)).collect(),
+        }
     }
+}
+
+fn outcome(event: &client::Event, start_ns: u64) -> Outcome {
+    let result = match (event.kind, event.generation()) {
+        (Kind::Ok, Some(generation)) => Ok(generation),
+        (Kind::Ok, None) => Err("a 200 that does not say which generation answered".into()),
+        (kind, _) => Err(kind.name().to_owned()),
+    };
+    Outcome {
+        started: Duration::from_nanos(event.start_ns.saturating_sub(start_ns)),
+        result,
+        answer: event.answer.clone(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("load runtime")
 }
 
 impl Report {
@@ -118,29 +134,19 @@ impl Report {
     }
 }
 
-/// One connection: request, full response, the generation that answered.
-pub fn request(addr: SocketAddr) -> Result<u64, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("read ({} bytes so far): {e}", response.len()))?;
-    let text = String::from_utf8_lossy(&response);
-    if !text.starts_with("HTTP/1.1 200") {
-        return Err(format!("short or bad response: {text:?}"));
+/// One connection: who answered a complete `200`, or what went wrong.
+pub fn answer(addr: SocketAddr) -> Result<Answer, String> {
+    let event = runtime().block_on(client::connection(addr, Duration::from_secs(5)));
+    match event.kind {
+        Kind::Ok => Ok(event.answer),
+        kind => Err(kind.name().to_owned()),
     }
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let generation = body
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("gen="))
-        .and_then(|g| g.parse().ok())
-        .ok_or_else(|| format!("no generation in {body:?}"))?;
-    Ok(generation)
+}
+
+/// One connection: the generation that answered.
+pub fn request(addr: SocketAddr) -> Result<u64, String> {
+    let answer = answer(addr)?;
+    answer
+        .generation
+        .ok_or_else(|| format!("no generation in the answer {answer:?}"))
 }

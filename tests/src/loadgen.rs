@@ -1,89 +1,17 @@
-//! The benchmark's load client (binary `loadgen`, driven by `cargo xtask
-//! bench`): opens new TCP connections continuously — a fixed number at a
-//! time as fast as they complete, or at a fixed rate — sends a small HTTP
-//! request on each and requires a complete response. Every connection
-//! becomes one [`Event`]: when it started (`CLOCK_MONOTONIC`, so the
-//! orchestrating process can cut reload windows out of it), how long
-//! connect + response took, how it ended, and which generation answered
-//! (`gen=N` in the body, as the test server and the bench's nginx say).
-//!
-//! Events are written to a file in a fixed little-endian layout
-//! ([`write_events`], [`read_events`]) and aggregated by the bench.
+//! The benchmark's event files: the one load client
+//! ([`reloader::demo::load`]) drives the load (binary `loadgen`, run by
+//! `cargo xtask bench`), and every connection is written as one compact
+//! [`Event`] in a fixed little-endian layout ([`write_events`],
+//! [`read_events`]) that the bench aggregates.
 
 use std::{
     future::Future,
     io::{self, ErrorKind, Read, Write},
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+pub use reloader::demo::load::{Config, Kind, Pace, monotonic_ns};
 
-/// What every connection sends.
-pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
-
-/// How a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Kind {
-    /// A complete `200` response.
-    Ok = 0,
-    /// `connect` failed with `ECONNREFUSED` (no listener, or a listener
-    /// that closed with the SYN in flight).
-    Refused = 1,
-    /// `ECONNRESET`, `ECONNABORTED` or `EPIPE`: the server side reset the
-    /// connection (a closed listener's queue, a graceful stop closing an
-    /// accepted connection with our request unread).
-    Reset = 2,
-    /// No complete response within the client's timeout.
-    Timeout = 3,
-    /// The server closed the connection before a complete response.
-    ShortRead = 4,
-    /// Anything else: a non-200 response, or a local error (for example
-    /// `EADDRNOTAVAIL` when ephemeral ports run out).
-    Other = 5,
-}
-
-impl Kind {
-    /// Every kind, in report order.
-    pub const ALL: [Kind; 6] = [
-        Kind::Ok,
-        Kind::Refused,
-        Kind::Reset,
-        Kind::Timeout,
-        Kind::ShortRead,
-        Kind::Other,
-    ];
-
-    /// The name reports use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Ok => "ok",
-            Kind::Refused => "refused",
-            Kind::Reset => "reset",
-            Kind::Timeout => "timeout",
-            Kind::ShortRead => "short_read",
-            Kind::Other => "other",
-        }
-    }
-
-    pub fn is_failure(self) -> bool {
-        self != Kind::Ok
-    }
-
-    fn from_u8(v: u8) -> Option<Kind> {
-        Kind::ALL.get(usize::from(v)).copied()
-    }
-}
-
-/// One connection.
+/// One connection, as the event file records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     /// `CLOCK_MONOTONIC` when the connection started, in nanoseconds.
@@ -95,184 +23,24 @@ pub struct Event {
     pub generation: Option<u32>,
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and a valid timespec to fill.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "CLOCK_MONOTONIC is always available");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Classifies a failed connect, send or receive.
-pub fn classify_error(error: &io::Error) -> Kind {
-    match error.kind() {
-        ErrorKind::ConnectionRefused => Kind::Refused,
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-            Kind::Reset
+impl From<&reloader::demo::load::Event> for Event {
+    fn from(e: &reloader::demo::load::Event) -> Self {
+        Self {
+            start_ns: e.start_ns,
+            latency_us: e.latency_us,
+            kind: e.kind,
+            generation: e.generation().and_then(|g| u32::try_from(g).ok()),
         }
-        ErrorKind::TimedOut => Kind::Timeout,
-        ErrorKind::UnexpectedEof => Kind::ShortRead,
-        _ => Kind::Other,
     }
 }
 
-/// Classifies everything the server sent before it closed the connection,
-/// and reads the generation that answered from a `gen=N` word of the body.
-pub fn classify_response(response: &[u8]) -> (Kind, Option<u32>) {
-    let Some(header_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return (Kind::ShortRead, None);
-    };
-    let head = String::from_utf8_lossy(&response[..header_end]);
-    let body = &response[header_end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_ok = lines.next().is_some_and(|status| {
-        let mut words = status.split_whitespace();
-        words.next().is_some_and(|v| v.starts_with("HTTP/1.")) && words.next() == Some("200")
-    });
-    if !status_ok {
-        return (Kind::Other, None);
-    }
-    let content_length = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    if content_length.is_some_and(|len| body.len() < len) {
-        return (Kind::ShortRead, None);
-    }
-    let generation = String::from_utf8_lossy(body)
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("gen=")?.parse().ok());
-    (Kind::Ok, generation)
-}
-
-/// How new connections are paced.
-#[derive(Clone, Copy, Debug)]
-pub enum Pace {
-    /// This many connections at a time, each followed at once by the next:
-    /// as fast as the server completes them.
-    Concurrency(usize),
-    /// This many new connections per second, at most `max_in_flight` open
-    /// at once (beyond that the client waits, and the rate drops: the
-    /// report shows it).
-    Rate {
-        per_second: f64,
-        max_in_flight: usize,
-    },
-}
-
-/// A load to run.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub addr: SocketAddr,
-    pub pace: Pace,
-    /// Whole-connection timeout (connect + request + response).
-    pub timeout: Duration,
-    /// Stop by itself after this long, whatever the caller does.
-    pub max_duration: Duration,
-}
-
-/// One connection, start to finish.
-pub async fn connection(addr: SocketAddr, timeout: Duration) -> Event {
-    let start_ns = monotonic_ns();
-    let started = Instant::now();
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(REQUEST).await?;
-        let mut response = Vec::with_capacity(256);
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, io::Error>(response)
-    };
-    let (kind, generation) = match tokio::time::timeout(timeout, attempt).await {
-        Err(_) => (Kind::Timeout, None),
-        Ok(Err(error)) => (classify_error(&error), None),
-        Ok(Ok(response)) => classify_response(&response),
-    };
-    Event {
-        start_ns,
-        latency_us: u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX),
-        kind,
-        generation,
-    }
-}
-
-/// Runs the load until `stop` completes (or `max_duration` passes), lets
-/// the connections in flight finish (each is bounded by the timeout), and
-/// returns every connection's event in start order. Call inside a tokio
-/// runtime with time and I/O enabled.
+/// Runs the load until `stop` (see [`reloader::demo::load::run`]).
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Vec<Event> {
-    let stopping = Arc::new(AtomicBool::new(false));
-    let workers = match config.pace {
-        Pace::Concurrency(n) => (0..n.max(1))
-            .map(|_| {
-                let stopping = stopping.clone();
-                let config = config.clone();
-                tokio::spawn(async move {
-                    let mut events = Vec::new();
-                    while !stopping.load(Ordering::Relaxed) {
-                        events.push(connection(config.addr, config.timeout).await);
-                    }
-                    events
-                })
-            })
-            .collect::<Vec<_>>(),
-        Pace::Rate {
-            per_second,
-            max_in_flight,
-        } => {
-            let stopping = stopping.clone();
-            let config = config.clone();
-            vec![tokio::spawn(async move {
-                paced(config, per_second, max_in_flight, stopping).await
-            })]
-        }
-    };
-    tokio::select! {
-        () = stop => {}
-        () = tokio::time::sleep(config.max_duration) => {}
-    }
-    stopping.store(true, Ordering::Relaxed);
-    let mut events = Vec::new();
-    for worker in workers {
-        events.extend(worker.await.expect("load task panicked"));
-    }
-    events.sort_by_key(|e| e.start_ns);
-    events
-}
-
-async fn paced(
-    config: Config,
-    per_second: f64,
-    max_in_flight: usize,
-    stopping: Arc<AtomicBool>,
-) -> Vec<Event> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second.max(0.001)));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut events = Vec::new();
-    while !stopping.load(Ordering::Relaxed) {
-        ticks.tick().await;
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
-        let (addr, timeout) = (config.addr, config.timeout);
-        tasks.spawn(async move {
-            let event = connection(addr, timeout).await;
-            drop(permit);
-            event
-        });
-        while let Some(done) = tasks.try_join_next() {
-            events.push(done.expect("connection task panicked"));
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        events.push(done.expect("connection task panicked"));
-    }
-    events
+    reloader::demo::load::run(config, stop)
+        .await
+        .iter()
+        .map(Event::from)
+        .collect()
 }
 
 const MAGIC: &[u8; 8] = b"RLDLOAD1";
@@ -322,53 +90,6 @@ pub fn read_events(mut input: impl Read) -> io::Result<Vec<Event>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_complete_response_is_ok_and_names_its_generation() {
-        let response =
-            b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\nConnection: close\r\n\r\ngen=7 pid=1234\r\n";
-        assert_eq!(classify_response(response), (Kind::Ok, Some(7)));
-    }
-
-    #[test]
-    fn a_response_without_a_generation_is_still_ok() {
-        let response = b"HTTP/1.1 200 OK\r\n\r\nhello\n";
-        assert_eq!(classify_response(response), (Kind::Ok, None));
-    }
-
-    #[test]
-    fn nothing_or_a_cut_response_is_a_short_read() {
-        assert_eq!(classify_response(b""), (Kind::ShortRead, None));
-        assert_eq!(
-            classify_response(b"HTTP/1.1 200 OK\r\nContent-"),
-            (Kind::ShortRead, None)
-        );
-        assert_eq!(
-            classify_response(b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\ngen=7"),
-            (Kind::ShortRead, None)
-        );
-    }
-
-    #[test]
-    fn a_non_200_response_is_other() {
-        let response = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(classify_response(response), (Kind::Other, None));
-    }
-
-    #[test]
-    fn socket_errors_map_to_kinds() {
-        let kind = |k: ErrorKind| classify_error(&io::Error::from(k));
-        assert_eq!(kind(ErrorKind::ConnectionRefused), Kind::Refused);
-        assert_eq!(kind(ErrorKind::ConnectionReset), Kind::Reset);
-        assert_eq!(kind(ErrorKind::BrokenPipe), Kind::Reset);
-        assert_eq!(kind(ErrorKind::ConnectionAborted), Kind::Reset);
-        assert_eq!(kind(ErrorKind::TimedOut), Kind::Timeout);
-        assert_eq!(kind(ErrorKind::UnexpectedEof), Kind::ShortRead);
-        assert_eq!(
-            classify_error(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)),
-            Kind::Other
-        );
-    }
 
     #[test]
     fn events_survive_the_file_format() {

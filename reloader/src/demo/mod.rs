@@ -11,6 +11,7 @@
 
 pub mod load;
 pub mod server;
+mod stats;
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
+use stats::Stats;
 use tokio::sync::watch;
 
 use crate::{
@@ -46,7 +48,7 @@ pub struct DemoOptions {
 /// How one phase went.
 struct Outcome {
     title: &'static str,
-    stats: load::Stats,
+    stats: Stats,
     reloads: u64,
     reloads_failed: u64,
     elapsed: Duration,
@@ -300,7 +302,7 @@ async fn wait_active(socket: &Path, log: &Path, controller: &mut Child) -> Resul
     }
 }
 
-type Shared = Arc<Mutex<load::Stats>>;
+type Shared = Arc<Mutex<Stats>>;
 
 /// Generation → state, for the view.
 type States =
@@ -316,19 +318,24 @@ fn start_load(
     tokio::task::JoinHandle<()>,
 ) {
     let stats: Shared = Arc::default();
-    let (stop, stopped) = watch::channel(false);
+    let (stop, mut stopped) = watch::channel(false);
     let start = Instant::now();
-    let load = tokio::spawn(load::run(
-        addr,
-        options.concurrency,
-        start,
-        stats.clone(),
-        stopped,
+    let start_ns = load::monotonic_ns();
+    let sink = stats.clone();
+    let load = tokio::spawn(load::run_with(
+        load::Config::concurrent(addr, options.concurrency),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+        move |event| {
+            let second = (event.start_ns.saturating_sub(start_ns) / 1_000_000_000) as usize;
+            sink.lock().expect("stats lock").record(second, &event);
+        },
     ));
     (stats, stop, start, load)
 }
 
-fn take(stats: Shared) -> load::Stats {
+fn take(stats: Shared) -> Stats {
     std::mem::take(&mut *stats.lock().expect("stats lock"))
 }
 
@@ -381,7 +388,7 @@ impl View {
 
     fn show(
         &self,
-        stats: &load::Stats,
+        stats: &Stats,
         start: Instant,
         reloads: u64,
         failed: u64,
@@ -449,7 +456,7 @@ impl View {
         let _ = std::io::stdout().flush();
     }
 
-    fn done(&self, stats: &load::Stats, reloads: u64, failed: u64) {
+    fn done(&self, stats: &Stats, reloads: u64, failed: u64) {
         if !self.terminal {
             println!(
                 "[{}] done: {reloads} reloads ({failed} failed), {} connections, {} failed",

@@ -22,7 +22,6 @@ use std::{
 };
 
 use nix::sys::signal::{SigSet, Signal};
-use socket2::{Domain, Socket, Type};
 
 /// How a server started by [`serve`] behaves.
 #[derive(Clone, Debug)]
@@ -52,28 +51,13 @@ pub fn run(addr: SocketAddr) -> ! {
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
     mask.thread_block().expect("block SIGTERM");
-    match listen(addr, true) {
+    match crate::net::tcp_listener(addr, true) {
         Ok(listener) => serve(vec![listener], &Behaviour::default(), mask),
         Err(e) => {
             eprintln!("demo server: cannot listen on {addr}: {e}");
             std::process::exit(1);
         }
     }
-}
-
-/// A non-blocking listener on `addr` (`SO_REUSEPORT` if `reuseport`).
-pub fn listen(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    if reuseport {
-        socket.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
 }
 
 /// Serves `listeners` until a signal in `drain` (blocked by the caller in

@@ -17,6 +17,7 @@ use crate::{
     generation::human_duration,
     state::{Begun, Handle, NotNow},
     status::{ReloadReport, ReloadResult},
+    supervisor::Spawned,
 };
 
 /// How often discovery scans while a candidate starts.
@@ -172,11 +173,20 @@ async fn start<H: Host>(
     } else {
         None
     };
-    let spawned = host.spawn(number, notify.as_ref().map(|n| n.path.as_path()))?;
-    let pid = spawned.process.pid();
-    handle.update(|s| s.spawned(number, spawned))?;
-    // A controller killed from here on must know this candidate's pid.
+    let Spawned {
+        process,
+        stderr,
+        gate,
+    } = host.spawn(number, notify.as_ref().map(|n| n.path.as_path()))?;
+    let pid = process.pid();
+    handle.update(|s| s.spawned(number, process, stderr))?;
+    // The server starts only once the state file names it: a controller
+    // killed before this leaves no server a successor does not know.
     handle.persisted().await;
+    gate.open().map_err(|source| ReloadError::SpawnError {
+        command: "the generation's start gate".into(),
+        source,
+    })?;
 
     let scan = discover(handle, host, number, pid, deadline).await?;
     let found = host.copy(&scan)?;

@@ -20,7 +20,7 @@ use crate::{
     state::{HISTORY, Handle, InstanceState},
     status::ReloadResult,
     steering::fake::FakeSteering,
-    supervisor::{Process, StderrTail},
+    supervisor::{Gate, Process, StderrTail},
 };
 
 /// Spawns `sleep` processes; those of generations `listens` accepts get
@@ -63,6 +63,7 @@ impl Host for FakeHost {
         Ok(Spawned {
             process: Process::child(pid).expect("pidfd"),
             stderr: StderrTail::default(),
+            gate: Gate::none(),
         })
     }
 

@@ -15,7 +15,7 @@ use crate::{
     error::ReloadError,
     generation::State,
     status::{ReloadReport, ReloadResult},
-    supervisor::{Spawned, StderrTail},
+    supervisor::{Process, StderrTail},
 };
 
 impl InstanceState {
@@ -47,25 +47,30 @@ impl InstanceState {
         })
     }
 
-    /// Step 2: generation `number`'s leader runs.
-    pub fn spawned(&mut self, number: u64, spawned: Spawned) -> Result<(), ReloadError> {
-        let pid = spawned.process.pid();
+    /// Step 2: generation `number`'s leader runs (held at its start gate).
+    pub fn spawned(
+        &mut self,
+        number: u64,
+        process: Process,
+        stderr: StderrTail,
+    ) -> Result<(), ReloadError> {
+        let pid = process.pid();
         self.generations
             .set_pid(number, pid)
             .map_err(|e| ReloadError::Internal {
                 what: e.to_string(),
             })?;
-        self.stderr.insert(number, spawned.stderr);
+        self.stderr.insert(number, stderr);
         if !self
             .generations
             .get(number)
             .is_some_and(|g| g.state.is_live())
         {
             // Stopped (or failed) while it was being spawned.
-            spawned.process.signal_group(Signal::SIGKILL);
+            process.signal_group(Signal::SIGKILL);
             return self.check_alive(number);
         }
-        self.processes.insert(number, spawned.process);
+        self.processes.insert(number, process);
         Ok(())
     }
 

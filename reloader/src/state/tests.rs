@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::*;
-use crate::{steering::fake::FakeSteering, supervisor::Spawned};
+use crate::steering::fake::FakeSteering;
 
 /// A state with `listen` addresses and a fake steering to look into.
 fn state(listen: &[&str]) -> (InstanceState, FakeSteering) {
@@ -26,7 +26,7 @@ fn state(listen: &[&str]) -> (InstanceState, FakeSteering) {
 }
 
 /// A server stand-in in its own process group.
-fn server() -> (Child, Spawned) {
+fn server() -> (Child, (Process, StderrTail)) {
     use std::os::unix::process::CommandExt;
     let child = Command::new("sleep")
         .arg("60")
@@ -34,13 +34,7 @@ fn server() -> (Child, Spawned) {
         .spawn()
         .expect("spawn sleep");
     let process = Process::child(child.id()).expect("pidfd");
-    (
-        child,
-        Spawned {
-            process,
-            stderr: StderrTail::default(),
-        },
-    )
+    (child, (process, StderrTail::default()))
 }
 
 /// One socket per address, as discovery would find them.
@@ -71,8 +65,8 @@ fn sockets(n: usize, pid: u32) -> Vec<Vec<FoundSocket>> {
 fn activate(state: &mut InstanceState) -> (u64, u32, Child) {
     let begun = state.begin(Instant::now()).expect("a slot");
     let (child, spawned) = server();
-    let pid = spawned.process.pid();
-    state.spawned(begun.number, spawned).unwrap();
+    let pid = spawned.0.pid();
+    state.spawned(begun.number, spawned.0, spawned.1).unwrap();
     let n = state.config().listen.len();
     state.register(begun.number, sockets(n, pid)).unwrap();
     state.cut_over(begun.number, Instant::now()).unwrap();
@@ -125,8 +119,8 @@ fn a_cutover_that_fails_on_the_second_listener_leaves_the_first_on_the_old_slot(
     let (old, old_slot, mut old_child) = activate(&mut state);
     let begun = state.begin(Instant::now()).unwrap();
     let (mut child, spawned) = server();
-    let pid = spawned.process.pid();
-    state.spawned(begun.number, spawned).unwrap();
+    let pid = spawned.0.pid();
+    state.spawned(begun.number, spawned.0, spawned.1).unwrap();
     state.register(begun.number, sockets(2, pid)).unwrap();
     fake.maps().fail_set_active.insert(1);
     fake.maps().cutovers.clear();
@@ -162,7 +156,7 @@ fn a_candidate_that_exits_before_it_is_ready_fails_and_says_how() {
     let (old, old_slot, mut old_child) = activate(&mut state);
     let begun = state.begin(Instant::now()).unwrap();
     let (mut child, spawned) = server();
-    state.spawned(begun.number, spawned).unwrap();
+    state.spawned(begun.number, spawned.0, spawned.1).unwrap();
     assert_eq!(
         exit(&mut state, &mut child, "exited with status 0"),
         ExitEffect::Ended {

@@ -20,7 +20,7 @@ use nix::{
     unistd::Pid,
 };
 pub use process::{AdoptError, Process, start_time};
-pub use spawn::{GODEBUG_MPTCP_OFF, SpawnExtras, Spawned, exec_with_listen_fds, godebug, spawn};
+pub use spawn::{GODEBUG_MPTCP_OFF, Gate, SpawnExtras, Spawned, exec_shim, godebug, spawn};
 pub use stderr::StderrTail;
 use tracing::warn;
 

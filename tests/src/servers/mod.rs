@@ -10,19 +10,16 @@
 //! `thread=T`, so a test can tell which generation, worker process and
 //! thread served a connection.
 //!
-//! What the tests check about a generation's sockets rests on procfs:
-//! `/proc/PID/net/tcp{,6}` lists the listening sockets of PID's network
-//! namespace with their inodes, `/proc/PID/fd` says which processes hold
-//! them.
+//! What the tests check about a generation's sockets rests on sock_diag
+//! (the listening sockets of the test's network namespace) and procfs
+//! (which processes hold them), through reloader's own discovery.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 pub mod apache;
@@ -66,15 +63,7 @@ pub enum Answerers {
     Children { threads: u32 },
 }
 
-/// One response's identity.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Answer {
-    pub generation: u64,
-    pub pid: Option<u32>,
-    pub thread: Option<u32>,
-    /// `caddy=2.6`: which binary answered, where a generation's command picks one.
-    pub label: Option<String>,
-}
+pub use reloader::demo::load::Answer;
 
 /// The workspace root (tests/..).
 pub fn workspace_root() -> PathBuf {
@@ -149,181 +138,34 @@ pub fn version_of(program: &str, args: &[&str]) -> String {
 }
 
 /// One new connection: `GET /` with `Connection: close`, a complete `200`,
-/// and the identity of whoever answered.
+/// and the identity of whoever answered (which must name its generation).
 pub fn request(addr: SocketAddr) -> Result<Answer, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("read ({} bytes so far): {e}", response.len()))?;
-    let text = String::from_utf8_lossy(&response);
-    if !text.starts_with("HTTP/1.1 200") {
-        return Err(format!("short or bad response: {text:?}"));
-    }
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    parse_answer(body).ok_or_else(|| format!("no gen=N in {body:?}"))
-}
-
-/// `gen=N pid=P thread=T caddy=L` (only `gen` required).
-pub fn parse_answer(body: &str) -> Option<Answer> {
-    let mut answer = Answer {
-        generation: 0,
-        pid: None,
-        thread: None,
-        label: None,
-    };
-    let mut generation = None;
-    for word in body.split_whitespace() {
-        let Some((key, value)) = word.split_once('=') else {
-            continue;
-        };
-        match key {
-            "gen" => generation = value.parse().ok(),
-            "pid" => answer.pid = value.parse().ok(),
-            "thread" => answer.thread = value.parse().ok(),
-            "caddy" if !value.is_empty() => answer.label = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-    answer.generation = generation?;
-    Some(answer)
-}
-
-/// `ppid` of every process.
-fn parents() -> BTreeMap<u32, u32> {
-    let mut map = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name may hold spaces and parentheses: fields start
-        // after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        if state == Some("Z") {
-            continue;
-        }
-        if let Some(ppid) = fields.next().and_then(|p| p.parse().ok()) {
-            map.insert(pid, ppid);
-        }
-    }
-    map
-}
-
-/// The live children of `pid`.
-pub fn children(pid: u32) -> BTreeSet<u32> {
-    parents()
-        .into_iter()
-        .filter(|(_, ppid)| *ppid == pid)
-        .map(|(p, _)| p)
-        .collect()
-}
-
-/// `pid` and all its live descendants.
-pub fn tree(pid: u32) -> BTreeSet<u32> {
-    let parents = parents();
-    let mut tree = BTreeSet::from([pid]);
-    loop {
-        let before = tree.len();
-        for (p, ppid) in &parents {
-            if tree.contains(ppid) {
-                tree.insert(*p);
-            }
-        }
-        if tree.len() == before {
-            return tree;
-        }
+    let answer = crate::load::answer(addr)?;
+    match answer.generation {
+        Some(_) => Ok(answer),
+        None => Err(format!("no gen=N in the answer {answer:?}")),
     }
 }
 
-/// The listening TCP sockets on `addr`'s port in `pid`'s network namespace:
-/// inode → the processes of `holders_among` that hold it.
-pub fn listeners(
-    pid: u32,
-    addr: SocketAddr,
-    holders_among: &BTreeSet<u32>,
-) -> BTreeMap<u64, BTreeSet<u32>> {
-    let mut inodes = BTreeMap::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(inode)) =
-                (fields.get(1), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            let port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            // 0A: TCP_LISTEN.
-            if *state == "0A"
-                && port == Some(addr.port())
-                && let Ok(inode) = inode.parse::<u64>()
-            {
-                inodes.insert(inode, BTreeSet::new());
-            }
-        }
-    }
-    for holder in holders_among {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{holder}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(link) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let inode = link
-                .to_str()
-                .and_then(|l| l.strip_prefix("socket:["))
-                .and_then(|l| l.strip_suffix(']'))
-                .and_then(|i| i.parse::<u64>().ok());
-            if let Some(set) = inode.and_then(|i| inodes.get_mut(&i)) {
-                set.insert(*holder);
+pub use crate::process::{live_children as children, tree};
+
+/// The listening TCP sockets on `addr`'s port (this network namespace,
+/// from sock_diag): inode → the processes of `holders_among` that hold it.
+pub fn listeners(addr: SocketAddr, holders_among: &BTreeSet<u32>) -> BTreeMap<u64, BTreeSet<u32>> {
+    let listening = reloader::discovery::listeners().expect("sock_diag");
+    let pids: Vec<u32> = holders_among.iter().copied().collect();
+    let mut inodes: BTreeMap<u64, BTreeSet<u32>> = listening
+        .iter()
+        .filter(|l| l.addr.port() == addr.port())
+        .map(|l| (l.inode, BTreeSet::new()))
+        .collect();
+    for pid in pids {
+        for inode in reloader::discovery::socket_holders(&[pid]).into_keys() {
+            if let Some(holders) = inodes.get_mut(&inode) {
+                holders.insert(pid);
             }
         }
     }
     inodes.retain(|_, holders| !holders.is_empty());
     inodes
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_name_generation_pid_thread_and_label() {
-        assert_eq!(
-            parse_answer("gen=3 pid=42 thread=1\n"),
-            Some(Answer {
-                generation: 3,
-                pid: Some(42),
-                thread: Some(1),
-                label: None
-            })
-        );
-        assert_eq!(
-            parse_answer("gen=2 caddy=2.11\n").map(|a| (a.pid, a.label)),
-            Some((None, Some("2.11".to_owned())))
-        );
-        // Caddy with an unset label answers `caddy=`.
-        assert_eq!(parse_answer("gen=1 caddy=").unwrap().label, None);
-        assert_eq!(parse_answer("pid=42"), None);
-        assert_eq!(parse_answer(""), None);
-    }
 }

@@ -36,10 +36,10 @@ fn two_slots(steering: &mut Steering, addr: SocketAddr) -> (TcpListener, TcpList
     steering.attach(a.as_fd()).expect("attach");
     steering.add_listener(0, addr).expect("add listener");
     steering
-        .set_slot_sockets(0, 0, &fds(&[&a]))
+        .set_slot_sockets(0, 0, 1, &fds(&[&a]))
         .expect("slot 0");
     steering
-        .set_slot_sockets(0, 1, &fds(&[&b]))
+        .set_slot_sockets(0, 1, 1, &fds(&[&b]))
         .expect("slot 1");
     (a, b)
 }
@@ -152,8 +152,8 @@ fn half_open_migration(bind: &str, target: &str) {
     let new = reuseport_listener(addr);
     steering.attach(old.as_fd()).unwrap();
     steering.add_listener(0, addr).unwrap();
-    steering.set_slot_sockets(0, 0, &fds(&[&old])).unwrap();
-    steering.set_slot_sockets(0, 1, &fds(&[&new])).unwrap();
+    steering.set_slot_sockets(0, 0, 1, &fds(&[&old])).unwrap();
+    steering.set_slot_sockets(0, 1, 1, &fds(&[&new])).unwrap();
     steering.set_active(0, Some(0)).unwrap();
 
     let mut clients = connect(target, 10);
@@ -247,8 +247,8 @@ fn a_generation_with_several_sockets_gets_connections_spread_over_all() {
     steering.attach(old.as_fd()).unwrap();
     steering.add_listener(0, addr).unwrap();
     let refs: Vec<&TcpListener> = workers.iter().collect();
-    steering.set_slot_sockets(0, 3, &fds(&refs)).unwrap();
-    steering.set_slot_sockets(0, 0, &fds(&[&old])).unwrap();
+    steering.set_slot_sockets(0, 3, 1, &fds(&refs)).unwrap();
+    steering.set_slot_sockets(0, 0, 1, &fds(&[&old])).unwrap();
     steering.set_active(0, Some(3)).unwrap();
 
     let total = 200;
@@ -286,8 +286,8 @@ fn several_listeners_have_independent_active_slots() {
         let b = reuseport_listener(*addr);
         steering.attach(a.as_fd()).unwrap();
         steering.add_listener(i, *addr).unwrap();
-        steering.set_slot_sockets(i, 0, &fds(&[&a])).unwrap();
-        steering.set_slot_sockets(i, 1, &fds(&[&b])).unwrap();
+        steering.set_slot_sockets(i, 0, 1, &fds(&[&a])).unwrap();
+        steering.set_slot_sockets(i, 1, 1, &fds(&[&b])).unwrap();
         // Alternate: even listeners active on slot 0, odd ones on slot 1.
         steering.set_active(i, Some(i % 2)).unwrap();
         pairs.push((a, b));
@@ -325,7 +325,7 @@ fn forced_select_only_still_steers_new_connections() {
 
     // Port-only keys cannot tell two addresses on one port apart: refused.
     let err = steering
-        .add_listener(1, "[::1]:8086".parse().unwrap())
+        .add_listener(1, "[::1]:8086".parse::<SocketAddr>().unwrap())
         .unwrap_err();
     assert!(err.to_string().contains("port only"), "{err}");
 }
@@ -338,7 +338,7 @@ fn a_socket_without_reuseport_is_refused_with_the_fix() {
     steering.add_listener(0, addr).unwrap();
     let plain = TcpListener::bind(addr).unwrap();
     let err = steering
-        .set_slot_sockets(0, 0, &fds(&[&plain]))
+        .set_slot_sockets(0, 0, 1, &fds(&[&plain]))
         .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("SO_REUSEPORT"), "{text}");

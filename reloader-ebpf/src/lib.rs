@@ -1,5 +1,5 @@
-//! Types and constants shared by the steering program (built for
-//! `bpfel-unknown-none` from `src/main.rs`) and its userspace owner
+//! Types and constants shared by the steering programs (built for
+//! `bpfel-unknown-none` from `src/main.rs`) and their userspace owner
 //! (`reloader::steering`).
 //!
 //! Every map value is `#[repr(C)]` with explicit padding and no implicit
@@ -8,54 +8,107 @@
 //!
 //! # Map layout
 //!
-//! A *listener* is one managed address (one reuseport group); it gets an index
-//! `0..MAX_LISTENERS`. Each listener has `MAX_SLOTS` *slots*; a generation of
-//! the server occupies one slot per listener while it is alive. A slot holds up
-//! to `MAX_SOCKETS_PER_SLOT` listening sockets (one per nginx worker, one per
-//! Envoy worker thread, ...), spread over by the packet hash.
+//! A *listener* is one managed address of one protocol (one reuseport
+//! group); it gets an index `0..listeners`. Each listener has `slots`
+//! *slots*; a generation of the server occupies one slot per listener while
+//! it is alive. A slot holds up to `sockets_per_slot` sockets (one per nginx
+//! worker, one per Envoy worker thread, ...), spread over by the packet hash.
+//! The three sizes are set at load time from the instance's configuration
+//! ([`Limits`], globals of the object, and each map's `max_entries`), so
+//! memory grows with what is configured, not with the maximum.
 //!
 //! - [`map::LISTENER_KEYS`]: `ListenerKey -> u32` listener index.
-//! - [`map::ACTIVE`]: `listener -> ListenerState` (the slot that receives new
-//!   connections). Cutover is one update of this map.
-//! - [`map::SLOT_SOCKETS`]: `listener * MAX_SLOTS + slot -> SlotState` (how
-//!   many sockets of the slot are populated in `SOCKETS`).
+//! - [`map::LISTENERS`]: `listener -> ListenerState`: the active slot, an
+//!   optional canary slot with its share, and the listener's [`Mode`]. A
+//!   hash map: an update replaces the whole value at once, so the program
+//!   never sees half of a cutover or of a weight change.
+//! - [`map::SLOT_SOCKETS`]: `listener * slots + slot -> SlotState`: how many
+//!   sockets of the slot are populated in `SOCKETS`, and the generation
+//!   (epoch) that holds the slot.
 //! - [`map::SOCKETS`]: `REUSEPORT_SOCKARRAY`, index from [`socket_index`].
-//! - [`map::PROBES`]: `ProbeKey -> ProbeTarget` routes a SYN from a registered
-//!   client source port to a chosen slot (readiness probes for a candidate).
-//! - [`map::COUNTERS`]: per-CPU `Counters`, index from [`counter_index`], plus
-//!   one trailing entry for connections to groups that are not managed.
+//! - [`map::PROBES`]: `ProbeKey -> ProbeTarget` routes a packet from a
+//!   registered client source port to a chosen slot (readiness and health
+//!   probes of one generation).
+//! - [`map::FLOWS`]: LRU `FlowKey -> Flow`: the slot (and epoch) a UDP flow
+//!   (remote address and port) is pinned to, written by the program itself.
+//! - [`map::COUNTERS`]: per-CPU `Counters`, index from [`counter_index`],
+//!   plus one trailing entry for packets of groups that are not managed.
+//! - [`map::LISTEN_EVENTS`]: a ring buffer the `sock_ops` program writes a
+//!   [`ListenEvent`] to when a socket starts listening on a managed address.
 #![no_std]
 
-/// How many managed addresses (reuseport groups) one program serves.
-pub const MAX_LISTENERS: u32 = 32;
-/// Generation slots per listener: the active one, a candidate, and
-/// generations still draining.
-pub const MAX_SLOTS: u32 = 8;
-/// Listening sockets one generation may hold for one address.
-pub const MAX_SOCKETS_PER_SLOT: u32 = 256;
+/// Default and largest sizes (userspace validates configurations against
+/// them; the object's own maps are sized at load time).
+pub mod limits {
+    /// Managed addresses one instance may have.
+    pub const MAX_LISTENERS: u32 = 1024;
+    /// Generation slots per listener.
+    pub const MAX_SLOTS: u32 = 32;
+    /// Listening sockets one generation may hold for one address.
+    pub const MAX_SOCKETS_PER_SLOT: u32 = 1024;
+    /// Concurrent probe routes.
+    pub const MAX_PROBES: u32 = 256;
+}
+
 /// How many populated entries of a slot the program tries before it gives
 /// up and lets the kernel choose (entries vanish when their socket closes).
 pub const MAX_SELECT_ATTEMPTS: u32 = 8;
-/// `ListenerState::active_slot` when no slot receives new connections.
+/// `ListenerState::active_slot` / `canary_slot` when there is none.
 pub const NO_SLOT: u32 = u32::MAX;
-/// Entries in `SOCKETS`.
-pub const SOCKETS_LEN: u32 = MAX_LISTENERS * MAX_SLOTS * MAX_SOCKETS_PER_SLOT;
-/// Entries in `COUNTERS`: one per (listener, slot), plus [`UNMANAGED_COUNTER`].
-pub const COUNTERS_LEN: u32 = MAX_LISTENERS * MAX_SLOTS + 1;
-/// `COUNTERS` entry for connections whose group has no registered listener.
-pub const UNMANAGED_COUNTER: u32 = MAX_LISTENERS * MAX_SLOTS;
-/// Entries in `PROBES`: concurrent readiness probes.
-pub const MAX_PROBES: u32 = 256;
+/// `ListenerState::canary_weight` is in parts of this.
+pub const WEIGHT_SCALE: u32 = 10_000;
+
+/// The sizes of one loaded object (its globals `LISTENERS`, `SLOTS` and
+/// `SOCKETS_PER_SLOT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub listeners: u32,
+    pub slots: u32,
+    pub sockets_per_slot: u32,
+}
+
+impl Limits {
+    /// Entries of `SLOT_SOCKETS` (and of `COUNTERS`, minus one).
+    pub const fn slot_entries(&self) -> u32 {
+        self.listeners * self.slots
+    }
+
+    /// Entries of `SOCKETS`.
+    pub const fn socket_entries(&self) -> u32 {
+        self.listeners * self.slots * self.sockets_per_slot
+    }
+
+    /// Entries of `COUNTERS`: one per (listener, slot), plus the unmanaged
+    /// entry.
+    pub const fn counter_entries(&self) -> u32 {
+        self.slot_entries() + 1
+    }
+
+    /// The `COUNTERS` entry for packets whose group is not managed.
+    pub const fn unmanaged_counter(&self) -> u32 {
+        self.slot_entries()
+    }
+}
 
 /// Names of the maps and programs in the object; userspace looks them up by
 /// these constants only.
 pub mod map {
     pub const LISTENER_KEYS: &str = "LISTENER_KEYS";
-    pub const ACTIVE: &str = "ACTIVE";
+    pub const LISTENERS: &str = "LISTENERS";
     pub const SLOT_SOCKETS: &str = "SLOT_SOCKETS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const PROBES: &str = "PROBES";
+    pub const FLOWS: &str = "FLOWS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const LISTEN_EVENTS: &str = "LISTEN_EVENTS";
+}
+
+/// Globals of the object, set at load time.
+pub mod global {
+    pub const LISTENERS: &str = "LISTENERS_MAX";
+    pub const SLOTS: &str = "SLOTS";
+    pub const SOCKETS_PER_SLOT: &str = "SOCKETS_PER_SLOT";
 }
 
 /// Program names in the object.
@@ -64,22 +117,53 @@ pub mod program {
     /// listener closes, to move its queued connections.
     pub const SELECT_OR_MIGRATE: &str = "steer_migrate";
     /// `BPF_SK_REUSEPORT_SELECT` for older kernels: steers new connections
-    /// only, and identifies a listener by its port alone (the context has
-    /// no socket pointer before 5.14).
+    /// and datagrams only, and identifies a listener by protocol and port
+    /// alone (the context has no socket pointer before 5.14).
     pub const SELECT: &str = "steer_select";
+    /// `sock_ops` on the controller's cgroup: tells userspace at once when
+    /// a socket starts listening on a managed address.
+    pub const NOTIFY_LISTEN: &str = "notify_listen";
+}
+
+/// How a listener steers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// TCP: new connections to the active slot; queued ones of closing
+    /// listeners migrate there.
+    #[default]
+    Tcp = 0,
+    /// UDP, every datagram to the active slot (DNS-like: no state).
+    UdpStateless = 1,
+    /// UDP, datagrams of a flow (remote address and port) stay with the
+    /// slot that got its first datagram while that slot's generation holds
+    /// its sockets; new flows go to the active slot (QUIC-like).
+    UdpFlows = 2,
+}
+
+impl Mode {
+    pub const fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::UdpStateless,
+            2 => Self::UdpFlows,
+            _ => Self::Tcp,
+        }
+    }
 }
 
 /// Identifies a reuseport group from inside the program.
 ///
 /// The select-or-migrate program reads it from the group's socket
-/// (`sk_reuseport_md.sk`, Linux ≥ 5.14): family, bound address and port. The
-/// select-only program has no socket pointer and fills only `port`, from the
-/// SYN's destination port; the other fields are zero.
+/// (`sk_reuseport_md.sk`, Linux ≥ 5.14): family, protocol, bound address
+/// and port. The select-only program has no socket pointer and fills only
+/// `protocol` and `port`, from the packet; the other fields are zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
     /// `AF_INET` or `AF_INET6`; 0 in port-only keys.
     pub family: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u32,
     /// Local port, host byte order.
     pub port: u32,
     /// Bound address as the kernel stores it (network byte order words);
@@ -87,30 +171,40 @@ pub struct ListenerKey {
     pub addr: [u32; 4],
 }
 
-/// Which slot of a listener receives new connections.
+/// What a listener steers to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerState {
     /// Slot index, or [`NO_SLOT`].
     pub active_slot: u32,
-    pub _pad: u32,
+    /// A second slot that gets `canary_weight` / [`WEIGHT_SCALE`] of new
+    /// connections (and new UDP flows), or [`NO_SLOT`].
+    pub canary_slot: u32,
+    pub canary_weight: u32,
+    /// [`Mode`] as a number.
+    pub mode: u32,
 }
 
 impl Default for ListenerState {
     fn default() -> Self {
         Self {
             active_slot: NO_SLOT,
-            _pad: 0,
+            canary_slot: NO_SLOT,
+            canary_weight: 0,
+            mode: Mode::Tcp as u32,
         }
     }
 }
 
-/// How many leading entries of a slot's range in `SOCKETS` are populated.
+/// How many leading entries of a slot's range in `SOCKETS` are populated,
+/// and which generation holds the slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotState {
     pub sockets: u32,
-    pub _pad: u32,
+    /// The generation holding the slot (its number, truncated); a UDP flow
+    /// pinned to the slot by another generation is not its own.
+    pub epoch: u32,
 }
 
 /// Key of `PROBES`: a listener and the client's source port (host order).
@@ -129,19 +223,42 @@ pub struct ProbeTarget {
     pub _pad: u32,
 }
 
+/// Key of `FLOWS`: a UDP flow of a listener, by its remote end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub listener: u32,
+    /// Remote port, host byte order.
+    pub port: u32,
+    /// Remote address as on the wire: IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub slot: u32,
+    /// The slot's epoch when the flow was pinned.
+    pub epoch: u32,
+}
+
 /// What the program did, per (listener, slot) and per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// New connections steered to this slot because it was active.
+    /// New connections (UDP: datagrams of new flows, or every datagram in
+    /// stateless mode) steered to this slot as the active or canary slot.
     pub steered: u64,
     /// Queued connections of a closing listener moved to this slot.
     pub migrated: u64,
-    /// Probe connections routed to this slot by source port.
+    /// Probe packets routed to this slot by source port.
     pub probe_routed: u64,
     /// Decisions left to the kernel's hash selection while this slot was the
     /// target (empty slot, or every attempted entry gone).
     pub fallback: u64,
+    /// UDP datagrams of a known flow that stayed with this slot.
+    pub affinity: u64,
 }
 
 impl Counters {
@@ -151,19 +268,28 @@ impl Counters {
         self.migrated += other.migrated;
         self.probe_routed += other.probe_routed;
         self.fallback += other.fallback;
+        self.affinity += other.affinity;
     }
+}
+
+/// A socket started listening on a managed address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenEvent {
+    pub listener: u32,
+    pub _pad: u32,
 }
 
 /// Index of a (listener, slot) in `SLOT_SOCKETS` and `COUNTERS`.
 #[inline(always)]
-pub const fn counter_index(listener: u32, slot: u32) -> u32 {
-    listener * MAX_SLOTS + slot
+pub const fn counter_index(slots: u32, listener: u32, slot: u32) -> u32 {
+    listener * slots + slot
 }
 
 /// Index of the `n`th socket of (listener, slot) in `SOCKETS`.
 #[inline(always)]
-pub const fn socket_index(listener: u32, slot: u32, n: u32) -> u32 {
-    (listener * MAX_SLOTS + slot) * MAX_SOCKETS_PER_SLOT + n
+pub const fn socket_index(limits: &Limits, listener: u32, slot: u32, n: u32) -> u32 {
+    (listener * limits.slots + slot) * limits.sockets_per_slot + n
 }
 
 #[cfg(feature = "user")]
@@ -175,5 +301,8 @@ mod pod {
     unsafe impl aya::Pod for super::SlotState {}
     unsafe impl aya::Pod for super::ProbeKey {}
     unsafe impl aya::Pod for super::ProbeTarget {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::ListenEvent {}
 }

@@ -1,22 +1,33 @@
-//! The `SK_REUSEPORT` steering program.
+//! The steering programs.
 //!
-//! Runs for every SYN that reaches a managed reuseport group and, with the
+//! `SK_REUSEPORT` (`steer_migrate`, `steer_select`): runs for every SYN and
+//! every UDP datagram that reaches a managed reuseport group and, with the
 //! select-or-migrate attach type, for every queued connection of a closing
-//! listener of such a group. It picks a socket of the listener's active slot
-//! (or of a probe's slot) by the packet hash and returns `SK_PASS`. Whenever
-//! it cannot pick one it still returns `SK_PASS` without a selection, so the
-//! kernel falls back to hash selection among the group: it never drops a SYN
-//! because a lookup failed (a dropped SYN costs the client a one-second
-//! retransmit).
+//! listener of such a group. It picks a socket of the listener's slot — the
+//! probe's slot for a registered probe port, the pinned slot of a known UDP
+//! flow, otherwise the active slot or (by the packet hash, for a share of
+//! new connections) the canary slot — and returns `SK_PASS`. Whenever it
+//! cannot pick one it still returns `SK_PASS` without a selection, so the
+//! kernel falls back to hash selection among the group: it never drops a
+//! packet because a lookup failed (a dropped SYN costs the client a
+//! one-second retransmit).
 //!
-//! Kernel behaviour relied on (net/core/filter.c and net/core/sock_reuseport.c,
-//! v6.1):
+//! `sock_ops` (`notify_listen`): attached to the controller's cgroup, runs
+//! when a socket of a process in it starts listening; for a managed address
+//! it writes a [`ListenEvent`] so userspace registers the new socket at once.
+//!
+//! Kernel behaviour relied on (net/core/filter.c, net/core/sock_reuseport.c,
+//! net/ipv4/udp.c, v6.1; verified on 6.18, see README "Design notes"):
 //! - `sk_reuseport_md.sk` is a member of the group being selected from; every
-//!   member has the same family, bound address and port (`bpf_sock` fields).
-//! - `migrating_sk` is non-NULL only on the migrate path; there the skb may
-//!   be a zero-length one the kernel allocated, so `data == data_end`.
+//!   member has the same family, protocol, bound address and port.
+//! - `migrating_sk` is non-NULL only on the migrate path (TCP); there the skb
+//!   may be a zero-length one the kernel allocated, so `data == data_end`.
+//! - `data` points at the transport header, for TCP and for UDP; the remote
+//!   address is read relative to the network header.
 //! - `bpf_sk_select_reuseport` fails for an empty index or a socket of
 //!   another group; a closed socket's entry is already empty.
+//! - A UDP socket's queued datagrams are not migrated when it closes, and
+//!   connected UDP sockets are matched before the group is consulted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -25,38 +36,56 @@ fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod steer {
-    use core::ptr::read_volatile;
+    use core::{ffi::c_void, ptr::read_volatile};
 
     use aya_ebpf::{
-        bindings::{bpf_sock, sk_action::SK_PASS},
-        macros::{map, sk_reuseport},
-        maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
-        programs::SkReuseportContext,
+        Global,
+        bindings::{BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_hdr_start_off, bpf_sock, sk_action::SK_PASS},
+        helpers::bpf_skb_load_bytes_relative,
+        macros::{map, sk_reuseport, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, RingBuf},
+        programs::{SkReuseportContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use reloader_ebpf::{
-        COUNTERS_LEN, Counters, ListenerKey, ListenerState, MAX_LISTENERS, MAX_PROBES,
-        MAX_SELECT_ATTEMPTS, MAX_SLOTS, NO_SLOT, ProbeKey, ProbeTarget, SOCKETS_LEN, SlotState,
-        UNMANAGED_COUNTER, counter_index, socket_index,
+        Counters, Flow, FlowKey, Limits, ListenEvent, ListenerKey, ListenerState,
+        MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget, SlotState, WEIGHT_SCALE,
+        counter_index, limits, socket_index,
     };
 
-    #[map]
-    static LISTENER_KEYS: HashMap<ListenerKey, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+    // Sizes, set by the loader (`reloader_ebpf::global`); the maps are
+    // created with matching `max_entries`.
+    #[unsafe(no_mangle)]
+    static LISTENERS_MAX: Global<u32> = Global::new(1);
+    #[unsafe(no_mangle)]
+    static SLOTS: Global<u32> = Global::new(1);
+    #[unsafe(no_mangle)]
+    static SOCKETS_PER_SLOT: Global<u32> = Global::new(1);
 
     #[map]
-    static ACTIVE: Array<ListenerState> = Array::with_max_entries(MAX_LISTENERS, 0);
+    static LISTENER_KEYS: HashMap<ListenerKey, u32> = HashMap::with_max_entries(1, 0);
 
     #[map]
-    static SLOT_SOCKETS: Array<SlotState> = Array::with_max_entries(MAX_LISTENERS * MAX_SLOTS, 0);
+    static LISTENERS: HashMap<u32, ListenerState> = HashMap::with_max_entries(1, 0);
 
     #[map]
-    static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(SOCKETS_LEN, 0);
+    static SLOT_SOCKETS: Array<SlotState> = Array::with_max_entries(1, 0);
 
     #[map]
-    static PROBES: HashMap<ProbeKey, ProbeTarget> = HashMap::with_max_entries(MAX_PROBES, 0);
+    static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(1, 0);
 
     #[map]
-    static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+    static PROBES: HashMap<ProbeKey, ProbeTarget> =
+        HashMap::with_max_entries(limits::MAX_PROBES, 0);
+
+    #[map]
+    static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+
+    #[map]
+    static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map]
+    static LISTEN_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
     #[derive(Clone, Copy)]
     enum Outcome {
@@ -64,6 +93,23 @@ mod steer {
         Migrated,
         ProbeRouted,
         Fallback,
+        Affinity,
+    }
+
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const IPPROTO_TCP: u32 = 6;
+    const IPPROTO_UDP: u32 = 17;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+
+    #[inline(always)]
+    fn limits() -> Limits {
+        Limits {
+            listeners: LISTENERS_MAX.load(),
+            slots: SLOTS.load(),
+            sockets_per_slot: SOCKETS_PER_SLOT.load(),
+        }
     }
 
     #[sk_reuseport(migrate)]
@@ -78,9 +124,11 @@ mod steer {
         let key = unsafe {
             let sk = ctx.sk().sock;
             let family = read_volatile(&raw const (*sk).family);
+            let protocol = read_volatile(&raw const (*sk).protocol);
             match &migrating {
                 None => ListenerKey {
                     family,
+                    protocol,
                     port: read_volatile(&raw const (*sk).src_port),
                     addr: local_addr(sk, family),
                 },
@@ -104,6 +152,7 @@ mod steer {
                     };
                     ListenerKey {
                         family,
+                        protocol: IPPROTO_TCP,
                         port: read_volatile(&raw const (*child).src_port),
                         addr,
                     }
@@ -136,43 +185,46 @@ mod steer {
 
     #[sk_reuseport]
     pub fn steer_select(ctx: SkReuseportContext) -> u32 {
-        let Some((_, dst)) = tcp_ports(&ctx) else {
-            count(UNMANAGED_COUNTER, Outcome::Fallback);
+        let Some((_, dst)) = ports(&ctx) else {
+            count(limits().unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         };
         let key = ListenerKey {
+            protocol: ctx.ip_protocol(),
             port: u32::from(dst),
             ..ListenerKey::default()
         };
         steer(&ctx, &key, false)
     }
 
-    const AF_INET: u32 = 2;
-    const AF_INET6: u32 = 10;
-
     #[inline(always)]
     fn steer(ctx: &SkReuseportContext, key: &ListenerKey, migrating: bool) -> u32 {
+        let limits = limits();
         // SAFETY: map values are plain integers; the kernel keeps them alive
         // for the duration of the program.
         let Some(&listener) = (unsafe { LISTENER_KEYS.get(key) }) else {
-            count(UNMANAGED_COUNTER, Outcome::Fallback);
+            count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         };
-        if listener >= MAX_LISTENERS {
-            count(UNMANAGED_COUNTER, Outcome::Fallback);
+        // SAFETY: as above.
+        let state = match unsafe { LISTENERS.get(&listener) } {
+            Some(state) => *state,
+            None => ListenerState::default(),
+        };
+        if listener >= limits.listeners {
+            count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         }
 
-        let mut slot = match ACTIVE.get(listener) {
-            Some(state) => state.active_slot,
-            None => NO_SLOT,
-        };
+        let mut slot = state.active_slot;
         let mut outcome = if migrating {
             Outcome::Migrated
         } else {
             Outcome::Steered
         };
-        if !migrating && let Some((src, _)) = tcp_ports(ctx) {
+        let mut flow = None;
+        let ports = if migrating { None } else { ports(ctx) };
+        if let Some((src, _)) = ports {
             let probe = ProbeKey {
                 listener,
                 port: u32::from(src),
@@ -182,61 +234,122 @@ mod steer {
                 slot = target.slot;
                 outcome = Outcome::ProbeRouted;
                 debug!(ctx, "probe from port {} to slot {}", src, slot);
+            } else {
+                if state.mode == Mode::UdpFlows as u32 {
+                    flow = flow_key(ctx, listener, src);
+                    if let Some(key) = &flow
+                        // SAFETY: as above.
+                        && let Some(&pinned) = unsafe { FLOWS.get(key) }
+                        && epoch(&limits, listener, pinned.slot) == Some(pinned.epoch)
+                        && select(ctx, &limits, listener, pinned.slot)
+                    {
+                        count_slot(&limits, listener, pinned.slot, Outcome::Affinity);
+                        return SK_PASS;
+                    }
+                }
+                // A new connection or flow: a share goes to the canary, by
+                // the packet hash (bits other than those that spread it over
+                // the slot's sockets), so a retransmitted SYN lands alike.
+                if state.canary_slot < limits.slots
+                    && state.canary_weight > 0
+                    && ctx.hash().rotate_left(16) % WEIGHT_SCALE < state.canary_weight
+                {
+                    slot = state.canary_slot;
+                }
             }
         }
-        if slot >= MAX_SLOTS {
-            debug!(ctx, "listener {}: no active slot, kernel selects", listener);
-            count(UNMANAGED_COUNTER, Outcome::Fallback);
+        if slot == NO_SLOT || slot >= limits.slots {
+            debug!(ctx, "listener {}: no slot, kernel selects", listener);
+            count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         }
-
-        let index = counter_index(listener, slot);
-        let sockets = match SLOT_SOCKETS.get(index) {
-            Some(state) => state.sockets,
-            None => 0,
-        };
-        if sockets == 0 || sockets > reloader_ebpf::MAX_SOCKETS_PER_SLOT {
-            debug!(
-                ctx,
-                "listener {} slot {}: empty, kernel selects", listener, slot
-            );
-            count(index, Outcome::Fallback);
-            return SK_PASS;
-        }
-
-        let start = ctx.hash() % sockets;
-        let mut attempt = 0;
-        while attempt < MAX_SELECT_ATTEMPTS && attempt < sockets {
-            let n = (start + attempt) % sockets;
-            if SOCKETS
-                .select_reuseport(ctx, socket_index(listener, slot, n))
-                .is_ok()
-            {
-                debug!(
-                    ctx,
-                    "listener {} slot {} socket {} migrating={}",
-                    listener,
-                    slot,
-                    n,
-                    u8::from(migrating)
-                );
-                count(index, outcome);
-                return SK_PASS;
+        if select(ctx, &limits, listener, slot) {
+            count_slot(&limits, listener, slot, outcome);
+            if let (Some(key), Some(epoch)) = (&flow, epoch(&limits, listener, slot)) {
+                let _ = FLOWS.insert(key, &Flow { slot, epoch }, 0);
             }
-            attempt += 1;
+            return SK_PASS;
         }
         debug!(
             ctx,
             "listener {} slot {}: no live socket, kernel selects", listener, slot
         );
-        count(index, Outcome::Fallback);
+        count_slot(&limits, listener, slot, Outcome::Fallback);
         SK_PASS
     }
 
-    /// Source and destination port of the TCP header the context points at,
-    /// if the packet has one (the migrate path may pass an empty skb).
+    /// Selects a live socket of (`listener`, `slot`) by the packet hash.
     #[inline(always)]
-    fn tcp_ports(ctx: &SkReuseportContext) -> Option<(u16, u16)> {
+    fn select(ctx: &SkReuseportContext, limits: &Limits, listener: u32, slot: u32) -> bool {
+        let index = counter_index(limits.slots, listener, slot);
+        let sockets = match SLOT_SOCKETS.get(index) {
+            Some(state) => state.sockets,
+            None => 0,
+        };
+        if sockets == 0 || sockets > limits.sockets_per_slot {
+            return false;
+        }
+        let start = ctx.hash() % sockets;
+        let mut attempt = 0;
+        while attempt < MAX_SELECT_ATTEMPTS && attempt < sockets {
+            let n = (start + attempt) % sockets;
+            if SOCKETS
+                .select_reuseport(ctx, socket_index(limits, listener, slot, n))
+                .is_ok()
+            {
+                return true;
+            }
+            attempt += 1;
+        }
+        false
+    }
+
+    /// The epoch of (`listener`, `slot`), if it holds sockets.
+    #[inline(always)]
+    fn epoch(limits: &Limits, listener: u32, slot: u32) -> Option<u32> {
+        if slot >= limits.slots {
+            return None;
+        }
+        let state = SLOT_SOCKETS.get(counter_index(limits.slots, listener, slot))?;
+        (state.sockets > 0).then_some(state.epoch)
+    }
+
+    /// The flow of a UDP datagram: its remote address (read relative to the
+    /// network header) and source port.
+    #[inline(always)]
+    fn flow_key(ctx: &SkReuseportContext, listener: u32, port: u16) -> Option<FlowKey> {
+        if ctx.ip_protocol() != IPPROTO_UDP {
+            return None;
+        }
+        let mut addr = [0u32; 4];
+        let ethertype = u16::from_be(ctx.eth_protocol() as u16);
+        let (offset, len) = match ethertype {
+            ETH_P_IP => (12, 4),
+            ETH_P_IPV6 => (8, 16),
+            _ => return None,
+        };
+        // SAFETY: the helper writes at most `len` bytes into `addr`.
+        let rc = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.md as *const c_void,
+                offset,
+                addr.as_mut_ptr() as *mut c_void,
+                len,
+                bpf_hdr_start_off::BPF_HDR_START_NET,
+            )
+        };
+        (rc == 0).then_some(FlowKey {
+            listener,
+            port: u32::from(port),
+            addr,
+        })
+    }
+
+    /// Source and destination port of the TCP or UDP header the context
+    /// points at, if the packet has one (the migrate path may pass an empty
+    /// skb).
+    #[inline(always)]
+    fn ports(ctx: &SkReuseportContext) -> Option<(u16, u16)> {
         let data = ctx.data();
         if data + 4 > ctx.data_end() {
             return None;
@@ -250,6 +363,11 @@ mod steer {
     }
 
     #[inline(always)]
+    fn count_slot(limits: &Limits, listener: u32, slot: u32, outcome: Outcome) {
+        count(counter_index(limits.slots, listener, slot), outcome);
+    }
+
+    #[inline(always)]
     fn count(index: u32, outcome: Outcome) {
         if let Some(counters) = COUNTERS.get_ptr_mut(index) {
             // SAFETY: per-CPU value, and programs of this type run with
@@ -260,8 +378,58 @@ mod steer {
                 Outcome::Migrated => counters.migrated += 1,
                 Outcome::ProbeRouted => counters.probe_routed += 1,
                 Outcome::Fallback => counters.fallback += 1,
+                Outcome::Affinity => counters.affinity += 1,
             }
         }
+    }
+
+    #[sock_ops]
+    pub fn notify_listen(ctx: SockOpsContext) -> u32 {
+        if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
+            return 1;
+        }
+        // One volatile load per field, each at a constant offset from the
+        // context: the verifier rejects loads through a moved ctx pointer,
+        // which is what copying the address array compiles to.
+        // SAFETY: `ops` is the program's valid context for the whole run.
+        let (family, port, addr) = unsafe {
+            let ops = ctx.ops;
+            let family = read_volatile(&raw const (*ops).family);
+            let port = read_volatile(&raw const (*ops).local_port);
+            let addr = match family {
+                AF_INET => [read_volatile(&raw const (*ops).local_ip4), 0, 0, 0],
+                AF_INET6 => [
+                    read_volatile(&raw const (*ops).local_ip6[0]),
+                    read_volatile(&raw const (*ops).local_ip6[1]),
+                    read_volatile(&raw const (*ops).local_ip6[2]),
+                    read_volatile(&raw const (*ops).local_ip6[3]),
+                ],
+                _ => return 1,
+            };
+            (family, port, addr)
+        };
+        let full = ListenerKey {
+            family,
+            protocol: IPPROTO_TCP,
+            port,
+            addr,
+        };
+        let port_only = ListenerKey {
+            protocol: IPPROTO_TCP,
+            port,
+            ..ListenerKey::default()
+        };
+        // SAFETY: map values are plain integers.
+        let listener = unsafe {
+            match LISTENER_KEYS.get(&full) {
+                Some(l) => Some(*l),
+                None => LISTENER_KEYS.get(&port_only).copied(),
+            }
+        };
+        if let Some(listener) = listener {
+            let _ = LISTEN_EVENTS.output::<ListenEvent>(&ListenEvent { listener, _pad: 0 }, 0);
+        }
+        1
     }
 
     #[panic_handler]

@@ -205,6 +205,12 @@ pub struct RunArgs {
     /// NOTIFY_SOCKET reloader gives each generation).
     #[arg(long, value_enum, default_value_t = ReadyMode::Listeners)]
     pub ready: ReadyMode,
+    /// Listening sockets one generation may hold for one address (one per
+    /// worker for nginx with `reuseport`, per thread for Envoy); sizes the
+    /// steering maps.
+    #[arg(long, default_value_t = config::DEFAULT_SOCKETS_PER_LISTENER, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::steering::limits::MAX_SOCKETS_PER_SLOT)))]
+    pub max_sockets_per_listener: u32,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
@@ -227,7 +233,7 @@ impl RunArgs {
             .as_deref()
             .map(|p| config::parse_probe(p, &self.listen))
             .transpose()?;
-        if self.max_draining == 0 || self.max_draining > crate::steering::MAX_DRAINING {
+        if self.max_draining == 0 || self.max_draining > config::MAX_DRAINING {
             return Err(ConfigError::BadMaxDraining {
                 value: self.max_draining,
             });
@@ -247,6 +253,7 @@ impl RunArgs {
             pass_fds: self.pass_fds,
             ready_notify: self.ready == ReadyMode::Notify,
             metrics: self.metrics,
+            sockets_per_listener: self.max_sockets_per_listener,
         })
     }
 }

@@ -7,7 +7,13 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, str::FromStr, ti
 use nix::sys::signal::Signal;
 use thiserror::Error;
 
-use crate::steering::{MAX_DRAINING, MAX_LISTENERS};
+use crate::steering::{Limits, limits::MAX_LISTENERS};
+
+/// Old generations that may drain at once, at most: with the active
+/// generation and a candidate, 16 generations live per instance.
+pub const MAX_DRAINING: u32 = 14;
+/// Listening sockets one generation may hold per address, by default.
+pub const DEFAULT_SOCKETS_PER_LISTENER: u32 = 256;
 
 /// Errors in a `reloader run` command line.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -114,6 +120,21 @@ pub struct RunConfig {
     pub ready_notify: bool,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Listening sockets one generation may hold per address.
+    pub sockets_per_listener: u32,
+}
+
+impl RunConfig {
+    /// How large the steering maps are for this configuration: a slot per
+    /// generation that can be live at once (the active one, a candidate,
+    /// and `--max-draining` old ones).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            listeners: self.listen.len() as u32,
+            slots: self.max_draining + 2,
+            sockets_per_slot: self.sockets_per_listener,
+        }
+    }
 }
 
 impl RunConfig {
@@ -135,6 +156,7 @@ impl RunConfig {
             pass_fds: false,
             ready_notify: false,
             metrics: None,
+            sockets_per_listener: 16,
         }
     }
 }
@@ -368,12 +390,13 @@ mod tests {
             listen(&["127.0.0.1:80", "127.0.0.1:80"]),
             Err(ConfigError::DuplicateListen { .. })
         ));
-        let many: Vec<String> = (1..=33).map(|p| format!("127.0.0.1:{p}")).collect();
+        let many: Vec<String> = (1..=1025).map(|p| format!("127.0.0.1:{p}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(matches!(
             listen(&many),
-            Err(ConfigError::TooManyListen { count: 33 })
+            Err(ConfigError::TooManyListen { count: 1025 })
         ));
+        assert_eq!(listen(&many[..256]).unwrap().len(), 256);
     }
 
     #[test]

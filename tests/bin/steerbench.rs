@@ -101,7 +101,7 @@ fn overhead(mut steering: Steering, pairs: usize, round: Duration, clients: usiz
     let b = reuseport_listener(addr);
     steering.add_listener(0, addr).expect("add listener");
     steering
-        .set_slot_sockets(0, 0, &[borrowed(&a), borrowed(&b)])
+        .set_slot_sockets(0, 0, 1, &[borrowed(&a), borrowed(&b)])
         .expect("slot 0 sockets");
     steering.set_active(0, Some(0)).expect("activate slot 0");
     let attach_fd = a.try_clone().expect("dup listener");
@@ -216,10 +216,10 @@ fn cutover(mut steering: Steering, rounds: usize) -> String {
     steering.attach(a.as_fd()).expect("attach");
     steering.add_listener(0, addr).expect("add listener");
     steering
-        .set_slot_sockets(0, 0, &[borrowed(&a)])
+        .set_slot_sockets(0, 0, 1, &[borrowed(&a)])
         .expect("slot A");
     steering
-        .set_slot_sockets(0, 1, &[borrowed(&b)])
+        .set_slot_sockets(0, 1, 1, &[borrowed(&b)])
         .expect("slot B");
     steering.set_active(0, Some(0)).expect("activate A");
 

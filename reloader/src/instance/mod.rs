@@ -24,10 +24,10 @@ use anyhow::Context;
 use events::{Control, Event};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{Notify, mpsc},
     task::{JoinHandle, JoinSet},
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     config::RunConfig,
@@ -70,13 +70,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let mut steering = recovery::load_steering(&config, &paths, adopting)?;
+    let limits = recovery::limits(&config, &previous);
+    let mut steering = recovery::load_steering(&config, &paths, limits, adopting)?;
     if let Some(pump) = steering.log_pump() {
         tokio::spawn(pump_logs(pump));
     }
-    let (generations, processes) = recovery::generations(&previous);
+    let listened = Arc::new(Notify::new());
+    match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
+        Ok(events) => {
+            tokio::spawn(pump_listen_events(events, listened.clone()));
+        }
+        Err(error) => warn!(
+            error = %crate::error_chain(error.as_ref()),
+            "no listen events (cgroup v2 sock_ops): new listeners are found by polling only"
+        ),
+    }
+    let (generations, processes) = recovery::generations(&previous, limits);
     let handle = Handle::new(InstanceState::new(
         config.clone(),
+        limits,
         Box::new(steering),
         generations,
         processes,
@@ -118,7 +130,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     } else {
         scheduler.request(None);
     }
-    let tracker = tokio::spawn(reload::track(handle.clone(), host.clone()));
+    let tracker = tokio::spawn(reload::track(handle.clone(), host.clone(), listened));
     let mut running: Option<Running> = None;
     let mut first_failure = None;
     loop {
@@ -267,6 +279,63 @@ async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinS
         }
     }
     reaper::watch_adopted(handle, events);
+}
+
+/// The controller's cgroup (v2): servers it spawns are in it or below. The
+/// v2 hierarchy is wherever `cgroup2` is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on hybrid systems).
+fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("read /proc/self/cgroup")?;
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 entry in /proc/self/cgroup")?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE ...
+    let root = mounts
+        .lines()
+        .find_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            (rest.split_whitespace().next() == Some("cgroup2")).then(|| {
+                fields
+                    .split_whitespace()
+                    .nth(4)
+                    .map(std::path::PathBuf::from)
+            })?
+        })
+        .context("cgroup v2 is not mounted")?;
+    let dir = root.join(path.trim_start_matches('/'));
+    anyhow::ensure!(
+        dir.join("cgroup.procs").exists(),
+        "the controller's cgroup {} is not visible here",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Wakes the tracker whenever the listen notifier reports a new listener.
+async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc<Notify>) {
+    // SAFETY: the ring buffer map fd stays open and unchanged for as long
+    // as `events` (now owned by the AsyncFd) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let mut woke = !guard.get_inner_mut().drain().is_empty();
+        guard.clear_ready();
+        // An event that arrived between the drain and clear_ready set no
+        // new readiness: look once more.
+        woke |= !guard.get_inner_mut().drain().is_empty();
+        if woke {
+            listened.notify_one();
+        }
+    }
 }
 
 /// Forwards the eBPF program's aya-log records (debug level) to tracing.

@@ -23,7 +23,7 @@ use crate::{
         HISTORY, RegisteredSocket,
         saved::{self, Recovery, Saved, SavedGeneration},
     },
-    steering::{self, Options, Steering},
+    steering::{self, Limits, Options, Steering},
     supervisor::Process,
 };
 
@@ -135,12 +135,15 @@ pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
 pub fn load_steering(
     config: &RunConfig,
     paths: &Paths,
+    limits: Limits,
     adopting: bool,
 ) -> anyhow::Result<Steering> {
     let options = Options {
         force_select_only: config.force_select_only,
         ebpf_debug_logs: tracing::enabled!(target: "reloader::ebpf", tracing::Level::DEBUG),
         pin_dir: Some(paths.pins.clone()),
+        limits,
+        udp_flows: 1,
     };
     let mut steering = match Steering::load(&options) {
         Err(
@@ -173,9 +176,29 @@ pub fn load_steering(
     Ok(steering)
 }
 
+/// The steering maps' sizes: a previous controller's when its maps are
+/// adopted (they exist already), else those the configuration needs.
+pub fn limits(config: &RunConfig, previous: &Previous) -> Limits {
+    match (&previous.recovery, &previous.saved) {
+        (Recovery::Adopt { .. }, Some(saved)) => {
+            let limits = Limits::from(saved.limits);
+            if limits != config.limits() {
+                warn!(
+                    ?limits,
+                    wanted = ?config.limits(),
+                    "adopting maps sized by the previous controller; restart the instance to \
+                     resize them"
+                );
+            }
+            limits
+        }
+        _ => config.limits(),
+    }
+}
+
 /// The generations to start with: adopted ones (with their processes, held
 /// by pidfd), numbering continued after the previous controller's.
-pub fn generations(previous: &Previous) -> (Generations, HashMap<u64, Process>) {
+pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap<u64, Process>) {
     let next = previous.saved.as_ref().map_or(1, |s| s.next_generation);
     let mut processes = HashMap::new();
     let mut live = Vec::new();
@@ -191,7 +214,7 @@ pub fn generations(previous: &Previous) -> (Generations, HashMap<u64, Process>) 
         }
     }
     (
-        Generations::restore(steering::MAX_SLOTS, HISTORY, next, live, Instant::now()),
+        Generations::restore(limits.slots, HISTORY, next, live, Instant::now()),
         processes,
     )
 }

@@ -145,8 +145,12 @@ fn instance(listen: &[&str]) -> (Handle, FakeSteering) {
     let fake = FakeSteering::default();
     let handle = Handle::new(InstanceState::new(
         Arc::new(RunConfig::for_tests(listen)),
+        RunConfig::for_tests(listen).limits(),
         Box::new(fake.clone()),
-        Generations::new(crate::steering::MAX_SLOTS, HISTORY),
+        Generations::new(
+            RunConfig::for_tests(&["127.0.0.1:1"]).limits().slots,
+            HISTORY,
+        ),
         HashMap::new(),
         None,
     ));

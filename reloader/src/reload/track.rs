@@ -15,12 +15,15 @@
 //! have all closed makes the program leave connections to the kernel's
 //! hash until it is rewritten.
 //!
-//! Polling, not events: the kernel has no notification for `listen(2)` that
-//! reloader could use without attaching another program (a cgroup
-//! `sock_ops` listen callback) to every generation's cgroup.
+//! Events where the kernel allows: the `sock_ops` program on the
+//! controller's cgroup reports every `listen(2)` on a managed address (see
+//! `reloader-ebpf`), and the tracker looks at once, so a worker that starts
+//! listening is registered within milliseconds. The poll stays: it notices
+//! closed sockets, UDP sockets (no `listen`), and works without cgroup v2.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{Host, drain::drain};
@@ -32,15 +35,20 @@ pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
 pub const FAST_INTERVAL: Duration = Duration::from_millis(50);
 const FAST_FOR: Duration = Duration::from_secs(5);
 
-/// Tracks the listeners of serving generations until the task is dropped.
-pub async fn track<H: Host>(handle: Handle, host: Arc<H>) {
+/// Tracks the listeners of serving generations until the task is dropped;
+/// `listened` wakes it early (a socket started listening on a managed
+/// address).
+pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
     let mut last_change: Option<tokio::time::Instant> = None;
     loop {
         let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR);
-        tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }).await;
+        tokio::select! {
+            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }) => {}
+            () = listened.notified() => {}
+        }
         let tracked = handle.read(|s| s.tracked());
         if tracked.is_empty() {
             continue;

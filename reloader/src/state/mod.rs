@@ -32,7 +32,7 @@ use crate::{
     error::ReloadError,
     generation::{Generation, Generations, State},
     status::{CounterStatus, ReloadReport},
-    steering::Steer,
+    steering::{Limits, Steer},
     supervisor::{Process, StderrTail},
 };
 
@@ -114,6 +114,8 @@ struct Stats {
 /// Everything the controller knows about one instance.
 pub struct InstanceState {
     config: Arc<RunConfig>,
+    /// The steering maps' sizes (a previous controller's when adopted).
+    limits: Limits,
     steering: Box<dyn Steer>,
     generations: Generations,
     processes: HashMap<u64, Process>,
@@ -141,6 +143,7 @@ impl InstanceState {
     /// controller, whose `processes` are given.
     pub fn new(
         config: Arc<RunConfig>,
+        limits: Limits,
         steering: Box<dyn Steer>,
         generations: Generations,
         processes: HashMap<u64, Process>,
@@ -148,6 +151,7 @@ impl InstanceState {
     ) -> Self {
         Self {
             config,
+            limits,
             steering,
             generations,
             processes,
@@ -215,6 +219,12 @@ impl InstanceState {
             }),
         }
     }
+}
+
+/// The epoch a generation's slot is registered with: its number,
+/// truncated (a UDP flow pinned by another generation is not its own).
+fn epoch_of(number: u64) -> u32 {
+    number as u32
 }
 
 /// A hint for a server that exited with status 0 before it was ready: it

@@ -135,6 +135,7 @@ impl InstanceState {
             .collect();
         saved::Saved::new(
             self.config.listen.clone(),
+            self.limits,
             self.generations.next_number(),
             generations,
         )

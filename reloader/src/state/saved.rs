@@ -20,10 +20,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::generation::State;
+use crate::{generation::State, steering::Limits};
 
-/// The state file's format version.
-const VERSION: u32 = 1;
+/// The state file's format version (2: steering maps sized per instance,
+/// their sizes recorded).
+const VERSION: u32 = 2;
 
 /// A generation as the state file records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,12 +38,42 @@ pub struct SavedGeneration {
     pub state: State,
 }
 
+/// The sizes of the pinned steering maps: a successor must load its
+/// object with the same ones to reuse them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLimits {
+    pub listeners: u32,
+    pub slots: u32,
+    pub sockets_per_slot: u32,
+}
+
+impl From<Limits> for SavedLimits {
+    fn from(l: Limits) -> Self {
+        Self {
+            listeners: l.listeners,
+            slots: l.slots,
+            sockets_per_slot: l.sockets_per_slot,
+        }
+    }
+}
+
+impl From<SavedLimits> for Limits {
+    fn from(l: SavedLimits) -> Self {
+        Self {
+            listeners: l.listeners,
+            slots: l.slots,
+            sockets_per_slot: l.sockets_per_slot,
+        }
+    }
+}
+
 /// The state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
     pub version: u32,
     pub controller_pid: u32,
     pub listen: Vec<SocketAddr>,
+    pub limits: SavedLimits,
     pub next_generation: u64,
     pub generations: Vec<SavedGeneration>,
 }
@@ -50,6 +81,7 @@ pub struct Saved {
 impl Saved {
     pub fn new(
         listen: Vec<SocketAddr>,
+        limits: Limits,
         next_generation: u64,
         generations: Vec<SavedGeneration>,
     ) -> Self {
@@ -57,6 +89,7 @@ impl Saved {
             version: VERSION,
             controller_pid: std::process::id(),
             listen,
+            limits: limits.into(),
             next_generation,
             generations,
         }
@@ -161,7 +194,16 @@ mod tests {
     }
 
     fn saved(generations: Vec<SavedGeneration>) -> Saved {
-        Saved::new(vec!["127.0.0.1:80".parse().unwrap()], 9, generations)
+        Saved::new(
+            vec!["127.0.0.1:80".parse().unwrap()],
+            Limits {
+                listeners: 1,
+                slots: 6,
+                sockets_per_slot: 16,
+            },
+            9,
+            generations,
+        )
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 use nix::sys::signal::Signal;
 use tracing::{error, warn};
 
-use super::{Begun, FoundSocket, InstanceState, NotNow, RegisteredSocket};
+use super::{Begun, FoundSocket, InstanceState, NotNow, RegisteredSocket, epoch_of};
 use crate::{
     error::ReloadError,
     generation::State,
@@ -104,7 +104,7 @@ impl InstanceState {
                 .attach(first.copy.as_fd())
                 .map_err(|source| named(first, source))?;
             self.steering
-                .set_slot_sockets(i as u32, slot, &fds)
+                .set_slot_sockets(i as u32, slot, epoch_of(number), &fds)
                 .map_err(|source| named(first, source))?;
             registered.extend(sockets.iter().map(|s| RegisteredSocket {
                 listener: i,

@@ -17,8 +17,12 @@ fn state(listen: &[&str]) -> (InstanceState, FakeSteering) {
     let fake = FakeSteering::default();
     let state = InstanceState::new(
         Arc::new(RunConfig::for_tests(listen)),
+        RunConfig::for_tests(listen).limits(),
         Box::new(fake.clone()),
-        Generations::new(crate::steering::MAX_SLOTS, HISTORY),
+        Generations::new(
+            RunConfig::for_tests(&["127.0.0.1:1"]).limits().slots,
+            HISTORY,
+        ),
         HashMap::new(),
         None,
     );

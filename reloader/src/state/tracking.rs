@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use super::{FoundSocket, InstanceState, RegisteredSocket};
+use super::{FoundSocket, InstanceState, RegisteredSocket, epoch_of};
 use crate::{error::ReloadError, generation::State};
 
 /// A generation whose listeners are tracked.
@@ -110,7 +110,7 @@ impl InstanceState {
             let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.copy.as_fd()).collect();
             let first = &sockets[0];
             self.steering
-                .set_slot_sockets(i as u32, slot, &fds)
+                .set_slot_sockets(i as u32, slot, epoch_of(number), &fds)
                 .map_err(|source| ReloadError::RegisterError {
                     addr: self.config.listen[i],
                     pid: first.holder.pid,

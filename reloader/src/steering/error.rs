@@ -3,7 +3,7 @@
 use std::{io, net::SocketAddr};
 
 use aya::{EbpfError, maps::MapError, programs::ProgramError};
-use reloader_ebpf::{MAX_LISTENERS, MAX_SLOTS, MAX_SOCKETS_PER_SLOT};
+use reloader_ebpf::Limits;
 use thiserror::Error;
 
 /// Errors of the steering module. Each says what the user can do about it.
@@ -80,9 +80,6 @@ pub enum SteeringError {
          server's network namespace)"
     )]
     MptcpListener { fd: i32, addr: String },
-    /// A socket offered for registration is not a listening TCP socket.
-    #[error("the socket is not a listening TCP socket")]
-    NotListening { fd: i32 },
     /// A socket's bound address is not the listener's address.
     #[error("the socket is bound to {found}, not to listener {listener}'s address {expected}")]
     WrongAddress {
@@ -98,18 +95,34 @@ pub enum SteeringError {
         #[source]
         source: nix::Error,
     },
-    /// Listener index outside `0..MAX_LISTENERS` or not added.
-    #[error("listener {listener} is not registered (at most {MAX_LISTENERS} listeners)")]
+    /// Listener index outside the configured listeners, or not added.
+    #[error("listener {listener} is not registered")]
     UnknownListener { listener: u32 },
-    /// Slot index outside `0..MAX_SLOTS`.
-    #[error("slot {slot} is out of range (at most {MAX_SLOTS} slots per listener)")]
-    SlotOutOfRange { slot: u32 },
+    /// Slot index outside the configured slots.
+    #[error("slot {slot} is out of range ({slots} slots per listener)")]
+    SlotOutOfRange { slot: u32, slots: u32 },
     /// More sockets than a slot holds.
     #[error(
-        "{count} listening sockets for one address in one generation; at most \
-         {MAX_SOCKETS_PER_SLOT} are supported"
+        "{count} sockets for one address in one generation; at most {max} are configured \
+         (--max-sockets-per-listener)"
     )]
-    TooManySockets { count: usize },
+    TooManySockets { count: usize, max: u32 },
+    /// Map sizes of zero.
+    #[error("steering maps cannot be sized {limits:?}")]
+    BadLimits { limits: Limits },
+    /// The socket is not of the listener's transport.
+    #[error("the socket is not {}", match expected {
+        super::Transport::Tcp => "a listening TCP socket",
+        super::Transport::Udp => "a UDP socket",
+    })]
+    WrongKind { fd: i32, expected: super::Transport },
+    /// The controller's cgroup could not be opened.
+    #[error("cannot open the cgroup {path}")]
+    CgroupError {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     /// Two listeners the program could not tell apart.
     #[error("{addr} cannot be managed together with {other}: {why}")]
     ListenerConflict {

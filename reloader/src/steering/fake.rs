@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use super::{Counters, EntryCounts, Mode, Result, Steer, SteeringError};
+use super::{Counters, EntryCounts, Mode, Result, Split, Steer, SteeringError};
 
 /// The fake; clones share [`FakeMaps`].
 #[derive(Clone, Debug, Default)]
@@ -26,8 +26,12 @@ impl FakeSteering {
 pub struct FakeMaps {
     /// (listener, slot) → registered socket fds (as given).
     pub slots: BTreeMap<(u32, u32), Vec<i32>>,
+    /// (listener, slot) → epoch of the generation registered there.
+    pub epochs: BTreeMap<(u32, u32), u32>,
     /// listener → active slot.
     pub active: HashMap<u32, u32>,
+    /// listener → canary slot and weight.
+    pub canary: HashMap<u32, (u32, u32)>,
     pub probes: HashMap<(u32, u16), u32>,
     pub counters: HashMap<(u32, u32), Counters>,
     /// Groups attached, by fd.
@@ -36,7 +40,7 @@ pub struct FakeMaps {
     pub fail_set_active: HashSet<u32>,
     /// `attach` fails.
     pub fail_attach: bool,
-    /// Every `set_active` call, in order.
+    /// Every `set_split` call's active slot, in order.
     pub cutovers: Vec<(u32, Option<u32>)>,
 }
 
@@ -72,35 +76,48 @@ impl Steer for FakeSteering {
         &mut self,
         listener: u32,
         slot: u32,
+        epoch: u32,
         sockets: &[BorrowedFd<'_>],
     ) -> Result<()> {
-        self.maps().slots.insert(
+        let mut maps = self.maps();
+        maps.slots.insert(
             (listener, slot),
             sockets.iter().map(|s| s.as_raw_fd()).collect(),
         );
+        maps.epochs.insert((listener, slot), epoch);
         Ok(())
     }
 
     fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()> {
-        self.maps().slots.remove(&(listener, slot));
+        let mut maps = self.maps();
+        maps.slots.remove(&(listener, slot));
+        maps.epochs.remove(&(listener, slot));
         Ok(())
     }
 
-    fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()> {
+    fn set_split(&mut self, listener: u32, split: Split) -> Result<()> {
         let mut maps = self.maps();
         if maps.fail_set_active.contains(&listener) {
             return Err(injected());
         }
-        maps.cutovers.push((listener, slot));
-        match slot {
+        maps.cutovers.push((listener, split.active));
+        match split.active {
             Some(slot) => maps.active.insert(listener, slot),
             None => maps.active.remove(&listener),
+        };
+        match split.canary {
+            Some(canary) => maps.canary.insert(listener, canary),
+            None => maps.canary.remove(&listener),
         };
         Ok(())
     }
 
-    fn active(&self, listener: u32) -> Result<Option<u32>> {
-        Ok(self.maps().active.get(&listener).copied())
+    fn split(&self, listener: u32) -> Result<Split> {
+        let maps = self.maps();
+        Ok(Split {
+            active: maps.active.get(&listener).copied(),
+            canary: maps.canary.get(&listener).copied(),
+        })
     }
 
     fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()> {

@@ -17,14 +17,66 @@ mod keys;
 
 use std::os::fd::BorrowedFd;
 
-pub use ebpf::{LogPump, Steering};
+use std::net::SocketAddr;
+
+pub use ebpf::{ListenEvents, LogPump, Steering};
 pub use error::SteeringError;
 pub use keys::listener_key;
-pub use reloader_ebpf::{Counters, MAX_LISTENERS, MAX_SLOTS};
+pub use reloader_ebpf::{Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits};
 
-/// Old generations that may drain at once: every slot but the active
-/// generation's and a candidate's.
-pub const MAX_DRAINING: u32 = MAX_SLOTS - 2;
+/// The transport of a managed address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub fn protocol(self) -> u32 {
+        match self {
+            Self::Tcp => libc::IPPROTO_TCP as u32,
+            Self::Udp => libc::IPPROTO_UDP as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A managed address as steering sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+    pub mode: ListenerMode,
+}
+
+impl From<SocketAddr> for ListenerSpec {
+    /// A TCP listener.
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transport: Transport::Tcp,
+            mode: ListenerMode::Tcp,
+        }
+    }
+}
+
+/// Where a listener's new connections go: the active slot, and optionally
+/// a canary slot with its share (in parts of [`WEIGHT_SCALE`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Split {
+    pub active: Option<u32>,
+    pub canary: Option<(u32, u32)>,
+}
 
 /// Which program runs, decided by what the kernel supports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,7 +99,7 @@ impl std::fmt::Display for Mode {
 }
 
 /// How to load the program.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Load the select-only program even where select-or-migrate works.
     pub force_select_only: bool,
@@ -57,6 +109,27 @@ pub struct Options {
     /// Pin the maps here (bpffs), reusing pins a previous controller left:
     /// what lets a restarted controller adopt running generations.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// How large the maps are.
+    pub limits: Limits,
+    /// Entries of the UDP flow table (least recently used flows are
+    /// forgotten when it is full).
+    pub udp_flows: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            force_select_only: false,
+            ebpf_debug_logs: false,
+            pin_dir: None,
+            limits: Limits {
+                listeners: 32,
+                slots: 8,
+                sockets_per_slot: 256,
+            },
+            udp_flows: 1,
+        }
+    }
 }
 
 /// How many entries the steering maps hold.
@@ -80,27 +153,46 @@ pub trait Steer: Send {
     /// socket must have `SO_REUSEPORT` and be bound.
     fn attach(&self, socket: BorrowedFd<'_>) -> Result<()>;
 
-    /// Registers the listening sockets of (`listener`, `slot`), replacing
-    /// whatever the slot held. Each must be a listening TCP socket with
-    /// `SO_REUSEPORT`, bound to the listener's address. The map does not
-    /// keep the sockets alive: callers may close their descriptors after.
+    /// Registers the sockets of (`listener`, `slot`) for generation
+    /// `epoch`, replacing whatever the slot held. Each must have
+    /// `SO_REUSEPORT`, be of the listener's transport (listening, for TCP)
+    /// and bound to its address. The map does not keep the sockets alive:
+    /// callers may close their descriptors after.
     fn set_slot_sockets(
         &mut self,
         listener: u32,
         slot: u32,
+        epoch: u32,
         sockets: &[BorrowedFd<'_>],
     ) -> Result<()>;
 
     /// Empties (`listener`, `slot`); its counters are kept.
     fn clear_slot(&mut self, listener: u32, slot: u32) -> Result<()>;
 
+    /// Where new connections to `listener` go: one map update, seen by the
+    /// program whole (a cutover, a canary weight, a rollback).
+    fn set_split(&mut self, listener: u32, split: Split) -> Result<()>;
+
+    /// Where new connections to `listener` go now.
+    fn split(&self, listener: u32) -> Result<Split>;
+
     /// Makes `slot` the one that receives every new connection to
     /// `listener` (`None`: no slot, the kernel's hash selection decides).
     /// This single map update is the cutover.
-    fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()>;
+    fn set_active(&mut self, listener: u32, slot: Option<u32>) -> Result<()> {
+        self.set_split(
+            listener,
+            Split {
+                active: slot,
+                canary: None,
+            },
+        )
+    }
 
     /// The slot that receives new connections to `listener`.
-    fn active(&self, listener: u32) -> Result<Option<u32>>;
+    fn active(&self, listener: u32) -> Result<Option<u32>> {
+        Ok(self.split(listener)?.active)
+    }
 
     /// Routes a SYN to `listener` from client source port `port` to `slot`,
     /// whatever the active slot is (readiness probes of a candidate).

@@ -804,6 +804,8 @@ struct Outcome {
     modules: Option<String>,
     /// Tests the guest skipped as not applicable to its steering mode.
     not_applicable: Vec<String>,
+    /// A test whose result line has not come yet (`--nocapture`).
+    pending: Option<String>,
     /// (binary, exit code)
     binaries: Vec<(String, i32)>,
     passed: Vec<String>,
@@ -875,8 +877,12 @@ fn boot(kernel: &Path, initramfs: &Path, options: &VmOptions) -> Result<Outcome>
 
 impl Outcome {
     fn parse(&mut self, line: &str, started: Instant) {
-        // Firmware output can precede a marker on the same console line.
-        let line = line.find("@@").map_or(line, |i| &line[i..]);
+        // Firmware output can precede a marker on the same console line
+        // (a test's own output can follow its name: that is no marker).
+        let line = match line.find("@@") {
+            Some(i) if !line.starts_with("test ") => &line[i..],
+            _ => line,
+        };
         if let Some(kernel) = line.strip_prefix("@@KERNEL ") {
             self.kernel = Some(kernel.to_owned());
             self.boot = Some(started.elapsed());
@@ -894,11 +900,28 @@ impl Outcome {
             }
         } else if line == "@@ALLDONE" {
             self.finished = true;
-        } else if let Some(test) = line.strip_prefix("test ") {
-            if let Some(name) = test.strip_suffix(" ... ok") {
-                self.passed.push(name.to_owned());
-            } else if let Some(name) = test.strip_suffix(" ... FAILED") {
-                self.failed.push(name.to_owned());
+        } else if let Some((name, result)) = line
+            .strip_prefix("test ")
+            .and_then(|test| test.split_once(" ... "))
+        {
+            // With --nocapture a test's output follows "test NAME ... " on
+            // the same line and its result comes on a line of its own.
+            self.pending = None;
+            match result {
+                "ok" => self.passed.push(name.to_owned()),
+                "FAILED" => self.failed.push(name.to_owned()),
+                result if !result.starts_with("ignored") => {
+                    self.pending = Some(name.to_owned());
+                }
+                _ => {}
+            }
+        } else if (line == "ok" || line == "FAILED")
+            && let Some(name) = self.pending.take()
+        {
+            if line == "ok" {
+                self.passed.push(name);
+            } else {
+                self.failed.push(name);
             }
         }
     }
@@ -1045,6 +1068,21 @@ mod tests {
     fn a_vm_that_stops_early_fails_the_run() {
         let o = parsed(&["@@STEERING select-or-migrate", "test a ... ok"]);
         assert!(report(&o).is_err());
+    }
+
+    #[test]
+    fn results_after_a_tests_own_output_are_counted() {
+        let o = parsed(&[
+            "test m ... @@MEASURE settle=1s failed=0",
+            "@@MEASURE settle=2s failed=0",
+            "ok",
+            "test n ... printed",
+            "FAILED",
+            "test i ... ignored, measurement",
+            "ok",
+        ]);
+        assert_eq!(o.passed, ["m"]);
+        assert_eq!(o.failed, ["n"]);
     }
 
     const SELECT_ONLY_RUN: &[&str] = &[

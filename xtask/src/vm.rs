@@ -3,22 +3,59 @@
 //! machine and can run against kernels other than the host's.
 //!
 //! How (what is known to work on this project's machines, 2026-11):
-//! - Debian's `linux-image-*-amd64` package, downloaded with `apt-get
-//!   download` into `target/vm/cache` and unpacked with `dpkg-deb`. No
-//!   modules are needed: serial console, initramfs, BPF, BTF, network
-//!   namespaces and loopback are built in.
-//! - The bzImage is XZ-compressed and TCG spends most of a 20 s boot
-//!   decompressing it; the runner decompresses it once on the host
-//!   (`vmlinux`, cached) and QEMU boots that through its PVH entry point.
+//! - `--kernel bullseye|bookworm|trixie`: that release's
+//!   `linux-image-amd64` dependency, found and downloaded with an apt
+//!   configuration of the runner's own under `target/vm/apt/RELEASE/` (its
+//!   own sources.list naming the host's Debian mirror, lists, cache, an
+//!   empty sources.list.d, no dpkg status); the host's sources and lists
+//!   are never touched. Release files are checked against the host's
+//!   `/usr/share/keyrings/debian-archive-keyring.gpg` (bookworm's package
+//!   holds the bullseye and trixie keys too). No `--kernel`: the host apt's
+//!   own `linux-image-amd64`. The `.deb` is cached in `target/vm/cache` and
+//!   unpacked with `dpkg-deb`.
+//! - Serial console, initramfs, BPF, BTF (`CONFIG_DEBUG_INFO_BTF=y`),
+//!   network namespaces and loopback are built into all three kernels.
+//!   `inet_diag`, `tcp_diag` and `udp_diag` are modules on all three (no
+//!   dependencies beyond `inet_diag`): the runner copies them into the
+//!   initramfs, decompressed on the host (trixie ships `.ko.xz` under
+//!   `/usr/lib/modules`, the older ones plain `.ko` under `/lib/modules`).
+//! - TCG spends most of a 20 s boot decompressing the bzImage; the runner
+//!   finds the payload through the boot protocol header, decompresses it
+//!   once on the host (`vmlinux`, cached; the size trailer is checked) and
+//!   QEMU boots that through its PVH entry point (`CONFIG_PVH=y` on all
+//!   three). It boots the bzImage if that fails.
 //! - Test binaries are built with `+crt-static` for the gnu target and put
 //!   in a busybox initramfs, `testserver` at the absolute path the tests
 //!   were compiled with (`CARGO_BIN_EXE_testserver`), `reloader` wherever
 //!   `RELOADER_BIN` says.
+//! - Before the tests, the guest runs `reloader run` on a scratch port and
+//!   reads which steering program loaded from its status (`@@STEERING`;
+//!   its `steering program loaded` log line is echoed too). Under
+//!   select-only steering it skips the tests of [`NEEDS_SELECT_OR_MIGRATE`]
+//!   and names them (`@@NOTAPPLICABLE`); the runner lists them with their
+//!   reason, counted apart from passed and failed.
 //! - QEMU's exit status says nothing about the tests, so the guest's init
 //!   prints markers on the serial console; the runner parses them,
 //!   enforces its own timeout, and fails unless every test binary ran to
 //!   the end. KVM is opt-in (`--kvm`): on these machines `/dev/kvm` opens
 //!   but guests hang.
+//!
+//! The kernels, measured under TCG (`-cpu max`, 2 vCPUs, 2 GiB) on a
+//! 2-core host shared with other work, 2026-11-23; "boot" is QEMU start to
+//! the init's first marker:
+//!
+//! | `--kernel` | version booted | bzImage payload | modules | boot | steering |
+//! |---|---|---|---|---|---|
+//! | bullseye | 5.10.0-32-amd64 (5.10.223-1) | xz | `/lib/modules`, `.ko` | 2.4–5.4 s | select-only: the verifier rejects `steer_migrate` (EACCES) |
+//! | bookworm | 6.1.0-50-amd64 (6.1.176-1; the host's apt gives 6.1.0-56 from bookworm-security) | xz | `/lib/modules`, `.ko` | 2.8–3.6 s | select-or-migrate |
+//! | trixie | 6.12.117+deb13-amd64 (6.12.117-1) | zstd | `/usr/lib/modules`, `.ko.xz` | 2.8 s | select-or-migrate |
+//!
+//! On 5.10 the reliability suite passes whole, and the steering suite
+//! except its five select-or-migrate tests (not applicable there). Wall
+//! time with the kernel cached and the binaries built: `--only
+//! steering,reliability` 79 s (trixie) to 93 s (bullseye); every suite on
+//! bookworm about 7½ minutes (the launcher suite 5 of them). A first run
+//! adds the download (56–108 MB, a few seconds here) and decompression.
 
 use std::{
     io::{BufRead, BufReader},

@@ -331,7 +331,7 @@ fn status_json_matches_reality() {
         assert_eq!(load::request(addr()).unwrap(), 1);
     }
     let status = instance.status();
-    assert_eq!(status["steering"], "select-or-migrate");
+    assert_eq!(status["steering"], reloader_tests::expected_steering_mode());
     let g1 = &status["generations"][0];
     assert_eq!(g1["generation"], 1);
     assert_eq!(g1["state"], "active");

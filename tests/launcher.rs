@@ -133,8 +133,10 @@ fn nginx_reloads_under_load_lose_no_connection() {
 /// the old generation keeps serving and no connection fails.
 fn rollback(mode: &str, reason: &str) {
     privileged();
+    // The timeout applies to the first generation too: 2 s was too short
+    // for it under TCG on a busy 2-core host (a VM run failed there).
     let (mut instance, mode_file) =
-        with_mode_file(&["--listen", ADDR, "--ready-timeout", "2s"], None);
+        with_mode_file(&["--listen", ADDR, "--ready-timeout", "5s"], None);
     let load = Load::start(addr(), 4);
     std::fs::write(&mode_file, mode).unwrap();
     let (ok, answer) = instance.reload_wait();
@@ -329,7 +331,7 @@ fn status_json_matches_reality() {
         assert_eq!(load::request(addr()).unwrap(), 1);
     }
     let status = instance.status();
-    assert_eq!(status["steering"], "select-or-migrate");
+    assert_eq!(status["steering"], reloader_tests::expected_steering_mode());
     let g1 = &status["generations"][0];
     assert_eq!(g1["generation"], 1);
     assert_eq!(g1["state"], "active");
@@ -539,4 +541,86 @@ fn malformed_control_requests_get_an_error_and_change_nothing() {
     assert_eq!(status["reloads_succeeded"], 0);
     assert_eq!(load::request(addr()).unwrap(), 1);
     assert!(instance.stop().success(), "and a stop request still works");
+}
+
+/// Measurements, not checks: connections that fail per reload under load
+/// with whichever steering program this kernel loads (select-only before
+/// Linux 5.14, where connections still queued in a closing listener are
+/// reset), for three `--settle` values (the default is 250ms). Each prints
+/// one `@@MEASURE` line and asserts nothing about failures. Opt in, e.g. on
+/// 5.10: `cargo xtask integration-test --vm --kernel bullseye --only
+/// launcher --test-args "--ignored --nocapture measure_failed_connections"`
+/// (`--force-select-only` is not used: the kernel decides).
+fn measure_failed_connections_per_reload(settle: &str) {
+    privileged();
+    let reloads = 20;
+    let mut instance = Instance::start(
+        &[
+            "--listen",
+            ADDR,
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            settle,
+        ],
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--workers",
+            "2",
+            "--close-idle-on-drain",
+        ],
+    );
+    let steering = instance.status()["steering"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    let load = Load::start(addr(), 8);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    for i in 0..reloads {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "reload {i} failed: {answer}\n{}", instance.log_text());
+    }
+    let reloading = started.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.finish();
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for failure in report.failures() {
+        let error = failure.result.as_ref().unwrap_err();
+        // "read (12 bytes so far): …": the kind without the byte count.
+        let kind = match (error.find(" ("), error.find("): ")) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &error[..a], &error[b + 1..]),
+            _ => error.clone(),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let failed = report.failures().len();
+    println!(
+        "@@MEASURE steering={steering} settle={settle} reloads={reloads} connections={} \
+         failed={failed} failed_per_reload={:.2} reload_seconds={:.1} kinds={kinds:?}",
+        report.total(),
+        failed as f64 / reloads as f64,
+        reloading.as_secs_f64(),
+    );
+    assert!(instance.stop().success());
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_failed_connections_settle_0s() {
+    measure_failed_connections_per_reload("0s");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_failed_connections_settle_250ms() {
+    measure_failed_connections_per_reload("250ms");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_failed_connections_settle_1s() {
+    measure_failed_connections_per_reload("1s");
 }

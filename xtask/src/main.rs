@@ -51,9 +51,12 @@ enum Task {
         /// Run them in a VM (Debian's current linux-image-amd64 by default).
         #[arg(long)]
         vm: bool,
-        /// Kernel for --vm: a bzImage/vmlinux, or a linux-image-*.deb.
-        #[arg(long, value_name = "PATH_OR_DEB")]
-        kernel: Option<std::path::PathBuf>,
+        /// Kernel for --vm: a Debian release (bullseye: 5.10, bookworm: 6.1,
+        /// trixie: 6.12; its linux-image-amd64, downloaded with the
+        /// runner's own apt configuration), a bzImage/vmlinux, or a
+        /// linux-image-*.deb [default: the host apt's linux-image-amd64].
+        #[arg(long, value_name = "RELEASE|PATH", value_parser = vm::KernelChoice::parse)]
+        kernel: Option<vm::KernelChoice>,
         /// Use KVM instead of TCG (hangs on some hosts).
         #[arg(long)]
         kvm: bool,
@@ -64,6 +67,10 @@ enum Task {
         /// ecosystem, reliability).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// With --vm: extra arguments for every test binary, split at
+        /// whitespace (e.g. "--ignored --nocapture NAME").
+        #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
+        test_args: Option<String>,
     },
     /// Run every test: unit tests and the privileged integration tests
     /// (those need root: they use the real kernel's BPF and network
@@ -103,11 +110,16 @@ fn main() -> Result<()> {
             kvm,
             timeout_minutes,
             only,
+            test_args,
         } => vm::integration_test(&vm::VmOptions {
-            kernel,
+            kernel: kernel.unwrap_or(vm::KernelChoice::Host),
             kvm,
             timeout: std::time::Duration::from_secs(timeout_minutes * 60),
             only,
+            test_args: test_args
+                .iter()
+                .flat_map(|a| a.split_whitespace().map(str::to_owned))
+                .collect(),
         }),
         Task::IntegrationTest { vm: false, .. } => integration_test_on_host(),
     }

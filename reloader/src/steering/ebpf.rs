@@ -133,12 +133,15 @@ impl Steering {
             match load_program(&mut ebpf, program::SELECT_OR_MIGRATE) {
                 Ok(()) => (Mode::SelectOrMigrate, program::SELECT_OR_MIGRATE),
                 Err(error) => {
+                    // One line for people; the verifier's log (many lines)
+                    // at debug level.
                     warn!(
-                        error = %crate::error_chain(&error),
-                        "this kernel does not accept the select-or-migrate program (Linux >= 5.14 \
-                         needed); using select-only steering: connections queued in an old \
-                         generation's listeners are reset when it closes"
+                        "this kernel does not accept the select-or-migrate program (it needs \
+                         sk_reuseport_md.migrating_sk, Linux >= 5.14); using select-only \
+                         steering: connections queued in an old generation's listeners are \
+                         reset when it closes"
                     );
+                    debug!(error = %crate::error_chain(&error), "select-or-migrate rejected");
                     load_program(&mut ebpf, program::SELECT)?;
                     (Mode::SelectOnly, program::SELECT)
                 }

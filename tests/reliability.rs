@@ -304,27 +304,18 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     std::fs::write(&mode, "--never-listen").unwrap();
     assert!(instance.client(&["reload"]).status.success());
     // Wait until the candidate (generation 2) runs the server (its start
-    // gate opens only once the state file names it).
+    // gate opens only once the state file names it) and has written its
+    // last stderr line (written after the controller is gone, it would
+    // fail with EPIPE, and the test server's `eprintln!` panics on that).
     let deadline = Instant::now() + Duration::from_secs(10);
-    let candidate = loop {
-        let status = instance.status();
-        let pid = status["generations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["generation"] == 2)
-            .and_then(|g| g["pid"].as_u64());
-        let serving = pid.is_some_and(|pid| {
-            procfs::process::Process::new(pid as i32)
-                .and_then(|p| p.stat())
-                .is_ok_and(|s| s.comm == "testserver")
-        });
-        if let (Some(pid), true) = (pid, serving) {
-            break pid as u32;
-        }
-        assert!(Instant::now() < deadline);
+    while !instance
+        .log_text()
+        .contains("[default gen 2] testserver: not listening")
+    {
+        assert!(Instant::now() < deadline, "{}", instance.log_text());
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+    let candidate = instance.generation(2)["pid"].as_u64().expect("candidate pid") as u32;
     kill_controller(&mut instance);
     std::fs::remove_file(&mode).unwrap();
     instance.respawn();

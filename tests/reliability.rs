@@ -133,8 +133,9 @@ fn a_peer_with_another_uid_is_refused() {
 #[test]
 fn run_without_privileges_says_what_is_needed_and_starts_nothing() {
     privileged();
+    // A runtime directory of its own, as a user without privileges has.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
     let (bin_dir, bin) = reloader_bin_for_any_user();
     let out = Command::new(&bin)
         .args(["run", "--control-socket"])
@@ -279,7 +280,7 @@ fn stale_state_is_cleaned_up_and_reported() {
     let status = instance.status();
     let recovered = status["recovered"].as_str().unwrap_or_default();
     assert!(
-        recovered.contains("none of its generations (2) serves any more"),
+        recovered.contains("none of its generations serves any more (generations 2)"),
         "{status}"
     );
     assert_eq!(
@@ -315,7 +316,9 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
         assert!(Instant::now() < deadline, "{}", instance.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let candidate = instance.generation(2)["pid"].as_u64().expect("candidate pid") as u32;
+    let candidate = instance.generation(2)["pid"]
+        .as_u64()
+        .expect("candidate pid") as u32;
     kill_controller(&mut instance);
     std::fs::remove_file(&mode).unwrap();
     instance.respawn();
@@ -420,4 +423,300 @@ fn bpffs_unavailable_runs_without_pins_and_says_so() {
     );
     assert!(log.contains("a restarted controller cannot adopt"), "{log}");
     assert!(instance.stop().success());
+}
+
+// ---- Trust nothing read back from disk (each test: one finding).
+
+/// Finding 1: another user's runtime directory (here world-writable and
+/// owned by uid 65534, with the lock planted as a symlink to a victim file)
+/// is refused before any file in it is touched; a symlink planted in a
+/// directory that is ours is not followed either.
+#[test]
+fn a_planted_symlink_in_the_runtime_directory_is_refused_and_its_target_untouched() {
+    privileged();
+    let base = tempfile::tempdir().unwrap();
+    let victim = base.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+
+    let planted = base.path().join("reloader-planted");
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join("control.lock")).unwrap();
+    let out = Command::new(reloader_bin())
+        .args(["run", "--listen", ADDR, "--control-socket"])
+        .arg(planted.join("control.sock"))
+        .args(["--", testserver(), "--listen", ADDR])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must refuse: {stderr}");
+    assert!(
+        stderr.contains("refusing the runtime directory")
+            && stderr.contains("belongs to uid 65534"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(
+        !planted.join("control.sock").exists(),
+        "no socket created there"
+    );
+
+    // Our own directory, with a symlink where the lock goes.
+    let ours = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&victim, ours.path().join("control.lock")).unwrap();
+    let out = Command::new(reloader_bin())
+        .args(["run", "--listen", ADDR, "--control-socket"])
+        .arg(ours.path().join("control.sock"))
+        .args(["--", testserver(), "--listen", ADDR])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must refuse: {stderr}");
+    assert!(stderr.contains("instance lock"), "{stderr}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+/// Finding 2: a state file naming an unrelated live process, with its
+/// correct start time, as the active generation. Before, the controller
+/// adopted it and sent it SIGTERM at the next reload. It holds none of the
+/// recorded sockets and its environment does not name the instance: it is
+/// neither adopted nor signalled, and the message names it.
+#[test]
+fn a_state_file_naming_an_unrelated_process_is_neither_adopted_nor_signalled() {
+    privileged();
+    let mut unrelated = Command::new("sleep").arg("300").spawn().unwrap();
+    let pid = unrelated.id();
+    let start = procfs::process::Process::new(pid as i32)
+        .unwrap()
+        .stat()
+        .unwrap()
+        .starttime;
+    let dir = tempfile::tempdir().unwrap();
+    let state = serde_json::json!({
+        "version": 2,
+        "controller_pid": 1,
+        "listen": [ADDR],
+        "limits": {"listeners": 1, "slots": 6, "sockets_per_slot": 256},
+        "next_generation": 5,
+        "generations": [{
+            "number": 4, "slot": 0, "pid": pid, "start_time": start,
+            "state": "active", "sockets": [12345]
+        }]
+    });
+    std::fs::write(
+        dir.path().join("control.state.json"),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+    let mut instance =
+        Instance::start_in(dir, &["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let status = instance.status();
+    let recovered = status["recovered"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        recovered.contains(&format!("pid {pid} (sleep)")) && recovered.contains("never signalled"),
+        "{recovered}"
+    );
+    assert_eq!(
+        status["listeners"][0]["active_generation"], 5,
+        "a fresh generation, numbering continued"
+    );
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    assert!(instance.stop().success());
+    assert!(
+        reloader_tests::process::alive(pid),
+        "the unrelated process was never signalled"
+    );
+    unrelated.kill().unwrap();
+    unrelated.wait().unwrap();
+}
+
+/// Finding 3: `stop` after an adoption waited the whole drain timeout,
+/// exited 2 and then killed a long-gone process group. Adopted exits are
+/// watched by pidfd, so the stop ends when they exit, cleanly.
+#[test]
+fn stop_after_adoption_returns_promptly_and_cleanly() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--drain-timeout", "60s"],
+        &[testserver(), "--listen", ADDR, "--workers", "2"],
+    );
+    kill_controller(&mut instance);
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(20));
+    assert!(
+        instance.status()["recovered"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("adopted"),
+        "adopted"
+    );
+    let started = Instant::now();
+    let status = instance.stop();
+    let took = started.elapsed();
+    println!("stop after adoption took {took:?}");
+    assert!(status.success(), "a clean stop exits 0: {status}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop waited for the drain timeout ({took:?})"
+    );
+}
+
+/// Finding 4: stop and SIGTERM took effect only when --ready-timeout ran
+/// out while the first generation started, and `reload --wait` ended with
+/// a raw EAGAIN. Now a stop cancels the start, and a client that times out
+/// is told what the controller is doing.
+#[test]
+fn stop_during_a_slow_first_start_returns_within_a_second() {
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = Instance::spawn_in(
+        dir,
+        &["--listen", ADDR, "--ready-timeout", "120s"],
+        &[testserver(), "--listen", ADDR, "--never-listen"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !instance
+        .log_text()
+        .contains("not listening (--never-listen)")
+    {
+        assert!(Instant::now() < deadline, "{}", instance.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = instance.client(&["reload", "--wait", "--timeout", "1s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("still working on it"), "{stderr}");
+    assert!(!stderr.contains("os error 11"), "{stderr}");
+
+    let started = Instant::now();
+    let out = instance.client(&["stop", "--timeout", "30s"]);
+    let took = started.elapsed();
+    println!("stop during the first start took {took:?}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    instance.wait_exit(Duration::from_secs(10));
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop waited for the start ({took:?})"
+    );
+    assert!(
+        !instance.log_text().contains("did not pass within"),
+        "the start was cancelled, not timed out"
+    );
+}
+
+/// Finding 5: a client reopening idle connections kept the control socket
+/// at its 256-connection limit, and `reload --wait` failed with "busy".
+/// Idle connections now give their place to newcomers.
+#[test]
+fn a_flood_of_idle_control_connections_cannot_lock_out_reload_and_stop() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let socket = instance.socket.clone();
+    let stop_flood = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop_flood = stop_flood.clone();
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0usize;
+            while !stop_flood.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+                    held.push_back(stream);
+                    opened += 1;
+                }
+                if held.len() > 400 {
+                    held.pop_front();
+                }
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "reload during the flood: {answer}");
+    }
+    let out = instance.client(&["stop", "--timeout", "30s"]);
+    stop_flood.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    println!("the flood opened {opened} idle connections");
+    assert!(opened > 256, "the flood filled the socket ({opened})");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    instance.wait_exit(Duration::from_secs(30));
+}
+
+/// Finding 6: a failed first start left its pin directory, every run left
+/// NAME.lock. Nothing of the instance remains after either.
+#[test]
+fn no_leftovers_after_a_failed_first_start_or_a_clean_stop() {
+    privileged();
+    let leftovers = |dir: &std::path::Path, name: &str| -> Vec<String> {
+        let socket = dir.join("control.sock");
+        let pins = reloader::state::saved::pin_dir(name, &socket);
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "reloader.log")
+            .collect();
+        if pins.exists() {
+            found.push(pins.display().to_string());
+        }
+        found
+    };
+    let mut failed = Instance::spawn_in(
+        tempfile::tempdir().unwrap(),
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--exit-on-start"],
+    );
+    assert!(!failed.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(
+        leftovers(failed.dir.path(), "default"),
+        Vec::<String>::new()
+    );
+
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let (ok, _) = instance.reload_wait();
+    assert!(ok);
+    assert!(instance.stop().success());
+    assert_eq!(
+        leftovers(instance.dir.path(), "default"),
+        Vec::<String>::new()
+    );
+}
+
+/// Finding 6: a corrupt state file while the servers still run was
+/// "cleaned up, starting fresh" and then refused for the port the orphaned
+/// server held. The refusal names the processes that still serve and says
+/// what to do.
+#[test]
+fn a_corrupt_state_file_with_live_servers_names_them_and_says_what_to_do() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let server = instance.generation(1)["pid"].as_u64().unwrap() as u32;
+    kill_controller(&mut instance);
+    std::fs::write(instance.dir.path().join("control.state.json"), b"{garbage").unwrap();
+    instance.respawn();
+    let status = instance.wait_exit(Duration::from_secs(20));
+    let log = instance.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!("pid {server}")),
+        "names the server: {log}"
+    );
+    assert!(log.contains("kill -TERM"), "says what to do: {log}");
+    assert!(reloader_tests::process::alive(server), "left serving");
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(server as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }

@@ -26,7 +26,15 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The exchange failed or timed out.
+    /// No answer within the client's timeout.
+    #[error(
+        "no answer from the controller at {path} within {}: it is still working on it (a first \
+         start or a reload whose new generation is slow to become ready, or a drain); see \
+         `reloader status`, or give more --timeout",
+        humantime::format_duration(*timeout)
+    )]
+    TimedOut { path: String, timeout: Duration },
+    /// The exchange failed.
     #[error("no answer from the controller at {path}")]
     NoAnswer {
         path: String,
@@ -77,7 +85,15 @@ fn ask_once(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     let mut line = String::new();
     std::io::BufReader::new(&stream)
         .read_line(&mut line)
-        .map_err(no_answer)?;
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::TimedOut {
+                    path: path.clone(),
+                    timeout,
+                }
+            }
+            _ => no_answer(source),
+        })?;
     if line.is_empty() {
         if let Err(source) = written {
             return Err(no_answer(source));

@@ -14,6 +14,7 @@
 //! blocking threads, and output goes through a non-blocking writer.
 
 mod events;
+mod files;
 mod reaper;
 mod recovery;
 mod shutdown;
@@ -57,7 +58,12 @@ struct Running {
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     let config = Arc::new(config);
-    let _lock = recovery::lock_instance(&config.control_socket, &config.name)?;
+    let dir = config
+        .control_socket
+        .parent()
+        .context("the control socket path has no directory")?;
+    files::secure_dir(dir)?;
+    let _lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
     let paths = recovery::Paths::of(&config);
     let previous = recovery::look_back(&config, &paths)?;
     let recovered = recovery::clean_up(&previous, &paths);

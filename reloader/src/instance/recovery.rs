@@ -21,7 +21,7 @@ use crate::{
     generation::Generations,
     state::{
         HISTORY, RegisteredSocket,
-        saved::{self, Recovery, Saved, SavedGeneration},
+        saved::{self, Recovery, Saved, SavedGeneration, Verdict},
     },
     steering::{self, Limits, Options, Steering},
     supervisor::Process,
@@ -57,14 +57,26 @@ impl Previous {
 /// Reads the state file and decides what to do with it.
 pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> {
     let saved = saved::load(&paths.state).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: remove it if no generation of instance {:?} runs",
-            config.name
-        )
+        let running = instance_processes(&config.name);
+        if running.is_empty() {
+            anyhow::anyhow!(
+                "{e}: no process of instance {:?} runs, so nothing would be lost: remove the file \
+                 and start again",
+                config.name
+            )
+        } else {
+            let pids: Vec<String> = running.iter().map(|(p, _)| p.to_string()).collect();
+            anyhow::anyhow!(
+                "{e}, and processes of instance {:?} still run ({}), which this controller \
+                 cannot prove are what the file recorded: stop them (`kill -TERM {}`), then \
+                 remove the file and start again",
+                config.name,
+                list_processes(&running),
+                pids.join(" ")
+            )
+        }
     })?;
-    let recovery = saved::recovery(saved.as_ref(), |pid, start| {
-        crate::supervisor::start_time(pid) == Some(start)
-    });
+    let recovery = saved::recovery(saved.as_ref(), |g| prove(config, g));
     if let (Recovery::Adopt { live, .. }, Some(saved)) = (&recovery, &saved)
         && saved.listen != config.listen
     {
@@ -79,6 +91,74 @@ pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> 
     Ok(Previous { saved, recovery })
 }
 
+/// Whether recorded generation `g` still runs and is proven ours: the same
+/// pid and start time, and either its process tree still holds a socket
+/// recorded for it (sock_diag cookies) or its environment names this
+/// instance and generation (what the controller spawned it with; servers
+/// that rewrite their environment area, like nginx's process title, lose
+/// this proof, not the first).
+fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
+    if crate::supervisor::start_time(g.pid) != Some(g.start_time) {
+        return Verdict::Gone;
+    }
+    let name = discovery::process_name(g.pid).unwrap_or_else(|| "?".into());
+    let holds_recorded = !g.sockets.is_empty()
+        && discovery::find(g.pid, &config.listen).is_ok_and(|found| {
+            found
+                .per_address
+                .iter()
+                .flatten()
+                .any(|(l, _)| g.sockets.contains(&l.cookie))
+        });
+    if holds_recorded {
+        return Verdict::Ours;
+    }
+    let environment_names_it = procfs::process::Process::new(g.pid as i32)
+        .and_then(|p| p.environ())
+        .is_ok_and(|env| {
+            env.get(std::ffi::OsStr::new("RELOADER_NAME"))
+                .is_some_and(|v| v == config.name.as_str())
+                && env
+                    .get(std::ffi::OsStr::new("RELOADER_GENERATION"))
+                    .is_some_and(|v| *v == *g.number.to_string())
+        });
+    if environment_names_it {
+        return Verdict::Ours;
+    }
+    Verdict::Unproven(format!(
+        "pid {} ({name}) holds none of the sockets recorded for generation {} and its \
+         environment does not name it",
+        g.pid, g.number
+    ))
+}
+
+/// Process group leaders whose environment names instance `name` (what
+/// the controller spawns its generations with), for messages.
+fn instance_processes(name: &str) -> Vec<(u32, String)> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.flatten()
+        .filter_map(|p| {
+            let stat = p.stat().ok()?;
+            if stat.pgrp != stat.pid || stat.state == 'Z' {
+                return None;
+            }
+            let env = p.environ().ok()?;
+            (env.get(std::ffi::OsStr::new("RELOADER_NAME"))? == name)
+                .then(|| (stat.pid as u32, stat.comm))
+        })
+        .collect()
+}
+
+fn list_processes(processes: &[(u32, String)]) -> String {
+    processes
+        .iter()
+        .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Cleans up what cannot be adopted; returns the text `status` shows.
 pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
     match &previous.recovery {
@@ -87,26 +167,37 @@ pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
             Steering::unpin(&paths.pins);
             None
         }
-        Recovery::Stale { gone } => {
-            for g in gone {
-                // A generation whose leader runs but that cannot be adopted
-                // (no active generation to keep serving): not ours to keep.
+        Recovery::Stale {
+            ours,
+            gone,
+            unproven,
+        } => {
+            for g in ours {
+                // Proven ours, but it cannot be adopted (no active
+                // generation to keep serving): not ours to keep.
                 if let Ok(process) = Process::adopt(g.pid, g.start_time) {
                     process.signal_group(nix::sys::signal::Signal::SIGKILL);
                 }
             }
             Steering::unpin(&paths.pins);
             let _ = std::fs::remove_file(&paths.state);
-            let text = format!(
+            let mut text = format!(
                 "a previous controller (pid {}) left state behind, but none of its generations \
-                 ({}) serves any more: cleaned up, starting fresh",
+                 serves any more (generations {}): cleaned up, starting fresh",
                 previous.saved.as_ref().map_or(0, |s| s.controller_pid),
-                list(gone, |g| g.number.to_string())
+                list(&ours.iter().chain(gone).cloned().collect::<Vec<_>>(), |g| g
+                    .number
+                    .to_string())
             );
+            text.push_str(&unproven_text(unproven));
             warn!("{text}");
             Some(text)
         }
-        Recovery::Adopt { live, gone } => {
+        Recovery::Adopt {
+            live,
+            gone,
+            unproven,
+        } => {
             let saved = previous.saved.as_ref().expect("adoption has a state file");
             let text = format!(
                 "adopted generations {} from a previous controller (pid {}){}",
@@ -122,8 +213,8 @@ pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
                         "; generations {} had exited meanwhile",
                         list(gone, |g| g.number.to_string())
                     )
-                }
-            );
+                },
+            ) + &unproven_text(unproven);
             info!("{text}");
             Some(text)
         }
@@ -243,45 +334,6 @@ pub fn adopted_sockets(pid: u32, listen: &[SocketAddr]) -> Vec<RegisteredSocket>
     }
 }
 
-/// Takes the instance's lock (`NAME.lock` beside its control socket) for
-/// the controller's lifetime, so two controllers never run one instance.
-pub fn lock_instance(
-    socket: &Path,
-    name: &str,
-) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::io::{Read, Seek, Write};
-    let path = socket.with_extension("lock");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("failed to create {}", dir.display()))?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("failed to open the instance lock {}", path.display()))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(mut lock) => {
-            lock.set_len(0)?;
-            lock.rewind()?;
-            write!(lock, "{}", std::process::id())?;
-            Ok(lock)
-        }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            bail!(
-                "instance {name:?} is already running (controller pid {}): stop it with \
-                 `reloader stop --name {name}`, or choose another --name",
-                pid.trim()
-            )
-        }
-        Err((_, errno)) => Err(errno).with_context(|| format!("failed to lock {}", path.display())),
-    }
-}
-
 /// Refuses addresses that some socket already listens on: another reloader
 /// instance, or a server started outside reloader. Sharing a reuseport
 /// group with them would either fail or steer their connections.
@@ -320,14 +372,11 @@ pub fn check_addresses_free(listen: &[SocketAddr]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the control socket: refuses when another controller answers on
-/// it, replaces a stale file otherwise. Mode 0600.
+/// Binds the control socket (its directory was checked, and the instance
+/// lock is held): refuses when another controller answers on it, replaces
+/// a stale file otherwise (a dead controller's). Mode 0600.
 pub async fn bind_control_socket(path: &Path, name: &str) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("failed to create {}", dir.display()))?;
-    }
-    if path.exists() {
+    if std::fs::symlink_metadata(path).is_ok() {
         if UnixStream::connect(path).await.is_ok() {
             bail!(
                 "instance {name:?} is already running (its control socket {} answers): stop it \
@@ -343,6 +392,19 @@ pub async fn bind_control_socket(path: &Path, name: &str) -> anyhow::Result<Unix
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("failed to chmod {}", path.display()))?;
     Ok(listener)
+}
+
+/// What a message says about recorded generations not proven ours.
+fn unproven_text(unproven: &[(SavedGeneration, String)]) -> String {
+    if unproven.is_empty() {
+        return String::new();
+    }
+    let what: Vec<&str> = unproven.iter().map(|(_, w)| w.as_str()).collect();
+    format!(
+        "; not adopted and never signalled, as nothing proves they are this instance's: {} \
+         (stop them yourself if they are)",
+        what.join("; ")
+    )
 }
 
 /// `items` as a comma-separated list, each written by `f` (for messages).

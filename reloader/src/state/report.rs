@@ -130,6 +130,11 @@ impl InstanceState {
                     pid: process.pid(),
                     start_time: process.start_time(),
                     state: g.state,
+                    sockets: self
+                        .sockets(g.number)
+                        .iter()
+                        .map(|s| s.socket.cookie)
+                        .collect(),
                 })
             })
             .collect();

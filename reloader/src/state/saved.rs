@@ -36,6 +36,10 @@ pub struct SavedGeneration {
     /// since boot): a different value means the pid was reused.
     pub start_time: u64,
     pub state: State,
+    /// Cookies of the listening sockets registered for it: a successor
+    /// adopts it only if its process still holds one of them.
+    #[serde(default)]
+    pub sockets: Vec<u64>,
 }
 
 /// The sizes of the pinned steering maps: a successor must load its
@@ -116,8 +120,17 @@ pub fn pin_dir(name: &str, control_socket: &Path) -> PathBuf {
 
 /// Writes `saved` to `path` atomically.
 pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    // A leftover temporary file (a killed writer) goes; the new one is
+    // created exclusively, never through a symlink.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
     file.write_all(&serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -126,7 +139,16 @@ pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
 /// Reads the state file, if there is one. A file that cannot be read is
 /// reported as an error (it is left in place for the user to look at).
 pub fn load(path: &Path) -> Result<Option<Saved>, String> {
-    let bytes = match std::fs::read(path) {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|mut f| {
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).map(|_| bytes)
+        });
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -143,38 +165,67 @@ pub fn load(path: &Path) -> Result<Option<Saved>, String> {
     Ok(Some(saved))
 }
 
+/// Whether a recorded generation's process is still that generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It runs, and is proven ours: same pid and start time, and it holds a
+    /// socket recorded for it (or, before it had any, its environment names
+    /// this instance and generation).
+    Ours,
+    /// Its process is gone (or the pid was reused: another start time).
+    Gone,
+    /// A process runs with that pid and start time, but nothing proves it
+    /// is ours: never adopted, never signalled. Says what it is.
+    Unproven(String),
+}
+
 /// What to do with a previous controller's state.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recovery {
     /// Nothing was left behind.
     Fresh,
-    /// Generations still run: adopt these (the others are gone).
+    /// Generations still run: adopt `live` (the others are gone, or not
+    /// proven to be ours).
     Adopt {
         live: Vec<SavedGeneration>,
         gone: Vec<SavedGeneration>,
+        unproven: Vec<(SavedGeneration, String)>,
     },
-    /// Something was left, but no generation serves any more.
-    Stale { gone: Vec<SavedGeneration> },
+    /// Something was left, but no proven generation serves any more: the
+    /// proven ones in `ours` are stopped, the unproven ones left alone.
+    Stale {
+        ours: Vec<SavedGeneration>,
+        gone: Vec<SavedGeneration>,
+        unproven: Vec<(SavedGeneration, String)>,
+    },
 }
 
-/// Decides what to do with `saved`, given which of its processes still run
-/// (`running(pid, start_time)`). Adoption needs a live active generation:
-/// without one there is nothing to keep serving.
-pub fn recovery(saved: Option<&Saved>, running: impl Fn(u32, u64) -> bool) -> Recovery {
+/// Decides what to do with `saved`, given each recorded generation's
+/// [`Verdict`]. Adoption needs a proven active generation: without one
+/// there is nothing to keep serving.
+pub fn recovery(saved: Option<&Saved>, verdict: impl Fn(&SavedGeneration) -> Verdict) -> Recovery {
     let Some(saved) = saved else {
         return Recovery::Fresh;
     };
-    let (live, gone): (Vec<_>, Vec<_>) = saved
-        .generations
-        .iter()
-        .filter(|g| g.state.is_live())
-        .cloned()
-        .partition(|g| running(g.pid, g.start_time));
-    if live.iter().any(|g| g.state == State::Active) {
-        Recovery::Adopt { live, gone }
+    let (mut ours, mut gone, mut unproven) = (Vec::new(), Vec::new(), Vec::new());
+    for g in saved.generations.iter().filter(|g| g.state.is_live()) {
+        match verdict(g) {
+            Verdict::Ours => ours.push(g.clone()),
+            Verdict::Gone => gone.push(g.clone()),
+            Verdict::Unproven(what) => unproven.push((g.clone(), what)),
+        }
+    }
+    if ours.iter().any(|g| g.state == State::Active) {
+        Recovery::Adopt {
+            live: ours,
+            gone,
+            unproven,
+        }
     } else {
         Recovery::Stale {
-            gone: live.into_iter().chain(gone).collect(),
+            ours,
+            gone,
+            unproven,
         }
     }
 }
@@ -190,6 +241,7 @@ mod tests {
             pid,
             start_time: 1000 + u64::from(pid),
             state,
+            sockets: vec![u64::from(pid) * 10],
         }
     }
 
@@ -208,46 +260,62 @@ mod tests {
 
     #[test]
     fn nothing_saved_is_a_fresh_start() {
-        assert_eq!(recovery(None, |_, _| true), Recovery::Fresh);
+        assert_eq!(recovery(None, |_| Verdict::Ours), Recovery::Fresh);
     }
 
     #[test]
-    fn a_live_active_generation_is_adopted_with_its_live_peers() {
+    fn a_proven_active_generation_is_adopted_with_its_proven_peers() {
         let s = saved(vec![
             generation(6, 60, State::Exited),
             generation(7, 70, State::Draining),
             generation(8, 80, State::Active),
             generation(9, 90, State::Starting),
+            generation(10, 100, State::Draining),
         ]);
-        // 7's pid was reused by another process (different start time).
-        let running = |pid: u32, start: u64| pid != 70 && start == 1000 + u64::from(pid);
-        match recovery(Some(&s), running) {
-            Recovery::Adopt { live, gone } => {
+        // 7's pid was reused; 100 runs but holds none of its sockets.
+        let verdict = |g: &SavedGeneration| match g.pid {
+            70 => Verdict::Gone,
+            100 => Verdict::Unproven("sleep".into()),
+            _ => Verdict::Ours,
+        };
+        match recovery(Some(&s), verdict) {
+            Recovery::Adopt {
+                live,
+                gone,
+                unproven,
+            } => {
                 assert_eq!(
                     live.iter().map(|g| g.number).collect::<Vec<_>>(),
                     vec![8, 9]
                 );
                 assert_eq!(gone.iter().map(|g| g.number).collect::<Vec<_>>(), vec![7]);
+                assert_eq!(unproven.len(), 1);
+                assert_eq!(unproven[0].0.number, 10);
             }
             other => panic!("{other:?}"),
         }
-        // The active generation's pid now belongs to another process.
-        let reused = saved(vec![generation(8, 80, State::Active)]);
-        assert!(matches!(
-            recovery(Some(&reused), |_, start| start == 0),
-            Recovery::Stale { .. }
-        ));
     }
 
     #[test]
-    fn without_a_live_active_generation_the_state_is_stale() {
+    fn an_unproven_active_generation_is_neither_adopted_nor_stopped() {
         let s = saved(vec![
             generation(3, 30, State::Active),
             generation(4, 40, State::Draining),
         ]);
-        let only_draining = |pid: u32, _| pid == 40;
-        match recovery(Some(&s), only_draining) {
-            Recovery::Stale { gone } => assert_eq!(gone.len(), 2),
+        let verdict = |g: &SavedGeneration| match g.pid {
+            30 => Verdict::Unproven("sleep (holds no socket recorded for it)".into()),
+            _ => Verdict::Ours,
+        };
+        match recovery(Some(&s), verdict) {
+            Recovery::Stale {
+                ours,
+                gone,
+                unproven,
+            } => {
+                assert_eq!(ours.iter().map(|g| g.number).collect::<Vec<_>>(), vec![4]);
+                assert!(gone.is_empty());
+                assert_eq!(unproven[0].0.number, 3, "left alone");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -146,7 +146,7 @@ fn instance_processes(name: &str) -> Vec<(u32, String)> {
             }
             let env = p.environ().ok()?;
             (env.get(std::ffi::OsStr::new("RELOADER_NAME"))? == name)
-                .then(|| (stat.pid as u32, stat.comm))
+                .then_some((stat.pid as u32, stat.comm))
         })
         .collect()
 }

@@ -8,6 +8,7 @@
 //! proves the committed bytes are what the source builds to.
 
 mod bench;
+mod chaos;
 mod deps;
 mod ebpf;
 mod modcycles;
@@ -84,6 +85,11 @@ enum Task {
     /// Fail when modules of the reloader crate import each other in a
     /// circle.
     Modcycles,
+    /// Inject faults at random (reproducibly, from the seed) into an
+    /// instance under load and check that nothing is lost beyond what the
+    /// faults themselves killed, nothing outside the instance is signalled
+    /// and nothing leaks. As root.
+    Chaos(chaos::ChaosArgs),
     /// Install what the test suites need when missing (`test` does this
     /// first): the real servers they wrap, from Debian and PyPI.
     TestDeps,
@@ -101,6 +107,7 @@ fn main() -> Result<()> {
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
         Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
+        Task::Chaos(args) => chaos::run_chaos(args),
         Task::TestDeps => deps::install(),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),
         Task::Bench(args) => bench::run(args, &workspace_root()),

@@ -624,3 +624,143 @@ fn measure_failed_connections_settle_250ms() {
 fn measure_failed_connections_settle_1s() {
     measure_failed_connections_per_reload("1s");
 }
+
+// ---- UDP.
+
+const UDP_ADDR: &str = "127.0.0.1:5353";
+
+/// UDP where every datagram goes to the newest generation (DNS-like):
+/// reloads under a continuous request load lose no datagram, the readiness
+/// probe is a DNS query routed to the candidate's own socket, and after each
+/// reload requests are answered by the new generation.
+#[test]
+fn udp_stateless_reloads_lose_no_datagram() {
+    privileged();
+    let listen = format!("udp://{UDP_ADDR}?mode=stateless");
+    let probe = format!("dns://{UDP_ADDR}/probe.test");
+    let mut instance = Instance::start(
+        &["--listen", &listen, "--ready-probe", &probe],
+        &[testserver(), "--udp", UDP_ADDR, "--workers", "2"],
+    );
+    let load =
+        reloader_tests::udp_load::UdpLoad::start(UDP_ADDR.parse().unwrap(), 8, Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut completed = Vec::new();
+    for i in 0..10 {
+        let (ok, answer) = instance.reload_wait();
+        assert!(ok, "reload {i}: {answer}\n{}", instance.log_text());
+        completed.push((
+            load.start.elapsed(),
+            answer["report"]["generation"].as_u64().unwrap(),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let outcomes = load.finish();
+    let lost: Vec<_> = outcomes.iter().filter(|o| o.generation.is_none()).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} requests lost; first: {:?}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)]
+    );
+    for o in &outcomes {
+        let newest = completed
+            .iter()
+            .filter(|(t, _)| *t < o.sent)
+            .map(|(_, g)| *g)
+            .max()
+            .unwrap_or(1);
+        assert!(
+            o.generation.unwrap() >= newest,
+            "a request sent at {:?}, after generation {newest} was active alone, was answered by {:?}",
+            o.sent,
+            o.generation
+        );
+    }
+    let status = instance.status();
+    let probed: u64 = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["counters"]["probe_routed"].as_u64().unwrap())
+        .sum();
+    assert!(
+        probed >= 1,
+        "the DNS probe went through the program: {status}"
+    );
+    println!(
+        "{} UDP requests across 10 reloads, none lost",
+        outcomes.len()
+    );
+    assert!(instance.stop().success());
+}
+
+/// UDP with flow affinity (QUIC-like): a flow keeps being served by the
+/// generation that served its first datagram after a newer one became
+/// active, for as long as that generation holds its socket; a new flow goes
+/// to the new generation at once; once the old generation has exited, the
+/// old flow is served by the new one.
+#[test]
+fn udp_flows_stay_with_their_generation_until_it_exits() {
+    privileged();
+    let listen = format!("udp://{UDP_ADDR}");
+    let mut instance = Instance::start(
+        &["--listen", &listen, "--settle", "1s"],
+        &[testserver(), "--udp", UDP_ADDR],
+    );
+    let addr: SocketAddr = UDP_ADDR.parse().unwrap();
+    let old_flow = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    old_flow
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(
+        reloader_tests::udp_load::request(&old_flow, addr, 1),
+        Some(1)
+    );
+    assert!(instance.client(&["reload"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.active_generation() != Some(2) {
+        assert!(Instant::now() < deadline, "generation 2 became active");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Within the settle time the old generation still holds its socket.
+    assert_eq!(
+        reloader_tests::udp_load::request(&old_flow, addr, 2),
+        Some(1),
+        "the old flow stays with generation 1"
+    );
+    let new_flow = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    new_flow
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(
+        reloader_tests::udp_load::request(&new_flow, addr, 1),
+        Some(2),
+        "a new flow goes to the active generation"
+    );
+    // Once generation 1 has exited its flow falls through to generation 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while instance.generation(1)["state"] != "exited" {
+        assert!(Instant::now() < deadline, "generation 1 exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        reloader_tests::udp_load::request(&old_flow, addr, 3),
+        Some(2)
+    );
+    let status = instance.status();
+    let g2 = instance.generation(2);
+    assert!(
+        g2["counters"]["affinity"].as_u64().unwrap() >= 1 || g2["udp_flows"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert!(
+        status["listeners"][0]["flow_table"]["capacity"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{status}"
+    );
+    assert!(instance.stop().success());
+}

@@ -430,3 +430,192 @@ fn wait_for_queue(listener: &TcpListener, n: u32) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+// ---- UDP.
+
+/// A bound UDP socket with `SO_REUSEPORT` (a server's) on `addr`.
+fn udp_member(addr: SocketAddr) -> std::net::UdpSocket {
+    let socket = reloader::net::udp_socket(addr, true).expect("bind udp");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    socket
+}
+
+fn udp_fd(socket: &std::net::UdpSocket) -> BorrowedFd<'static> {
+    // SAFETY: the sockets outlive every use in these tests.
+    unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(socket)) }
+}
+
+/// Which of `members` received `payload` (each drained of datagrams).
+fn received_by(members: &[&std::net::UdpSocket], payload: &[u8]) -> Vec<usize> {
+    let mut got = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        member
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = member.recv(&mut buf) {
+            if &buf[..n] == payload {
+                got.push(i);
+            }
+        }
+    }
+    got
+}
+
+/// Flow affinity: a flow (remote address and port) stays with the slot that
+/// got its first datagram while that slot holds its socket, new flows go to
+/// the active slot, and when the pinned socket closes the flow falls
+/// through to the active slot. The program's own counters say which path.
+#[test]
+fn udp_flows_stay_with_their_generation_and_new_ones_go_to_the_active_one() {
+    privileged();
+    let mut steering = Steering::load(&Options {
+        udp_flows: 64,
+        ..Options::default()
+    })
+    .expect("load steering program");
+    let addr: SocketAddr = "127.0.0.1:5301".parse().unwrap();
+    let old = udp_member(addr);
+    let new = udp_member(addr);
+    steering.attach(old.as_fd()).expect("attach to a UDP group");
+    steering
+        .add_listener(0, reloader::steering::ListenerSpec::udp(addr, false))
+        .unwrap();
+    steering.set_slot_sockets(0, 0, 1, &[udp_fd(&old)]).unwrap();
+    steering.set_slot_sockets(0, 1, 2, &[udp_fd(&new)]).unwrap();
+    steering.set_active(0, Some(0)).unwrap();
+
+    let flow_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..5 {
+        flow_a.send_to(format!("a{i}").as_bytes(), addr).unwrap();
+    }
+    assert_eq!(received_by(&[&old, &new], b"a4"), vec![0]);
+
+    // Cutover: flow A stays with the old slot, a new flow goes to the new.
+    steering.set_active(0, Some(1)).unwrap();
+    let flow_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..5 {
+        flow_a
+            .send_to(format!("a-after{i}").as_bytes(), addr)
+            .unwrap();
+        flow_b.send_to(format!("b{i}").as_bytes(), addr).unwrap();
+    }
+    assert_eq!(received_by(&[&old, &new], b"a-after4"), vec![0], "affinity");
+    // (received_by drained both: check b's last datagram went to the new)
+    flow_b.send_to(b"b-last", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"b-last"), vec![1]);
+    let old_counters = steering.counters(0, 0).unwrap();
+    assert!(old_counters.affinity >= 9, "{old_counters:?}");
+    assert_eq!(old_counters.steered, 1, "one new flow pinned to slot 0");
+
+    // The old generation's socket closes: flow A falls through to the
+    // active slot (and is pinned there).
+    drop(old);
+    flow_a.send_to(b"a-moved", addr).unwrap();
+    assert_eq!(received_by(&[&new], b"a-moved"), vec![0]);
+    let flows = steering.flows(0).unwrap();
+    assert_eq!(
+        flows.get(&1),
+        Some(&2),
+        "flows A and B on slot 1: {flows:?}"
+    );
+}
+
+/// A full flow table forgets the least recently used flow: its next
+/// datagram goes to the active slot (and is pinned there anew).
+#[test]
+fn a_full_flow_table_forgets_the_oldest_flow() {
+    privileged();
+    let mut steering = load();
+    assert_eq!(
+        steering.flow_capacity(),
+        1,
+        "the default table holds one flow"
+    );
+    let addr: SocketAddr = "127.0.0.1:5304".parse().unwrap();
+    let old = udp_member(addr);
+    let new = udp_member(addr);
+    steering.attach(old.as_fd()).unwrap();
+    steering
+        .add_listener(0, reloader::steering::ListenerSpec::udp(addr, false))
+        .unwrap();
+    steering.set_slot_sockets(0, 0, 1, &[udp_fd(&old)]).unwrap();
+    steering.set_slot_sockets(0, 1, 2, &[udp_fd(&new)]).unwrap();
+    steering.set_active(0, Some(0)).unwrap();
+    let flow_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    flow_a.send_to(b"a", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"a"), vec![0]);
+    steering.set_active(0, Some(1)).unwrap();
+    let flow_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    flow_b.send_to(b"b", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"b"), vec![1]);
+    // B took the only entry: A is forgotten and lands on the active slot.
+    flow_a.send_to(b"a2", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"a2"), vec![1]);
+}
+
+/// A stateless UDP listener (DNS): every datagram goes to the active slot,
+/// whatever flow it belongs to, and the flow table stays empty.
+#[test]
+fn stateless_udp_listeners_send_every_datagram_to_the_active_slot() {
+    privileged();
+    let mut steering = load();
+    let addr: SocketAddr = "127.0.0.1:5302".parse().unwrap();
+    let old = udp_member(addr);
+    let new = udp_member(addr);
+    steering.attach(old.as_fd()).unwrap();
+    steering
+        .add_listener(0, reloader::steering::ListenerSpec::udp(addr, true))
+        .unwrap();
+    steering.set_slot_sockets(0, 0, 1, &[udp_fd(&old)]).unwrap();
+    steering.set_slot_sockets(0, 1, 2, &[udp_fd(&new)]).unwrap();
+    steering.set_active(0, Some(0)).unwrap();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"q1", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"q1"), vec![0]);
+    steering.set_active(0, Some(1)).unwrap();
+    client.send_to(b"q2", addr).unwrap();
+    assert_eq!(received_by(&[&old, &new], b"q2"), vec![1], "no affinity");
+    assert!(steering.flows(0).unwrap().is_empty());
+    assert_eq!(steering.counters(0, 1).unwrap().steered, 1);
+}
+
+/// TCP and UDP on one port are two groups the program tells apart (HTTP/1
+/// and HTTP/2 on TCP 443, HTTP/3 on UDP 443).
+#[test]
+fn tcp_and_udp_on_one_port_are_steered_independently() {
+    privileged();
+    let mut steering = load();
+    let addr: SocketAddr = "127.0.0.1:5303".parse().unwrap();
+    let (tcp_old, tcp_new) = (reuseport_listener(addr), reuseport_listener(addr));
+    let (udp_old, udp_new) = (udp_member(addr), udp_member(addr));
+    steering.attach(tcp_old.as_fd()).unwrap();
+    steering.attach(udp_old.as_fd()).unwrap();
+    steering.add_listener(0, addr).unwrap();
+    steering
+        .add_listener(1, reloader::steering::ListenerSpec::udp(addr, true))
+        .unwrap();
+    steering
+        .set_slot_sockets(0, 0, 1, &fds(&[&tcp_old]))
+        .unwrap();
+    steering
+        .set_slot_sockets(0, 1, 2, &fds(&[&tcp_new]))
+        .unwrap();
+    steering
+        .set_slot_sockets(1, 0, 1, &[udp_fd(&udp_old)])
+        .unwrap();
+    steering
+        .set_slot_sockets(1, 1, 2, &[udp_fd(&udp_new)])
+        .unwrap();
+    // TCP on the new slot, UDP still on the old one.
+    steering.set_active(0, Some(1)).unwrap();
+    steering.set_active(1, Some(0)).unwrap();
+    let _clients = connect(addr, 10);
+    let got = accept_all(&[&tcp_old, &tcp_new], 10);
+    assert_eq!((got[0].len(), got[1].len()), (0, 10));
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"udp", addr).unwrap();
+    assert_eq!(received_by(&[&udp_old, &udp_new], b"udp"), vec![0]);
+}

@@ -5,8 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
-use crate::config::{self, ConfigError, RunConfig, duration_in};
 pub use crate::logging::LogFormat;
+use crate::{
+    config::{self, ConfigError, RunConfig, duration_in},
+    steering::ListenerSpec,
+};
 
 const MS: Duration = Duration::from_millis(1);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -161,16 +164,20 @@ impl InstanceArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
-    /// An address the server listens on with SO_REUSEPORT (repeat for each).
+    /// An address the server listens on with SO_REUSEPORT (repeat for
+    /// each): IP:PORT or tcp://IP:PORT for TCP; udp://IP:PORT for UDP with
+    /// flows kept on their generation (QUIC), udp://IP:PORT?mode=stateless
+    /// for UDP where every datagram goes to the newest generation (DNS).
     #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen_addr)]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenerSpec>,
     /// How long a new generation may take to listen on every address and
     /// pass its probe.
     #[arg(long, default_value = "30s", value_name = "DURATION",
           value_parser = duration_in("--ready-timeout", MS * 100, HOUR))]
     pub ready_timeout: Duration,
     /// Readiness check through the new generation's own listener:
-    /// tcp://IP:PORT (connects) or http://IP:PORT/PATH (expects 2xx).
+    /// tcp://IP:PORT (connects), http://IP:PORT/PATH (expects 2xx) or
+    /// dns://IP:PORT/NAME (a UDP query; expects NOERROR).
     #[arg(long, value_name = "URL")]
     pub ready_probe: Option<String>,
     /// Signal that tells an old generation to finish its work and exit.
@@ -211,6 +218,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = config::DEFAULT_SOCKETS_PER_LISTENER, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::steering::limits::MAX_SOCKETS_PER_SLOT)))]
     pub max_sockets_per_listener: u32,
+    /// UDP flows the flow table keeps (remote address and port → the
+    /// generation serving it); when full, the least recently used flow is
+    /// forgotten and its next datagram goes to the active generation.
+    #[arg(long, default_value_t = config::DEFAULT_UDP_FLOWS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub udp_flows: u32,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
@@ -254,6 +267,7 @@ impl RunArgs {
             ready_notify: self.ready == ReadyMode::Notify,
             metrics: self.metrics,
             sockets_per_listener: self.max_sockets_per_listener,
+            udp_flows: self.udp_flows,
         })
     }
 }

@@ -7,20 +7,25 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, str::FromStr, ti
 use nix::sys::signal::Signal;
 use thiserror::Error;
 
-use crate::steering::{Limits, limits::MAX_LISTENERS};
+use crate::steering::{Limits, ListenerSpec, Transport, limits::MAX_LISTENERS};
 
 /// Old generations that may drain at once, at most: with the active
 /// generation and a candidate, 16 generations live per instance.
 pub const MAX_DRAINING: u32 = 14;
 /// Listening sockets one generation may hold per address, by default.
 pub const DEFAULT_SOCKETS_PER_LISTENER: u32 = 256;
+/// UDP flows the flow table holds, by default (least recently used ones
+/// are forgotten beyond that).
+pub const DEFAULT_UDP_FLOWS: u32 = 65_536;
 
 /// Errors in a `reloader run` command line.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// `--listen` is not `IP:PORT`.
     #[error(
-        "--listen {value:?} is not an address: use IP:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:80 or [::]:443"
+        "--listen {value:?} is not an address: use IP:PORT (TCP), udp://IP:PORT (UDP, flows \
+         kept with their generation) or udp://IP:PORT?mode=stateless, e.g. 127.0.0.1:8080, \
+         [::]:443 or udp://0.0.0.0:53?mode=stateless"
     )]
     BadAddress { value: String },
     /// Port 0 cannot be shared by generations.
@@ -29,8 +34,8 @@ pub enum ConfigError {
     )]
     PortZero { addr: SocketAddr },
     /// The same address twice.
-    #[error("--listen {addr} is given twice")]
-    DuplicateListen { addr: SocketAddr },
+    #[error("--listen {listen} is given twice")]
+    DuplicateListen { listen: String },
     /// No `--listen` at all.
     #[error("at least one --listen ADDR is needed: the addresses the server listens on")]
     NoListen,
@@ -81,19 +86,28 @@ pub enum Probe {
         path: String,
         listener: usize,
     },
+    /// A DNS query for `name` (type A, no recursion) over UDP must get an
+    /// answer with rcode NOERROR.
+    Dns {
+        addr: SocketAddr,
+        name: String,
+        listener: usize,
+    },
 }
 
 impl Probe {
     /// The managed listener the probe goes through.
     pub fn listener(&self) -> usize {
         match self {
-            Self::Tcp { listener, .. } | Self::Http { listener, .. } => *listener,
+            Self::Tcp { listener, .. }
+            | Self::Http { listener, .. }
+            | Self::Dns { listener, .. } => *listener,
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         match self {
-            Self::Tcp { addr, .. } | Self::Http { addr, .. } => *addr,
+            Self::Tcp { addr, .. } | Self::Http { addr, .. } | Self::Dns { addr, .. } => *addr,
         }
     }
 }
@@ -102,7 +116,7 @@ impl Probe {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub name: String,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenerSpec>,
     pub ready_timeout: Duration,
     pub ready_probe: Option<Probe>,
     pub drain_signal: Signal,
@@ -122,9 +136,17 @@ pub struct RunConfig {
     pub metrics: Option<SocketAddr>,
     /// Listening sockets one generation may hold per address.
     pub sockets_per_listener: u32,
+    /// Entries of the UDP flow table.
+    pub udp_flows: u32,
 }
 
 impl RunConfig {
+    /// (transport, address) of each `--listen`: what discovery matches
+    /// sockets by.
+    pub fn listen_keys(&self) -> Vec<(Transport, SocketAddr)> {
+        self.listen.iter().map(ListenerSpec::key).collect()
+    }
+
     /// How large the steering maps are for this configuration: a slot per
     /// generation that can be live at once (the active one, a candidate,
     /// and `--max-draining` old ones).
@@ -143,7 +165,10 @@ impl RunConfig {
     pub fn for_tests(listen: &[&str]) -> Self {
         Self {
             name: "test".into(),
-            listen: listen.iter().map(|a| a.parse().expect("address")).collect(),
+            listen: listen
+                .iter()
+                .map(|a| parse_listen_addr(a).expect("address"))
+                .collect(),
             ready_timeout: Duration::from_millis(500),
             ready_probe: None,
             drain_signal: Signal::SIGTERM,
@@ -157,6 +182,7 @@ impl RunConfig {
             ready_notify: false,
             metrics: None,
             sockets_per_listener: 16,
+            udp_flows: 1024,
         }
     }
 }
@@ -204,43 +230,57 @@ pub fn parse_signal(flag: &'static str, value: &str) -> Result<Signal, ConfigErr
     })
 }
 
-/// One `--listen` value (a clap value parser).
-pub fn parse_listen_addr(value: &str) -> Result<SocketAddr, ConfigError> {
-    let addr: SocketAddr = value.parse().map_err(|_| ConfigError::BadAddress {
+/// One `--listen` value (a clap value parser): `IP:PORT` or
+/// `tcp://IP:PORT` (TCP), `udp://IP:PORT` (UDP with flow affinity),
+/// `udp://IP:PORT?mode=stateless` (UDP, every datagram to the active
+/// generation).
+pub fn parse_listen_addr(value: &str) -> Result<ListenerSpec, ConfigError> {
+    let bad = || ConfigError::BadAddress {
         value: value.to_owned(),
-    })?;
+    };
+    let (scheme, rest) = value.split_once("://").unwrap_or(("tcp", value));
+    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let addr: SocketAddr = authority.parse().map_err(|_| bad())?;
     if addr.port() == 0 {
         return Err(ConfigError::PortZero { addr });
     }
-    Ok(addr)
+    let spec = match (scheme, query) {
+        ("tcp", "") => ListenerSpec::from(addr),
+        ("udp", "" | "mode=flows") => ListenerSpec::udp(addr, false),
+        ("udp", "mode=stateless") => ListenerSpec::udp(addr, true),
+        _ => return Err(bad()),
+    };
+    Ok(spec)
 }
 
 /// Checks the `--listen` addresses together: at least one, not too many,
 /// none twice.
-pub fn check_listen(addrs: &[SocketAddr]) -> Result<(), ConfigError> {
-    if addrs.is_empty() {
+pub fn check_listen(specs: &[ListenerSpec]) -> Result<(), ConfigError> {
+    if specs.is_empty() {
         return Err(ConfigError::NoListen);
     }
-    if addrs.len() > MAX_LISTENERS as usize {
-        return Err(ConfigError::TooManyListen { count: addrs.len() });
+    if specs.len() > MAX_LISTENERS as usize {
+        return Err(ConfigError::TooManyListen { count: specs.len() });
     }
     let mut seen = HashSet::new();
-    for addr in addrs {
-        if !seen.insert(*addr) {
-            return Err(ConfigError::DuplicateListen { addr: *addr });
+    for spec in specs {
+        if !seen.insert(spec.key()) {
+            return Err(ConfigError::DuplicateListen {
+                listen: spec.to_string(),
+            });
         }
     }
     Ok(())
 }
 
 /// Parses and checks the `--listen` addresses.
-pub fn parse_listen(values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-    let addrs = values
+pub fn parse_listen(values: &[String]) -> Result<Vec<ListenerSpec>, ConfigError> {
+    let specs = values
         .iter()
         .map(|v| parse_listen_addr(v))
         .collect::<Result<Vec<_>, _>>()?;
-    check_listen(&addrs)?;
-    Ok(addrs)
+    check_listen(&specs)?;
+    Ok(specs)
 }
 
 /// A clap value parser for a duration flag within `min..=max`.
@@ -269,14 +309,14 @@ pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
 /// Parses `tcp://HOST:PORT` or `http://HOST:PORT/path` and finds the managed
 /// listener it reaches (a wildcard listener covers every address of its
 /// family on its port).
-pub fn parse_probe(value: &str, listen: &[SocketAddr]) -> Result<Probe, ConfigError> {
+pub fn parse_probe(value: &str, listen: &[ListenerSpec]) -> Result<Probe, ConfigError> {
     let bad = |why: &str| ConfigError::BadProbe {
         value: value.to_owned(),
         why: why.to_owned(),
     };
     let (scheme, rest) = value
         .split_once("://")
-        .ok_or_else(|| bad("use tcp://HOST:PORT or http://HOST:PORT/PATH"))?;
+        .ok_or_else(|| bad("use tcp://HOST:PORT, http://HOST:PORT/PATH or dns://HOST:PORT/NAME"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -284,12 +324,19 @@ pub fn parse_probe(value: &str, listen: &[SocketAddr]) -> Result<Probe, ConfigEr
     let addr: SocketAddr = authority
         .parse()
         .map_err(|_| bad("the host must be an IP address with a port, e.g. 127.0.0.1:8080"))?;
+    let transport = if scheme == "dns" {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    };
     let listener = listen
         .iter()
         .position(|l| {
-            l.port() == addr.port()
-                && l.is_ipv4() == addr.is_ipv4()
-                && (l.ip() == addr.ip() || l.ip().is_unspecified())
+            let l_addr = l.addr;
+            l.transport == transport
+                && l_addr.port() == addr.port()
+                && l_addr.is_ipv4() == addr.is_ipv4()
+                && (l_addr.ip() == addr.ip() || l_addr.ip().is_unspecified())
         })
         .ok_or_else(|| {
             bad("it does not reach any --listen address (the probe must go through a managed listener)")
@@ -312,7 +359,25 @@ pub fn parse_probe(value: &str, listen: &[SocketAddr]) -> Result<Probe, ConfigEr
             path: path.to_owned(),
             listener,
         }),
-        _ => Err(bad("the scheme must be tcp or http")),
+        "dns" => {
+            let name = path.trim_matches('/');
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .split('.')
+                    .all(|label| !label.is_empty() && label.len() <= 63);
+            if !valid {
+                return Err(bad(
+                    "dns:// probes name a domain: dns://127.0.0.1:53/example.test",
+                ));
+            }
+            Ok(Probe::Dns {
+                addr,
+                name: name.to_owned(),
+                listener,
+            })
+        }
+        _ => Err(bad("the scheme must be tcp, http or dns")),
     }
 }
 
@@ -366,7 +431,7 @@ pub fn substitute_generation(command: &[String], generation: u64) -> Vec<String>
 mod tests {
     use super::*;
 
-    fn listen(values: &[&str]) -> Result<Vec<SocketAddr>, ConfigError> {
+    fn listen(values: &[&str]) -> Result<Vec<ListenerSpec>, ConfigError> {
         parse_listen(&values.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
@@ -397,6 +462,43 @@ mod tests {
             Err(ConfigError::TooManyListen { count: 1025 })
         ));
         assert_eq!(listen(&many[..256]).unwrap().len(), 256);
+    }
+
+    #[test]
+    fn tcp_and_udp_listeners_are_told_apart() {
+        let specs = listen(&[
+            "127.0.0.1:443",
+            "tcp://127.0.0.1:80",
+            "udp://127.0.0.1:443",
+            "udp://[::1]:53?mode=stateless",
+        ])
+        .unwrap();
+        let transports: Vec<Transport> = specs.iter().map(|s| s.transport).collect();
+        assert_eq!(
+            transports,
+            [
+                Transport::Tcp,
+                Transport::Tcp,
+                Transport::Udp,
+                Transport::Udp
+            ]
+        );
+        assert_eq!(specs[2].mode, crate::steering::ListenerMode::UdpFlows);
+        assert_eq!(specs[3].mode, crate::steering::ListenerMode::UdpStateless);
+        assert_eq!(specs[3].to_string(), "udp://[::1]:53?mode=stateless");
+        assert_eq!(specs[0].to_string(), "127.0.0.1:443");
+        assert!(matches!(
+            listen(&["udp://127.0.0.1:53", "udp://127.0.0.1:53?mode=stateless"]),
+            Err(ConfigError::DuplicateListen { .. })
+        ));
+        assert!(matches!(
+            listen(&["sctp://127.0.0.1:53"]),
+            Err(ConfigError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            listen(&["udp://127.0.0.1:53?mode=sometimes"]),
+            Err(ConfigError::BadAddress { .. })
+        ));
     }
 
     #[test]
@@ -441,10 +543,7 @@ mod tests {
 
     #[test]
     fn probes_must_reach_a_managed_listener() {
-        let listen = vec![
-            "0.0.0.0:8080".parse().unwrap(),
-            "[::1]:8443".parse().unwrap(),
-        ];
+        let listen = listen(&["0.0.0.0:8080", "[::1]:8443", "udp://127.0.0.1:5353"]).unwrap();
         let p = parse_probe("http://127.0.0.1:8080/healthz", &listen).unwrap();
         assert_eq!(p.listener(), 0);
         assert!(matches!(p, Probe::Http { ref path, .. } if path == "/healthz"));
@@ -458,6 +557,14 @@ mod tests {
         assert!(parse_probe("ftp://127.0.0.1:8080", &listen).is_err());
         assert!(parse_probe("127.0.0.1:8080", &listen).is_err());
         assert!(parse_probe("tcp://0.0.0.0:8080", &listen).is_err());
+        let d = parse_probe("dns://127.0.0.1:5353/gen.test", &listen).unwrap();
+        assert_eq!(d.listener(), 2);
+        assert!(matches!(d, Probe::Dns { ref name, .. } if name == "gen.test"));
+        assert!(
+            parse_probe("dns://127.0.0.1:8080/x.test", &listen).is_err(),
+            "DNS probes go through a UDP listener"
+        );
+        assert!(parse_probe("dns://127.0.0.1:5353/", &listen).is_err());
     }
 
     #[test]

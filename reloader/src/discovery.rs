@@ -8,7 +8,11 @@
 //! 1. `NETLINK_SOCK_DIAG` lists the TCP sockets in state LISTEN of our
 //!    network namespace with inode, cookie, local address and current
 //!    accept-queue length (for listeners `idiag_rqueue` is the queue length,
-//!    `idiag_wqueue` the backlog; net/ipv4/tcp_diag.c).
+//!    `idiag_wqueue` the backlog; net/ipv4/tcp_diag.c), and the bound,
+//!    unconnected UDP sockets (state `TCP_CLOSE`; `idiag_rqueue` is the bytes
+//!    waiting in the receive buffer, not datagrams). Connected UDP sockets
+//!    are left out: the kernel matches their 4-tuple before the reuseport
+//!    group and removes them from a `REUSEPORT_SOCKARRAY` at `connect`.
 //! 2. `/proc/PID/fd` of every process in the tree maps socket inodes to the
 //!    (pid, fd) that holds them.
 //! 3. `pidfd_open` + `pidfd_getfd` (Linux ≥ 5.6, needs `CAP_SYS_PTRACE` or
@@ -27,22 +31,27 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use serde::Serialize;
 use thiserror::Error;
 
-/// A TCP listening socket of this network namespace.
+pub use crate::net::Transport;
+
+/// A listening TCP socket or a bound, unconnected UDP socket of this
+/// network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Listener {
     pub inode: u64,
     pub cookie: u64,
+    pub transport: Transport,
     pub addr: SocketAddr,
-    /// Connections waiting in the accept queue now.
+    /// TCP: connections waiting in the accept queue now; UDP: bytes waiting
+    /// in the receive buffer.
     pub accept_queue: u32,
-    /// The listen backlog.
+    /// The listen backlog (TCP).
     pub backlog: u32,
 }
 
@@ -96,12 +105,22 @@ pub enum DiscoveryError {
 pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
     let mut all = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        all.extend(dump_listeners(family)?);
+        all.extend(dump(family, Transport::Tcp)?);
+        match dump(family, Transport::Udp) {
+            Ok(udp) => all.extend(udp),
+            // No udp_diag module: reloader manages no UDP then, and says so
+            // when asked to (`udp_sockets_needed`).
+            Err(DiscoveryError::NoTcpDiag) => {}
+            Err(error) => return Err(error),
+        }
     }
     Ok(all)
 }
 
-fn dump_listeners(family: u8) -> Result<Vec<Listener>, DiscoveryError> {
+/// `TCP_CLOSE`: the state a bound, unconnected UDP socket reports.
+const UDP_UNCONNECTED: u8 = 7;
+
+fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryError> {
     let netlink = |source| DiscoveryError::NetlinkError { source };
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink)?;
     socket.bind_auto().map_err(netlink)?;
@@ -118,9 +137,15 @@ fn dump_listeners(family: u8) -> Result<Vec<Listener>, DiscoveryError> {
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol: match transport {
+                Transport::Tcp => IPPROTO_TCP,
+                Transport::Udp => IPPROTO_UDP,
+            },
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
+            states: match transport {
+                Transport::Tcp => StateFlags::LISTEN,
+                Transport::Udp => StateFlags::all(),
+            },
             socket_id,
         })
         .into(),
@@ -144,13 +169,19 @@ fn dump_listeners(family: u8) -> Result<Vec<Listener>, DiscoveryError> {
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let h = &response.header;
-                    found.push(Listener {
-                        inode: u64::from(h.inode),
-                        cookie: u64::from_ne_bytes(h.socket_id.cookie),
-                        addr: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
-                        accept_queue: h.recv_queue,
-                        backlog: h.send_queue,
-                    });
+                    if transport == Transport::Tcp || h.state == UDP_UNCONNECTED {
+                        found.push(Listener {
+                            inode: u64::from(h.inode),
+                            cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                            transport,
+                            addr: SocketAddr::new(
+                                h.socket_id.source_address,
+                                h.socket_id.source_port,
+                            ),
+                            accept_queue: h.recv_queue,
+                            backlog: h.send_queue,
+                        });
+                    }
                 }
                 NetlinkPayload::Done(_) => return Ok(found),
                 NetlinkPayload::Error(error) => {
@@ -216,29 +247,31 @@ pub fn socket_holders(pids: &[u32]) -> BTreeMap<u64, Holder> {
 pub struct Found {
     /// For each wanted address (same order), its sockets and holders.
     pub per_address: Vec<Vec<(Listener, Holder)>>,
-    /// Every address the tree listens on (wanted or not), sorted.
-    pub tree_listens_on: Vec<SocketAddr>,
+    /// Every (transport, address) the tree listens on (wanted or not),
+    /// sorted.
+    pub tree_listens_on: Vec<(Transport, SocketAddr)>,
 }
 
-/// Finds the listening sockets for `wanted` held by the tree of `root`.
-pub fn find(root: u32, wanted: &[SocketAddr]) -> Result<Found, DiscoveryError> {
+/// Finds the sockets for `wanted` (transport, address) held by the tree of
+/// `root`.
+pub fn find(root: u32, wanted: &[(Transport, SocketAddr)]) -> Result<Found, DiscoveryError> {
     let listening = listeners()?;
     let tree = process_tree(root)?;
     let holders = socket_holders(&tree);
     let per_address = wanted
         .iter()
-        .map(|addr| {
+        .map(|(transport, addr)| {
             listening
                 .iter()
-                .filter(|l| l.addr == *addr)
+                .filter(|l| l.addr == *addr && l.transport == *transport)
                 .filter_map(|l| holders.get(&l.inode).map(|h| (l.clone(), *h)))
                 .collect()
         })
         .collect();
-    let mut tree_listens_on: Vec<SocketAddr> = listening
+    let mut tree_listens_on: Vec<(Transport, SocketAddr)> = listening
         .iter()
         .filter(|l| holders.contains_key(&l.inode))
-        .map(|l| l.addr)
+        .map(|l| (l.transport, l.addr))
         .collect();
     tree_listens_on.sort();
     tree_listens_on.dedup();
@@ -287,10 +320,13 @@ pub fn process_name(pid: u32) -> Option<String> {
 
 /// Who holds listening sockets on `addr` in this namespace, outside the
 /// process trees in `ours`: for naming the holder of a port in errors.
-pub fn holders_of(addr: SocketAddr) -> Result<Vec<(Listener, Option<Holder>)>, DiscoveryError> {
+pub fn holders_of(
+    transport: Transport,
+    addr: SocketAddr,
+) -> Result<Vec<(Listener, Option<Holder>)>, DiscoveryError> {
     let listening: Vec<Listener> = listeners()?
         .into_iter()
-        .filter(|l| l.addr.port() == addr.port())
+        .filter(|l| l.transport == transport && l.addr.port() == addr.port())
         .collect();
     if listening.is_empty() {
         return Ok(Vec::new());

@@ -5,11 +5,15 @@
 //! A failed reload leaves the previous generation active: nothing was
 //! routed to the candidate, so nothing is lost.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::{discovery::DiscoveryError, generation::human_duration, steering::SteeringError};
+use crate::{
+    discovery::DiscoveryError,
+    generation::human_duration,
+    steering::{ListenerSpec, SteeringError},
+};
 
 /// Why a reload failed.
 #[derive(Debug, Error)]
@@ -27,7 +31,7 @@ pub enum ReloadError {
     /// `--pass-fds`: reloader could not open a listener to pass.
     #[error("--pass-fds: cannot listen on {addr} (is it held by a socket without SO_REUSEPORT?)")]
     PassFdsError {
-        addr: SocketAddr,
+        addr: ListenerSpec,
         #[source]
         source: std::io::Error,
     },
@@ -54,9 +58,9 @@ pub enum ReloadError {
     )]
     NotListening {
         timeout: Duration,
-        missing: Vec<SocketAddr>,
+        missing: Vec<ListenerSpec>,
         /// What the tree does listen on.
-        listening: Vec<SocketAddr>,
+        listening: Vec<String>,
     },
     /// `--ready notify`: no `READY=1` in time.
     #[error(
@@ -80,7 +84,7 @@ pub enum ReloadError {
     /// program.
     #[error("{addr}: cannot steer to the socket held by pid {pid} ({process}) as fd {fd}")]
     RegisterError {
-        addr: SocketAddr,
+        addr: ListenerSpec,
         pid: u32,
         process: String,
         /// The server's own descriptor number.
@@ -91,7 +95,7 @@ pub enum ReloadError {
     /// A steering map update of the reload failed.
     #[error("{addr}: {what}")]
     SteeringError {
-        addr: SocketAddr,
+        addr: ListenerSpec,
         what: &'static str,
         #[source]
         source: Box<SteeringError>,
@@ -101,17 +105,17 @@ pub enum ReloadError {
     Internal { what: String },
 }
 
-fn list(addrs: &[SocketAddr]) -> String {
-    addrs
+fn list(items: &[impl ToString]) -> String {
+    items
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-fn listening_elsewhere(addrs: &[SocketAddr]) -> String {
+fn listening_elsewhere(addrs: &[String]) -> String {
     if addrs.is_empty() {
-        " (it listens on no TCP address)".into()
+        " (it listens on nothing)".into()
     } else {
         format!(" (it listens on {})", list(addrs))
     }
@@ -125,8 +129,13 @@ mod tests {
     fn messages_say_what_the_server_did() {
         let e = ReloadError::NotListening {
             timeout: Duration::from_secs(2),
-            missing: vec!["127.0.0.1:8081".parse().unwrap()],
-            listening: vec!["0.0.0.0:8081".parse().unwrap()],
+            missing: vec![
+                "127.0.0.1:8081"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            ],
+            listening: vec!["0.0.0.0:8081".into()],
         };
         assert_eq!(
             e.to_string(),

@@ -12,6 +12,59 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// The transport of a managed address.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub fn protocol(self) -> u32 {
+        match self {
+            Self::Tcp => libc::IPPROTO_TCP as u32,
+            Self::Udp => libc::IPPROTO_UDP as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A bound UDP socket on `addr` (`SO_REUSEPORT` if `reuseport`).
+pub fn udp_socket(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Backlog of the listeners opened here.
 pub const BACKLOG: i32 = 1024;
 

@@ -48,8 +48,25 @@ pub struct StatusReport {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListenerStatus {
+    /// As given to `--listen` (`udp://…` for UDP).
     pub addr: String,
     pub active_generation: Option<u64>,
+    #[serde(default)]
+    pub transport: crate::net::Transport,
+    /// UDP with flow affinity: the flow table (shared by the instance's UDP
+    /// listeners).
+    #[serde(default)]
+    pub flow_table: Option<FlowTableStatus>,
+}
+
+/// How full the UDP flow table is. When full, the least recently used flow
+/// is forgotten; its next datagram goes to the active generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    /// Flows of this listener in the table.
+    pub flows: u64,
+    /// Entries the table holds at most (all UDP listeners together).
+    pub capacity: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,6 +81,9 @@ pub struct GenerationStatus {
     pub sockets: Vec<SocketStatus>,
     /// Summed over listeners.
     pub counters: CounterStatus,
+    /// UDP flows pinned to it now (summed over UDP listeners).
+    #[serde(default)]
+    pub udp_flows: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -77,10 +97,15 @@ pub struct SocketStatus {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterStatus {
+    /// New connections (UDP: datagrams of new flows, or every datagram of
+    /// a stateless listener) sent to the generation.
     pub steered: u64,
     pub migrated: u64,
     pub probe_routed: u64,
     pub fallback: u64,
+    /// UDP datagrams of a flow the generation already served.
+    #[serde(default)]
+    pub affinity: u64,
 }
 
 impl From<reloader_ebpf::Counters> for CounterStatus {
@@ -90,6 +115,7 @@ impl From<reloader_ebpf::Counters> for CounterStatus {
             migrated: c.migrated,
             probe_routed: c.probe_routed,
             fallback: c.fallback,
+            affinity: c.affinity,
         }
     }
 }
@@ -100,6 +126,7 @@ impl std::ops::AddAssign for CounterStatus {
         self.migrated += o.migrated;
         self.probe_routed += o.probe_routed;
         self.fallback += o.fallback;
+        self.affinity += o.affinity;
     }
 }
 
@@ -202,7 +229,11 @@ impl StatusReport {
                 .active_generation
                 .map(|g| g.to_string())
                 .unwrap_or_else(|| "-".into());
-            let _ = writeln!(out, "{:<46} {active}", l.addr);
+            let flows = l
+                .flow_table
+                .map(|t| format!("  (flow table {}/{})", t.flows, t.capacity))
+                .unwrap_or_default();
+            let _ = writeln!(out, "{:<46} {active}{flows}", l.addr);
         }
         let _ = writeln!(
             out,
@@ -234,6 +265,13 @@ impl StatusReport {
                 g.counters.fallback,
                 sockets.join(", ")
             );
+            if g.counters.affinity > 0 || g.udp_flows > 0 {
+                let _ = write!(
+                    line,
+                    "  [udp: {} flows, {} datagrams kept with their flow]",
+                    g.udp_flows, g.counters.affinity
+                );
+            }
             if let Some(outcome) = &g.outcome {
                 let _ = write!(line, "  ({outcome})");
             }

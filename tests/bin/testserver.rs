@@ -8,7 +8,7 @@
 //! change how the *next* generation behaves without restarting reloader.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, UdpSocket},
     thread,
     time::Duration,
 };
@@ -25,6 +25,10 @@ struct Args {
     /// Address to listen on (repeatable).
     #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// UDP address to answer on (repeatable): `ping…` gets `gen=G pid=P`,
+    /// a DNS query an empty NOERROR response.
+    #[arg(long)]
+    udp: Vec<SocketAddr>,
     /// Worker processes, each with its own reuseport socket per address,
     /// opened by the master before forking (like nginx). 0: serve here.
     #[arg(long, default_value_t = 0)]
@@ -145,20 +149,26 @@ fn main() {
     if args.inherited {
         let listeners = inherited();
         notify_ready(&args);
-        serve(listeners, &args, mask);
+        serve(listeners, Vec::new(), &args, mask);
     }
     if args.workers == 0 {
         let listeners: Vec<TcpListener> = args.listen.iter().map(|a| listen(a, &args)).collect();
+        let udp: Vec<UdpSocket> = args.udp.iter().map(|a| bind_udp(a, &args)).collect();
         notify_ready(&args);
-        serve(listeners, &args, mask);
+        serve(listeners, udp, &args, mask);
     }
 
     // Master: one socket per (worker, address), then fork.
-    let sockets: Vec<Vec<TcpListener>> = (0..args.workers)
-        .map(|_| args.listen.iter().map(|a| listen(a, &args)).collect())
+    let sockets: Vec<(Vec<TcpListener>, Vec<UdpSocket>)> = (0..args.workers)
+        .map(|_| {
+            (
+                args.listen.iter().map(|a| listen(a, &args)).collect(),
+                args.udp.iter().map(|a| bind_udp(a, &args)).collect(),
+            )
+        })
         .collect();
     let mut children = Vec::new();
-    for (i, own) in sockets.into_iter().enumerate() {
+    for (i, (own, own_udp)) in sockets.into_iter().enumerate() {
         // SAFETY: single-threaded here (the crash thread only sleeps and
         // exits), and the child only uses async-signal-safe state first.
         match unsafe { fork() }.expect("fork") {
@@ -167,11 +177,12 @@ fn main() {
                     "testserver gen {generation} worker {i} pid {}",
                     std::process::id()
                 );
-                serve(own, &args, mask);
+                serve(own, own_udp, &args, mask);
             }
             ForkResult::Parent { child } => {
                 children.push(child);
                 drop(own);
+                drop(own_udp);
             }
         }
     }
@@ -232,11 +243,21 @@ fn listen(addr: &SocketAddr, args: &Args) -> TcpListener {
     }
 }
 
-fn serve(listeners: Vec<TcpListener>, args: &Args, mask: SigSet) -> ! {
+fn bind_udp(addr: &SocketAddr, args: &Args) -> UdpSocket {
+    match reloader::net::udp_socket(*addr, !args.no_reuseport) {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!("testserver: bind udp {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn serve(listeners: Vec<TcpListener>, udp: Vec<UdpSocket>, args: &Args, mask: SigSet) -> ! {
     let behaviour = server::Behaviour {
         close_idle_on_drain: args.close_idle_on_drain,
         ignore_drain: args.ignore_drain,
         reply_delay: Duration::from_millis(args.reply_delay_ms),
     };
-    server::serve(listeners, &behaviour, mask)
+    server::serve(listeners, udp, &behaviour, mask)
 }

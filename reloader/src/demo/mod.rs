@@ -112,7 +112,9 @@ async fn naive_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outcome>
         let pid = child.id();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while discovery::find(pid, &[addr])?.per_address[0].is_empty() {
+            while discovery::find(pid, &[(discovery::Transport::Tcp, addr)])?.per_address[0]
+                .is_empty()
+            {
                 if Instant::now() > deadline {
                     bail!("the demo server did not listen within 10s");
                 }

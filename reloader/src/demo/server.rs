@@ -52,7 +52,7 @@ pub fn run(addr: SocketAddr) -> ! {
     mask.add(Signal::SIGINT);
     mask.thread_block().expect("block SIGTERM");
     match crate::net::tcp_listener(addr, true) {
-        Ok(listener) => serve(vec![listener], &Behaviour::default(), mask),
+        Ok(listener) => serve(vec![listener], Vec::new(), &Behaviour::default(), mask),
         Err(e) => {
             eprintln!("demo server: cannot listen on {addr}: {e}");
             std::process::exit(1);
@@ -60,9 +60,18 @@ pub fn run(addr: SocketAddr) -> ! {
     }
 }
 
-/// Serves `listeners` until a signal in `drain` (blocked by the caller in
-/// every thread) arrives, then drains and exits the process.
-pub fn serve(listeners: Vec<TcpListener>, behaviour: &Behaviour, drain: SigSet) -> ! {
+/// Serves `listeners` (TCP) and `udp` sockets until a signal in `drain`
+/// (blocked by the caller in every thread) arrives, then drains and exits
+/// the process. A UDP socket answers `ping…` with `gen=G pid=P` and a DNS
+/// query with an empty NOERROR response; drained, it answers what is still
+/// queued, then closes (a closing UDP socket's queue is lost, not
+/// migrated).
+pub fn serve(
+    listeners: Vec<TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+    behaviour: &Behaviour,
+    drain: SigSet,
+) -> ! {
     let draining = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
     {
@@ -81,6 +90,13 @@ pub fn serve(listeners: Vec<TcpListener>, behaviour: &Behaviour, drain: SigSet) 
     }
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
     let body: Arc<str> = format!("gen={generation} pid={}\n", std::process::id()).into();
+    let udp_threads: Vec<_> = udp
+        .into_iter()
+        .map(|socket| {
+            let (body, draining) = (body.clone(), draining.clone());
+            thread::spawn(move || serve_udp(&socket, &body, &draining))
+        })
+        .collect();
     let mut fds: Vec<libc::pollfd> = listeners
         .iter()
         .map(|l| libc::pollfd {
@@ -124,7 +140,45 @@ pub fn serve(listeners: Vec<TcpListener>, behaviour: &Behaviour, drain: SigSet) 
     while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(5));
     }
+    for thread in udp_threads {
+        let _ = thread.join();
+    }
     std::process::exit(0);
+}
+
+/// Answers datagrams on `socket` until draining and its queue is empty.
+fn serve_udp(socket: &std::net::UdpSocket, body: &str, draining: &AtomicBool) {
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = [0u8; 1500];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let request = &buf[..n];
+                let reply = if request.starts_with(b"ping") {
+                    body.as_bytes().to_vec()
+                } else if n >= 12 {
+                    dns_noerror(request)
+                } else {
+                    continue;
+                };
+                let _ = socket.send_to(&reply, from);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if draining.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// An empty NOERROR response to DNS query `query` (the question echoed).
+fn dns_noerror(query: &[u8]) -> Vec<u8> {
+    let mut reply = query.to_vec();
+    reply[2] |= 0x80; // QR: a response
+    reply[3] &= 0xf0; // rcode NOERROR
+    reply
 }
 
 fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, behaviour: &Behaviour) {

@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     time::Instant,
@@ -23,7 +22,7 @@ use crate::{
         HISTORY, RegisteredSocket,
         saved::{self, Recovery, Saved, SavedGeneration, Verdict},
     },
-    steering::{self, Limits, Options, Steering},
+    steering::{self, Limits, ListenerSpec, Options, Steering},
     supervisor::Process,
 };
 
@@ -78,7 +77,7 @@ pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> 
     })?;
     let recovery = saved::recovery(saved.as_ref(), |g| prove(config, g));
     if let (Recovery::Adopt { live, .. }, Some(saved)) = (&recovery, &saved)
-        && saved.listen != config.listen
+        && saved.listen != listen_texts(config)
     {
         bail!(
             "instance {:?} has running generations (pids {}) serving {:?}: restart it with the \
@@ -103,7 +102,7 @@ fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
     }
     let name = discovery::process_name(g.pid).unwrap_or_else(|| "?".into());
     let holds_recorded = !g.sockets.is_empty()
-        && discovery::find(g.pid, &config.listen).is_ok_and(|found| {
+        && discovery::find(g.pid, &config.listen_keys()).is_ok_and(|found| {
             found
                 .per_address
                 .iter()
@@ -234,7 +233,15 @@ pub fn load_steering(
         ebpf_debug_logs: tracing::enabled!(target: "reloader::ebpf", tracing::Level::DEBUG),
         pin_dir: Some(paths.pins.clone()),
         limits,
-        udp_flows: 1,
+        udp_flows: if config
+            .listen
+            .iter()
+            .any(|l| l.transport == steering::Transport::Udp)
+        {
+            config.udp_flows
+        } else {
+            1
+        },
     };
     let mut steering = match Steering::load(&options) {
         Err(
@@ -311,8 +318,9 @@ pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap
 }
 
 /// The sockets an adopted active generation holds (for `status`).
-pub fn adopted_sockets(pid: u32, listen: &[SocketAddr]) -> Vec<RegisteredSocket> {
-    match discovery::find(pid, listen) {
+pub fn adopted_sockets(pid: u32, listen: &[ListenerSpec]) -> Vec<RegisteredSocket> {
+    let keys: Vec<_> = listen.iter().map(ListenerSpec::key).collect();
+    match discovery::find(pid, &keys) {
         Ok(found) => found
             .per_address
             .into_iter()
@@ -337,11 +345,13 @@ pub fn adopted_sockets(pid: u32, listen: &[SocketAddr]) -> Vec<RegisteredSocket>
 /// Refuses addresses that some socket already listens on: another reloader
 /// instance, or a server started outside reloader. Sharing a reuseport
 /// group with them would either fail or steer their connections.
-pub fn check_addresses_free(listen: &[SocketAddr]) -> anyhow::Result<()> {
+pub fn check_addresses_free(listen: &[ListenerSpec]) -> anyhow::Result<()> {
     let existing = discovery::listeners()?;
-    for addr in listen {
+    for spec in listen {
+        let addr = &spec.addr;
         let overlapping = existing.iter().any(|l| {
-            l.addr.port() == addr.port()
+            l.transport == spec.transport
+                && l.addr.port() == addr.port()
                 && l.addr.is_ipv4() == addr.is_ipv4()
                 && (l.addr.ip() == addr.ip()
                     || l.addr.ip().is_unspecified()
@@ -350,7 +360,7 @@ pub fn check_addresses_free(listen: &[SocketAddr]) -> anyhow::Result<()> {
         if !overlapping {
             continue;
         }
-        let holders: Vec<String> = discovery::holders_of(*addr)?
+        let holders: Vec<String> = discovery::holders_of(spec.transport, *addr)?
             .into_iter()
             .map(|(l, holder)| match holder {
                 Some(h) => format!(
@@ -363,7 +373,7 @@ pub fn check_addresses_free(listen: &[SocketAddr]) -> anyhow::Result<()> {
             })
             .collect();
         bail!(
-            "{addr} is already served by {}: another reloader instance or a server started \
+            "{spec} is already served by {}: another reloader instance or a server started \
              outside reloader holds it; stop it first (reloader must own the addresses it \
              steers)",
             holders.join(", ")
@@ -405,6 +415,11 @@ fn unproven_text(unproven: &[(SavedGeneration, String)]) -> String {
          (stop them yourself if they are)",
         what.join("; ")
     )
+}
+
+/// The `--listen` values as the state file records them.
+fn listen_texts(config: &RunConfig) -> Vec<String> {
+    config.listen.iter().map(ToString::to_string).collect()
 }
 
 /// `items` as a comma-separated list, each written by `f` (for messages).

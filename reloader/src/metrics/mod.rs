@@ -16,6 +16,10 @@
 //! | `reloader_connections_migrated_total` | counter | `generation` |
 //! | `reloader_connections_probe_routed_total` | counter | `generation` |
 //! | `reloader_connections_fallback_total` | counter | `generation` |
+//! | `reloader_datagrams_affinity_total` | counter | `generation` |
+//! | `reloader_udp_flows` | gauge | `generation` |
+//! | `reloader_udp_flow_table_entries` | gauge | `listener` |
+//! | `reloader_udp_flow_table_capacity` | gauge | |
 //! | `reloader_child_restarts_total` | counter | |
 //! | `reloader_drain_kills_total` | counter | |
 //! | `reloader_log_lines_dropped_total` | counter | |
@@ -133,7 +137,7 @@ impl Recorder {
             active,
         );
 
-        let families: [CounterField; 4] = [
+        let families: [CounterField; 5] = [
             (
                 "connections_steered",
                 "New connections the steering program sent to a generation",
@@ -154,6 +158,11 @@ impl Recorder {
                 "Decisions left to the kernel's hash while a generation's slot was the target",
                 |c| c.fallback,
             ),
+            (
+                "datagrams_affinity",
+                "UDP datagrams of a known flow kept with the generation serving it",
+                |c| c.affinity,
+            ),
         ];
         for (name, help, field) in families {
             let family = Family::<Labels, Counter>::default();
@@ -164,6 +173,34 @@ impl Recorder {
             }
             registry.register(name, help, family);
         }
+
+        let flows = Family::<Labels, Gauge>::default();
+        for g in status.generations.iter().filter(|g| g.state.is_live()) {
+            flows
+                .get_or_create(&label("generation", g.generation))
+                .set(g.udp_flows as i64);
+        }
+        registry.register("udp_flows", "UDP flows pinned to a generation now", flows);
+        let table = Family::<Labels, Gauge>::default();
+        let capacity = Gauge::<i64>::default();
+        for l in &status.listeners {
+            if let Some(t) = l.flow_table {
+                table
+                    .get_or_create(&label("listener", &l.addr))
+                    .set(t.flows as i64);
+                capacity.set(t.capacity as i64);
+            }
+        }
+        registry.register(
+            "udp_flow_table_entries",
+            "Flows of a UDP listener in the flow table",
+            table,
+        );
+        registry.register(
+            "udp_flow_table_capacity",
+            "Entries the UDP flow table holds at most (--udp-flows)",
+            capacity,
+        );
 
         let restarts = Counter::<u64>::default();
         restarts.inc_by(status.restarts);

@@ -1,7 +1,13 @@
 //! [`System`]: the real [`Host`] — processes, `/proc`, sock_diag and
 //! `pidfd_getfd`.
 
-use std::{collections::BTreeSet, net::SocketAddr, os::fd::AsFd, path::Path, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+    sync::Arc,
+};
 
 use super::{Host, Scan};
 use crate::{
@@ -9,6 +15,7 @@ use crate::{
     discovery,
     error::ReloadError,
     state::FoundSocket,
+    steering::Transport,
     supervisor::{self, Spawned},
 };
 
@@ -24,16 +31,22 @@ impl Host for System {
         // Socket activation: this generation's listeners, opened here. Our
         // copies close right after the spawn; discovery then finds them in
         // the server like any others.
-        let passed = if config.pass_fds {
+        let passed: Vec<OwnedFd> = if config.pass_fds {
             config
                 .listen
                 .iter()
-                .map(|addr| {
-                    crate::net::tcp_listener(*addr, true).map_err(|source| {
-                        ReloadError::PassFdsError {
-                            addr: *addr,
-                            source,
+                .map(|spec| {
+                    match spec.transport {
+                        Transport::Tcp => {
+                            crate::net::tcp_listener(spec.addr, true).map(OwnedFd::from)
                         }
+                        Transport::Udp => {
+                            crate::net::udp_socket(spec.addr, true).map(OwnedFd::from)
+                        }
+                    }
+                    .map_err(|source| ReloadError::PassFdsError {
+                        addr: *spec,
+                        source,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?
@@ -57,7 +70,7 @@ impl Host for System {
     }
 
     async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
-        let listen = self.config.listen.clone();
+        let listen = self.config.listen_keys();
         tokio::task::spawn_blocking(move || scan(pid, &listen))
             .await
             .map_err(|e| ReloadError::Internal {
@@ -66,7 +79,7 @@ impl Host for System {
     }
 
     async fn listening(&self) -> Result<BTreeSet<u64>, ReloadError> {
-        let listen = self.config.listen.clone();
+        let listen = self.config.listen_keys();
         tokio::task::spawn_blocking(move || Self::listening_now(&listen))
             .await
             .map_err(|e| ReloadError::Internal {
@@ -100,24 +113,31 @@ impl Host for System {
 
 impl System {
     /// Inodes listening on managed addresses.
-    fn listening_now(listen: &[SocketAddr]) -> Result<BTreeSet<u64>, ReloadError> {
+    fn listening_now(listen: &[(Transport, SocketAddr)]) -> Result<BTreeSet<u64>, ReloadError> {
         let all = discovery::listeners().map_err(|source| ReloadError::DiscoveryError {
             source: Box::new(source),
         })?;
         Ok(all
             .into_iter()
-            .filter(|l| listen.contains(&l.addr))
+            .filter(|l| listen.contains(&(l.transport, l.addr)))
             .map(|l| l.inode)
             .collect())
     }
 }
 
-fn scan(pid: u32, listen: &[SocketAddr]) -> Result<Scan, ReloadError> {
+fn scan(pid: u32, listen: &[(Transport, SocketAddr)]) -> Result<Scan, ReloadError> {
     let found = discovery::find(pid, listen).map_err(|source| ReloadError::DiscoveryError {
         source: Box::new(source),
     })?;
     Ok(Scan {
         per_address: found.per_address,
-        listening: found.tree_listens_on,
+        listening: found
+            .tree_listens_on
+            .iter()
+            .map(|(transport, addr)| match transport {
+                Transport::Tcp => addr.to_string(),
+                Transport::Udp => format!("udp://{addr}"),
+            })
+            .collect(),
     })
 }

@@ -25,6 +25,7 @@
 //! change lives in [`crate::state`]; spawning and inspecting processes go
 //! through [`Host`], so the machine runs in unit tests without privileges.
 
+mod dns;
 mod drain;
 mod host;
 pub mod machine;
@@ -33,7 +34,7 @@ mod ready;
 pub mod scheduler;
 mod track;
 
-use std::{future::Future, net::SocketAddr, path::Path};
+use std::{future::Future, path::Path};
 
 pub use drain::drain;
 pub use host::System;
@@ -54,7 +55,7 @@ pub struct Scan {
     /// sockets and where the tree holds them.
     pub per_address: Vec<Vec<(Listener, Holder)>>,
     /// Every address the tree listens on, for "not ready" messages.
-    pub listening: Vec<SocketAddr>,
+    pub listening: Vec<String>,
 }
 
 impl Scan {

@@ -1,7 +1,7 @@
 //! Readiness probes (`--ready-probe`) through the candidate's own listener:
 //! the probe socket's source port is registered in the program's probe
-//! table, so its SYN reaches generation N+1 even though every other new
-//! connection still goes to N.
+//! table, so its SYN (or, for `dns://`, its datagram) reaches generation N+1
+//! even though everything else still goes to N.
 
 use std::time::{Duration, Instant};
 
@@ -53,24 +53,32 @@ enum ProbeError {
 async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), ProbeError> {
     let addr = probe.addr();
     let failed = |text: String| ProbeError::Failed(text);
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| failed(format!("probe socket: {e}")))?;
     let any: std::net::SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    socket
-        .bind(any)
-        .map_err(|e| failed(format!("probe bind: {e}")))?;
-    let port = socket
-        .local_addr()
-        .map_err(|e| failed(e.to_string()))?
-        .port();
+    // Bound first: its source port is what the program routes by.
+    let socket = match probe {
+        Probe::Dns { .. } => ProbeSocket::Udp(
+            tokio::net::UdpSocket::bind(any)
+                .await
+                .map_err(|e| failed(format!("probe socket: {e}")))?,
+        ),
+        Probe::Tcp { .. } | Probe::Http { .. } => {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(|e| failed(format!("probe socket: {e}")))?;
+            socket
+                .bind(any)
+                .map_err(|e| failed(format!("probe bind: {e}")))?;
+            ProbeSocket::Tcp(socket)
+        }
+    };
+    let port = socket.port().map_err(|e| failed(e.to_string()))?;
     let listener = probe.listener();
     handle
         .update(|s| s.add_probe(number, listener, port))
@@ -87,14 +95,54 @@ async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), P
     result.map_err(failed)
 }
 
-async fn exchange(socket: TcpSocket, probe: &Probe) -> Result<(), String> {
+/// A probe's socket, bound, not yet connected.
+enum ProbeSocket {
+    Tcp(TcpSocket),
+    Udp(tokio::net::UdpSocket),
+}
+
+impl ProbeSocket {
+    fn port(&self) -> std::io::Result<u16> {
+        Ok(match self {
+            Self::Tcp(s) => s.local_addr()?.port(),
+            Self::Udp(s) => s.local_addr()?.port(),
+        })
+    }
+}
+
+async fn exchange(socket: ProbeSocket, probe: &Probe) -> Result<(), String> {
     let addr = probe.addr();
+    let socket = match socket {
+        ProbeSocket::Udp(socket) => {
+            let Probe::Dns { name, .. } = probe else {
+                unreachable!("UDP sockets are made for DNS probes")
+            };
+            // The query id comes from the clock: nothing to guess here, a
+            // stale reply to an earlier attempt just fails this one.
+            let id = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+                & 0xffff) as u16;
+            socket
+                .send_to(&super::dns::query(id, name), addr)
+                .await
+                .map_err(|e| format!("send to {addr}: {e}"))?;
+            let mut buf = [0u8; 1500];
+            let (n, _) = socket
+                .recv_from(&mut buf)
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            return super::dns::check_answer(id, &buf[..n]);
+        }
+        ProbeSocket::Tcp(socket) => socket,
+    };
     let mut stream = socket
         .connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     match probe {
-        Probe::Tcp { .. } => Ok(()),
+        Probe::Tcp { .. } | Probe::Dns { .. } => Ok(()),
         Probe::Http { host, path, .. } => {
             let request = format!(
                 "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: reloader-probe\r\n\r\n"

@@ -76,6 +76,7 @@ impl Host for FakeHost {
                     .map(|l| {
                         vec![(
                             Listener {
+                                transport: crate::net::Transport::Tcp,
                                 inode: u64::from(pid) * 100 + i as u64,
                                 cookie: 0,
                                 addr: l[i].local_addr().unwrap(),

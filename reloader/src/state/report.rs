@@ -8,7 +8,11 @@ use nix::sys::signal::Signal;
 use super::{InstanceState, RegisteredSocket, saved};
 use crate::{
     generation::State,
-    status::{CounterStatus, GenerationStatus, ListenerStatus, SocketStatus, StatusReport},
+    status::{
+        CounterStatus, FlowTableStatus, GenerationStatus, ListenerStatus, SocketStatus,
+        StatusReport,
+    },
+    steering::ListenerMode,
     supervisor::Process,
 };
 
@@ -35,20 +39,37 @@ impl InstanceState {
     /// netlink dump: [`Handle::status`] adds them outside the lock).
     pub fn status(&self) -> StatusReport {
         let now = Instant::now();
+        // UDP flows per listener and slot (one walk of the flow table).
+        let flows: std::collections::BTreeMap<u32, std::collections::BTreeMap<u32, u64>> = self
+            .config
+            .listen
+            .iter()
+            .enumerate()
+            .filter(|(_, spec)| spec.mode == ListenerMode::UdpFlows)
+            .filter_map(|(i, _)| Some((i as u32, self.steering.flows(i as u32).ok()?)))
+            .collect();
         let listeners = self
             .config
             .listen
             .iter()
             .enumerate()
-            .map(|(i, addr)| {
+            .map(|(i, spec)| {
                 let slot = self.steering.active(i as u32).ok().flatten();
+                let flow_table = (spec.mode == ListenerMode::UdpFlows).then(|| FlowTableStatus {
+                    flows: flows
+                        .get(&(i as u32))
+                        .map_or(0, |per_slot| per_slot.values().sum()),
+                    capacity: self.steering.flow_capacity(),
+                });
                 ListenerStatus {
-                    addr: addr.to_string(),
+                    addr: spec.to_string(),
                     active_generation: self
                         .generations
                         .active()
                         .filter(|g| Some(g.slot) == slot)
                         .map(|g| g.number),
+                    transport: spec.transport,
+                    flow_table,
                 }
             })
             .collect();
@@ -83,6 +104,14 @@ impl InstanceState {
                     outcome: g.outcome.clone(),
                     sockets,
                     counters: self.counters(g.number),
+                    udp_flows: if g.state.is_live() {
+                        flows
+                            .values()
+                            .filter_map(|per_slot| per_slot.get(&g.slot))
+                            .sum()
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -139,7 +168,7 @@ impl InstanceState {
             })
             .collect();
         saved::Saved::new(
-            self.config.listen.clone(),
+            self.config.listen.iter().map(ToString::to_string).collect(),
             self.limits,
             self.generations.next_number(),
             generations,

@@ -14,7 +14,6 @@
 
 use std::{
     io::Write,
-    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -76,7 +75,8 @@ impl From<SavedLimits> for Limits {
 pub struct Saved {
     pub version: u32,
     pub controller_pid: u32,
-    pub listen: Vec<SocketAddr>,
+    /// The `--listen` values, as `reloader status` shows them.
+    pub listen: Vec<String>,
     pub limits: SavedLimits,
     pub next_generation: u64,
     pub generations: Vec<SavedGeneration>,
@@ -84,7 +84,7 @@ pub struct Saved {
 
 impl Saved {
     pub fn new(
-        listen: Vec<SocketAddr>,
+        listen: Vec<String>,
         limits: Limits,
         next_generation: u64,
         generations: Vec<SavedGeneration>,
@@ -247,7 +247,7 @@ mod tests {
 
     fn saved(generations: Vec<SavedGeneration>) -> Saved {
         Saved::new(
-            vec!["127.0.0.1:80".parse().unwrap()],
+            vec!["127.0.0.1:80".into()],
             Limits {
                 listeners: 1,
                 slots: 6,

@@ -49,6 +49,7 @@ fn sockets(n: usize, pid: u32) -> Vec<Vec<FoundSocket>> {
             let addr = listener.local_addr().unwrap();
             vec![FoundSocket {
                 socket: Listener {
+                    transport: crate::net::Transport::Tcp,
                     inode: 1000 + i as u64,
                     cookie: 0,
                     addr,
@@ -131,7 +132,7 @@ fn a_cutover_that_fails_on_the_second_listener_leaves_the_first_on_the_old_slot(
 
     let error = state.cut_over(begun.number, Instant::now()).unwrap_err();
     assert!(
-        matches!(&error, ReloadError::SteeringError { addr, .. } if addr.port() == 8443),
+        matches!(&error, ReloadError::SteeringError { addr, .. } if addr.addr.port() == 8443),
         "{error}"
     );
     {

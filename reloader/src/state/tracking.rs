@@ -4,13 +4,12 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
     os::fd::{AsFd, BorrowedFd},
     time::Instant,
 };
 
 use super::{FoundSocket, InstanceState, RegisteredSocket, epoch_of};
-use crate::{error::ReloadError, generation::State};
+use crate::{error::ReloadError, generation::State, steering::ListenerSpec};
 
 /// A generation whose listeners are tracked.
 #[derive(Clone, Debug)]
@@ -33,12 +32,12 @@ pub enum Refreshed {
     /// The active generation no longer listens on `lost`; the previous one
     /// was made active again (`reinstated`) and this one must drain.
     Demoted {
-        lost: SocketAddr,
+        lost: ListenerSpec,
         reinstated: u64,
     },
     /// As `Demoted`, but no previous generation could take over.
     LostListener {
-        lost: SocketAddr,
+        lost: ListenerSpec,
     },
 }
 

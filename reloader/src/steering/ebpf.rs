@@ -68,6 +68,7 @@ pub struct Steering {
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, Counters>,
     listeners: StdHashMap<u32, ListenerSpec>,
+    flow_capacity: u32,
     /// What each (listener, slot) entry holds: the socket's cookie.
     layouts: StdHashMap<(u32, u32), Vec<Option<u64>>>,
     cpus: usize,
@@ -164,6 +165,7 @@ impl Steering {
             limits,
             listeners: StdHashMap::new(),
             layouts: StdHashMap::new(),
+            flow_capacity: options.udp_flows.max(1),
             cpus,
             reused,
         };
@@ -318,19 +320,6 @@ impl Steering {
             self.clear_slot(listener, slot)?;
         }
         Ok(())
-    }
-
-    /// UDP flows pinned to each slot of `listener` now (walks the flow
-    /// table: one syscall per entry, for status only).
-    pub fn flows_per_slot(&self, listener: u32) -> Result<StdHashMap<u32, u64>> {
-        let mut per_slot = StdHashMap::new();
-        for entry in self.flows.iter() {
-            let (key, flow) = entry.map_err(map_error(map::FLOWS, "iterate"))?;
-            if key.listener == listener {
-                *per_slot.entry(flow.slot).or_default() += 1;
-            }
-        }
-        Ok(per_slot)
     }
 
     fn read_counters(&self, index: u32) -> Result<Counters> {
@@ -612,6 +601,21 @@ impl Steer for Steering {
         self.counters
             .set(counter_index(self.limits.slots, listener, slot), zero, 0)
             .map_err(map_error(map::COUNTERS, "set"))
+    }
+
+    fn flows(&self, listener: u32) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let mut per_slot = std::collections::BTreeMap::new();
+        for entry in self.flows.iter() {
+            let (key, flow) = entry.map_err(map_error(map::FLOWS, "iterate"))?;
+            if key.listener == listener {
+                *per_slot.entry(flow.slot).or_default() += 1;
+            }
+        }
+        Ok(per_slot)
+    }
+
+    fn flow_capacity(&self) -> u64 {
+        u64::from(self.flow_capacity)
     }
 
     fn entry_counts(&self) -> Result<EntryCounts> {

@@ -24,32 +24,7 @@ pub use error::SteeringError;
 pub use keys::listener_key;
 pub use reloader_ebpf::{Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits};
 
-/// The transport of a managed address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
-impl Transport {
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
-    pub fn protocol(self) -> u32 {
-        match self {
-            Self::Tcp => libc::IPPROTO_TCP as u32,
-            Self::Udp => libc::IPPROTO_UDP as u32,
-        }
-    }
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
+pub use crate::net::Transport;
 
 /// A managed address as steering sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +41,41 @@ impl From<SocketAddr> for ListenerSpec {
             addr,
             transport: Transport::Tcp,
             mode: ListenerMode::Tcp,
+        }
+    }
+}
+
+impl ListenerSpec {
+    /// A UDP listener with flow affinity (`udp://ADDR`) or stateless
+    /// (`udp://ADDR?mode=stateless`).
+    pub fn udp(addr: SocketAddr, stateless: bool) -> Self {
+        Self {
+            addr,
+            transport: Transport::Udp,
+            mode: if stateless {
+                ListenerMode::UdpStateless
+            } else {
+                ListenerMode::UdpFlows
+            },
+        }
+    }
+
+    /// (transport, address): what discovery matches sockets by.
+    pub fn key(&self) -> (Transport, SocketAddr) {
+        (self.transport, self.addr)
+    }
+}
+
+impl std::fmt::Display for ListenerSpec {
+    /// `IP:PORT` for TCP (as `--listen` takes it), `udp://IP:PORT` with
+    /// `?mode=stateless` when so.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.transport, self.mode) {
+            (Transport::Tcp, _) => write!(f, "{}", self.addr),
+            (Transport::Udp, ListenerMode::UdpStateless) => {
+                write!(f, "udp://{}?mode=stateless", self.addr)
+            }
+            (Transport::Udp, _) => write!(f, "udp://{}", self.addr),
         }
     }
 }
@@ -215,4 +225,16 @@ pub trait Steer: Send {
     /// Entries in the maps as the kernel holds them: listener keys, sockets
     /// registered (summed slot sizes), probe routes. For leak checks.
     fn entry_counts(&self) -> Result<EntryCounts>;
+
+    /// UDP flows of `listener` in the flow table, per slot (walks the
+    /// table: for status, not for hot paths).
+    fn flows(&self, listener: u32) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let _ = listener;
+        Ok(std::collections::BTreeMap::new())
+    }
+
+    /// Entries the flow table holds at most.
+    fn flow_capacity(&self) -> u64 {
+        0
+    }
 }

@@ -1,4 +1,4 @@
-//! The state side of listener tracking (`crate::reload` tracks): which
+//! The state side of listener tracking (the reload module polls): which
 //! generations are tracked, and rewriting a generation's slot with the
 //! sockets it holds now.
 

@@ -298,6 +298,16 @@ impl Instance {
 
     /// Records the pids of the generations `status` lists.
     pub fn remember_pids(&mut self) {
+        // The controller's children from procfs first: a hung or killed
+        // controller cannot name them, and a generation orphaned by a
+        // failed test must not outlive it.
+        if let Some(child) = &self.child {
+            for pid in crate::process::children(child.id()) {
+                if !self.pids.contains(&pid) {
+                    self.pids.push(pid);
+                }
+            }
+        }
         let out = self.client(&["status", "--json"]);
         if let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) {
             for g in status["generations"].as_array().into_iter().flatten() {

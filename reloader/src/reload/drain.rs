@@ -34,23 +34,32 @@ pub async fn drain(handle: &Handle, old: u64) {
     }
 }
 
-/// Lets `old` run for `settle` while it drains (it receives nothing new);
-/// returns early if it no longer drains (it ended, or was reinstated
-/// because its successor failed).
+/// Lets `old` run for `settle` while it drains (it receives nothing new),
+/// or for as long as it is held (`--keep-previous`: the hold ends at its
+/// deadline, or early when a later cutover holds another generation);
+/// returns early if it no longer drains (it ended, or was made active
+/// again because its successor failed or was rolled back).
 async fn settle(handle: &Handle, old: u64, settle: Duration) {
     let mut changed = handle.subscribe();
-    let deadline = tokio::time::Instant::now() + settle;
+    let settled = tokio::time::Instant::now() + settle;
     loop {
-        let draining = handle.read(|s| {
-            s.generation(old)
-                .is_some_and(|g| g.state == crate::generation::State::Draining)
+        let (draining, held) = handle.read(|s| {
+            let draining = s
+                .generation(old)
+                .is_some_and(|g| g.state == crate::generation::State::Draining);
+            (draining, s.hold_until(old))
         });
         if !draining {
             return;
         }
+        let deadline = held.map_or(settled, |until| settled.max(until.into()));
         tokio::select! {
             _ = changed.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => return,
+            _ = tokio::time::sleep_until(deadline) => {
+                if handle.read(|s| s.hold_until(old)) == held {
+                    return;
+                }
+            }
         }
     }
 }

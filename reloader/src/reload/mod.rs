@@ -27,6 +27,7 @@
 
 mod dns;
 mod drain;
+pub mod health;
 mod host;
 pub mod machine;
 mod probe;

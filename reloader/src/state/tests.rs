@@ -241,7 +241,7 @@ fn no_generation_begins_beyond_max_draining_or_while_stopping() {
 /// Two listeners, `--keep-previous 1m`.
 fn held_state() -> (InstanceState, FakeSteering) {
     let mut config = RunConfig::for_tests(&["127.0.0.1:8080", "127.0.0.1:8081"]);
-    config.keep_previous = std::time::Duration::from_secs(60);
+    config.keep_previous = Duration::from_secs(60);
     state_with(config)
 }
 
@@ -445,7 +445,7 @@ fn timed_steps_wait_for_health_and_end_in_a_promotion() {
             addr: "127.0.0.1:8080".parse().unwrap(),
             listener: 0,
         },
-        interval: std::time::Duration::from_secs(1),
+        interval: Duration::from_secs(1),
         failures: 2,
     });
     let (mut state, fake) = state_with(config);
@@ -455,7 +455,7 @@ fn timed_steps_wait_for_health_and_end_in_a_promotion() {
     plan.dwell_ms = Some(1000);
     let t0 = Instant::now();
     state.start_canary(two, t0, &plan).unwrap();
-    let later = Instant::now() + std::time::Duration::from_secs(2);
+    let later = Instant::now() + Duration::from_secs(2);
     assert_eq!(
         state.advance_canary(two, later),
         Advanced::Waiting,
@@ -477,7 +477,7 @@ fn timed_steps_wait_for_health_and_end_in_a_promotion() {
         Advanced::Step { weight: 5000 }
     );
     assert_eq!(fake.maps().canary.get(&0), Some(&(slot_two, 5000)));
-    let even_later = later + std::time::Duration::from_secs(2);
+    let even_later = later + Duration::from_secs(2);
     assert_eq!(state.advance_canary(two, even_later), Advanced::Promoted);
     assert_eq!(state.active(), Some(two));
     // Health decides a rollback at exactly the N-th failure in a row.

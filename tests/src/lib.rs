@@ -179,3 +179,4 @@ pub mod loadgen;
 pub mod nginx;
 pub mod process;
 pub mod servers;
+pub mod udp;

@@ -33,13 +33,27 @@ import time
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, StreamReset
+from aioquic.quic.packet import QuicErrorCode
 
 NO_ERROR = 0x0
 H3_NO_ERROR = 0x100
 H3_REQUEST_REJECTED = 0x10B
+
+
+def error_name(code, application=True):
+    """An HTTP/3 (application) or QUIC transport error code, by name."""
+    try:
+        return (H3ErrorCode if application else QuicErrorCode)(code).name
+    except ValueError:
+        pass
+    if 0x100 < code <= 0x1FF:
+        # aioquic closes a failed TLS handshake this way itself.
+        return f"CRYPTO_ERROR, TLS alert {code - 0x100}"
+    return f"error {code:#x}"
 
 
 class Closed(Exception):
@@ -76,12 +90,14 @@ class Client(QuicConnectionProtocol):
 
     def quic_event_received(self, event):
         if isinstance(event, ConnectionTerminated):
-            graceful = event.error_code in (NO_ERROR, H3_NO_ERROR)
-            self.closed = Closed(
-                graceful,
-                f"connection closed by the server (error {event.error_code:#x}"
-                f" {event.reason_phrase!r})",
-            )
+            # aioquic leaves frame_type None for an application close
+            # (CONNECTION_CLOSE 0x1d, HTTP/3 codes).
+            application = event.frame_type is None
+            graceful = event.error_code in ((NO_ERROR, H3_NO_ERROR) if application else (NO_ERROR,))
+            why = error_name(event.error_code, application)
+            if event.reason_phrase:
+                why += f" {event.reason_phrase!r}"
+            self.closed = Closed(graceful, f"connection closed ({why})")
             for request in self.pending.values():
                 if not request["future"].done():
                     request["future"].set_exception(self.closed)
@@ -92,7 +108,7 @@ class Client(QuicConnectionProtocol):
             request["future"].set_exception(
                 Closed(
                     event.error_code == H3_REQUEST_REJECTED,
-                    f"stream reset by the server (error {event.error_code:#x})",
+                    f"stream reset by the server ({error_name(event.error_code)})",
                 )
             )
             return
@@ -149,11 +165,17 @@ class Connection:
         configuration = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
         configuration.verify_mode = ssl.CERT_NONE
         configuration.idle_timeout = self.args.idle_timeout
+        made = []
+
+        def create_protocol(*args, **kwargs):
+            made.append(Client(*args, **kwargs))
+            return made[-1]
+
         self.context = connect(
             self.args.host,
             self.args.port,
             configuration=configuration,
-            create_protocol=Client,
+            create_protocol=create_protocol,
         )
         try:
             self.client = await asyncio.wait_for(
@@ -164,7 +186,9 @@ class Connection:
                 f"handshake: not connected within {self.args.handshake_timeout}s"
             ) from None
         except Exception as e:
-            raise RuntimeError(f"handshake: {type(e).__name__}: {e}") from None
+            closed = made[-1].closed if made else None
+            why = str(closed) if closed is not None else f"{type(e).__name__}: {e}"
+            raise RuntimeError(f"handshake: {why}") from None
         return self.client
 
     def close(self):

@@ -90,11 +90,18 @@ const EXCLUDED: &[(&str, &str)] = &[
 ];
 
 /// Test binaries that cannot run in the busybox guest, with the reason.
-const HOST_ONLY_SUITES: &[(&str, &str)] = &[(
-    "servers",
-    "the real servers it wraps (nginx, HAProxy, Caddy, Apache, gunicorn, Go, Python) are not in \
-     the initramfs",
-)];
+const HOST_ONLY_SUITES: &[(&str, &str)] = &[
+    (
+        "servers",
+        "the real servers it wraps (nginx, HAProxy, Caddy, Apache, gunicorn, Go, Python) are not \
+         in the initramfs",
+    ),
+    (
+        "udp",
+        "the servers and clients it runs (unbound, Knot, dnsperf, Caddy, Python with aioquic) are \
+         not in the initramfs",
+    ),
+];
 
 /// Tests that need the select-or-migrate program (Linux >= 5.14), with the
 /// reason: (test binary, test, reason). When the guest reports select-only

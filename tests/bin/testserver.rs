@@ -59,6 +59,11 @@ struct Args {
     /// wants, whatever the machine's speed).
     #[arg(long)]
     crash_on_usr2: bool,
+    /// On SIGUSR2, stop accepting, answer what was accepted and exit with
+    /// status 70, leaving queued connections to the kernel (a server that
+    /// fails between requests).
+    #[arg(long)]
+    fail_on_usr2: bool,
     /// Drain signal name.
     #[arg(long, default_value = "SIGTERM")]
     drain_signal: String,
@@ -105,6 +110,11 @@ fn main() {
     mask.add(drain);
     mask.thread_block().expect("block drain signal");
 
+    if args.fail_on_usr2 {
+        let mut usr2 = SigSet::empty();
+        usr2.add(Signal::SIGUSR2);
+        usr2.thread_block().expect("block SIGUSR2");
+    }
     if args.crash_on_usr2 {
         let mut usr2 = SigSet::empty();
         usr2.add(Signal::SIGUSR2);
@@ -258,6 +268,7 @@ fn serve(listeners: Vec<TcpListener>, udp: Vec<UdpSocket>, args: &Args, mask: Si
         close_idle_on_drain: args.close_idle_on_drain,
         ignore_drain: args.ignore_drain,
         reply_delay: Duration::from_millis(args.reply_delay_ms),
+        fail_on: args.fail_on_usr2.then_some(Signal::SIGUSR2),
     };
     server::serve(listeners, udp, &behaviour, mask)
 }

@@ -87,6 +87,14 @@ const EXCLUDED: &[(&str, &str)] = &[
         "the_systemd_unit_passes_systemd_analyze_verify",
         "systemd-analyze is not in the initramfs",
     ),
+    (
+        "rollback_within_the_hold_restores_the_previous_nginx",
+        "nginx is not in the initramfs",
+    ),
+    (
+        "a_canary_gets_its_share_then_promote_or_rollback_moves_everything_nginx",
+        "nginx is not in the initramfs",
+    ),
 ];
 
 /// Test binaries that cannot run in the busybox guest, with the reason.
@@ -110,6 +118,12 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
 /// the mode itself, so run on a select-only kernel anyway it fails instead
 /// of passing vacuously.
 const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
+    (
+        "rollout",
+        "a_crash_during_the_hold_reinstates_the_previous_generation",
+        "the crashed generation's queued connections reach the held one by migration (Linux >= \
+         5.14); select-only kernels reset them",
+    ),
     (
         "steering",
         "loads_select_or_migrate_on_this_kernel",

@@ -33,6 +33,11 @@ pub struct Behaviour {
     pub ignore_drain: bool,
     /// Wait this long before answering each request (tests).
     pub reply_delay: Duration,
+    /// On this signal (blocked by the caller in every thread), stop
+    /// accepting, answer what was accepted, and exit with status 70
+    /// without closing the listeners first: a server that fails between
+    /// requests, leaving its accept queues to the kernel (tests).
+    pub fail_on: Option<Signal>,
 }
 
 impl Default for Behaviour {
@@ -41,6 +46,7 @@ impl Default for Behaviour {
             close_idle_on_drain: true,
             ignore_drain: false,
             reply_delay: Duration::ZERO,
+            fail_on: None,
         }
     }
 }
@@ -88,6 +94,16 @@ pub fn serve(
             }
         });
     }
+    let failing = Arc::new(AtomicBool::new(false));
+    if let Some(signal) = behaviour.fail_on {
+        let failing = failing.clone();
+        thread::spawn(move || {
+            let mut set = SigSet::empty();
+            set.add(signal);
+            let _ = set.wait();
+            failing.store(true, Ordering::SeqCst);
+        });
+    }
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
     let body: Arc<str> = format!("gen={generation} pid={}\n", std::process::id()).into();
     let udp_threads: Vec<_> = udp
@@ -106,6 +122,13 @@ pub fn serve(
         })
         .collect();
     while !draining.load(Ordering::SeqCst) {
+        if failing.load(Ordering::SeqCst) {
+            while in_flight.load(Ordering::SeqCst) > 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+            eprintln!("server: failing as asked (exit status 70)");
+            std::process::exit(70);
+        }
         // SAFETY: a valid pollfd array of the given length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
         for listener in &listeners {

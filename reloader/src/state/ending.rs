@@ -190,6 +190,15 @@ impl InstanceState {
                 rolled_back: false,
             },
         );
+        // During a hold, `reload --wait` answered at the cutover: the
+        // reload is reported failed from now on.
+        if let Some(last) = self.last_reload.as_mut().filter(|r| r.generation == failed) {
+            last.result = ReloadResult::Failed;
+            last.error = Some(format!(
+                "generation {failed} {why} after the cutover; generation {previous} was made \
+                 active again"
+            ));
+        }
         Some(previous)
     }
 

@@ -1239,7 +1239,10 @@ mod tests {
     /// into a no-op `--skip`.
     #[test]
     fn every_not_applicable_test_exists_and_asserts_the_mode() {
-        let sources = [("steering", include_str!("../../tests/steering.rs"))];
+        let sources = [
+            ("steering", include_str!("../../tests/steering.rs")),
+            ("rollout", include_str!("../../tests/rollout.rs")),
+        ];
         for (binary, test, reason) in NEEDS_SELECT_OR_MIGRATE {
             let (_, source) = sources
                 .iter()
@@ -1251,7 +1254,9 @@ mod tests {
             let body = &source[start..];
             let body = &body[..body.find("\n}\n").unwrap_or(body.len())];
             assert!(
-                body.contains("load_select_or_migrate()") || body.contains("half_open_migration("),
+                body.contains("load_select_or_migrate()")
+                    || body.contains("half_open_migration(")
+                    || body.contains("assert_select_or_migrate("),
                 "{test} must assert the select-or-migrate mode"
             );
             assert!(!reason.is_empty());

@@ -110,7 +110,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 } => {
                     println!(
                         "generation {generation} promoted: it gets every new connection; \
-                         generation {previous} drains"
+                         generation {previous} gets none (it drains, or is held with \
+                         --keep-previous: `reloader status`)"
                     );
                     Ok(ExitCode::SUCCESS)
                 }

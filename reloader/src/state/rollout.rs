@@ -544,10 +544,7 @@ impl InstanceState {
             .filter(|r| r.generation == hold.successor)
         {
             last.result = crate::status::ReloadResult::RolledBack;
-            last.error = Some(format!(
-                "rolled back during the hold: {}",
-                rollback_why(reason)
-            ));
+            last.error = Some(format!("during the hold ({})", rollback_why(reason)));
         }
         warn!(
             generation = hold.held,

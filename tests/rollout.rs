@@ -80,8 +80,10 @@ fn json(text: &str) -> Value {
 fn wait_for(instance: &Instance, what: &str, f: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = instance.status();
-        if f(&status) {
+        // A restarted controller may not answer yet.
+        let out = instance.client(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if out.status.success() && f(&status) {
             return status;
         }
         assert!(
@@ -463,5 +465,77 @@ fn health_checks_roll_back_a_failing_canary_and_promote_a_healthy_one() {
     // The slow canary answered late but answered: nothing failed.
     let report = load.finish();
     report.assert_no_failures();
+    assert!(instance.stop().success());
+}
+
+fn kill_controller(instance: &mut Instance) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    instance.wait_exit(Duration::from_secs(5));
+}
+
+/// The controller is SIGKILLed during a hold and during a canary, under
+/// load: the restarted one keeps the hold (rollback still works) and the
+/// canary's split (promote works and the generation beside it drains).
+#[test]
+fn a_restarted_controller_keeps_the_hold_and_the_canary() {
+    privileged();
+    let mut instance = start(&["--keep-previous", "60s"], &testserver_command());
+    let load = Load::start(addr(), 4);
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    kill_controller(&mut instance);
+    instance.respawn();
+    let status = wait_for(&instance, "the restarted controller keeps the hold", |s| {
+        s["rollout"]["kind"] == "hold"
+    });
+    assert_eq!(status["rollout"]["previous"], 1, "{status:#}");
+    assert!(
+        status["rollout"]["remaining_ms"].as_u64().unwrap() > 30_000,
+        "the hold's deadline was kept: {status:#}"
+    );
+    let (code, text) = client(&instance, &["rollback", "--wait"]);
+    assert_eq!(code, 0, "{text}\n{}", instance.log_text());
+    assert_eq!(load::request(addr()), Ok(1));
+
+    let (code, text) = client(&instance, &["reload", "--canary", "30%"]);
+    assert_eq!(code, 0, "{text}");
+    let status = wait_for(&instance, "the canary runs", |s| {
+        s["rollout"]["kind"] == "canary"
+    });
+    let canary = status["rollout"]["generation"].as_u64().unwrap();
+    kill_controller(&mut instance);
+    instance.respawn();
+    let status = wait_for(
+        &instance,
+        "the restarted controller keeps the canary",
+        |s| s["rollout"]["kind"] == "canary",
+    );
+    assert_eq!(status["rollout"]["generation"], canary);
+    assert_eq!(status["rollout"]["weight_percent"], 30.0, "{status:#}");
+    let (split, failures) = connections(1000, 4);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        (200..=400).contains(split.get(&canary).unwrap_or(&0)),
+        "the split holds across the restart: {split:?}"
+    );
+    let (code, text) = client(&instance, &["promote"]);
+    assert_eq!(code, 0, "{text}");
+    // The generation beside the canary is now held (--keep-previous); a
+    // rollback brings it back, then the canary drains.
+    let status = instance.status();
+    assert_eq!(status["rollout"]["kind"], "hold", "{status:#}");
+    assert_eq!(instance.active_generation(), Some(canary));
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.finish();
+    report.assert_no_failures();
+    println!(
+        "controller killed during a hold and a canary: {} connections, 0 failed: {:?}",
+        report.total(),
+        report.by_generation()
+    );
     assert!(instance.stop().success());
 }

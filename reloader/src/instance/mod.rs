@@ -303,11 +303,29 @@ async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinS
                         .await
                         .unwrap_or_default();
                 handle.update(|s| s.adopted_sockets(number, sockets));
-                if state == State::Canary {
-                    handle.update(|s| s.adopted_canary(number));
+                if state == State::Canary
+                    && let Some(previous) = handle.update(|s| s.adopted_canary(number))
+                {
+                    let handle = handle.clone();
+                    drains.spawn(async move {
+                        reload::adopted_canary(&handle, number, previous).await;
+                    });
                 }
             }
             State::Draining => {
+                // A held generation can be made active again: its sockets
+                // are needed to check it still listens everywhere.
+                if handle.read(|s| s.hold_until(number)).is_some()
+                    && let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid))
+                {
+                    let listen = listen.clone();
+                    let sockets = tokio::task::spawn_blocking(move || {
+                        recovery::adopted_sockets(pid, &listen)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    handle.update(|s| s.adopted_sockets(number, sockets));
+                }
                 let handle = handle.clone();
                 drains.spawn(async move { reload::drain(&handle, number).await });
             }

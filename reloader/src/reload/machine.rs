@@ -117,6 +117,15 @@ impl CutOver {
     }
 }
 
+/// An adopted canary (a previous controller started it): waits for its
+/// verdict, then drains the generation it replaced if it was promoted (a
+/// rolled-back canary is drained by the rollback).
+pub async fn adopted_canary(handle: &Handle, number: u64, previous: u64) {
+    if wait_canary(handle, number).await == CanaryVerdict::Promoted {
+        drain(handle, previous).await;
+    }
+}
+
 /// Waits until canary `number` is promoted or rolled back, moving timed
 /// steps on and sampling the steered rates meanwhile.
 async fn wait_canary(handle: &Handle, number: u64) -> CanaryVerdict {

@@ -247,10 +247,9 @@ impl InstanceState {
     /// Rebuilds the canary of an adopted generation from the split the
     /// pinned map still holds (its steps and timing are not kept: it waits
     /// for `promote` or `rollback`).
-    pub fn adopted_canary(&mut self, number: u64) {
-        let Some(previous) = self.active() else {
-            return;
-        };
+    /// Returns the active generation beside it.
+    pub fn adopted_canary(&mut self, number: u64) -> Option<u64> {
+        let previous = self.active()?;
         let weight = self
             .listeners()
             .find_map(|l| self.steering.split(l).ok()?.canary.map(|(_, w)| w))
@@ -263,6 +262,7 @@ impl InstanceState {
             dwell: None,
             step_started: Instant::now(),
         });
+        Some(previous)
     }
 
     /// Where canary `number` stands.

@@ -31,6 +31,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let config = args.into_config()?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(reloader::MAX_BLOCKING_THREADS)
                 .build()
                 .context("failed to start the async runtime")?;
             let clean = runtime.block_on(instance::run(config))?;

@@ -64,6 +64,13 @@ struct Args {
     /// fails between requests).
     #[arg(long)]
     fail_on_usr2: bool,
+    /// Milliseconds to wait before answering each datagram.
+    #[arg(long, default_value_t = 0)]
+    udp_reply_delay_ms: u64,
+    /// On drain, close UDP sockets at once, dropping what is queued (like
+    /// unbound and Knot on SIGTERM).
+    #[arg(long)]
+    udp_close_on_drain: bool,
     /// Drain signal name.
     #[arg(long, default_value = "SIGTERM")]
     drain_signal: String,
@@ -269,6 +276,8 @@ fn serve(listeners: Vec<TcpListener>, udp: Vec<UdpSocket>, args: &Args, mask: Si
         ignore_drain: args.ignore_drain,
         reply_delay: Duration::from_millis(args.reply_delay_ms),
         fail_on: args.fail_on_usr2.then_some(Signal::SIGUSR2),
+        udp_reply_delay: Duration::from_millis(args.udp_reply_delay_ms),
+        udp_close_on_drain: args.udp_close_on_drain,
     };
     server::serve(listeners, udp, &behaviour, mask)
 }

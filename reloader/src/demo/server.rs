@@ -38,6 +38,12 @@ pub struct Behaviour {
     /// without closing the listeners first: a server that fails between
     /// requests, leaving its accept queues to the kernel (tests).
     pub fail_on: Option<Signal>,
+    /// Wait this long before answering each datagram (tests: a server
+    /// starved of CPU).
+    pub udp_reply_delay: Duration,
+    /// On drain, close UDP sockets at once instead of answering what is
+    /// queued first (what unbound and Knot do on SIGTERM).
+    pub udp_close_on_drain: bool,
 }
 
 impl Default for Behaviour {
@@ -47,6 +53,8 @@ impl Default for Behaviour {
             ignore_drain: false,
             reply_delay: Duration::ZERO,
             fail_on: None,
+            udp_reply_delay: Duration::ZERO,
+            udp_close_on_drain: false,
         }
     }
 }
@@ -110,7 +118,8 @@ pub fn serve(
         .into_iter()
         .map(|socket| {
             let (body, draining) = (body.clone(), draining.clone());
-            thread::spawn(move || serve_udp(&socket, &body, &draining))
+            let behaviour = behaviour.clone();
+            thread::spawn(move || serve_udp(&socket, &body, &draining, &behaviour))
         })
         .collect();
     let mut fds: Vec<libc::pollfd> = listeners
@@ -169,11 +178,20 @@ pub fn serve(
     std::process::exit(0);
 }
 
-/// Answers datagrams on `socket` until draining and its queue is empty.
-fn serve_udp(socket: &std::net::UdpSocket, body: &str, draining: &AtomicBool) {
+/// Answers datagrams on `socket` until draining and its queue is empty
+/// (or at once when draining, with `udp_close_on_drain`).
+fn serve_udp(
+    socket: &std::net::UdpSocket,
+    body: &str,
+    draining: &AtomicBool,
+    behaviour: &Behaviour,
+) {
     let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = [0u8; 1500];
     loop {
+        if behaviour.udp_close_on_drain && draining.load(Ordering::SeqCst) {
+            return;
+        }
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let request = &buf[..n];
@@ -184,6 +202,9 @@ fn serve_udp(socket: &std::net::UdpSocket, body: &str, draining: &AtomicBool) {
                 } else {
                     continue;
                 };
+                if !behaviour.udp_reply_delay.is_zero() {
+                    thread::sleep(behaviour.udp_reply_delay);
+                }
                 let _ = socket.send_to(&reply, from);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {

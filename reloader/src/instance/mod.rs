@@ -101,7 +101,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         processes,
         recovered,
     ));
-    let persister = tokio::spawn(handle.clone().persist_to(paths.state.clone()));
+    let (stop_persister, persister_stop) = tokio::sync::oneshot::channel();
+    let persister = tokio::spawn(
+        handle
+            .clone()
+            .persist_to(paths.state.clone(), persister_stop),
+    );
 
     // Signals first, so a child that exits at once is reaped.
     let mut sigchld = signal(SignalKind::child())?;
@@ -253,7 +258,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     if let Some(task) = metrics_task {
         task.abort();
     }
-    persister.abort();
+    let _ = stop_persister.send(());
     let _ = persister.await;
     // After a stop nothing of the instance remains: no state file, no pins.
     let _ = std::fs::remove_file(&paths.state);

@@ -95,6 +95,8 @@ pub struct Generation {
     pub timeline: Timeline,
     /// How it ended: exit status, or why it failed.
     pub outcome: Option<String>,
+    /// The digest of the `--config` files it was started with.
+    pub config_sha256: Option<String>,
 }
 
 /// Errors of the state machine (bugs in the caller, or races it must
@@ -153,6 +155,7 @@ impl Generations {
                     ..Timeline::default()
                 },
                 outcome: None,
+                config_sha256: None,
             })
             .collect();
         Self {
@@ -186,6 +189,7 @@ impl Generations {
                 ..Timeline::default()
             },
             outcome: None,
+            config_sha256: None,
         });
         Ok(self.list.last().expect("just pushed"))
     }
@@ -202,6 +206,16 @@ impl Generations {
 
     pub fn set_pid(&mut self, number: u64, pid: u32) -> Result<(), GenerationError> {
         self.get_mut(number)?.pid = Some(pid);
+        Ok(())
+    }
+
+    /// Records the digest of the configuration `number` was started with.
+    pub fn set_config_sha256(
+        &mut self,
+        number: u64,
+        digest: Option<String>,
+    ) -> Result<(), GenerationError> {
+        self.get_mut(number)?.config_sha256 = digest;
         Ok(())
     }
 

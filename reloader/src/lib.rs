@@ -16,11 +16,13 @@
 //!   is reported; [`error`]: why a reload failed.
 //! - [`config`], [`cli`]: validated command line; [`logging`], [`notify`],
 //!   [`net`]: output, systemd, listening sockets; [`demo`].
+//! - [`digest`]: the config identity (`--config`).
 
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod digest;
 pub mod discovery;
 pub mod error;
 pub mod generation;

@@ -44,6 +44,11 @@ pub struct StatusReport {
     /// `GODEBUG` with `multipathtcp=0` so Go servers listen with plain TCP.
     #[serde(default)]
     pub server_environment: Vec<String>,
+    /// The config digest (`--config`) of the active generation: what this
+    /// replica serves now. `reloader status --json | jq -r
+    /// .active_config_sha256` answers "which config runs here?".
+    #[serde(default)]
+    pub active_config_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -84,6 +89,10 @@ pub struct GenerationStatus {
     /// UDP flows pinned to it now (summed over UDP listeners).
     #[serde(default)]
     pub udp_flows: u64,
+    /// The digest of the `--config` files it was started with (the sha256
+    /// of what `sha256sum` prints for them: README "Config identity").
+    #[serde(default)]
+    pub config_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -165,6 +174,13 @@ pub struct ReloadReport {
     pub ready_to_cutover_ms: Option<f64>,
     pub cutover_to_old_exited_ms: Option<f64>,
     pub total_ms: Option<f64>,
+    /// The config digest of the new generation (`--config`).
+    #[serde(default)]
+    pub config_sha256: Option<String>,
+    /// `--check` refused the reload: nothing was started (its output is
+    /// in `error` and `stderr_tail`).
+    #[serde(default)]
+    pub check_failed: bool,
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -180,8 +196,13 @@ impl ReloadReport {
                 .previous
                 .map(|p| format!(" (replaced {p})"))
                 .unwrap_or_default();
+            let config = self
+                .config_sha256
+                .as_ref()
+                .map(|c| format!("\nconfig sha256 {c}"))
+                .unwrap_or_default();
             format!(
-                "generation {} active{previous}: spawn→ready {}, ready→cutover {}, cutover→old exited {}, total {}",
+                "generation {} active{previous}: spawn→ready {}, ready→cutover {}, cutover→old exited {}, total {}{config}",
                 self.generation,
                 ms(self.spawn_to_ready_ms),
                 ms(self.ready_to_cutover_ms),
@@ -197,7 +218,8 @@ impl ReloadReport {
             if let Some(previous) = self.previous {
                 let _ = write!(text, "; generation {previous} is still active");
             }
-            if !self.stderr_tail.is_empty() {
+            // A failed check's output is part of its error already.
+            if !self.stderr_tail.is_empty() && !self.check_failed {
                 text.push_str("\nlast stderr lines of the new generation:");
                 for line in &self.stderr_tail {
                     let _ = write!(text, "\n  {line}");
@@ -206,6 +228,12 @@ impl ReloadReport {
             text
         }
     }
+}
+
+/// The first 12 hex digits, for the table (the full digest is printed
+/// below it and in `--json`).
+fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
 }
 
 impl StatusReport {
@@ -275,6 +303,9 @@ impl StatusReport {
             if let Some(outcome) = &g.outcome {
                 let _ = write!(line, "  ({outcome})");
             }
+            if let Some(config) = &g.config_sha256 {
+                let _ = write!(line, "  config {}", short_digest(config));
+            }
             let _ = writeln!(out, "{}", line.trim_end());
         }
         let _ = writeln!(
@@ -291,6 +322,9 @@ impl StatusReport {
                 out,
                 "servers get {godebug} (Go listens with plain TCP: MPTCP listeners cannot be steered)"
             );
+        }
+        if let Some(config) = &self.active_config_sha256 {
+            let _ = writeln!(out, "active config sha256 {config}");
         }
         if let Some(recovered) = &self.recovered {
             let _ = writeln!(out, "at start: {recovered}");

@@ -11,6 +11,7 @@
 
 mod ending;
 mod handle;
+mod identity;
 mod report;
 pub mod saved;
 mod steps;

@@ -112,6 +112,7 @@ impl InstanceState {
                     } else {
                         0
                     },
+                    config_sha256: g.config_sha256.clone(),
                 }
             })
             .collect();
@@ -143,6 +144,7 @@ impl InstanceState {
                     crate::supervisor::godebug(std::env::var("GODEBUG").ok().as_deref())
                 ),
             ],
+            active_config_sha256: self.active_config_sha256(),
         }
     }
 
@@ -164,6 +166,7 @@ impl InstanceState {
                         .iter()
                         .map(|s| s.socket.cookie)
                         .collect(),
+                    config_sha256: g.config_sha256.clone(),
                 })
             })
             .collect();

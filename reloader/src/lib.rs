@@ -16,7 +16,8 @@
 //!   is reported; [`error`]: why a reload failed.
 //! - [`config`], [`cli`]: validated command line; [`logging`], [`notify`],
 //!   [`net`]: output, systemd, listening sockets; [`demo`].
-//! - [`digest`]: the config identity (`--config`).
+//! - [`digest`]: the config identity (`--config`); [`watch`]: reload on
+//!   change (`--watch`).
 
 pub mod cli;
 pub mod config;
@@ -36,6 +37,7 @@ pub mod state;
 pub mod status;
 pub mod steering;
 pub mod supervisor;
+pub mod watch;
 
 /// `error: cause: cause`, for messages and one-line log fields.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -62,7 +62,11 @@ fn shell_digest(paths: &[&Path]) -> String {
         .args(paths)
         .output()
         .expect("run sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(digest.len(), 64, "{digest:?}");
     digest
@@ -176,7 +180,10 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
     std::fs::write(&conf, &good).unwrap();
     let (ok, answer) = instance.reload_wait();
     assert!(ok, "{answer}\n{}", instance.log_text());
-    assert_eq!(answer["report"]["generation"], 2, "a failed check used no number");
+    assert_eq!(
+        answer["report"]["generation"], 2,
+        "a failed check used no number"
+    );
     assert_eq!(scrape()["reloader_config_last_reload_successful"], 1.0);
     wait_for(Duration::from_secs(5), "generation 2 answers", || {
         load::request(addr()) == Ok(2)
@@ -184,7 +191,10 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
     let report = load.finish();
     report.assert_no_failures();
     let served = report.by_generation();
-    assert!(served.contains_key(&1) && served.contains_key(&2), "{served:?}");
+    assert!(
+        served.contains_key(&1) && served.contains_key(&2),
+        "{served:?}"
+    );
     println!(
         "check: {} connections under 2 refused reloads and 1 reload, 0 failed; {served:?}",
         report.total()
@@ -203,7 +213,8 @@ fn a_failing_check_at_first_start_makes_run_fail_with_its_output() {
     let check = nginx_check(&nginx);
     let command = nginx.command();
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
-    let mut instance = Instance::spawn_in(nginx.dir, &["--listen", ADDR, "--check", &check], &command);
+    let mut instance =
+        Instance::spawn_in(nginx.dir, &["--listen", ADDR, "--check", &check], &command);
     let status = instance.wait_exit(Duration::from_secs(30));
     assert!(!status.success());
     let log = instance.log_text();
@@ -280,7 +291,11 @@ impl ConfigMap {
     /// new symlink over it, the old directory removed.
     fn update(&mut self, content: &str) {
         self.version += 1;
-        let ts = format!("..2026_11_23_10_00_{:02}.{}", self.version, 1000 + self.version);
+        let ts = format!(
+            "..2026_11_23_10_00_{:02}.{}",
+            self.version,
+            1000 + self.version
+        );
         std::fs::create_dir(self.dir.join(&ts)).unwrap();
         std::fs::write(self.dir.join(&ts).join("nginx.conf"), content).unwrap();
         let old = std::fs::read_link(self.dir.join("..data")).ok();
@@ -340,13 +355,19 @@ fn a_burst_of_writes_is_one_or_two_reloads() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let writing = t0.elapsed();
-    assert!(writing < Duration::from_millis(200), "writes took {writing:?}");
+    assert!(
+        writing < Duration::from_millis(200),
+        "writes took {writing:?}"
+    );
     wait_for(Duration::from_secs(3), "a reload after the burst", || {
         reloads_succeeded(&instance) >= 1
     });
     std::thread::sleep(Duration::from_secs(1));
     let reloads = reloads_succeeded(&instance);
-    assert!((1..=2).contains(&reloads), "{reloads} reloads for one burst");
+    assert!(
+        (1..=2).contains(&reloads),
+        "{reloads} reloads for one burst"
+    );
     println!("20 writes in {writing:?}: {reloads} reload(s)");
     assert!(instance.stop().success());
 }
@@ -366,7 +387,14 @@ fn the_digest_is_the_shell_recipe_everywhere_it_is_shown() {
     let mut instance = Instance::start_in(
         dir,
         &[
-            "--listen", ADDR, "--metrics", METRICS, "--config", &conf_arg, "--config", &cert_arg,
+            "--listen",
+            ADDR,
+            "--metrics",
+            METRICS,
+            "--config",
+            &conf_arg,
+            "--config",
+            &cert_arg,
         ],
         &[testserver(), "--listen", ADDR],
     );
@@ -375,16 +403,18 @@ fn the_digest_is_the_shell_recipe_everywhere_it_is_shown() {
     assert_eq!(status["active_config_sha256"], expected.as_str());
     assert_eq!(instance.generation(1)["config_sha256"], expected.as_str());
     let human = String::from_utf8(instance.client(&["status"]).stdout).unwrap();
-    assert!(human.contains(&format!("active config sha256 {expected}")), "{human}");
+    assert!(
+        human.contains(&format!("active config sha256 {expected}")),
+        "{human}"
+    );
     let metrics = scrape();
     assert_eq!(
         metrics[&format!("reloader_active_config_info{{config_sha256=\"{expected}\"}}")],
         1.0
     );
     assert_eq!(
-        metrics[&format!(
-            "reloader_generation_info{{generation=\"1\",config_sha256=\"{expected}\"}}"
-        )],
+        metrics
+            [&format!("reloader_generation_info{{generation=\"1\",config_sha256=\"{expected}\"}}")],
         1.0
     );
     assert_eq!(metrics["reloader_config_last_reload_successful"], 1.0);

@@ -65,7 +65,7 @@ enum Task {
         #[arg(long, default_value_t = 25)]
         timeout_minutes: u64,
         /// With --vm: run only these test binaries (steering, launcher,
-        /// ecosystem, reliability).
+        /// ecosystem, reliability, config).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// With --vm: extra arguments for every test binary, split at

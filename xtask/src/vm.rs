@@ -87,6 +87,14 @@ const EXCLUDED: &[(&str, &str)] = &[
         "the_systemd_unit_passes_systemd_analyze_verify",
         "systemd-analyze is not in the initramfs",
     ),
+    (
+        "a_failing_check_starts_nothing_and_the_old_generation_keeps_serving",
+        "its --check is nginx -t, and nginx is not in the initramfs",
+    ),
+    (
+        "a_failing_check_at_first_start_makes_run_fail_with_its_output",
+        "its --check is nginx -t, and nginx is not in the initramfs",
+    ),
 ];
 
 /// Test binaries that cannot run in the busybox guest, with the reason.

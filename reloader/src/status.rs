@@ -199,7 +199,7 @@ impl ReloadReport {
             let config = self
                 .config_sha256
                 .as_ref()
-                .map(|c| format!("\nconfig sha256 {c}"))
+                .map(|c| format!("; config sha256 {c}"))
                 .unwrap_or_default();
             format!(
                 "generation {} active{previous}: spawn→ready {}, ready→cutover {}, cutover→old exited {}, total {}{config}",
@@ -210,13 +210,19 @@ impl ReloadReport {
                 ms(self.total_ms),
             )
         } else {
-            let mut text = format!(
-                "reload to generation {} failed: {}",
-                self.generation,
-                self.error.as_deref().unwrap_or("unknown error")
-            );
-            if let Some(previous) = self.previous {
-                let _ = write!(text, "; generation {previous} is still active");
+            let error = self.error.as_deref().unwrap_or("unknown error");
+            let mut text = format!("reload to generation {} failed", self.generation);
+            match self.previous {
+                // The check's output ends its error: say what still runs first.
+                Some(previous) if self.check_failed => {
+                    let _ = write!(text, " (generation {previous} is still active): {error}");
+                }
+                Some(previous) => {
+                    let _ = write!(text, ": {error}; generation {previous} is still active");
+                }
+                None => {
+                    let _ = write!(text, ": {error}");
+                }
             }
             // A failed check's output is part of its error already.
             if !self.stderr_tail.is_empty() && !self.check_failed {

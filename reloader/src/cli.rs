@@ -50,6 +50,12 @@ pub enum Command {
     Run(RunArgs),
     /// Reload a running instance: start a new generation, cut over, drain the old one.
     Reload(ReloadArgs),
+    /// Send new connections back to the previous generation (held with
+    /// --keep-previous) or away from the canary, and drain the one rolled
+    /// back from.
+    Rollback(RollbackArgs),
+    /// Send every new connection to the canary generation now.
+    Promote(PromoteArgs),
     /// Show an instance's generations, listeners and counters.
     Status(StatusArgs),
     /// Drain every generation of an instance and stop it.
@@ -226,6 +232,25 @@ pub struct RunArgs {
     #[arg(long, default_value_t = config::DEFAULT_UDP_FLOWS, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub udp_flows: u32,
+    /// After a cutover, keep the previous generation this long, receiving
+    /// nothing new but not told to drain, so `reloader rollback` can make
+    /// it active again at once (at least --settle; 0: no hold).
+    #[arg(long, default_value = "0s", value_name = "DURATION",
+          value_parser = duration_in("--keep-previous", Duration::ZERO, HOUR * 24))]
+    pub keep_previous: Duration,
+    /// Health check sent through each live generation's own listener while
+    /// a rollback is possible (a held previous generation, a canary); same
+    /// forms as --ready-probe. A new generation that fails it
+    /// --health-failures times in a row is rolled back.
+    #[arg(long, value_name = "URL")]
+    pub health_probe: Option<String>,
+    /// Time between health checks.
+    #[arg(long, value_name = "DURATION",
+          value_parser = duration_in("--health-interval", MS * 100, HOUR))]
+    pub health_interval: Option<Duration>,
+    /// Consecutive failed health checks that make a generation unhealthy.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub health_failures: Option<u32>,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
@@ -266,7 +291,7 @@ impl RunArgs {
         let ready_probe = self
             .ready_probe
             .as_deref()
-            .map(|p| config::parse_probe(p, &self.listen))
+            .map(|p| config::parse_probe("--ready-probe", p, &self.listen))
             .transpose()?;
         let watch = self
             .watch
@@ -280,6 +305,28 @@ impl RunArgs {
                 .iter()
                 .map(|p| config::absolute_path("--config", p))
                 .collect::<Result<Vec<_>, _>>()?
+        };
+        let health = match (
+            &self.health_probe,
+            self.health_interval,
+            self.health_failures,
+        ) {
+            (Some(probe), interval, failures) => Some(config::Health {
+                probe: config::parse_probe("--health-probe", probe, &self.listen)?,
+                interval: interval.unwrap_or(Duration::from_secs(1)),
+                failures: failures.unwrap_or(3),
+            }),
+            (None, Some(_), _) => {
+                return Err(ConfigError::HealthWithoutProbe {
+                    flag: "--health-interval",
+                });
+            }
+            (None, _, Some(_)) => {
+                return Err(ConfigError::HealthWithoutProbe {
+                    flag: "--health-failures",
+                });
+            }
+            (None, None, None) => None,
         };
         if self.max_draining == 0 || self.max_draining > config::MAX_DRAINING {
             return Err(ConfigError::BadMaxDraining {
@@ -306,6 +353,8 @@ impl RunArgs {
             check: self.check,
             watch,
             config_files,
+            keep_previous: self.keep_previous,
+            health,
         })
     }
 }
@@ -322,6 +371,67 @@ pub struct ReloadArgs {
     #[arg(long, default_value = "60s", value_name = "DURATION",
           value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
     pub timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Start the new generation as a canary: once ready it gets this share
+    /// of new connections (by packet hash, so a client's retry usually
+    /// lands alike), the active generation the rest, until `reloader
+    /// promote` or `reloader rollback`. Steps such as 1%,10%,50% need
+    /// --canary-for. With --wait: returns when promoted (exit 0) or rolled
+    /// back (exit 3).
+    #[arg(long, value_name = "PERCENT", value_parser = config::parse_canary)]
+    pub canary: Option<config::CanarySteps>,
+    /// With --canary: how long each step lasts; after the last one, a
+    /// canary that stayed healthy is promoted.
+    #[arg(long, value_name = "DURATION", requires = "canary",
+          value_parser = duration_in("--canary-for", MS * 100, HOUR * 24))]
+    pub canary_for: Option<Duration>,
+}
+
+impl ReloadArgs {
+    /// The canary plan asked for, checked.
+    pub fn canary_plan(&self) -> Result<Option<config::CanaryPlan>, ConfigError> {
+        let Some(config::CanarySteps(steps)) = &self.canary else {
+            return Ok(None);
+        };
+        if steps.len() > 1 && self.canary_for.is_none() {
+            return Err(ConfigError::BadCanary {
+                value: steps
+                    .iter()
+                    .map(|w| format!("{}%", config::CanaryPlan::percent(*w)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                why: "steps need --canary-for DURATION (how long each lasts)".into(),
+            });
+        }
+        Ok(Some(config::CanaryPlan {
+            steps: steps.clone(),
+            dwell_ms: self.canary_for.map(|d| d.as_millis() as u64),
+        }))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Return once the generation rolled back from has exited.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

@@ -61,8 +61,21 @@ pub enum ConfigError {
     #[error("--max-draining {value}: must be between 1 and {MAX_DRAINING}")]
     BadMaxDraining { value: u32 },
     /// A probe URL we cannot use.
-    #[error("--ready-probe {value:?}: {why}")]
-    BadProbe { value: String, why: String },
+    #[error("{flag} {value:?}: {why}")]
+    BadProbe {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    /// A canary share we cannot use.
+    #[error(
+        "--canary {value:?}: {why}; give the share of new connections as a percentage, or \
+         ascending steps, e.g. 10% or 1%,10%,50%"
+    )]
+    BadCanary { value: String, why: String },
+    /// `--health-interval` or `--health-failures` without `--health-probe`.
+    #[error("{flag} needs --health-probe URL (what to send to each generation)")]
+    HealthWithoutProbe { flag: &'static str },
     /// `--metrics` is not `IP:PORT`.
     #[error("--metrics {value:?} is not an address: use IP:PORT, e.g. 127.0.0.1:9090")]
     BadMetricsAddress { value: String },
@@ -155,6 +168,83 @@ pub struct RunConfig {
     /// `--config` (or the `--watch` paths): what a generation's config
     /// digest covers (absolute paths).
     pub config_files: Vec<PathBuf>,
+    /// How long the previous generation is kept, receiving nothing new but
+    /// not signalled, after a cutover (`reloader rollback` brings it back).
+    pub keep_previous: Duration,
+    /// Health checks of live generations while a rollback is possible.
+    pub health: Option<Health>,
+}
+
+/// `--health-probe`: sent periodically through each live generation's own
+/// listener while a generation is held or a canary runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub probe: Probe,
+    pub interval: Duration,
+    /// Consecutive failures that make a generation unhealthy.
+    pub failures: u32,
+}
+
+/// What `reload --canary` asks for: the canary's share of new connections
+/// at each step (parts of [`crate::steering::WEIGHT_SCALE`], ascending),
+/// and how long each step lasts before the next (or the promotion) when
+/// healthy; without it, `reloader promote` and `reloader rollback` decide.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryPlan {
+    pub steps: Vec<u32>,
+    /// Milliseconds per step (`--canary-for`).
+    #[serde(default)]
+    pub dwell_ms: Option<u64>,
+}
+
+impl CanaryPlan {
+    pub fn dwell(&self) -> Option<Duration> {
+        self.dwell_ms.map(Duration::from_millis)
+    }
+
+    /// A share in percent, for people.
+    pub fn percent(weight: u32) -> f64 {
+        f64::from(weight) * 100.0 / f64::from(crate::steering::WEIGHT_SCALE)
+    }
+}
+
+/// The weights of `--canary` (one value on the command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanarySteps(pub Vec<u32>);
+
+/// `10%`, `0.5%` or `1%,10%,50%` → weights, checked: each above 0 and below
+/// 100 %, ascending.
+pub fn parse_canary(value: &str) -> Result<CanarySteps, ConfigError> {
+    let bad = |why: String| ConfigError::BadCanary {
+        value: value.to_owned(),
+        why,
+    };
+    let scale = f64::from(crate::steering::WEIGHT_SCALE);
+    let mut steps = Vec::new();
+    for part in value.split(',') {
+        let part = part.trim();
+        let number = part
+            .strip_suffix('%')
+            .ok_or_else(|| bad(format!("{part:?} has no '%'")))?;
+        let percent: f64 = number
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("{part:?} is not a number")))?;
+        let weight = (percent * scale / 100.0).round();
+        if !(weight >= 1.0 && weight < scale) {
+            return Err(bad(format!(
+                "{part} is not between {}% and 100% (exclusive)",
+                100.0 / scale
+            )));
+        }
+        let weight = weight as u32;
+        if steps.last().is_some_and(|&last| last >= weight) {
+            return Err(bad("steps must grow".into()));
+        }
+        steps.push(weight);
+    }
+    Ok(CanarySteps(steps))
 }
 
 /// `--check CMD`: one shell-like string, split into words when parsed.
@@ -243,6 +333,8 @@ impl RunConfig {
             check: None,
             watch: Vec::new(),
             config_files: Vec::new(),
+            keep_previous: Duration::ZERO,
+            health: None,
         }
     }
 }
@@ -369,8 +461,13 @@ pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
 /// Parses `tcp://HOST:PORT` or `http://HOST:PORT/path` and finds the managed
 /// listener it reaches (a wildcard listener covers every address of its
 /// family on its port).
-pub fn parse_probe(value: &str, listen: &[ListenerSpec]) -> Result<Probe, ConfigError> {
+pub fn parse_probe(
+    flag: &'static str,
+    value: &str,
+    listen: &[ListenerSpec],
+) -> Result<Probe, ConfigError> {
     let bad = |why: &str| ConfigError::BadProbe {
+        flag,
         value: value.to_owned(),
         why: why.to_owned(),
     };
@@ -604,27 +701,27 @@ mod tests {
     #[test]
     fn probes_must_reach_a_managed_listener() {
         let listen = listen(&["0.0.0.0:8080", "[::1]:8443", "udp://127.0.0.1:5353"]).unwrap();
-        let p = parse_probe("http://127.0.0.1:8080/healthz", &listen).unwrap();
+        let p = parse_probe("--ready-probe", "http://127.0.0.1:8080/healthz", &listen).unwrap();
         assert_eq!(p.listener(), 0);
         assert!(matches!(p, Probe::Http { ref path, .. } if path == "/healthz"));
-        let t = parse_probe("tcp://[::1]:8443", &listen).unwrap();
+        let t = parse_probe("--ready-probe", "tcp://[::1]:8443", &listen).unwrap();
         assert_eq!(t.listener(), 1);
-        assert!(parse_probe("tcp://127.0.0.1:9999", &listen).is_err());
+        assert!(parse_probe("--ready-probe", "tcp://127.0.0.1:9999", &listen).is_err());
         assert!(
-            parse_probe("tcp://[::1]:8080", &listen).is_err(),
+            parse_probe("--ready-probe", "tcp://[::1]:8080", &listen).is_err(),
             "family differs"
         );
-        assert!(parse_probe("ftp://127.0.0.1:8080", &listen).is_err());
-        assert!(parse_probe("127.0.0.1:8080", &listen).is_err());
-        assert!(parse_probe("tcp://0.0.0.0:8080", &listen).is_err());
-        let d = parse_probe("dns://127.0.0.1:5353/gen.test", &listen).unwrap();
+        assert!(parse_probe("--ready-probe", "ftp://127.0.0.1:8080", &listen).is_err());
+        assert!(parse_probe("--ready-probe", "127.0.0.1:8080", &listen).is_err());
+        assert!(parse_probe("--ready-probe", "tcp://0.0.0.0:8080", &listen).is_err());
+        let d = parse_probe("--ready-probe", "dns://127.0.0.1:5353/gen.test", &listen).unwrap();
         assert_eq!(d.listener(), 2);
         assert!(matches!(d, Probe::Dns { ref name, .. } if name == "gen.test"));
         assert!(
-            parse_probe("dns://127.0.0.1:8080/x.test", &listen).is_err(),
+            parse_probe("--ready-probe", "dns://127.0.0.1:8080/x.test", &listen).is_err(),
             "DNS probes go through a UDP listener"
         );
-        assert!(parse_probe("dns://127.0.0.1:5353/", &listen).is_err());
+        assert!(parse_probe("--ready-probe", "dns://127.0.0.1:5353/", &listen).is_err());
     }
 
     #[test]

@@ -118,6 +118,12 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+    /// A canary runs: the next reload waits for its verdict.
+    #[error(
+        "generation {generation} is a canary: `reloader promote` or `reloader rollback` it \
+         before the next reload"
+    )]
+    CanaryRunning { generation: u64 },
     /// Waiting for the result went wrong inside the controller.
     #[error("internal error: {what}")]
     Internal { what: String },
@@ -144,6 +150,44 @@ fn printed(output: &[String]) -> String {
         }
         text
     }
+}
+
+/// Why `reloader rollback` or `reloader promote` cannot be done now.
+#[derive(Debug, Error)]
+pub enum RolloutError {
+    /// No generation is held and no canary runs.
+    #[error(
+        "nothing to roll back to: {}",
+        match active {
+            Some(g) => format!(
+                "generation {g} is active and no previous generation is kept (the previous one \
+                 was told to drain or has exited; run with --keep-previous DURATION to keep it \
+                 for a while after each reload)"
+            ),
+            None => "no generation is active".into(),
+        }
+    )]
+    NothingToRollBack { active: Option<u64> },
+    /// The held generation no longer holds a listener for every address.
+    #[error(
+        "generation {held} cannot be made active again: it no longer listens on {}",
+        list(missing)
+    )]
+    HeldLostListeners {
+        held: u64,
+        missing: Vec<ListenerSpec>,
+    },
+    /// `promote` without a canary.
+    #[error("no canary runs: start one with `reloader reload --canary 10%`")]
+    NoCanary,
+    /// The map update failed; nothing was changed.
+    #[error("{addr}: {what}")]
+    SteeringError {
+        addr: ListenerSpec,
+        what: &'static str,
+        #[source]
+        source: Box<SteeringError>,
+    },
 }
 
 fn list(items: &[impl ToString]) -> String {

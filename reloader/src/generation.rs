@@ -3,11 +3,16 @@
 //!
 //! ```text
 //! starting ──► ready ──► active ──► draining ──► exited
-//!    │           │          │  ▲          │
-//!    └──► failed ◄┘          │  └──────────┘ reinstated (its successor
-//!                            │               crashed while it still
-//!                            │               held its listeners)
-//!                            └──► exited (crashed while active)
+//!    │           │  │       │  ▲          │
+//!    └──► failed ◄┘  │       │  └──────────┘ reinstated (its successor
+//!                   │       │               crashed, failed its health
+//!                   │       │               probe or was rolled back
+//!                   │       │               while it still held its
+//!                   │       │               listeners)
+//!                   │       └──► exited (crashed while active)
+//!                   └──► canary ──► active (promoted)
+//!                          │  └──► draining (rolled back)
+//!                          └──► exited (crashed while a canary)
 //! ```
 //!
 //! A generation occupies one steering slot from spawn until it has exited;
@@ -28,8 +33,11 @@ pub enum State {
     Starting,
     /// Holds a registered listener for every address and passed its probe.
     Ready,
-    /// Receives every new connection.
+    /// Receives every new connection (but the canary's share).
     Active,
+    /// Receives a share of new connections beside the active generation
+    /// (`reload --canary`) until it is promoted or rolled back.
+    Canary,
     /// Told to drain; receives nothing new.
     Draining,
     /// Its process has exited.
@@ -43,7 +51,7 @@ impl State {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            Self::Starting | Self::Ready | Self::Active | Self::Draining
+            Self::Starting | Self::Ready | Self::Active | Self::Canary | Self::Draining
         )
     }
 
@@ -52,7 +60,8 @@ impl State {
         matches!(
             (self, next),
             (Starting, Ready | Failed)
-                | (Ready, Active | Failed)
+                | (Ready, Active | Canary | Failed)
+                | (Canary, Active | Draining | Exited)
                 | (Active, Draining | Exited)
                 | (Draining, Exited | Active)
         )
@@ -65,6 +74,7 @@ impl std::fmt::Display for State {
             Self::Starting => "starting",
             Self::Ready => "ready",
             Self::Active => "active",
+            Self::Canary => "canary",
             Self::Draining => "draining",
             Self::Exited => "exited",
             Self::Failed => "failed",
@@ -97,6 +107,9 @@ pub struct Generation {
     pub outcome: Option<String>,
     /// The digest of the `--config` files it was started with.
     pub config_sha256: Option<String>,
+    /// It was rolled back: it never serves new connections again, even if
+    /// the generation that replaced it fails.
+    pub rolled_back: bool,
 }
 
 /// Errors of the state machine (bugs in the caller, or races it must
@@ -156,6 +169,7 @@ impl Generations {
                 },
                 outcome: None,
                 config_sha256: None,
+                rolled_back: false,
             })
             .collect();
         Self {
@@ -190,6 +204,7 @@ impl Generations {
             },
             outcome: None,
             config_sha256: None,
+            rolled_back: false,
         });
         Ok(self.list.last().expect("just pushed"))
     }
@@ -226,12 +241,23 @@ impl Generations {
     }
 
     /// The newest draining generation that has not been signalled yet: it
-    /// still holds its listeners and could serve again.
+    /// still holds its listeners and could serve again (unless it was
+    /// rolled back).
     pub fn reinstatable(&self) -> Option<&Generation> {
-        self.list
-            .iter()
-            .rev()
-            .find(|g| g.state == State::Draining && g.timeline.signalled.is_none())
+        self.list.iter().rev().find(|g| {
+            g.state == State::Draining && g.timeline.signalled.is_none() && !g.rolled_back
+        })
+    }
+
+    /// Marks `number` as rolled back (see [`Generation::rolled_back`]).
+    pub fn roll_back(&mut self, number: u64) -> Result<(), GenerationError> {
+        self.get_mut(number)?.rolled_back = true;
+        Ok(())
+    }
+
+    /// The generation receiving a canary share, if any.
+    pub fn canary(&self) -> Option<&Generation> {
+        self.list.iter().find(|g| g.state == State::Canary)
     }
 
     /// Moves `number` to `next`, recording when; `outcome` says how it
@@ -264,7 +290,7 @@ impl Generations {
                 t.ended = Some(now);
                 generation.outcome = outcome;
             }
-            State::Starting => {}
+            State::Starting | State::Canary => {}
         }
         self.prune();
         Ok(())

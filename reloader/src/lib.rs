@@ -39,6 +39,11 @@ pub mod steering;
 pub mod supervisor;
 pub mod watch;
 
+/// Threads the controller's blocking pool may run at once (discovery
+/// scans, netlink dumps, the state file's fsync): bounded, so a stuck
+/// kernel call cannot make the controller grow threads without end.
+pub const MAX_BLOCKING_THREADS: usize = 8;
+
 /// `error: cause: cause`, for messages and one-line log fields.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();

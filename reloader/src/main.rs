@@ -8,6 +8,10 @@ use reloader::{
     instance, supervisor,
 };
 
+/// `reload --wait`'s exit status when the new generation was rolled back
+/// (1: it failed to start or crashed).
+const ROLLED_BACK: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Kept until the end: it flushes buffered log lines.
@@ -27,6 +31,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let config = args.into_config()?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(reloader::MAX_BLOCKING_THREADS)
                 .build()
                 .context("failed to start the async runtime")?;
             let clean = runtime.block_on(instance::run(config))?;
@@ -38,8 +43,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Reload(args) => {
             let socket = args.instance.socket()?;
-            let response =
-                control::ask(&socket, &Request::Reload { wait: args.wait }, args.timeout)?;
+            let request = Request::Reload {
+                wait: args.wait,
+                canary: args.canary_plan()?,
+            };
+            let response = control::ask(&socket, &request, args.timeout)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
             }
@@ -61,6 +69,52 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         eprintln!("{}", report.human());
                     }
                     Ok(ExitCode::FAILURE)
+                }
+                Response::ReloadRolledBack { report } => {
+                    if !args.json {
+                        eprintln!("{}", report.human());
+                    }
+                    Ok(ExitCode::from(ROLLED_BACK))
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Rollback(args) => {
+            let socket = args.instance.socket()?;
+            let timeout = if args.wait {
+                args.timeout
+            } else {
+                Duration::from_secs(10)
+            };
+            match control::ask(&socket, &Request::Rollback { wait: args.wait }, timeout)? {
+                Response::RolledBack { report } => {
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        println!("{}", report.human());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Promote(args) => {
+            let socket = args.instance.socket()?;
+            match control::ask(&socket, &Request::Promote {}, Duration::from_secs(10))? {
+                response @ Response::Promoted { .. } if args.json => {
+                    println!("{}", serde_json::to_string_pretty(&response)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Response::Promoted {
+                    generation,
+                    previous,
+                } => {
+                    println!(
+                        "generation {generation} promoted: it gets every new connection; \
+                         generation {previous} gets none (it drains, or is held with \
+                         --keep-previous: `reloader status`)"
+                    );
+                    Ok(ExitCode::SUCCESS)
                 }
                 other => unexpected(other),
             }

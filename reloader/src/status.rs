@@ -39,6 +39,17 @@ pub struct StatusReport {
     /// the controller's stderr was not read fast enough.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// A rollback that is possible now: a held previous generation or a
+    /// canary.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+    /// Reloads undone by a rollback (a canary rolled back, or a held
+    /// generation made active again).
+    #[serde(default)]
+    pub reloads_rolled_back: u64,
+    /// Rollbacks by reason.
+    #[serde(default)]
+    pub rollbacks: RollbackCounts,
     /// Environment reloader sets for its servers (`NAME=value`), besides
     /// what it inherited: `RELOADER_GENERATION`, `RELOADER_NAME`, and
     /// `GODEBUG` with `multipathtcp=0` so Go servers listen with plain TCP.
@@ -93,6 +104,181 @@ pub struct GenerationStatus {
     /// of what `sha256sum` prints for them: README "Config identity").
     #[serde(default)]
     pub config_sha256: Option<String>,
+    /// Its share of new connections now, in percent (the active generation
+    /// 100, or what the canary leaves; a held or draining one 0).
+    #[serde(default)]
+    pub weight_percent: Option<f64>,
+    /// New connections steered to it per second, measured over the last
+    /// second while a canary runs.
+    #[serde(default)]
+    pub steered_per_second: Option<f64>,
+    /// Its health checks (`--health-probe`), while it is checked.
+    #[serde(default)]
+    pub health: Option<HealthStatus>,
+}
+
+/// Health checks of one generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    pub checks: u64,
+    /// Failures in a row now.
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// What can be undone now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub kind: RolloutKind,
+    /// The new generation (the canary, or the one that replaced the held
+    /// one).
+    pub generation: u64,
+    /// The generation a rollback makes active (held, or active beside the
+    /// canary).
+    pub previous: u64,
+    /// The canary's share of new connections in percent (100 for a hold).
+    pub weight_percent: f64,
+    /// Canary steps, in percent.
+    #[serde(default)]
+    pub steps_percent: Vec<f64>,
+    /// Which step runs (0-based).
+    #[serde(default)]
+    pub step: usize,
+    /// Time left: of the hold, or until the next canary step or promotion
+    /// (None: until `promote` or `rollback`).
+    pub remaining_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutKind {
+    /// The previous generation is held (`--keep-previous`).
+    Hold,
+    /// A canary gets a share of new connections (`reload --canary`).
+    Canary,
+}
+
+impl RolloutStatus {
+    /// One line for people.
+    pub fn human(&self) -> String {
+        let left = |what: &str| {
+            self.remaining_ms
+                .map(|ms| format!(", {what} in {}", human_duration(Duration::from_millis(ms))))
+                .unwrap_or_default()
+        };
+        match self.kind {
+            RolloutKind::Hold => format!(
+                "hold: generation {} is kept (receives nothing new){}; `reloader rollback` makes \
+                 it active again instead of generation {}",
+                self.previous,
+                left("drains"),
+                self.generation
+            ),
+            RolloutKind::Canary => {
+                let next = if self.step + 1 < self.steps_percent.len() {
+                    left("next step")
+                } else {
+                    left("promoted")
+                };
+                format!(
+                    "canary: generation {} gets {}% of new connections (step {} of {}{next}), \
+                     generation {} the rest; `reloader promote` or `reloader rollback`",
+                    self.generation,
+                    self.weight_percent,
+                    self.step + 1,
+                    self.steps_percent.len().max(1),
+                    self.previous
+                )
+            }
+        }
+    }
+}
+
+/// Why a rollback happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackReason {
+    /// `reloader rollback`.
+    Manual,
+    /// The new generation exited.
+    Crash,
+    /// The new generation failed its health checks.
+    Health,
+}
+
+impl RollbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manual => "manual",
+            Self::Crash => "crash",
+            Self::Health => "health",
+        }
+    }
+}
+
+impl std::fmt::Display for RollbackReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Rollbacks by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackCounts {
+    pub manual: u64,
+    pub crash: u64,
+    pub health: u64,
+}
+
+impl RollbackCounts {
+    pub fn add(&mut self, reason: RollbackReason) {
+        match reason {
+            RollbackReason::Manual => self.manual += 1,
+            RollbackReason::Crash => self.crash += 1,
+            RollbackReason::Health => self.health += 1,
+        }
+    }
+
+    pub fn get(&self, reason: RollbackReason) -> u64 {
+        match reason {
+            RollbackReason::Manual => self.manual,
+            RollbackReason::Crash => self.crash,
+            RollbackReason::Health => self.health,
+        }
+    }
+}
+
+/// What `reloader rollback` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RollbackReport {
+    /// The generation that no longer receives new connections.
+    pub from: u64,
+    /// The generation that receives them again.
+    pub to: u64,
+    /// How long the map updates took (every listener), in microseconds.
+    pub map_update_us: f64,
+    /// With `--wait`: from the rollback until `from` exited.
+    pub from_exited_ms: Option<f64>,
+}
+
+impl RollbackReport {
+    pub fn human(&self) -> String {
+        let exited = self
+            .from_exited_ms
+            .map(|ms| {
+                format!(
+                    "; generation {} exited after {}",
+                    self.from,
+                    human_duration(Duration::from_secs_f64(ms / 1000.0))
+                )
+            })
+            .unwrap_or_else(|| format!("; generation {} drains", self.from));
+        format!(
+            "rolled back: generation {} active again (maps switched in {}){exited}",
+            self.to,
+            human_duration(Duration::from_secs_f64(self.map_update_us / 1e6)),
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -146,6 +332,8 @@ pub enum ReloadResult {
     Succeeded,
     #[default]
     Failed,
+    /// It cut over (or ran as a canary) and was then rolled back.
+    RolledBack,
 }
 
 impl ReloadResult {
@@ -154,6 +342,7 @@ impl ReloadResult {
         match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
         }
     }
 }
@@ -181,6 +370,13 @@ pub struct ReloadReport {
     /// in `error` and `stderr_tail`).
     #[serde(default)]
     pub check_failed: bool,
+    /// Its canary plan (`reload --canary`), in percent per step.
+    #[serde(default)]
+    pub canary_percent: Vec<f64>,
+    /// The previous generation is held this long after the cutover
+    /// (`--keep-previous`): `reload --wait` returned at the cutover.
+    #[serde(default)]
+    pub held_ms: Option<f64>,
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -196,18 +392,40 @@ impl ReloadReport {
                 .previous
                 .map(|p| format!(" (replaced {p})"))
                 .unwrap_or_default();
+            let canary = if self.canary_percent.is_empty() {
+                String::new()
+            } else {
+                let steps: Vec<String> = self
+                    .canary_percent
+                    .iter()
+                    .map(|p| format!("{p}%"))
+                    .collect();
+                format!(", promoted after a canary at {}", steps.join(","))
+            };
+            let old = match (self.held_ms, self.previous) {
+                (Some(held), Some(previous)) => format!(
+                    "generation {previous} held for {} (`reloader rollback` makes it active again)",
+                    ms(Some(held))
+                ),
+                _ => format!("cutover→old exited {}", ms(self.cutover_to_old_exited_ms)),
+            };
             let config = self
                 .config_sha256
                 .as_ref()
                 .map(|c| format!("; config sha256 {c}"))
                 .unwrap_or_default();
             format!(
-                "generation {} active{previous}: spawn→ready {}, ready→cutover {}, cutover→old exited {}, total {}{config}",
+                "generation {} active{previous}{canary}: spawn→ready {}, ready→cutover {}, {old}, total {}{config}",
                 self.generation,
                 ms(self.spawn_to_ready_ms),
                 ms(self.ready_to_cutover_ms),
-                ms(self.cutover_to_old_exited_ms),
                 ms(self.total_ms),
+            )
+        } else if self.result == ReloadResult::RolledBack {
+            format!(
+                "generation {} was rolled back: {}",
+                self.generation,
+                self.error.as_deref().unwrap_or("rolled back")
             )
         } else {
             let error = self.error.as_deref().unwrap_or("unknown error");
@@ -306,6 +524,21 @@ impl StatusReport {
                     g.udp_flows, g.counters.affinity
                 );
             }
+            if let Some(weight) = g.weight_percent.filter(|_| self.rollout.is_some()) {
+                let rate = g
+                    .steered_per_second
+                    .map(|r| format!(", {r:.0} steered/s"))
+                    .unwrap_or_default();
+                let _ = write!(line, "  [{weight}% of new connections{rate}]");
+            }
+            if let Some(health) = g.health.as_ref().filter(|h| h.consecutive_failures > 0) {
+                let _ = write!(
+                    line,
+                    "  [health: {} failures in a row: {}]",
+                    health.consecutive_failures,
+                    health.last_error.as_deref().unwrap_or("?")
+                );
+            }
             if let Some(outcome) = &g.outcome {
                 let _ = write!(line, "  ({outcome})");
             }
@@ -316,9 +549,24 @@ impl StatusReport {
         }
         let _ = writeln!(
             out,
-            "\nreloads: {} succeeded, {} failed; restarts: {}; drain kills: {}",
-            self.reloads_succeeded, self.reloads_failed, self.restarts, self.drain_kills
+            "\nreloads: {} succeeded, {} failed, {} rolled back; restarts: {}; drain kills: {}",
+            self.reloads_succeeded,
+            self.reloads_failed,
+            self.reloads_rolled_back,
+            self.restarts,
+            self.drain_kills
         );
+        if let Some(rollout) = &self.rollout {
+            let _ = writeln!(out, "{}", rollout.human());
+        }
+        let r = &self.rollbacks;
+        if r.manual + r.crash + r.health > 0 {
+            let _ = writeln!(
+                out,
+                "rollbacks: {} manual, {} after a crash, {} after failed health checks",
+                r.manual, r.crash, r.health
+            );
+        }
         if let Some(godebug) = self
             .server_environment
             .iter()

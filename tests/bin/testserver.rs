@@ -59,6 +59,18 @@ struct Args {
     /// wants, whatever the machine's speed).
     #[arg(long)]
     crash_on_usr2: bool,
+    /// On SIGUSR2, stop accepting, answer what was accepted and exit with
+    /// status 70, leaving queued connections to the kernel (a server that
+    /// fails between requests).
+    #[arg(long)]
+    fail_on_usr2: bool,
+    /// Milliseconds to wait before answering each datagram.
+    #[arg(long, default_value_t = 0)]
+    udp_reply_delay_ms: u64,
+    /// On drain, close UDP sockets at once, dropping what is queued (like
+    /// unbound and Knot on SIGTERM).
+    #[arg(long)]
+    udp_close_on_drain: bool,
     /// Drain signal name.
     #[arg(long, default_value = "SIGTERM")]
     drain_signal: String,
@@ -105,6 +117,11 @@ fn main() {
     mask.add(drain);
     mask.thread_block().expect("block drain signal");
 
+    if args.fail_on_usr2 {
+        let mut usr2 = SigSet::empty();
+        usr2.add(Signal::SIGUSR2);
+        usr2.thread_block().expect("block SIGUSR2");
+    }
     if args.crash_on_usr2 {
         let mut usr2 = SigSet::empty();
         usr2.add(Signal::SIGUSR2);
@@ -258,6 +275,9 @@ fn serve(listeners: Vec<TcpListener>, udp: Vec<UdpSocket>, args: &Args, mask: Si
         close_idle_on_drain: args.close_idle_on_drain,
         ignore_drain: args.ignore_drain,
         reply_delay: Duration::from_millis(args.reply_delay_ms),
+        fail_on: args.fail_on_usr2.then_some(Signal::SIGUSR2),
+        udp_reply_delay: Duration::from_millis(args.udp_reply_delay_ms),
+        udp_close_on_drain: args.udp_close_on_drain,
     };
     server::serve(listeners, udp, &behaviour, mask)
 }

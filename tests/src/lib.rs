@@ -179,4 +179,5 @@ pub mod loadgen;
 pub mod nginx;
 pub mod process;
 pub mod servers;
+pub mod udp;
 pub mod udp_load;

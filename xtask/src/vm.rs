@@ -95,14 +95,29 @@ const EXCLUDED: &[(&str, &str)] = &[
         "a_failing_check_at_first_start_makes_run_fail_with_its_output",
         "its --check is nginx -t, and nginx is not in the initramfs",
     ),
+    (
+        "rollback_within_the_hold_restores_the_previous_nginx",
+        "nginx is not in the initramfs",
+    ),
+    (
+        "a_canary_gets_its_share_then_promote_or_rollback_moves_everything_nginx",
+        "nginx is not in the initramfs",
+    ),
 ];
 
 /// Test binaries that cannot run in the busybox guest, with the reason.
-const HOST_ONLY_SUITES: &[(&str, &str)] = &[(
-    "servers",
-    "the real servers it wraps (nginx, HAProxy, Caddy, Apache, gunicorn, Go, Python) are not in \
-     the initramfs",
-)];
+const HOST_ONLY_SUITES: &[(&str, &str)] = &[
+    (
+        "servers",
+        "the real servers it wraps (nginx, HAProxy, Caddy, Apache, gunicorn, Go, Python) are not \
+         in the initramfs",
+    ),
+    (
+        "udp",
+        "the servers and clients it runs (unbound, Knot, dnsperf, Caddy, Python with aioquic) are \
+         not in the initramfs",
+    ),
+];
 
 /// Tests that need the select-or-migrate program (Linux >= 5.14), with the
 /// reason: (test binary, test, reason). When the guest reports select-only
@@ -111,6 +126,12 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[(
 /// the mode itself, so run on a select-only kernel anyway it fails instead
 /// of passing vacuously.
 const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
+    (
+        "rollout",
+        "a_crash_during_the_hold_reinstates_the_previous_generation",
+        "the crashed generation's queued connections reach the held one by migration (Linux >= \
+         5.14); select-only kernels reset them",
+    ),
     (
         "steering",
         "loads_select_or_migrate_on_this_kernel",
@@ -1226,7 +1247,10 @@ mod tests {
     /// into a no-op `--skip`.
     #[test]
     fn every_not_applicable_test_exists_and_asserts_the_mode() {
-        let sources = [("steering", include_str!("../../tests/steering.rs"))];
+        let sources = [
+            ("steering", include_str!("../../tests/steering.rs")),
+            ("rollout", include_str!("../../tests/rollout.rs")),
+        ];
         for (binary, test, reason) in NEEDS_SELECT_OR_MIGRATE {
             let (_, source) = sources
                 .iter()
@@ -1238,7 +1262,9 @@ mod tests {
             let body = &source[start..];
             let body = &body[..body.find("\n}\n").unwrap_or(body.len())];
             assert!(
-                body.contains("load_select_or_migrate()") || body.contains("half_open_migration("),
+                body.contains("load_select_or_migrate()")
+                    || body.contains("half_open_migration(")
+                    || body.contains("assert_select_or_migrate("),
                 "{test} must assert the select-or-migrate mode"
             );
             assert!(!reason.is_empty());

@@ -16,8 +16,18 @@ use crate::status::StatusReport;
 
 /// What the control server can ask of the instance.
 pub trait Controller: Clone + Send + Sync + 'static {
-    /// Requests a reload; with `wait`, answers when it completed.
-    fn reload(&self, wait: bool) -> impl Future<Output = Response> + Send;
+    /// Requests a reload (as a canary with `canary`); with `wait`, answers
+    /// when it completed.
+    fn reload(
+        &self,
+        wait: bool,
+        canary: Option<crate::config::CanaryPlan>,
+    ) -> impl Future<Output = Response> + Send;
+    /// Requests a rollback; with `wait`, answers once the generation rolled
+    /// back from has exited.
+    fn rollback(&self, wait: bool) -> impl Future<Output = Response> + Send;
+    /// Promotes the canary.
+    fn promote(&self) -> impl Future<Output = Response> + Send;
     /// Requests a stop.
     fn stop(&self) -> Response;
     /// The instance's status.

@@ -10,7 +10,10 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::status::{ReloadReport, StatusReport};
+use crate::{
+    config::CanaryPlan,
+    status::{ReloadReport, RollbackReport, StatusReport},
+};
 
 /// Largest request accepted, newline included.
 pub const MAX_REQUEST: usize = 4096;
@@ -20,8 +23,20 @@ pub const MAX_REQUEST: usize = 4096;
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Start a reload; with `wait`, answer when it completed (new
-    /// generation active everywhere and the old one exited).
-    Reload { wait: bool },
+    /// generation active everywhere and the old one exited or held; a
+    /// canary promoted or rolled back).
+    Reload {
+        wait: bool,
+        /// Start the new generation as a canary.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<CanaryPlan>,
+    },
+    /// Make the held generation active again, or send nothing more to the
+    /// canary; with `wait`, answer once the generation rolled back from
+    /// has exited.
+    Rollback { wait: bool },
+    /// Send every new connection to the canary.
+    Promote {},
     /// The instance's state. (Empty struct variants, not unit ones: serde
     /// applies `deny_unknown_fields` only to those.)
     Status {},
@@ -42,6 +57,19 @@ pub enum Response {
     /// The reload failed; the previous generation is still active.
     ReloadFailed {
         report: ReloadReport,
+    },
+    /// The new generation was rolled back; the previous one is active.
+    ReloadRolledBack {
+        report: ReloadReport,
+    },
+    /// A rollback was done.
+    RolledBack {
+        report: RollbackReport,
+    },
+    /// The canary is active.
+    Promoted {
+        generation: u64,
+        previous: u64,
     },
     Status {
         status: Box<StatusReport>,
@@ -102,8 +130,19 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for request in [
-            Request::Reload { wait: true },
-            Request::Reload { wait: false },
+            Request::Reload {
+                wait: true,
+                canary: None,
+            },
+            Request::Reload {
+                wait: false,
+                canary: Some(CanaryPlan {
+                    steps: vec![100, 1000],
+                    dwell_ms: Some(30_000),
+                }),
+            },
+            Request::Rollback { wait: true },
+            Request::Promote {},
             Request::Status {},
             Request::Stop {},
         ] {
@@ -170,8 +209,8 @@ mod tests {
                 format!(r#"{{"request":"{tag}","{field}":{value}}}"#)
             };
             let expected = match (tag.as_str(), field.as_str(), value.as_str()) {
-                ("reload", "wait", "true") => Some(Request::Reload { wait: true }),
-                ("reload", "wait", "false") => Some(Request::Reload { wait: false }),
+                ("reload", "wait", "true") => Some(Request::Reload { wait: true, canary: None }),
+                ("reload", "wait", "false") => Some(Request::Reload { wait: false, canary: None }),
                 ("status", "", _) => Some(Request::Status {}),
                 ("stop", "", _) => Some(Request::Stop {}),
                 _ => None,

@@ -133,7 +133,9 @@ async fn serve_client<C: Controller>(
             status: Box::new(controller.status().await),
         },
         Ok(Request::Stop {}) => controller.stop(),
-        Ok(Request::Reload { wait }) => controller.reload(wait).await,
+        Ok(Request::Reload { wait, canary }) => controller.reload(wait, canary).await,
+        Ok(Request::Rollback { wait }) => controller.rollback(wait).await,
+        Ok(Request::Promote {}) => controller.promote().await,
         Err(message) => Response::Error { message },
     };
     write.write_all(&protocol::encode(&response)).await?;

@@ -242,7 +242,10 @@ async fn reloader_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outco
         let answer = tokio::task::spawn_blocking(move || {
             control::ask(
                 &socket,
-                &Request::Reload { wait: true },
+                &Request::Reload {
+                    wait: true,
+                    canary: None,
+                },
                 Duration::from_secs(60),
             )
         })

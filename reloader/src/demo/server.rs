@@ -33,6 +33,17 @@ pub struct Behaviour {
     pub ignore_drain: bool,
     /// Wait this long before answering each request (tests).
     pub reply_delay: Duration,
+    /// On this signal (blocked by the caller in every thread), stop
+    /// accepting, answer what was accepted, and exit with status 70
+    /// without closing the listeners first: a server that fails between
+    /// requests, leaving its accept queues to the kernel (tests).
+    pub fail_on: Option<Signal>,
+    /// Wait this long before answering each datagram (tests: a server
+    /// starved of CPU).
+    pub udp_reply_delay: Duration,
+    /// On drain, close UDP sockets at once instead of answering what is
+    /// queued first (what unbound and Knot do on SIGTERM).
+    pub udp_close_on_drain: bool,
 }
 
 impl Default for Behaviour {
@@ -41,6 +52,9 @@ impl Default for Behaviour {
             close_idle_on_drain: true,
             ignore_drain: false,
             reply_delay: Duration::ZERO,
+            fail_on: None,
+            udp_reply_delay: Duration::ZERO,
+            udp_close_on_drain: false,
         }
     }
 }
@@ -88,13 +102,24 @@ pub fn serve(
             }
         });
     }
+    let failing = Arc::new(AtomicBool::new(false));
+    if let Some(signal) = behaviour.fail_on {
+        let failing = failing.clone();
+        thread::spawn(move || {
+            let mut set = SigSet::empty();
+            set.add(signal);
+            let _ = set.wait();
+            failing.store(true, Ordering::SeqCst);
+        });
+    }
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
     let body: Arc<str> = format!("gen={generation} pid={}\n", std::process::id()).into();
     let udp_threads: Vec<_> = udp
         .into_iter()
         .map(|socket| {
             let (body, draining) = (body.clone(), draining.clone());
-            thread::spawn(move || serve_udp(&socket, &body, &draining))
+            let behaviour = behaviour.clone();
+            thread::spawn(move || serve_udp(&socket, &body, &draining, &behaviour))
         })
         .collect();
     let mut fds: Vec<libc::pollfd> = listeners
@@ -106,6 +131,13 @@ pub fn serve(
         })
         .collect();
     while !draining.load(Ordering::SeqCst) {
+        if failing.load(Ordering::SeqCst) {
+            while in_flight.load(Ordering::SeqCst) > 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+            eprintln!("server: failing as asked (exit status 70)");
+            std::process::exit(70);
+        }
         // SAFETY: a valid pollfd array of the given length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
         for listener in &listeners {
@@ -146,11 +178,20 @@ pub fn serve(
     std::process::exit(0);
 }
 
-/// Answers datagrams on `socket` until draining and its queue is empty.
-fn serve_udp(socket: &std::net::UdpSocket, body: &str, draining: &AtomicBool) {
+/// Answers datagrams on `socket` until draining and its queue is empty
+/// (or at once when draining, with `udp_close_on_drain`).
+fn serve_udp(
+    socket: &std::net::UdpSocket,
+    body: &str,
+    draining: &AtomicBool,
+    behaviour: &Behaviour,
+) {
     let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = [0u8; 1500];
     loop {
+        if behaviour.udp_close_on_drain && draining.load(Ordering::SeqCst) {
+            return;
+        }
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let request = &buf[..n];
@@ -161,6 +202,9 @@ fn serve_udp(socket: &std::net::UdpSocket, body: &str, draining: &AtomicBool) {
                 } else {
                     continue;
                 };
+                if !behaviour.udp_reply_delay.is_zero() {
+                    thread::sleep(behaviour.udp_reply_delay);
+                }
                 let _ = socket.send_to(&reply, from);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {

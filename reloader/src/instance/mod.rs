@@ -33,13 +33,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::RunConfig,
+    control::Response,
     generation::State,
     reload::{
         self, CutOver, System,
-        scheduler::{Outcome, Scheduler, Waiter, answer},
+        scheduler::{Outcome, Scheduler, Start, Waiter, answer},
     },
     state::{Handle, InstanceState},
-    status::{ReloadReport, ReloadResult},
+    status::{ReloadReport, ReloadResult, RollbackReason, RollbackReport},
     steering::Steering,
     supervisor,
 };
@@ -135,17 +136,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let mut drains = JoinSet::new();
     let mut first_start = !adopting;
     if adopting {
+        if let Some(hold) = previous.saved.as_ref().and_then(|s| s.hold) {
+            handle.update(|s| s.restore_hold(&hold));
+        }
         adopt(&handle, &events_tx, &mut drains).await;
         crate::notify::ready("adopted running generations");
     } else {
-        scheduler.request(None);
+        scheduler.request(None, None);
     }
     let tracker = tokio::spawn(reload::track(handle.clone(), host.clone(), listened));
+    let health = config.health.is_some().then(|| {
+        let events = events_tx.clone();
+        tokio::spawn(reload::health::watch(handle.clone(), move |number| {
+            // A full queue: the next failed check asks again.
+            let _ = events.try_send(Event::Rollback {
+                reason: RollbackReason::Health,
+                wait: false,
+                answer: None,
+                only_from: Some(number),
+            });
+        }))
+    });
     let mut running: Option<Running> = None;
     let mut first_failure = None;
     loop {
         if running.is_none()
-            && let Some(waiters) = scheduler.start()
+            && let Some(Start { waiters, canary }) = scheduler.start()
         {
             if !first_start {
                 crate::notify::reloading();
@@ -153,7 +169,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
             let (handle, host) = (handle.clone(), host.clone());
             let first = first_start;
             running = Some(Running {
-                task: tokio::spawn(async move { reload::run(&handle, &*host, first).await }),
+                task: tokio::spawn(
+                    async move { reload::run(&handle, &*host, first, canary).await },
+                ),
                 waiters,
                 first_start,
             });
@@ -161,12 +179,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         }
         tokio::select! {
             _ = sigchld.recv() => reaper::reap_children(&handle, &events_tx),
-            _ = sighup.recv() => scheduler.request(None),
+            _ = sighup.recv() => scheduler.request(None, None),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             Some(event) = events.recv() => match event {
-                Event::Reload { waiter } => scheduler.request(waiter),
-                Event::Restart => scheduler.request(None),
+                Event::Reload { waiter, canary } => scheduler.request(waiter, canary),
+                Event::Rollback { reason, wait, answer, only_from } => {
+                    roll_back(&handle, reason, wait, answer, only_from, &mut drains);
+                }
+                Event::Restart => scheduler.request(None, None),
                 Event::AdoptedExited { pid } => reaper::adopted_exited(&handle, &events_tx, pid),
                 Event::Stop => break,
             },
@@ -176,17 +197,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
                     Ok(cut_over) => {
                         let handle = handle.clone();
                         drains.spawn(async move {
-                            let report = cut_over.finish(&handle).await;
-                            let active = handle.read(|s| s.active());
-                            crate::notify::ready(&format!(
-                                "generation {} active",
-                                active.map_or("none".into(), |g| g.to_string())
-                            ));
-                            let outcome = match report.result {
-                                ReloadResult::Succeeded => Outcome::Done(report),
-                                ReloadResult::Failed => Outcome::Failed(report),
-                            };
-                            answer(waiters, &outcome);
+                            let barrier_handle = handle.clone();
+                            cut_over.finish(&handle, move |report| {
+                                let active = barrier_handle.read(|s| s.active());
+                                crate::notify::ready(&format!(
+                                    "generation {} active",
+                                    active.map_or("none".into(), |g| g.to_string())
+                                ));
+                                let outcome = match report.result {
+                                    ReloadResult::Succeeded => Outcome::Done(report.clone()),
+                                    ReloadResult::Failed => Outcome::Failed(report.clone()),
+                                    ReloadResult::RolledBack => Outcome::RolledBack(report.clone()),
+                                };
+                                answer(waiters, &outcome);
+                            }).await;
                         });
                     }
                     Err(report) if first_start => {
@@ -224,6 +248,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     }
     scheduler.refuse_all("the instance is stopping");
     drains.abort_all();
+    if let Some(task) = health {
+        task.abort();
+    }
     let clean = shutdown::stop(&handle, &mut sigchld, &mut events, &events_tx).await;
     tracker.abort();
     if let Some(task) = watch_task {
@@ -273,7 +300,7 @@ async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinS
             State::Starting | State::Ready => {
                 handle.update(|s| s.kill_orphaned_candidate(number));
             }
-            State::Active => {
+            State::Active | State::Canary => {
                 let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid)) else {
                     continue;
                 };
@@ -283,8 +310,29 @@ async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinS
                         .await
                         .unwrap_or_default();
                 handle.update(|s| s.adopted_sockets(number, sockets));
+                if state == State::Canary
+                    && let Some(previous) = handle.update(|s| s.adopted_canary(number))
+                {
+                    let handle = handle.clone();
+                    drains.spawn(async move {
+                        reload::adopted_canary(&handle, number, previous).await;
+                    });
+                }
             }
             State::Draining => {
+                // A held generation can be made active again: its sockets
+                // are needed to check it still listens everywhere.
+                if handle.read(|s| s.hold_until(number)).is_some()
+                    && let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid))
+                {
+                    let listen = listen.clone();
+                    let sockets = tokio::task::spawn_blocking(move || {
+                        recovery::adopted_sockets(pid, &listen)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    handle.update(|s| s.adopted_sockets(number, sockets));
+                }
                 let handle = handle.clone();
                 drains.spawn(async move { reload::drain(&handle, number).await });
             }
@@ -292,6 +340,63 @@ async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinS
         }
     }
     reaper::watch_adopted(handle, events);
+}
+
+/// Rolls back (see [`InstanceState::rollback`]) and drains the generation
+/// rolled back from. `only_from`: only if that generation is still the new
+/// one (a health verdict about a generation that was meanwhile replaced
+/// is stale).
+fn roll_back(
+    handle: &Handle,
+    reason: RollbackReason,
+    wait: bool,
+    answer: Option<tokio::sync::oneshot::Sender<Response>>,
+    only_from: Option<u64>,
+    drains: &mut JoinSet<()>,
+) {
+    if let Some(number) = only_from
+        && handle.read(|s| s.health_targets().first().copied()) != Some(number)
+    {
+        return;
+    }
+    let done = match handle.update(|s| s.rollback(reason)) {
+        Ok(done) => done,
+        Err(error) => {
+            let message = crate::error_chain(&error);
+            if reason != RollbackReason::Manual {
+                warn!(%reason, "no rollback: {message}");
+            }
+            if let Some(answer) = answer {
+                let _ = answer.send(Response::Error { message });
+            }
+            return;
+        }
+    };
+    crate::notify::ready(&format!(
+        "rolled back: generation {} active, generation {} drains",
+        done.to, done.from
+    ));
+    let mut report = RollbackReport {
+        from: done.from,
+        to: done.to,
+        map_update_us: done.map_update.as_secs_f64() * 1e6,
+        from_exited_ms: None,
+    };
+    let mut answer = answer;
+    if !wait && let Some(answer) = answer.take() {
+        let _ = answer.send(Response::RolledBack {
+            report: report.clone(),
+        });
+    }
+    let handle = handle.clone();
+    drains.spawn(async move {
+        let t0 = std::time::Instant::now();
+        reload::drain(&handle, done.from).await;
+        if let Some(answer) = answer {
+            report.from_exited_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+            let _ = answer.send(Response::RolledBack { report });
+        }
+    });
 }
 
 /// The controller's cgroup (v2): servers it spawns are in it or below. The

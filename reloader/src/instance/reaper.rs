@@ -3,7 +3,8 @@
 //! the generation's process group killed — while the zombie still holds
 //! its pid, then it is reaped. Adopted generations (a previous
 //! controller's children, not ours) are watched by pidfd. A crash of the
-//! active generation schedules a restart after the backoff.
+//! active generation schedules a restart after the backoff, unless
+//! another generation was made active in its place.
 
 use tokio::sync::mpsc;
 
@@ -40,8 +41,14 @@ pub fn adopted_exited(handle: &Handle, events: &mpsc::Sender<Event>, pid: u32) {
     after_exit(handle, events, effect);
 }
 
+/// A crashed active generation is replaced after the backoff — unless the
+/// previous generation (or the canary) was made active in its place: that
+/// one serves, and starting the crashed configuration again could only
+/// replace a working generation with a failing one.
 fn after_exit(handle: &Handle, events: &mpsc::Sender<Event>, effect: ExitEffect) {
-    if let ExitEffect::Crashed { .. } = effect
+    if let ExitEffect::Crashed {
+        reinstated: None, ..
+    } = effect
         && !handle.read(|s| s.is_stopping())
     {
         schedule_restart(handle, events);

@@ -50,10 +50,16 @@ pub async fn stop(
             _ = changed.changed() => {}
             Some(event) = events.recv() => match event {
                 Event::AdoptedExited { pid } => reaper::adopted_exited(handle, events_tx, pid),
-                Event::Reload { waiter } => answer(
+                Event::Reload { waiter, .. } => answer(
                     waiter.into_iter().collect(),
                     &Outcome::NotRun("the instance is stopping".into()),
                 ),
+                Event::Rollback { answer: Some(answer), .. } => {
+                    let _ = answer.send(crate::control::Response::Error {
+                        message: "the instance is stopping".into(),
+                    });
+                }
+                Event::Rollback { answer: None, .. } => {}
                 Event::Stop | Event::Restart => {}
             },
             _ = tokio::time::sleep_until(deadline.into()) => {

@@ -13,7 +13,14 @@ pub async fn reload_on_change(mut watcher: Watcher, events: mpsc::Sender<Event>)
         let changed = watcher.next_change().await;
         let paths: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
         info!(paths = %paths.join(" "), "--watch: changed; reloading");
-        if events.send(Event::Reload { waiter: None }).await.is_err() {
+        if events
+            .send(Event::Reload {
+                waiter: None,
+                canary: None,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
     }

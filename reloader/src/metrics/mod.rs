@@ -8,7 +8,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `reloader_reloads_total` | counter | `result` = succeeded, failed |
+//! | `reloader_reloads_total` | counter | `result` = succeeded, failed, rolled_back |
 //! | `reloader_reload_phase_seconds` | histogram | `phase` = spawn_to_ready, ready_to_cutover, cutover_to_old_exited, total |
 //! | `reloader_generations` | gauge | `state` |
 //! | `reloader_active_generation` | gauge | |
@@ -23,6 +23,12 @@
 //! | `reloader_child_restarts_total` | counter | |
 //! | `reloader_drain_kills_total` | counter | |
 //! | `reloader_log_lines_dropped_total` | counter | |
+//! | `reloader_rollbacks_total` | counter | `reason` = manual, crash, health |
+//! | `reloader_generation_weight` | gauge | `generation` (share of new connections, 0–1) |
+//! | `reloader_connections_steered_per_second` | gauge | `generation` (during a canary) |
+//! | `reloader_held_generation` | gauge | (0: none) |
+//! | `reloader_canary_generation` | gauge | (0: none) |
+//! | `reloader_rollout_remaining_seconds` | gauge | `kind` = hold, canary (until the hold ends or the next step) |
 //! | `reloader_reload_check_failures_total` | counter | |
 //! | `reloader_generation_info` | gauge (1) | `generation`, `config_sha256` |
 //! | `reloader_active_config_info` | gauge (1) | `config_sha256` |
@@ -122,7 +128,9 @@ impl Recorder {
 
     /// Records the result of a config load: a reload, a restart or the
     /// first start (a reload that never began a generation, refused at a
-    /// stop, is none).
+    /// stop, is none). Only a reload that succeeded counts as successful:
+    /// a failed one, one refused by `--check`, and one rolled back (the
+    /// previous config serves again) do not.
     pub fn config_loaded(&self, report: &ReloadReport) {
         if report.generation == 0 {
             return;
@@ -190,6 +198,85 @@ impl Recorder {
         }
     }
 
+    /// Rollback and canary: counts by reason, weights, what is held.
+    fn encode_rollout(&self, registry: &mut Registry, status: &StatusReport) {
+        use crate::status::{RollbackReason, RolloutKind};
+        let rollbacks = Family::<Labels, Counter>::default();
+        for reason in [
+            RollbackReason::Manual,
+            RollbackReason::Crash,
+            RollbackReason::Health,
+        ] {
+            rollbacks
+                .get_or_create(&label("reason", reason))
+                .inc_by(status.rollbacks.get(reason));
+        }
+        registry.register(
+            "rollbacks",
+            "Rollbacks to the previous generation, by reason",
+            rollbacks,
+        );
+        let weights = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let rates = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for g in status.generations.iter().filter(|g| g.state.is_live()) {
+            if let Some(w) = g.weight_percent {
+                weights
+                    .get_or_create(&label("generation", g.generation))
+                    .set(w / 100.0);
+            }
+            if let Some(r) = g.steered_per_second {
+                rates
+                    .get_or_create(&label("generation", g.generation))
+                    .set(r);
+            }
+        }
+        registry.register(
+            "generation_weight",
+            "Share of new connections a live generation gets (0 to 1)",
+            weights,
+        );
+        registry.register(
+            "connections_steered_per_second",
+            "New connections steered to a generation per second while a canary runs",
+            rates,
+        );
+        let held = Gauge::<i64>::default();
+        let canary = Gauge::<i64>::default();
+        let remaining = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        if let Some(r) = &status.rollout {
+            let kind = match r.kind {
+                RolloutKind::Hold => {
+                    held.set(r.previous as i64);
+                    "hold"
+                }
+                RolloutKind::Canary => {
+                    canary.set(r.generation as i64);
+                    "canary"
+                }
+            };
+            if let Some(ms) = r.remaining_ms {
+                remaining
+                    .get_or_create(&label("kind", kind))
+                    .set(ms as f64 / 1000.0);
+            }
+        }
+        registry.register(
+            "held_generation",
+            "The previous generation kept for a rollback (--keep-previous; 0: none)",
+            held,
+        );
+        registry.register(
+            "canary_generation",
+            "The generation running as a canary (0: none)",
+            canary,
+        );
+        registry.register(
+            "rollout_remaining_seconds",
+            "Time left of the hold, or until the canary's next step or promotion",
+            remaining,
+        );
+    }
+
     /// The OpenMetrics text for a scrape, with state read from `status`.
     pub fn encode(&self, status: &StatusReport) -> String {
         let mut registry = Registry::with_prefix("reloader");
@@ -210,6 +297,7 @@ impl Recorder {
             State::Starting,
             State::Ready,
             State::Active,
+            State::Canary,
             State::Draining,
             State::Exited,
             State::Failed,
@@ -327,6 +415,8 @@ impl Recorder {
              controller's stderr was not read fast enough",
             dropped,
         );
+
+        self.encode_rollout(&mut registry, status);
 
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");

@@ -1,5 +1,7 @@
 //! Steps 7–8: let the old generation settle (it receives nothing new and
-//! reads what it already accepted), signal it to drain, and wait for its
+//! reads what it already accepted — for UDP, until its receive queues are
+//! empty, since queued datagrams die with the socket), signal it to drain,
+//! and wait for its
 //! exit, killing its process group at the drain timeout. Every wait is
 //! bounded: a generation that does not exit even after SIGKILL is given up
 //! after [`KILL_GRACE`] and its slot freed.
@@ -12,11 +14,17 @@ use crate::{generation::human_duration, state::Handle};
 
 /// How long a SIGKILLed generation may take to be seen exiting.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How much longer than `--settle` an old generation may take to read the
+/// datagrams already queued in its UDP sockets.
+pub const UDP_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// How often the queues are looked at meanwhile.
+const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 
 /// Drains generation `old`; returns when it has exited (or was given up).
 pub async fn drain(handle: &Handle, old: u64) {
     let config = handle.read(|s| s.config().clone());
     settle(handle, old, config.settle).await;
+    udp_queues_read(handle, old, UDP_QUEUE_WAIT).await;
     if !handle.update(|s| s.drain_signal(old)) {
         return;
     }
@@ -34,12 +42,58 @@ pub async fn drain(handle: &Handle, old: u64) {
     }
 }
 
-/// Lets `old` run for `settle` while it drains (it receives nothing new);
-/// returns early if it no longer drains (it ended, or was reinstated
-/// because its successor failed).
+/// Lets `old` run for `settle` while it drains (it receives nothing new),
+/// or for as long as it is held (`--keep-previous`: the hold ends at its
+/// deadline, or early when a later cutover holds another generation);
+/// returns early if it no longer drains (it ended, or was made active
+/// again because its successor failed or was rolled back).
 async fn settle(handle: &Handle, old: u64, settle: Duration) {
     let mut changed = handle.subscribe();
-    let deadline = tokio::time::Instant::now() + settle;
+    let settled = tokio::time::Instant::now() + settle;
+    loop {
+        let (draining, held) = handle.read(|s| {
+            let draining = s
+                .generation(old)
+                .is_some_and(|g| g.state == crate::generation::State::Draining);
+            (draining, s.hold_until(old))
+        });
+        if !draining {
+            return;
+        }
+        let deadline = held.map_or(settled, |until| settled.max(until.into()));
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                if handle.read(|s| s.hold_until(old)) == held {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// After the settle, waits (up to `max`) until generation `old`'s sockets
+/// of stateless UDP listeners have no datagram queued: when a UDP socket closes, what is
+/// queued in it is dropped — the kernel migrates queued TCP connections of
+/// a closing listener, never datagrams. A server starved of CPU during a
+/// reload may need longer than `--settle` to read them. Returns at once
+/// without UDP listeners, or when `old` no longer drains.
+async fn udp_queues_read(handle: &Handle, old: u64, max: Duration) {
+    // Stateless listeners only: with flow affinity the old generation keeps
+    // receiving its flows' datagrams until it closes, so its queue need
+    // not empty, and what it has not read then is its flows' loss either way.
+    let inodes: std::collections::BTreeSet<u64> = handle.read(|s| {
+        let listen = &s.config().listen;
+        s.sockets(old)
+            .iter()
+            .filter(|r| listen[r.listener].mode == crate::steering::ListenerMode::UdpStateless)
+            .map(|r| r.socket.inode)
+            .collect()
+    });
+    if inodes.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + max;
     loop {
         let draining = handle.read(|s| {
             s.generation(old)
@@ -48,10 +102,26 @@ async fn settle(handle: &Handle, old: u64, settle: Duration) {
         if !draining {
             return;
         }
-        tokio::select! {
-            _ = changed.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => return,
+        let queued: u64 = match tokio::task::spawn_blocking(crate::discovery::listeners).await {
+            Ok(Ok(sockets)) => sockets
+                .iter()
+                .filter(|l| inodes.contains(&l.inode))
+                .map(|l| u64::from(l.accept_queue))
+                .sum(),
+            _ => return,
+        };
+        if queued == 0 {
+            return;
         }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                generation = old,
+                bytes = queued,
+                "datagrams still queued in its UDP sockets after the settle; draining anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(UDP_QUEUE_POLL).await;
     }
 }
 

@@ -13,23 +13,30 @@ use tracing::{info, warn};
 
 use super::{Host, Scan, drain::drain, probe::wait_for_probe, ready::NotifySocket};
 use crate::{
+    config::CanaryPlan,
     error::ReloadError,
     generation::human_duration,
-    state::{Begun, Handle, NotNow},
+    state::{Begun, CanaryPhase, CanaryVerdict, Handle, NotNow},
     status::{ReloadReport, ReloadResult},
     supervisor::Spawned,
 };
 
+/// How often the steered rates are sampled while a canary runs.
+const RATE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often discovery scans while a candidate starts.
 const SCAN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// A reload that has cut over; what is left is draining the old generation.
+/// A reload that has cut over (or started its canary); what is left is
+/// the canary's verdict and draining the old generation.
 #[derive(Debug)]
 pub struct CutOver {
     report: ReloadReport,
     t0: Instant,
     cutover: Instant,
     first_start: bool,
+    /// It runs as a canary.
+    canary: bool,
 }
 
 impl CutOver {
@@ -38,13 +45,55 @@ impl CutOver {
         self.report.generation
     }
 
-    /// Drains the previous generation (if any) and completes the report:
-    /// the `reload --wait` barrier.
-    pub async fn finish(mut self, handle: &Handle) -> ReloadReport {
-        if let Some(old) = self.report.previous {
-            drain(handle, old).await;
-            self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
+    /// Waits for a canary's verdict, drains the previous generation (if
+    /// any) and completes the report. `barrier` gets it when `reload
+    /// --wait` returns: once the old generation has exited; at the cutover
+    /// when it is held (`--keep-previous`; the hold then runs on); when a
+    /// canary is rolled back.
+    /// Returns the report given to `barrier`.
+    pub async fn finish(
+        mut self,
+        handle: &Handle,
+        barrier: impl FnOnce(&ReloadReport),
+    ) -> ReloadReport {
+        let number = self.report.generation;
+        if self.canary {
+            match wait_canary(handle, number).await {
+                // The old generation drains from the promotion on.
+                CanaryVerdict::Promoted => self.cutover = Instant::now(),
+                CanaryVerdict::RolledBack { reason, why } => {
+                    warn!(generation = number, %reason, "canary rolled back: {why}");
+                    self.report.result = ReloadResult::RolledBack;
+                    self.report.error = Some(format!("the canary was rolled back: {why}"));
+                    self.report.total_ms = Some(ms(self.t0.elapsed()));
+                    record(handle, &self.report, self.first_start);
+                    barrier(&self.report);
+                    return self.report;
+                }
+            }
         }
+        let Some(old) = self.report.previous else {
+            self.conclude(handle);
+            barrier(&self.report);
+            return self.report;
+        };
+        if let Some(until) = handle.read(|s| s.hold_until(old)) {
+            self.report.held_ms = Some(ms(until.saturating_duration_since(self.cutover)));
+            self.conclude(handle);
+            barrier(&self.report);
+            drain(handle, old).await;
+            return self.report;
+        }
+        drain(handle, old).await;
+        self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
+        self.conclude(handle);
+        barrier(&self.report);
+        self.report
+    }
+
+    /// Sets the result (the new generation may have failed or been rolled
+    /// back meanwhile) and records the report.
+    fn conclude(&mut self, handle: &Handle) {
         self.report.total_ms = Some(ms(self.t0.elapsed()));
         match handle.read(|s| s.failed_after_cutover(self.report.generation)) {
             None => {
@@ -55,17 +104,55 @@ impl CutOver {
                     "reload complete"
                 );
             }
-            Some(reason) => {
+            Some((result, reason)) => {
                 warn!(
                     generation = self.report.generation,
                     "reload failed: {reason}"
                 );
-                self.report.result = ReloadResult::Failed;
+                self.report.result = result;
                 self.report.error = Some(reason);
             }
         }
         record(handle, &self.report, self.first_start);
-        self.report
+    }
+}
+
+/// An adopted canary (a previous controller started it): waits for its
+/// verdict, then drains the generation it replaced if it was promoted (a
+/// rolled-back canary is drained by the rollback).
+pub async fn adopted_canary(handle: &Handle, number: u64, previous: u64) {
+    if wait_canary(handle, number).await == CanaryVerdict::Promoted {
+        drain(handle, previous).await;
+    }
+}
+
+/// Waits until canary `number` is promoted or rolled back, moving timed
+/// steps on and sampling the steered rates meanwhile.
+async fn wait_canary(handle: &Handle, number: u64) -> CanaryVerdict {
+    let mut changed = handle.subscribe();
+    let mut rates = tokio::time::interval(RATE_INTERVAL);
+    loop {
+        let step_ends = match handle.read(|s| s.canary_phase(number)) {
+            CanaryPhase::Ended(verdict) => return verdict,
+            CanaryPhase::Running { step_ends } => step_ends,
+        };
+        // A step that is due but held back (failing health checks) waits
+        // for the next change or rate tick instead of its past deadline.
+        let now = Instant::now();
+        let due = step_ends.filter(|end| *end > now);
+        if step_ends.is_some_and(|end| end <= now) {
+            handle.update(|s| s.advance_canary(number, now));
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = rates.tick() => handle.update(|s| s.sample_rates(Instant::now())),
+            _ = async {
+                match due {
+                    Some(end) => tokio::time::sleep_until(end.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
     }
 }
 
@@ -76,6 +163,7 @@ pub async fn run<H: Host>(
     handle: &Handle,
     host: &H,
     first_start: bool,
+    canary: Option<CanaryPlan>,
 ) -> Result<CutOver, ReloadReport> {
     let t0 = Instant::now();
     let config_sha256 = super::preflight::run(handle)
@@ -94,6 +182,10 @@ pub async fn run<H: Host>(
         generation: begun.number,
         previous: begun.previous,
         config_sha256,
+        canary_percent: canary
+            .iter()
+            .flat_map(|p| p.steps.iter().map(|w| CanaryPlan::percent(*w)))
+            .collect(),
         ..ReloadReport::default()
     };
     info!(
@@ -105,7 +197,10 @@ pub async fn run<H: Host>(
         Ok(ready) => {
             report.spawn_to_ready_ms = Some(ms(ready - t0));
             handle
-                .update(|s| s.cut_over(begun.number, ready))
+                .update(|s| match &canary {
+                    Some(plan) => s.start_canary(begun.number, ready, plan),
+                    None => s.cut_over(begun.number, ready),
+                })
                 .map(|cutover| (ready, cutover))
         }
         Err(error) => Err(error),
@@ -113,12 +208,17 @@ pub async fn run<H: Host>(
     match started {
         Ok((ready, cutover)) => {
             report.ready_to_cutover_ms = Some(ms(cutover - ready));
-            info!(generation = begun.number, "active");
+            let canary = handle.read(|s| s.canary() == Some(begun.number));
+            if !canary {
+                report.canary_percent.clear();
+                info!(generation = begun.number, "active");
+            }
             Ok(CutOver {
                 report,
                 t0,
                 cutover,
                 first_start,
+                canary,
             })
         }
         Err(error) => {
@@ -146,6 +246,9 @@ async fn take_slot(handle: &Handle) -> Result<Begun, ReloadError> {
         match handle.update(|s| s.begin(Instant::now())) {
             Ok(begun) => return Ok(begun),
             Err(NotNow::Stopping) => return Err(ReloadError::Stopping),
+            Err(NotNow::Canary { generation }) => {
+                return Err(ReloadError::CanaryRunning { generation });
+            }
             Err(NotNow::Busy { draining }) if !said => {
                 info!(
                     draining,

@@ -30,6 +30,7 @@
 mod check;
 mod dns;
 mod drain;
+pub mod health;
 mod host;
 pub mod machine;
 mod preflight;
@@ -42,7 +43,7 @@ use std::{future::Future, path::Path};
 
 pub use drain::drain;
 pub use host::System;
-pub use machine::{CutOver, run};
+pub use machine::{CutOver, adopted_canary, run};
 pub use track::{TRACK_INTERVAL, track};
 
 use crate::{

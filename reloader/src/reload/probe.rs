@@ -42,6 +42,15 @@ pub async fn wait_for_probe(
     }
 }
 
+/// One probe attempt of generation `number`, for health checks.
+pub async fn check(handle: &Handle, number: u64, probe: &Probe) -> Result<(), String> {
+    match probe_once(handle, number, probe).await {
+        Ok(()) => Ok(()),
+        Err(ProbeError::Steering(error)) => Err(crate::error_chain(&error)),
+        Err(ProbeError::Failed(text)) => Err(text),
+    }
+}
+
 enum ProbeError {
     /// The probe could not be routed: no point in retrying.
     Steering(ReloadError),

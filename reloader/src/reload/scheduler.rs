@@ -1,11 +1,12 @@
 //! Which reload runs next. Requests that arrive while a reload runs
 //! coalesce into one follow-up reload whose result every requester gets;
-//! they are never queued without bound. Pure: the instance's run loop owns
-//! one and asks it what to start.
+//! they are never queued without bound. The follow-up is a canary if any
+//! of its requests asked for one (the last plan given wins). Pure: the
+//! instance's run loop owns one and asks it what to start.
 
 use tokio::sync::oneshot;
 
-use crate::status::ReloadReport;
+use crate::{config::CanaryPlan, status::ReloadReport};
 
 /// What a requester of `reload --wait` is told.
 #[derive(Clone, Debug)]
@@ -14,6 +15,9 @@ pub enum Outcome {
     Done(ReloadReport),
     /// The reload failed; the previous generation is still active.
     Failed(ReloadReport),
+    /// The new generation was rolled back (a canary, or during its
+    /// successor's settle); the previous generation is active.
+    RolledBack(ReloadReport),
     /// The reload never ran (the instance stopped first).
     NotRun(String),
 }
@@ -33,14 +37,25 @@ pub fn answer(waiters: Vec<Waiter>, outcome: &Outcome) {
 pub struct Scheduler {
     pending: bool,
     waiters: Vec<Waiter>,
+    canary: Option<CanaryPlan>,
+}
+
+/// A reload to start now.
+#[derive(Debug)]
+pub struct Start {
+    pub waiters: Vec<Waiter>,
+    pub canary: Option<CanaryPlan>,
 }
 
 impl Scheduler {
     /// A reload was requested; `waiter` gets the result of the reload that
     /// starts after this call.
-    pub fn request(&mut self, waiter: Option<Waiter>) {
+    pub fn request(&mut self, waiter: Option<Waiter>, canary: Option<CanaryPlan>) {
         self.pending = true;
         self.waiters.extend(waiter);
+        if canary.is_some() {
+            self.canary = canary;
+        }
     }
 
     /// Whether a reload is wanted.
@@ -49,17 +64,21 @@ impl Scheduler {
     }
 
     /// Starts the pending reload, if any: returns who waits for it.
-    pub fn start(&mut self) -> Option<Vec<Waiter>> {
+    pub fn start(&mut self) -> Option<Start> {
         if !self.pending {
             return None;
         }
         self.pending = false;
-        Some(std::mem::take(&mut self.waiters))
+        Some(Start {
+            waiters: std::mem::take(&mut self.waiters),
+            canary: self.canary.take(),
+        })
     }
 
     /// Answers everyone still waiting with `reason` (at stop).
     pub fn refuse_all(&mut self, reason: &str) {
         self.pending = false;
+        self.canary = None;
         answer(
             std::mem::take(&mut self.waiters),
             &Outcome::NotRun(reason.to_owned()),
@@ -76,17 +95,25 @@ mod tests {
         let mut s = Scheduler::default();
         assert!(s.start().is_none(), "nothing requested");
         let (a, mut ra) = oneshot::channel();
-        s.request(Some(a));
+        s.request(Some(a), None);
         let first = s.start().expect("a reload starts");
-        assert_eq!(first.len(), 1);
-        // Three requests while it runs: one follow-up, three waiters.
+        assert_eq!(first.waiters.len(), 1);
+        assert!(first.canary.is_none());
+        // Three requests while it runs: one follow-up, three waiters; one
+        // asked for a canary, so the follow-up is one.
         let (b, mut rb) = oneshot::channel();
         let (c, mut rc) = oneshot::channel();
-        s.request(Some(b));
-        s.request(None);
-        s.request(Some(c));
+        let plan = CanaryPlan {
+            steps: vec![1000],
+            dwell_ms: None,
+        };
+        s.request(Some(b), None);
+        s.request(None, Some(plan.clone()));
+        s.request(Some(c), None);
         let second = s.start().expect("one follow-up");
-        assert_eq!(second.len(), 2);
+        assert_eq!(second.waiters.len(), 2);
+        assert_eq!(second.canary, Some(plan));
+        let (first, second) = (first.waiters, second.waiters);
         assert!(s.start().is_none(), "only one follow-up");
         answer(first, &Outcome::NotRun("x".into()));
         assert!(matches!(ra.try_recv(), Ok(Outcome::NotRun(_))));
@@ -99,7 +126,7 @@ mod tests {
     fn waiters_are_answered_at_stop() {
         let mut s = Scheduler::default();
         let (a, mut ra) = oneshot::channel();
-        s.request(Some(a));
+        s.request(Some(a), None);
         s.refuse_all("the instance is stopping");
         assert!(!s.is_pending());
         match ra.try_recv() {

@@ -174,12 +174,12 @@ async fn reloads_cut_over_and_drain_one_generation_after_another() {
     let host = FakeHost::new(2, |_| true);
     let reaper = spawn_reaper(handle.clone(), host.pids.clone());
     for n in 1..=6u64 {
-        let cut = run(&handle, &host, n == 1).await.expect("cutover");
+        let cut = run(&handle, &host, n == 1, None).await.expect("cutover");
         assert_eq!(cut.generation(), n);
         let slot = handle.read(|s| s.generation(n).unwrap().slot);
         assert_eq!(fake.maps().active.get(&0), Some(&slot));
         assert_eq!(fake.maps().active.get(&1), Some(&slot));
-        let report = cut.finish(&handle).await;
+        let report = cut.finish(&handle, |_| {}).await;
         assert_eq!(report.result, ReloadResult::Succeeded);
         assert_eq!(report.previous, (n > 1).then(|| n - 1));
         if n > 1 {
@@ -206,14 +206,14 @@ async fn a_candidate_that_never_listens_is_killed_and_the_old_one_stays_active()
     let (handle, fake) = instance(&["127.0.0.1:8080"]);
     let host = FakeHost::new(1, |n| n == 1);
     let reaper = spawn_reaper(handle.clone(), host.pids.clone());
-    run(&handle, &host, true)
+    run(&handle, &host, true, None)
         .await
         .unwrap()
-        .finish(&handle)
+        .finish(&handle, |_| {})
         .await;
     let old_slot = handle.read(|s| s.generation(1).unwrap().slot);
 
-    let report = run(&handle, &host, false).await.unwrap_err();
+    let report = run(&handle, &host, false, None).await.unwrap_err();
     assert_eq!(report.result, ReloadResult::Failed);
     assert_eq!(report.generation, 2);
     let error = report.error.unwrap();
@@ -243,14 +243,14 @@ async fn a_failed_cutover_is_a_failed_reload_with_the_old_generation_active() {
     let (handle, fake) = instance(&["127.0.0.1:8080", "127.0.0.1:8443"]);
     let host = FakeHost::new(2, |_| true);
     let reaper = spawn_reaper(handle.clone(), host.pids.clone());
-    run(&handle, &host, true)
+    run(&handle, &host, true, None)
         .await
         .unwrap()
-        .finish(&handle)
+        .finish(&handle, |_| {})
         .await;
     let old_slot = handle.read(|s| s.generation(1).unwrap().slot);
     fake.maps().fail_set_active.insert(1);
-    let report = run(&handle, &host, false).await.unwrap_err();
+    let report = run(&handle, &host, false, None).await.unwrap_err();
     assert!(
         report
             .error
@@ -270,7 +270,7 @@ async fn a_stop_during_a_start_kills_the_candidate() {
     let reaper = spawn_reaper(handle.clone(), host.pids.clone());
     let task = {
         let (handle, host) = (handle.clone(), host.clone());
-        tokio::spawn(async move { run(&handle, &*host, true).await })
+        tokio::spawn(async move { run(&handle, &*host, true, None).await })
     };
     // Wait until the candidate runs, then stop as the run loop does.
     tokio::time::timeout(Duration::from_secs(5), async {

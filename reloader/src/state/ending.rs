@@ -11,7 +11,7 @@ use super::{
     ExitEffect, HEALTHY_AFTER, InstanceState, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN,
     daemonize_hint,
 };
-use crate::{generation::State, supervisor::Process};
+use crate::{generation::State, status::ReloadResult, supervisor::Process};
 
 impl InstanceState {
     /// Sends the drain signal to generation `number`'s leader; false if it
@@ -32,6 +32,9 @@ impl InstanceState {
                 );
                 process.signal(self.config.drain_signal);
                 let _ = self.generations.signalled(number, Instant::now());
+                if self.hold.is_some_and(|h| h.held == number) {
+                    self.hold = None;
+                }
                 true
             }
             _ => false,
@@ -107,9 +110,24 @@ impl InstanceState {
                 self.end(number, State::Exited, how.to_owned());
                 ExitEffect::Ended { generation: number }
             }
+            State::Canary => {
+                self.canary_exited(number, how);
+                self.end(number, State::Exited, how.to_owned());
+                ExitEffect::Ended { generation: number }
+            }
             State::Active => {
                 error!(generation = number, pid, "active generation {how}");
-                let reinstated = self.reinstate_previous(number, how);
+                let reinstated = match self.canary() {
+                    // The canary is ready and serves: it takes over.
+                    Some(canary) => {
+                        warn!(
+                            generation = canary,
+                            "promoting the canary: the active generation {how}"
+                        );
+                        self.promote().ok().map(|(promoted, _)| promoted)
+                    }
+                    None => self.reinstate_previous(number, how),
+                };
                 let healthy = self
                     .generations
                     .get(number)
@@ -154,28 +172,63 @@ impl InstanceState {
         let _ = self
             .generations
             .transition(previous, State::Active, Instant::now(), None);
+        // An automatic rollback (held or still settling: either way the
+        // previous generation serves again).
+        self.hold = None;
+        self.stats
+            .rollbacks
+            .add(crate::status::RollbackReason::Crash);
         warn!(
             generation = previous,
             failed, "reinstated: its successor {why} while it still held its listeners"
         );
-        self.reinstated.insert(failed, (previous, why.to_owned()));
+        self.reinstated.insert(
+            failed,
+            super::Reinstated {
+                previous,
+                why: why.to_owned(),
+                rolled_back: false,
+            },
+        );
+        // During a hold, `reload --wait` answered at the cutover: the
+        // reload is reported failed from now on.
+        if let Some(last) = self.last_reload.as_mut().filter(|r| r.generation == failed) {
+            last.result = ReloadResult::Failed;
+            last.error = Some(format!(
+                "generation {failed} {why} after the cutover; generation {previous} was made \
+                 active again"
+            ));
+        }
         Some(previous)
     }
 
     /// Why the reload that made `number` active did not hold, if it did
-    /// not: it ended before its predecessor had exited (the barrier).
-    pub fn failed_after_cutover(&self, number: u64) -> Option<String> {
-        if let Some((previous, why)) = self.reinstated.get(&number) {
-            return Some(format!(
-                "generation {number} {why} after the cutover; generation {previous} (still \
-                 holding its listeners) was made active again"
+    /// not: it ended or was rolled back before the barrier. The result is
+    /// `RolledBack` for a rollback, `Failed` otherwise.
+    pub fn failed_after_cutover(&self, number: u64) -> Option<(ReloadResult, String)> {
+        if let Some(r) = self.reinstated.get(&number) {
+            let result = if r.rolled_back {
+                ReloadResult::RolledBack
+            } else {
+                ReloadResult::Failed
+            };
+            return Some((
+                result,
+                format!(
+                    "generation {number} {} after the cutover; generation {} (still holding its \
+                     listeners) was made active again",
+                    r.why, r.previous
+                ),
             ));
         }
         let g = self.generations.get(number)?;
         (!g.state.is_live()).then(|| {
-            format!(
-                "generation {number} {} after the cutover",
-                g.outcome.as_deref().unwrap_or("ended")
+            (
+                ReloadResult::Failed,
+                format!(
+                    "generation {number} {} after the cutover",
+                    g.outcome.as_deref().unwrap_or("ended")
+                ),
             )
         })
     }
@@ -200,6 +253,12 @@ impl InstanceState {
         }
         self.ended_counters.insert(number, counters);
         self.processes.remove(&number);
+        if self
+            .hold
+            .is_some_and(|h| h.held == number || h.successor == number)
+        {
+            self.hold = None;
+        }
         let slot = self.generations.get(number).map(|g| g.slot);
         if let Some(slot) = slot {
             for listener in self.listeners() {
@@ -214,6 +273,10 @@ impl InstanceState {
         self.stderr.retain(|n, _| known(n));
         self.early_exits.retain(|n, _| known(n));
         self.sockets.retain(|n, _| known(n));
+        self.canary_verdicts.retain(|n, _| known(n));
+        let live = |n: &u64| self.generations.get(*n).is_some_and(|g| g.state.is_live());
+        self.health.retain(|n, _| live(n));
+        self.rates.retain(|n, _| live(n));
     }
 
     // ---- Stop.
@@ -225,9 +288,11 @@ impl InstanceState {
         self.stopping = true;
         let live = self.live();
         let now = Instant::now();
+        self.hold = None;
+        self.canary = None;
         for &(number, state) in &live {
             match state {
-                State::Active => {
+                State::Active | State::Canary => {
                     let _ = self
                         .generations
                         .transition(number, State::Draining, now, None);

@@ -13,6 +13,7 @@ mod ending;
 mod handle;
 mod identity;
 mod report;
+mod rollout;
 pub mod saved;
 mod steps;
 mod tracking;
@@ -25,6 +26,7 @@ use std::{
 };
 
 pub use handle::Handle;
+pub use rollout::{Advanced, CanaryPhase, CanaryVerdict, Hold, RolledBack};
 pub use tracking::{Refreshed, Tracked};
 
 use crate::{
@@ -32,7 +34,7 @@ use crate::{
     discovery::{Holder, Listener},
     error::ReloadError,
     generation::{Generation, Generations, State},
-    status::{CounterStatus, ReloadReport},
+    status::{CounterStatus, ReloadReport, RollbackCounts},
     steering::{Limits, Steer},
     supervisor::{Process, StderrTail},
 };
@@ -83,6 +85,10 @@ pub enum NotNow {
     Busy {
         draining: u32,
     },
+    /// A canary runs: it must be promoted or rolled back first.
+    Canary {
+        generation: u64,
+    },
 }
 
 /// How an exit changed the instance.
@@ -103,6 +109,16 @@ pub enum ExitEffect {
     },
 }
 
+/// A generation made active again in place of its successor.
+#[derive(Clone, Debug)]
+struct Reinstated {
+    previous: u64,
+    why: String,
+    /// By a rollback (`reloader rollback`, a failed health check), not a
+    /// crash.
+    rolled_back: bool,
+}
+
 /// Counts shown by `status` and the metrics.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stats {
@@ -110,6 +126,8 @@ struct Stats {
     reloads_failed: u64,
     restarts: u64,
     drain_kills: u64,
+    reloads_rolled_back: u64,
+    rollbacks: RollbackCounts,
 }
 
 /// Everything the controller knows about one instance.
@@ -126,12 +144,23 @@ pub struct InstanceState {
     stderr: HashMap<u64, StderrTail>,
     /// How generations that exited before they were ready ended.
     early_exits: HashMap<u64, String>,
-    /// Active generations that failed while their predecessor still held
-    /// its listeners: (the predecessor made active again, what happened).
-    reinstated: HashMap<u64, (u64, String)>,
+    /// Active generations that failed or were rolled back while their
+    /// predecessor still held its listeners: the predecessor made active
+    /// again, what happened.
+    reinstated: HashMap<u64, Reinstated>,
     stats: Stats,
     last_reload: Option<ReloadReport>,
     restart_backoff: Duration,
+    /// The previous generation kept after a cutover (`--keep-previous`).
+    hold: Option<Hold>,
+    /// The canary under way (`reload --canary`).
+    canary: Option<rollout::CanaryRun>,
+    /// How canaries ended, for the reloads that started them.
+    canary_verdicts: HashMap<u64, CanaryVerdict>,
+    /// Health checks per generation (`--health-probe`).
+    health: HashMap<u64, rollout::HealthRecord>,
+    /// Steered connections per second during a canary.
+    rates: HashMap<u64, rollout::Rate>,
     stopping: bool,
     /// What this controller took over or cleaned up from a previous one.
     recovered: Option<String>,
@@ -164,6 +193,11 @@ impl InstanceState {
             stats: Stats::default(),
             last_reload: None,
             restart_backoff: RESTART_BACKOFF_MIN,
+            hold: None,
+            canary: None,
+            canary_verdicts: HashMap::new(),
+            health: HashMap::new(),
+            rates: HashMap::new(),
             stopping: false,
             recovered,
             started: Instant::now(),

@@ -113,6 +113,9 @@ impl InstanceState {
                         0
                     },
                     config_sha256: g.config_sha256.clone(),
+                    weight_percent: self.weight_percent(g.number),
+                    steered_per_second: self.steered_per_second(g.number),
+                    health: self.health_status(g.number),
                 }
             })
             .collect();
@@ -128,6 +131,9 @@ impl InstanceState {
             reloads_failed: self.stats.reloads_failed,
             restarts: self.stats.restarts,
             drain_kills: self.stats.drain_kills,
+            rollout: self.rollout_status(now),
+            reloads_rolled_back: self.stats.reloads_rolled_back,
+            rollbacks: self.stats.rollbacks,
             unmanaged_fallback: self
                 .steering
                 .unmanaged_counters()
@@ -170,12 +176,19 @@ impl InstanceState {
                 })
             })
             .collect();
-        saved::Saved::new(
-            self.config.listen.iter().map(ToString::to_string).collect(),
-            self.limits,
-            self.generations.next_number(),
-            generations,
-        )
+        saved::Saved {
+            hold: self.hold.map(|h| saved::SavedHold {
+                held: h.held,
+                successor: h.successor,
+                until_unix_ms: h.until_unix_ms,
+            }),
+            ..saved::Saved::new(
+                self.config.listen.iter().map(ToString::to_string).collect(),
+                self.limits,
+                self.generations.next_number(),
+                generations,
+            )
+        }
     }
 
     /// The sockets registered for generation `number`.

@@ -74,6 +74,15 @@ impl From<SavedLimits> for Limits {
     }
 }
 
+/// A hold (`--keep-previous`) under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedHold {
+    pub held: u64,
+    pub successor: u64,
+    /// When it ends, in milliseconds since the epoch.
+    pub until_unix_ms: u64,
+}
+
 /// The state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
@@ -84,6 +93,9 @@ pub struct Saved {
     pub limits: SavedLimits,
     pub next_generation: u64,
     pub generations: Vec<SavedGeneration>,
+    /// The hold under way, if any.
+    #[serde(default)]
+    pub hold: Option<SavedHold>,
 }
 
 impl Saved {
@@ -100,6 +112,7 @@ impl Saved {
             limits: limits.into(),
             next_generation,
             generations,
+            hold: None,
         }
     }
 }

@@ -25,6 +25,9 @@ impl InstanceState {
         if self.stopping {
             return Err(NotNow::Stopping);
         }
+        if let Some(generation) = self.canary() {
+            return Err(NotNow::Canary { generation });
+        }
         let draining = self.generations.draining().count() as u32;
         if draining >= self.config.max_draining || self.generations.free_slot().is_none() {
             return Err(NotNow::Busy { draining });
@@ -179,6 +182,7 @@ impl InstanceState {
         if let Some((old, _)) = previous {
             let _ = self.generations.transition(old, State::Draining, now, None);
         }
+        self.hold_previous(previous.map(|p| p.0), number, now);
         Ok(cutover)
     }
 
@@ -212,6 +216,7 @@ impl InstanceState {
         match report.result {
             ReloadResult::Succeeded => self.stats.reloads_succeeded += 1,
             ReloadResult::Failed => self.stats.reloads_failed += 1,
+            ReloadResult::RolledBack => self.stats.reloads_rolled_back += 1,
         }
     }
 }

@@ -13,6 +13,7 @@
 mod micro;
 mod plot;
 mod report;
+mod rollout;
 mod scenario;
 mod server;
 mod table;
@@ -41,6 +42,11 @@ pub struct BenchArgs {
     /// minutes).
     #[arg(long)]
     quick: bool,
+    /// Run the rollback and canary section only: rollback latency (map,
+    /// CLI, first connection) over 20 cycles and the connection rate with a
+    /// 50 % canary split vs one generation (about 2 minutes).
+    #[arg(long)]
+    rollout: bool,
     /// Reloads per scenario [default: 1000; --quick: 5].
     #[arg(long)]
     reloads: Option<usize>,
@@ -119,6 +125,19 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     // `reloader run` through the tests' helper, on the release build.
     // SAFETY: set before the bench starts any thread.
     unsafe { std::env::set_var("RELOADER_BIN", &bins.reloader) };
+    if args.rollout {
+        let (cycles, rounds) = if args.quick { (5, 2) } else { (20, 6) };
+        let result = rollout::run(&bins, cycles, std::time::Duration::from_secs(2), rounds)?;
+        let path = args
+            .json
+            .unwrap_or_else(|| root.join("target/bench/rollout.json"));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        eprintln!("bench: results in {}", path.display());
+        return Ok(());
+    }
     let host_migrate_req = server::migrate_req()?;
     let json_path = args
         .json

@@ -12,6 +12,10 @@
 //!   loopback the SYN is processed inside the client's `connect`, so the
 //!   client's own clock brackets the steering decision, free of the
 //!   acceptors' scheduling; B's first `accept` is reported too.
+//! - `overhead-udp`: the same for UDP datagrams ([`udp`]).
+
+#[path = "steerbench/udp.rs"]
+mod udp;
 
 use std::{
     io::{Read, Write},
@@ -55,19 +59,22 @@ enum What {
         #[arg(long, default_value_t = 100)]
         rounds: usize,
     },
+    /// Datagrams per second with the program attached vs. without.
+    OverheadUdp(udp::Args),
 }
 
 fn main() {
     let args = Args::parse();
     privileged();
-    let steering = Steering::load(&Options::default()).expect("load the steering program");
+    let load = || Steering::load(&Options::default()).expect("load the steering program");
     let result = match args.what {
         What::Overhead {
             pairs,
             round_ms,
             clients,
-        } => overhead(steering, pairs, Duration::from_millis(round_ms), clients),
-        What::Cutover { rounds } => cutover(steering, rounds),
+        } => overhead(load(), pairs, Duration::from_millis(round_ms), clients),
+        What::Cutover { rounds } => cutover(load(), rounds),
+        What::OverheadUdp(args) => udp::overhead(&args),
     };
     println!("{result}");
 }

@@ -17,6 +17,7 @@ mod rollout;
 mod scenario;
 mod server;
 mod table;
+mod udp;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +48,11 @@ pub struct BenchArgs {
     /// 50 % canary split vs one generation (about 2 minutes).
     #[arg(long)]
     rollout: bool,
+    /// Run the UDP section only: DNS (unbound, Knot) and HTTP/3 (Caddy)
+    /// reloaded naive vs reloader, and the program's cost per datagram
+    /// (--reloads per scenario, default 20; about 5 minutes).
+    #[arg(long)]
+    udp: bool,
     /// Reloads per scenario [default: 1000; --quick: 5].
     #[arg(long)]
     reloads: Option<usize>,
@@ -137,6 +143,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
         eprintln!("bench: results in {}", path.display());
         return Ok(());
+    }
+    if args.udp {
+        return udp::run(&bins, root, args.quick, args.reloads, args.json);
     }
     let host_migrate_req = server::migrate_req()?;
     let json_path = args

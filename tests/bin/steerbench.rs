@@ -12,6 +12,12 @@
 //!   loopback the SYN is processed inside the client's `connect`, so the
 //!   client's own clock brackets the steering decision, free of the
 //!   acceptors' scheduling; B's first `accept` is reported too.
+//! - `overhead-many`: as `overhead`, with N listening addresses (N reuseport
+//!   groups of two listeners each), the maps sized for N listeners as
+//!   `reloader run` sizes them, and the program attached to every group (or
+//!   to none); the clients connect to one address (`--target one`) or to
+//!   all of them in turn (`--target all`). Two acceptor threads poll all
+//!   the listeners, so N = 1 measured the same way is the comparison.
 
 use std::{
     io::{Read, Write},
@@ -25,8 +31,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Parser, Subcommand};
-use reloader::steering::{Options, Steer, Steering};
+use clap::{Parser, Subcommand, ValueEnum};
+use reloader::steering::{Limits, Options, Steer, Steering};
 use reloader_tests::{loadgen::monotonic_ns, privileged, reuseport_listener};
 use serde_json::json;
 
@@ -55,11 +61,60 @@ enum What {
         #[arg(long, default_value_t = 100)]
         rounds: usize,
     },
+    /// Connection rate with the program attached to N groups vs. none.
+    OverheadMany {
+        /// Listening addresses (127.0.0.1:21000 and up), two listeners each.
+        #[arg(long, default_value_t = 256)]
+        listeners: usize,
+        /// Which addresses the clients connect to.
+        #[arg(long, value_enum, default_value_t = Target::All)]
+        target: Target,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        #[arg(long, default_value_t = 1000)]
+        round_ms: u64,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Target {
+    /// The first address only.
+    One,
+    /// Every address in turn.
+    All,
 }
 
 fn main() {
     let args = Args::parse();
     privileged();
+    if let What::OverheadMany {
+        listeners,
+        target,
+        pairs,
+        round_ms,
+        clients,
+    } = args.what
+    {
+        // Sized as `reloader run` sizes them for this many --listen
+        // addresses (default --max-draining 4, --max-sockets-per-listener).
+        let options = Options {
+            limits: Limits {
+                listeners: listeners as u32,
+                slots: 6,
+                sockets_per_slot: 256,
+            },
+            ..Options::default()
+        };
+        let steering = Steering::load(&options).expect("load the steering program");
+        let round = Duration::from_millis(round_ms);
+        println!(
+            "{}",
+            overhead_many(steering, listeners, target, pairs, round, clients)
+        );
+        return;
+    }
     let steering = Steering::load(&Options::default()).expect("load the steering program");
     let result = match args.what {
         What::Overhead {
@@ -68,6 +123,7 @@ fn main() {
             clients,
         } => overhead(steering, pairs, Duration::from_millis(round_ms), clients),
         What::Cutover { rounds } => cutover(steering, rounds),
+        What::OverheadMany { .. } => unreachable!("handled above"),
     };
     println!("{result}");
 }
@@ -178,6 +234,165 @@ fn overhead(mut steering: Steering, pairs: usize, round: Duration, clients: usiz
         "median_pair_ratio": median(&pair_ratios),
         "steered_by_program": counters.steered,
         "fallback": counters.fallback,
+        "failed_connections": failed.load(Ordering::Relaxed),
+        "round_ms": round.as_millis() as u64,
+        "clients": clients,
+    })
+    .to_string()
+}
+
+/// Accepts and closes on every listener in `listeners` (non-blocking), with
+/// a `poll` that gives up every 100 ms so `stop` is seen.
+fn poll_accept_and_close(listeners: Vec<TcpListener>, stop: Arc<AtomicBool>) {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = listeners
+        .iter()
+        .map(|l| libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: a valid pollfd array of the given length.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if ready <= 0 {
+            continue;
+        }
+        for (fd, listener) in fds.iter_mut().zip(&listeners) {
+            if fd.revents != 0 {
+                while listener.accept().is_ok() {}
+                fd.revents = 0;
+            }
+        }
+    }
+}
+
+fn overhead_many(
+    mut steering: Steering,
+    n: usize,
+    target: Target,
+    pairs: usize,
+    round: Duration,
+    clients: usize,
+) -> String {
+    let addrs: Vec<SocketAddr> = (0..n)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 21000 + i as u16)))
+        .collect();
+    let mut groups = Vec::new();
+    let mut attach_fds = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let a = reuseport_listener(*addr);
+        let b = reuseport_listener(*addr);
+        steering
+            .add_listener(i as u32, *addr)
+            .expect("add listener");
+        steering
+            .set_slot_sockets(i as u32, 0, 1, &[borrowed(&a), borrowed(&b)])
+            .expect("slot 0 sockets");
+        steering
+            .set_active(i as u32, Some(0))
+            .expect("activate slot 0");
+        attach_fds.push(a.try_clone().expect("dup listener"));
+        groups.push(a);
+        groups.push(b);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    // Two acceptors, each polling half of the listeners.
+    let half = groups.len().div_ceil(2);
+    let mut rest = groups;
+    let second = rest.split_off(half.min(rest.len()));
+    for listeners in [rest, second] {
+        let stop = stop.clone();
+        threads.push(thread::spawn(move || {
+            poll_accept_and_close(listeners, stop)
+        }));
+    }
+    for c in 0..clients {
+        let (stop, done, failed, addrs) =
+            (stop.clone(), done.clone(), failed.clone(), addrs.clone());
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let mut k = c;
+            while !stop.load(Ordering::Relaxed) {
+                let addr = match target {
+                    Target::One => addrs[0],
+                    Target::All => addrs[k % addrs.len()],
+                };
+                k += 1;
+                let outcome = TcpStream::connect(addr).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.read(&mut buf)
+                });
+                match outcome {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) if stop.load(Ordering::Relaxed) => 0,
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let measure = |done: &AtomicU64| {
+        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+        thread::sleep(round);
+        (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    thread::sleep(round / 2);
+    let mut none = Vec::new();
+    let mut steered = Vec::new();
+    let mut attach_us = Vec::new();
+    for pair in 0..pairs {
+        for with_program in [pair % 2 == 1, pair % 2 == 0] {
+            if with_program {
+                let t = Instant::now();
+                for fd in &attach_fds {
+                    steering.attach(fd.as_fd()).expect("attach");
+                }
+                attach_us.push(t.elapsed().as_secs_f64() * 1e6);
+                steered.push(measure(&done));
+            } else {
+                for fd in &attach_fds {
+                    Steering::detach(fd.as_fd()).ok();
+                }
+                none.push(measure(&done));
+            }
+        }
+    }
+    for fd in &attach_fds {
+        Steering::detach(fd.as_fd()).ok();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let mut steered_total = 0;
+    let mut fallback = 0;
+    for i in 0..n {
+        let counters = steering.counters(i as u32, 0).expect("counters");
+        steered_total += counters.steered;
+        fallback += counters.fallback;
+    }
+    assert!(
+        steered_total > 0,
+        "the program made no decision while attached"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let pair_ratios: Vec<f64> = none.iter().zip(&steered).map(|(n, s)| s / n).collect();
+    json!({
+        "listeners": n,
+        "target": format!("{target:?}").to_lowercase(),
+        "rounds_without_program_per_s": none,
+        "rounds_with_program_per_s": steered,
+        "rate_without_program_per_s": mean(&none),
+        "rate_with_program_per_s": mean(&steered),
+        "ratio": mean(&steered) / mean(&none),
+        "median_pair_ratio": median(&pair_ratios),
+        "attach_all_groups_us": summary(&attach_us),
+        "steered_by_program": steered_total,
+        "fallback": fallback,
         "failed_connections": failed.load(Ordering::Relaxed),
         "round_ms": round.as_millis() as u64,
         "clients": clients,

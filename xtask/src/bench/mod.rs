@@ -9,7 +9,8 @@
 //!
 //! `--keepalive` runs the keep-alive section instead ([`keepalive`]): nginx
 //! and HAProxy under persistent HTTP/1.1 connections, with each server's
-//! own remedies.
+//! own remedies. `--scale` runs the scale section ([`scale`]): reload cost,
+//! discovery, steering overhead and memory for 1 to 256 listeners.
 //!
 //! It is a benchmark, not a test: it fails only when it cannot run, or when
 //! reloader itself failed a connection or a reload (a bug, not a number;
@@ -20,6 +21,7 @@ mod keepalive;
 mod micro;
 mod plot;
 mod report;
+mod scale;
 mod scenario;
 mod server;
 mod table;
@@ -45,15 +47,22 @@ use self::{
 pub struct BenchArgs {
     /// A short run for routine use (5 reloads per scenario; under a minute
     /// after the build). Without it: 1,000 reloads per scenario (about 45
-    /// minutes). With --keepalive: 3 reloads per scenario.
+    /// minutes). With --keepalive: 3 reloads per scenario; with --scale: 3
+    /// reloads per size.
     #[arg(long)]
     quick: bool,
     /// Run the keep-alive section only: nginx and HAProxy under persistent
     /// HTTP/1.1 connections, naive / sysctl / reloader, with each server's
     /// remedies (20 reloads per scenario; about 10 minutes).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scale")]
     keepalive: bool,
-    /// Reloads per scenario [default: 1000; --quick: 5; --keepalive: 20].
+    /// Run the scale section only: reload phases, controller CPU, discovery,
+    /// status and metrics, steering overhead and memory for 1, 16, 64 and
+    /// 256 listeners (about 5 minutes).
+    #[arg(long)]
+    scale: bool,
+    /// Reloads per scenario [default: 1000; --quick: 5; --keepalive: 20;
+    /// --scale: 20 per size].
     #[arg(long)]
     reloads: Option<usize>,
     /// Milliseconds from one reload's start to the next (a reload that takes
@@ -67,15 +76,20 @@ pub struct BenchArgs {
     /// --keepalive: persistent connections of the keep-alive client.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// --scale: listener counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    listeners: Vec<usize>,
     /// Servers to reload [default: testserver,nginx; --keepalive:
     /// nginx,haproxy].
     #[arg(long, value_delimiter = ',')]
     servers: Option<Vec<String>>,
     /// Where to write the JSON results [default: target/bench/bench.json;
-    /// --keepalive: target/bench/keepalive.json].
+    /// --keepalive: target/bench/keepalive.json; --scale:
+    /// target/bench/scale.json].
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Where to write the SVG plot [default: target/bench/bench.svg].
+    /// Where to write the SVG plot [default: target/bench/bench.svg;
+    /// --scale: target/bench/scale.svg].
     #[arg(long)]
     svg: Option<PathBuf>,
 }
@@ -124,17 +138,27 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
             .map(Server::parse)
             .collect::<Result<_>>()?,
     };
-    for server in &servers {
-        server.check_installed()?;
+    if !args.scale {
+        for server in &servers {
+            server.check_installed()?;
+        }
     }
-    let section = if args.keepalive { "keepalive" } else { "bench" };
+    let section = if args.keepalive {
+        "keepalive"
+    } else if args.scale {
+        "scale"
+    } else {
+        "bench"
+    };
     let params = Params {
-        reloads: args.reloads.unwrap_or(match (args.quick, args.keepalive) {
-            (true, false) => 5,
-            (true, true) => 3,
-            (false, false) => 1000,
-            (false, true) => 20,
-        }),
+        reloads: args
+            .reloads
+            .unwrap_or(match (args.quick, args.keepalive || args.scale) {
+                (true, false) => 5,
+                (true, true) => 3,
+                (false, false) => 1000,
+                (false, true) => 20,
+            }),
         interval_ms: args
             .interval_ms
             .unwrap_or(if args.keepalive { 500 } else { 400 }),
@@ -172,6 +196,15 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     let machine = machine();
     if args.keepalive {
         keepalive::section(&servers, &bins, &params, &json_path, &machine, started)?;
+        return check_sysctl(&host_migrate_req);
+    }
+    if args.scale {
+        let options = scale::Options {
+            listeners: args.listeners.clone(),
+            reloads: params.reloads,
+            quick: args.quick,
+        };
+        scale::section(&options, &bins, &json_path, &svg_path, &machine, started)?;
         return check_sysctl(&host_migrate_req);
     }
     eprintln!(

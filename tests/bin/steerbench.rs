@@ -18,7 +18,10 @@
 //!   to none); the clients connect to one address (`--target one`) or to
 //!   all of them in turn (`--target all`). Two acceptor threads wait on
 //!   all the listeners with epoll, so N = 1 measured the same way is the
-//!   comparison.
+//!   comparison. It also reports the program's own run time per run, from
+//!   the kernel's BPF statistics (enabled with `BPF_ENABLE_STATS` for as
+//!   long as the measurement holds the returned descriptor): unlike the
+//!   connection rate, that does not depend on what else the machine runs.
 
 use std::{
     io::{Read, Write},
@@ -242,6 +245,61 @@ fn overhead(mut steering: Steering, pairs: usize, round: Duration, clients: usiz
     .to_string()
 }
 
+/// Turns on the kernel's BPF run-time statistics until the returned
+/// descriptor is closed (`BPF_ENABLE_STATS`, Linux ≥ 5.8).
+fn enable_bpf_stats() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; }, type
+    // BPF_STATS_RUN_TIME = 0.
+    let attr = [0u32; 1];
+    // SAFETY: a valid attribute buffer of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    // SAFETY: the kernel returned a new descriptor, owned here.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// (run_time_ns, run_cnt) summed over the SK_REUSEPORT programs this
+/// process holds, from /proc/self/fdinfo.
+fn reuseport_prog_stats() -> (u64, u64) {
+    const BPF_PROG_TYPE_SK_REUSEPORT: &str = "21";
+    let (mut ns, mut runs) = (0, 0);
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return (0, 0);
+    };
+    for fd in fds.flatten() {
+        let is_prog = std::fs::read_link(fd.path())
+            .is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf-prog");
+        if !is_prog {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if field("prog_type") == BPF_PROG_TYPE_SK_REUSEPORT {
+            ns += field("run_time_ns").parse::<u64>().unwrap_or(0);
+            runs += field("run_cnt").parse::<u64>().unwrap_or(0);
+        }
+    }
+    (ns, runs)
+}
+
 /// Accepts and closes on every listener in `listeners` (non-blocking),
 /// woken by an epoll set (only the ready listeners, whatever their number;
 /// `poll` over hundreds of listeners would cost the acceptor more than the
@@ -345,9 +403,11 @@ fn overhead_many(
         (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64()
     };
     thread::sleep(round / 2);
+    let stats = enable_bpf_stats();
     let mut none = Vec::new();
     let mut steered = Vec::new();
     let mut attach_us = Vec::new();
+    let (mut run_ns, mut runs) = (0u64, 0u64);
     for pair in 0..pairs {
         for with_program in [pair % 2 == 1, pair % 2 == 0] {
             if with_program {
@@ -356,7 +416,11 @@ fn overhead_many(
                     steering.attach(fd.as_fd()).expect("attach");
                 }
                 attach_us.push(t.elapsed().as_secs_f64() * 1e6);
+                let (ns0, n0) = reuseport_prog_stats();
                 steered.push(measure(&done));
+                let (ns1, n1) = reuseport_prog_stats();
+                run_ns += ns1.saturating_sub(ns0);
+                runs += n1.saturating_sub(n0);
             } else {
                 for fd in &attach_fds {
                     Steering::detach(fd.as_fd()).ok();
@@ -368,6 +432,7 @@ fn overhead_many(
     for fd in &attach_fds {
         Steering::detach(fd.as_fd()).ok();
     }
+    drop(stats);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
@@ -383,6 +448,7 @@ fn overhead_many(
         steered_total > 0,
         "the program made no decision while attached"
     );
+    let stats_available = runs > 0;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let pair_ratios: Vec<f64> = none.iter().zip(&steered).map(|(n, s)| s / n).collect();
     json!({
@@ -395,6 +461,9 @@ fn overhead_many(
         "ratio": mean(&steered) / mean(&none),
         "median_pair_ratio": median(&pair_ratios),
         "attach_all_groups_us": summary(&attach_us),
+        "bpf_stats": stats_available,
+        "program_runs": runs,
+        "program_ns_per_run": if runs > 0 { run_ns as f64 / runs as f64 } else { f64::NAN },
         "steered_by_program": steered_total,
         "fallback": fallback,
         "failed_connections": failed.load(Ordering::Relaxed),

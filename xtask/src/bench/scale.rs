@@ -691,18 +691,18 @@ pub fn render(sizes: &[Size], overhead: &[Value]) -> String {
     if !overhead.is_empty() {
         let _ = writeln!(
             out,
-            "\nSteering overhead with many groups (new connections/s with the program attached to every group ÷ none; mean of alternating rounds)\n"
+            "\nSteering overhead with many groups (new connections/s with the program attached to every group ÷ none, mean of alternating rounds, and the median of each pair's ratio; the program's own run time per run from the kernel's BPF statistics)\n"
         );
         let _ = writeln!(
             out,
-            "| groups | clients connect to | ratio | with / without conn/s | median pair ratio | attach to all groups µs |"
+            "| groups | clients connect to | ratio | with / without conn/s | median pair ratio | program ns/run (runs) | attach to all groups µs |"
         );
-        let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|");
+        let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|");
         for o in overhead {
             let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.3} | {:.0} / {:.0} | {:.3} | {:.0} |",
+                "| {} | {} | {:.3} | {:.0} / {:.0} | {:.3} | {:.0} ({}) | {:.0} |",
                 o["listeners"],
                 if o["target"] == "one" {
                     "one address"
@@ -713,6 +713,8 @@ pub fn render(sizes: &[Size], overhead: &[Value]) -> String {
                 f("rate_with_program_per_s"),
                 f("rate_without_program_per_s"),
                 f("median_pair_ratio"),
+                f("program_ns_per_run"),
+                o["program_runs"],
                 o["attach_all_groups_us"]["median"]
                     .as_f64()
                     .unwrap_or(f64::NAN),

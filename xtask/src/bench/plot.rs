@@ -2,8 +2,9 @@
 //! connections per second by the generation that answered them (one line
 //! per generation), reload starts as grey lines, failed connections as red
 //! crosses. Right, the whole run: all successful connections per second
-//! and failures per second. [`lines`]: panels of lines against a
-//! logarithmic x axis (the scale section: costs against listeners).
+//! and failures per second. [`lines`]: panels of lines against a linear x
+//! axis (the scale section: costs against listeners; linear, so that
+//! linear growth looks straight).
 
 use std::path::Path;
 
@@ -220,7 +221,7 @@ fn whole(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, row: &Row) -> R
 /// One line of a [`lines`] panel.
 pub struct Series {
     pub name: String,
-    /// (x, y), x > 0.
+    /// (x, y), x ≥ 0.
     pub points: Vec<(f64, f64)>,
 }
 
@@ -232,7 +233,7 @@ pub struct Panel {
 }
 
 /// Panels side by side, each a set of lines with points marked, against
-/// the same logarithmic x axis; a legend in each.
+/// the same linear x axis from 0; a legend in each.
 pub fn lines(path: &Path, heading: &str, x_desc: &str, panels: &[Panel]) -> Result<()> {
     let (panel_width, height) = (750u32, 520u32);
     let root = SVGBackend::new(
@@ -251,14 +252,14 @@ pub fn lines(path: &Path, heading: &str, x_desc: &str, panels: &[Panel]) -> Resu
     let cells = body.split_evenly((1, panels.len().max(1)));
     for (panel, area) in panels.iter().zip(&cells) {
         let all = panel.series.iter().flat_map(|s| s.points.iter());
-        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.3;
+        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
         let y_max = all.map(|p| p.1).fold(1.0, f64::max) * 1.15;
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.title, ("sans-serif", 15))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0.8..x_max).log_scale(), 0.0..y_max)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
             .map_err(err)?;
         chart
             .configure_mesh()

@@ -716,7 +716,9 @@ fn build_static(root: &Path) -> Result<Binaries> {
 /// every test binary with markers around it, powers off. No tmpfs over
 /// /tmp: the initramfs root is already writable memory, and `testserver`
 /// sits at the host path the tests were compiled with, which is under /tmp
-/// for a clone there.
+/// for a clone there. /run is mode 0755 (a tmpfs is 1777 by default):
+/// the mode probe's control socket is there, and reloader refuses a
+/// runtime directory others can write.
 fn init_script(tests: &[(String, PathBuf)], testserver: &Path, test_args: &[String]) -> String {
     let skips: String = EXCLUDED
         .iter()
@@ -730,7 +732,7 @@ fn init_script(tests: &[(String, PathBuf)], testserver: &Path, test_args: &[Stri
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
-         mount -t tmpfs tmpfs /run\n\
+         mount -t tmpfs -o mode=0755 tmpfs /run\n\
          mount -t bpf bpf /sys/fs/bpf\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          if [ -d /lib/modules ]; then depmod; modprobe tcp_diag; modprobe udp_diag; fi\n\
@@ -1275,6 +1277,9 @@ mod tests {
             &["--ignored".into()],
         );
         assert!(script.contains("if [ \"$mode\" = select-only ]; then"));
+        // A world-writable /run made the mode probe's `reloader run` refuse
+        // to start, and every run fail with steering "unknown".
+        assert!(script.contains("mount -t tmpfs -o mode=0755 tmpfs /run"));
         assert!(
             script.contains(
                 "echo '@@NOTAPPLICABLE accept_queue_migrates_when_the_old_listener_closes'"

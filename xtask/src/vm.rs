@@ -74,28 +74,16 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::{run, workspace_root};
 
+mod nginx;
+
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
 /// Tests that cannot run in the busybox guest, with the reason.
-const EXCLUDED: &[(&str, &str)] = &[
-    (
-        "nginx_reloads_under_load_lose_no_connection",
-        "nginx is not in the initramfs",
-    ),
-    (
-        "the_systemd_unit_passes_systemd_analyze_verify",
-        "systemd-analyze is not in the initramfs",
-    ),
-    (
-        "rollback_within_the_hold_restores_the_previous_nginx",
-        "nginx is not in the initramfs",
-    ),
-    (
-        "a_canary_gets_its_share_then_promote_or_rollback_moves_everything_nginx",
-        "nginx is not in the initramfs",
-    ),
-];
+const EXCLUDED: &[(&str, &str)] = &[(
+    "the_systemd_unit_passes_systemd_analyze_verify",
+    "systemd-analyze is not in the initramfs",
+)];
 
 /// Test binaries that cannot run in the busybox guest, with the reason.
 const HOST_ONLY_SUITES: &[(&str, &str)] = &[
@@ -210,6 +198,8 @@ pub struct VmOptions {
 pub fn integration_test(options: &VmOptions) -> Result<()> {
     let started = Instant::now();
     crate::ebpf::install_apt(PACKAGES)?;
+    // The guest runs the host's nginx (see `nginx`).
+    crate::deps::install_nginx()?;
     let root = workspace_root();
     let vm_dir = root.join("target/vm");
     std::fs::create_dir_all(vm_dir.join("cache"))?;
@@ -738,7 +728,8 @@ fn init_script(tests: &[(String, PathBuf)], testserver: &Path, test_args: &[Stri
          if [ -d /lib/modules ]; then depmod; modprobe tcp_diag; modprobe udp_diag; fi\n\
          echo \"@@MODULES $(cut -d' ' -f1 /proc/modules | tr '\\n' ' ')\"\n\
          ip link set lo up\n\
-         echo \"@@KERNEL $(uname -r)\"\n",
+         echo \"@@KERNEL $(uname -r)\"\n\
+         /usr/sbin/nginx -v 2>&1 | sed 's/^/nginx| /'\n",
     );
     // Which program `reloader run` loads here: start it on a scratch port,
     // read the mode from its status, stop it. Its log line says it too.
@@ -813,6 +804,7 @@ fn make_initramfs(
     };
     copy(Path::new("/bin/busybox"), &staging.join("bin/busybox"))?;
     copy(&binaries.reloader, &staging.join("bin/reloader"))?;
+    nginx::stage(&staging)?;
     // Where the tests were compiled to find it.
     let testserver = staging.join(binaries.testserver.strip_prefix("/")?);
     copy(&binaries.testserver, &testserver)?;

@@ -41,6 +41,8 @@ pub enum ReadyMode {
     Notify,
 }
 
+// Parsed once per process: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a server under reloader (stays in the foreground).
@@ -252,6 +254,26 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
+    /// A pre-flight check run before every new generation is spawned (the
+    /// first one too), e.g. 'nginx -t -c /etc/nginx/nginx.conf': one string,
+    /// split into words like a shell would (no variables or pipes),
+    /// `{generation}` replaced by the number the new generation will get.
+    /// A non-zero exit (or no exit within --ready-timeout) fails the reload
+    /// before anything is started; its last output lines are reported.
+    #[arg(long, value_name = "CMD", value_parser = config::parse_check)]
+    pub check: Option<config::CheckCommand>,
+    /// Reload when this file or directory changes (repeat for each):
+    /// created, written and closed, renamed over, removed, or a symlink in
+    /// its directory swapped (Kubernetes ConfigMap volumes); changes within
+    /// 200ms of each other make one reload. Its directory must not be
+    /// writable by another user.
+    #[arg(long, value_name = "PATH")]
+    pub watch: Vec<PathBuf>,
+    /// A file or directory (repeat for each) whose sha256 identifies the
+    /// configuration a generation started with, shown by status, reload
+    /// --wait and the metrics [default: the --watch paths].
+    #[arg(long = "config", value_name = "PATH")]
+    pub config_files: Vec<PathBuf>,
     /// The server command; `{generation}` in it becomes the generation
     /// number. The server also gets RELOADER_GENERATION and RELOADER_NAME.
     #[arg(last = true, value_name = "CMD")]
@@ -271,6 +293,19 @@ impl RunArgs {
             .as_deref()
             .map(|p| config::parse_probe("--ready-probe", p, &self.listen))
             .transpose()?;
+        let watch = self
+            .watch
+            .iter()
+            .map(|p| config::absolute_path("--watch", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let config_files = if self.config_files.is_empty() {
+            watch.clone()
+        } else {
+            self.config_files
+                .iter()
+                .map(|p| config::absolute_path("--config", p))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let health = match (
             &self.health_probe,
             self.health_interval,
@@ -315,6 +350,9 @@ impl RunArgs {
             metrics: self.metrics,
             sockets_per_listener: self.max_sockets_per_listener,
             udp_flows: self.udp_flows,
+            check: self.check,
+            watch,
+            config_files,
             keep_previous: self.keep_previous,
             health,
         })
@@ -461,6 +499,25 @@ mod tests {
     }
 
     #[test]
+    fn config_paths_default_to_the_watched_ones() {
+        let base = ["reloader", "run", "--listen", "127.0.0.1:80"];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            v.extend_from_slice(&["--", "x"]);
+            parse(&v).unwrap()
+        };
+        let c = with(&["--watch", "/etc/nginx", "--watch", "/etc/ssl/x.pem"]);
+        assert_eq!(c.config_files, c.watch);
+        assert_eq!(c.watch.len(), 2);
+        let c = with(&["--watch", "/etc/nginx", "--config", "/etc/nginx/nginx.conf"]);
+        assert_eq!(c.config_files, vec![PathBuf::from("/etc/nginx/nginx.conf")]);
+        let c = with(&["--check", "nginx -t -g 'pid /run/{generation}.pid;'"]);
+        assert_eq!(c.check.unwrap().argv[3], "pid /run/{generation}.pid;");
+        assert!(with(&[]).config_files.is_empty() && with(&[]).check.is_none());
+    }
+
+    #[test]
     fn bad_command_lines_are_refused_before_anything_starts() {
         let base = ["reloader", "run", "--listen", "127.0.0.1:80"];
         let with = |extra: &[&str]| {
@@ -477,6 +534,7 @@ mod tests {
         assert!(with(&["--listen", "127.0.0.1:80", "--", "x"]).contains("twice"));
         assert!(with(&["--name", "../x", "--", "x"]).contains("--name"));
         assert!(with(&["--ready-probe", "tcp://127.0.0.1:81", "--", "x"]).contains("--listen"));
+        assert!(with(&["--check", "nginx -t 'oops", "--", "x"]).contains("--check"));
         assert!(
             parse(&["reloader", "run", "--", "x"])
                 .unwrap_err()

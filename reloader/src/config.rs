@@ -79,6 +79,16 @@ pub enum ConfigError {
     /// `--metrics` is not `IP:PORT`.
     #[error("--metrics {value:?} is not an address: use IP:PORT, e.g. 127.0.0.1:9090")]
     BadMetricsAddress { value: String },
+    /// `--check` cannot be split into words.
+    #[error(
+        "--check {value:?}: {why}; give the command as one string, quoted like in a shell, \
+         e.g. --check 'nginx -t -c /etc/nginx/nginx.conf' (no pipes or variables: use \
+         --check 'sh -c \"...\"' for those)"
+    )]
+    BadCheck { value: String, why: &'static str },
+    /// `--watch` or `--config` with an empty path.
+    #[error("{flag}: the path is empty")]
+    EmptyPath { flag: &'static str },
     /// A bad instance name.
     #[error(
         "--name {value:?}: use letters, digits, '-', '_' and '.' (at most 64), not starting with '.'"
@@ -151,6 +161,13 @@ pub struct RunConfig {
     pub sockets_per_listener: u32,
     /// Entries of the UDP flow table.
     pub udp_flows: u32,
+    /// `--check`: run before every new generation is spawned.
+    pub check: Option<CheckCommand>,
+    /// `--watch`: reload when these change (absolute paths).
+    pub watch: Vec<PathBuf>,
+    /// `--config` (or the `--watch` paths): what a generation's config
+    /// digest covers (absolute paths).
+    pub config_files: Vec<PathBuf>,
     /// How long the previous generation is kept, receiving nothing new but
     /// not signalled, after a cutover (`reloader rollback` brings it back).
     pub keep_previous: Duration,
@@ -230,6 +247,46 @@ pub fn parse_canary(value: &str) -> Result<CanarySteps, ConfigError> {
     Ok(CanarySteps(steps))
 }
 
+/// `--check CMD`: one shell-like string, split into words when parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckCommand {
+    /// As given, for messages.
+    pub text: String,
+    /// Its words; `{generation}` in them is replaced at each run.
+    pub argv: Vec<String>,
+}
+
+/// Splits a `--check` value into words the way a POSIX shell would (quotes
+/// and backslashes; no variables, globs or pipes), with the `shlex` crate.
+pub fn parse_check(value: &str) -> Result<CheckCommand, ConfigError> {
+    let bad = |why| ConfigError::BadCheck {
+        value: value.to_owned(),
+        why,
+    };
+    let argv =
+        shlex::split(value).ok_or_else(|| bad("unbalanced quotes or a trailing backslash"))?;
+    if argv.first().is_none_or(|program| program.is_empty()) {
+        return Err(bad("no command"));
+    }
+    Ok(CheckCommand {
+        text: value.to_owned(),
+        argv,
+    })
+}
+
+/// A `--watch` or `--config` path made absolute (relative to the working
+/// directory at start; symlinks are not resolved: they are watched and
+/// hashed as named).
+pub fn absolute_path(flag: &'static str, path: &std::path::Path) -> Result<PathBuf, ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::EmptyPath { flag });
+    }
+    // `absolute` also drops `.` components and a trailing slash, so the
+    // path reads as `find` and `sha256sum` print it.
+    let absolute = std::path::absolute(path).map_err(|_| ConfigError::EmptyPath { flag })?;
+    Ok(absolute.components().collect())
+}
+
 impl RunConfig {
     /// (transport, address) of each `--listen`: what discovery matches
     /// sockets by.
@@ -273,6 +330,9 @@ impl RunConfig {
             metrics: None,
             sockets_per_listener: 16,
             udp_flows: 1024,
+            check: None,
+            watch: Vec::new(),
+            config_files: Vec::new(),
             keep_previous: Duration::ZERO,
             health: None,
         }
@@ -672,6 +732,60 @@ mod tests {
         assert!(check_name("../etc").is_err());
         assert!(check_name(".hidden").is_err());
         assert!(check_name("a/b").is_err());
+    }
+
+    #[test]
+    fn check_commands_split_like_a_shell() {
+        let c =
+            parse_check("nginx -t -c '/etc/nginx/my nginx.conf' -g \"pid /run/{generation}.pid;\"")
+                .unwrap();
+        assert_eq!(
+            c.argv,
+            vec![
+                "nginx",
+                "-t",
+                "-c",
+                "/etc/nginx/my nginx.conf",
+                "-g",
+                "pid /run/{generation}.pid;"
+            ]
+        );
+        assert_eq!(
+            substitute_generation(&c.argv, 12)[5],
+            "pid /run/12.pid;",
+            "{{generation}} is the number the new generation will get"
+        );
+        assert_eq!(
+            parse_check("haproxy -c -f $CFG").unwrap().argv[3],
+            "$CFG",
+            "no variable expansion"
+        );
+        assert!(matches!(
+            parse_check("nginx -t 'unclosed"),
+            Err(ConfigError::BadCheck { .. })
+        ));
+        assert!(matches!(
+            parse_check("   "),
+            Err(ConfigError::BadCheck { .. })
+        ));
+        assert!(matches!(
+            parse_check("''"),
+            Err(ConfigError::BadCheck { .. })
+        ));
+    }
+
+    #[test]
+    fn watched_paths_become_absolute_as_named() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_path("--watch", std::path::Path::new("conf/./nginx.conf")).unwrap(),
+            cwd.join("conf/nginx.conf")
+        );
+        assert_eq!(
+            absolute_path("--watch", std::path::Path::new("/etc/nginx/")).unwrap(),
+            PathBuf::from("/etc/nginx")
+        );
+        assert!(absolute_path("--config", std::path::Path::new("")).is_err());
     }
 
     #[test]

@@ -100,6 +100,24 @@ pub enum ReloadError {
         #[source]
         source: Box<SteeringError>,
     },
+    /// `--check` failed: nothing was spawned, no slot was taken, the active
+    /// generation is untouched.
+    #[error("--check `{command}` {how}: nothing was started{}", printed(output))]
+    CheckFailed {
+        command: String,
+        /// `exited with status 1`, `killed by SIGSEGV`, `did not finish
+        /// within 30s (killed)`.
+        how: String,
+        /// Its last lines of output (stdout and stderr, in order).
+        output: Vec<String>,
+    },
+    /// `--check` could not be started.
+    #[error("--check `{command}`: cannot start it: nothing was started")]
+    CheckSpawnError {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A canary runs: the next reload waits for its verdict.
     #[error(
         "generation {generation} is a canary: `reloader promote` or `reloader rollback` it \
@@ -109,6 +127,29 @@ pub enum ReloadError {
     /// Waiting for the result went wrong inside the controller.
     #[error("internal error: {what}")]
     Internal { what: String },
+}
+
+impl ReloadError {
+    /// Whether `--check` refused the reload (counted apart in the metrics).
+    pub fn is_check_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::CheckFailed { .. } | Self::CheckSpawnError { .. }
+        )
+    }
+}
+
+fn printed(output: &[String]) -> String {
+    if output.is_empty() {
+        "; it printed nothing".into()
+    } else {
+        let mut text = "; it printed:".to_owned();
+        for line in output {
+            text.push_str("\n  ");
+            text.push_str(line);
+        }
+        text
+    }
 }
 
 /// Why `reloader rollback` or `reloader promote` cannot be done now.
@@ -193,5 +234,16 @@ mod tests {
         };
         assert_eq!(crate::root_errno(&chained), Some(libc::EOPNOTSUPP));
         assert!(crate::error_chain(&chained).starts_with("x: cannot start it: "));
+        let check = ReloadError::CheckFailed {
+            command: "nginx -t".into(),
+            how: "exited with status 1".into(),
+            output: vec!["nginx: [emerg] unexpected \"}\" in /etc/nginx/nginx.conf:9".into()],
+        };
+        assert_eq!(
+            check.to_string(),
+            "--check `nginx -t` exited with status 1: nothing was started; it printed:\n  \
+             nginx: [emerg] unexpected \"}\" in /etc/nginx/nginx.conf:9"
+        );
+        assert!(check.is_check_failure());
     }
 }

@@ -105,6 +105,8 @@ pub struct Generation {
     pub timeline: Timeline,
     /// How it ended: exit status, or why it failed.
     pub outcome: Option<String>,
+    /// The digest of the `--config` files it was started with.
+    pub config_sha256: Option<String>,
     /// It was rolled back: it never serves new connections again, even if
     /// the generation that replaced it fails.
     pub rolled_back: bool,
@@ -166,6 +168,7 @@ impl Generations {
                     ..Timeline::default()
                 },
                 outcome: None,
+                config_sha256: None,
                 rolled_back: false,
             })
             .collect();
@@ -200,6 +203,7 @@ impl Generations {
                 ..Timeline::default()
             },
             outcome: None,
+            config_sha256: None,
             rolled_back: false,
         });
         Ok(self.list.last().expect("just pushed"))
@@ -217,6 +221,16 @@ impl Generations {
 
     pub fn set_pid(&mut self, number: u64, pid: u32) -> Result<(), GenerationError> {
         self.get_mut(number)?.pid = Some(pid);
+        Ok(())
+    }
+
+    /// Records the digest of the configuration `number` was started with.
+    pub fn set_config_sha256(
+        &mut self,
+        number: u64,
+        digest: Option<String>,
+    ) -> Result<(), GenerationError> {
+        self.get_mut(number)?.config_sha256 = digest;
         Ok(())
     }
 

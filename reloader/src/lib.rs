@@ -16,11 +16,14 @@
 //!   is reported; [`error`]: why a reload failed.
 //! - [`config`], [`cli`]: validated command line; [`logging`], [`notify`],
 //!   [`net`]: output, systemd, listening sockets; [`demo`].
+//! - [`digest`]: the config identity (`--config`); [`watch`]: reload on
+//!   change (`--watch`).
 
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod digest;
 pub mod discovery;
 pub mod error;
 pub mod generation;
@@ -34,6 +37,7 @@ pub mod state;
 pub mod status;
 pub mod steering;
 pub mod supervisor;
+pub mod watch;
 
 /// Threads the controller's blocking pool may run at once (discovery
 /// scans, netlink dumps, the state file's fsync): bounded, so a stuck

@@ -55,6 +55,11 @@ pub struct StatusReport {
     /// `GODEBUG` with `multipathtcp=0` so Go servers listen with plain TCP.
     #[serde(default)]
     pub server_environment: Vec<String>,
+    /// The config digest (`--config`) of the active generation: what this
+    /// replica serves now. `reloader status --json | jq -r
+    /// .active_config_sha256` answers "which config runs here?".
+    #[serde(default)]
+    pub active_config_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -95,6 +100,10 @@ pub struct GenerationStatus {
     /// UDP flows pinned to it now (summed over UDP listeners).
     #[serde(default)]
     pub udp_flows: u64,
+    /// The digest of the `--config` files it was started with (the sha256
+    /// of what `sha256sum` prints for them: README "Config identity").
+    #[serde(default)]
+    pub config_sha256: Option<String>,
     /// Its share of new connections now, in percent (the active generation
     /// 100, or what the canary leaves; a held or draining one 0).
     #[serde(default)]
@@ -354,6 +363,13 @@ pub struct ReloadReport {
     pub ready_to_cutover_ms: Option<f64>,
     pub cutover_to_old_exited_ms: Option<f64>,
     pub total_ms: Option<f64>,
+    /// The config digest of the new generation (`--config`).
+    #[serde(default)]
+    pub config_sha256: Option<String>,
+    /// `--check` refused the reload: nothing was started (its output is
+    /// in `error` and `stderr_tail`).
+    #[serde(default)]
+    pub check_failed: bool,
     /// Its canary plan (`reload --canary`), in percent per step.
     #[serde(default)]
     pub canary_percent: Vec<f64>,
@@ -393,8 +409,13 @@ impl ReloadReport {
                 ),
                 _ => format!("cutover→old exited {}", ms(self.cutover_to_old_exited_ms)),
             };
+            let config = self
+                .config_sha256
+                .as_ref()
+                .map(|c| format!("; config sha256 {c}"))
+                .unwrap_or_default();
             format!(
-                "generation {} active{previous}{canary}: spawn→ready {}, ready→cutover {}, {old}, total {}",
+                "generation {} active{previous}{canary}: spawn→ready {}, ready→cutover {}, {old}, total {}{config}",
                 self.generation,
                 ms(self.spawn_to_ready_ms),
                 ms(self.ready_to_cutover_ms),
@@ -407,15 +428,22 @@ impl ReloadReport {
                 self.error.as_deref().unwrap_or("rolled back")
             )
         } else {
-            let mut text = format!(
-                "reload to generation {} failed: {}",
-                self.generation,
-                self.error.as_deref().unwrap_or("unknown error")
-            );
-            if let Some(previous) = self.previous {
-                let _ = write!(text, "; generation {previous} is still active");
+            let error = self.error.as_deref().unwrap_or("unknown error");
+            let mut text = format!("reload to generation {} failed", self.generation);
+            match self.previous {
+                // The check's output ends its error: say what still runs first.
+                Some(previous) if self.check_failed => {
+                    let _ = write!(text, " (generation {previous} is still active): {error}");
+                }
+                Some(previous) => {
+                    let _ = write!(text, ": {error}; generation {previous} is still active");
+                }
+                None => {
+                    let _ = write!(text, ": {error}");
+                }
             }
-            if !self.stderr_tail.is_empty() {
+            // A failed check's output is part of its error already.
+            if !self.stderr_tail.is_empty() && !self.check_failed {
                 text.push_str("\nlast stderr lines of the new generation:");
                 for line in &self.stderr_tail {
                     let _ = write!(text, "\n  {line}");
@@ -424,6 +452,12 @@ impl ReloadReport {
             text
         }
     }
+}
+
+/// The first 12 hex digits, for the table (the full digest is printed
+/// below it and in `--json`).
+fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
 }
 
 impl StatusReport {
@@ -508,6 +542,9 @@ impl StatusReport {
             if let Some(outcome) = &g.outcome {
                 let _ = write!(line, "  ({outcome})");
             }
+            if let Some(config) = &g.config_sha256 {
+                let _ = write!(line, "  config {}", short_digest(config));
+            }
             let _ = writeln!(out, "{}", line.trim_end());
         }
         let _ = writeln!(
@@ -540,6 +577,9 @@ impl StatusReport {
                 "servers get {godebug} (Go listens with plain TCP: MPTCP listeners cannot be steered)"
             );
         }
+        if let Some(config) = &self.active_config_sha256 {
+            let _ = writeln!(out, "active config sha256 {config}");
+        }
         if let Some(recovered) = &self.recovered {
             let _ = writeln!(out, "at start: {recovered}");
         }
@@ -547,5 +587,55 @@ impl StatusReport {
             let _ = writeln!(out, "last reload: {}", last.human());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_reports_name_the_config_and_what_a_check_refused() {
+        let done = ReloadReport {
+            generation: 3,
+            previous: Some(2),
+            result: ReloadResult::Succeeded,
+            config_sha256: Some("ab".repeat(32)),
+            ..ReloadReport::default()
+        };
+        assert!(
+            done.human()
+                .starts_with("generation 3 active (replaced 2): ")
+        );
+        assert!(
+            done.human()
+                .ends_with(&format!("; config sha256 {}", "ab".repeat(32)))
+        );
+        let refused = ReloadReport {
+            generation: 3,
+            previous: Some(2),
+            error: Some(
+                "--check `nginx -t` exited with status 1: nothing was started; it printed:\n  bad"
+                    .into(),
+            ),
+            stderr_tail: vec!["bad".into()],
+            check_failed: true,
+            ..ReloadReport::default()
+        };
+        assert_eq!(
+            refused.human(),
+            "reload to generation 3 failed (generation 2 is still active): --check `nginx -t` \
+             exited with status 1: nothing was started; it printed:\n  bad",
+            "the output once, after what still runs"
+        );
+        let failed = ReloadReport {
+            check_failed: false,
+            ..refused.clone()
+        };
+        assert!(
+            failed
+                .human()
+                .contains("; generation 2 is still active\nlast stderr lines")
+        );
     }
 }

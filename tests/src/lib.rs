@@ -174,6 +174,7 @@ pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<Strin
 }
 
 pub mod instance;
+pub mod keepalive;
 pub mod load;
 pub mod loadgen;
 pub mod nginx;

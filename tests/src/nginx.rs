@@ -12,6 +12,13 @@ impl Nginx {
     /// Configs for generations 1..=`generations`, listening on `addr` with
     /// `reuseport`.
     pub fn new(addr: &str, generations: u64) -> Self {
+        Self::with_directives(addr, generations, "", "")
+    }
+
+    /// As [`Nginx::new`], with extra directives in the main context
+    /// (`worker_shutdown_timeout 1s;`) and in every generation's `http`
+    /// block (`keepalive_requests 100;`).
+    pub fn with_directives(addr: &str, generations: u64, main: &str, http: &str) -> Self {
         assert!(
             Path::new("/usr/sbin/nginx").exists(),
             "nginx is not installed: run `cargo xtask test` (it installs nginx-light)"
@@ -20,8 +27,10 @@ impl Nginx {
         let d = dir.path().display();
         std::fs::write(
             dir.path().join("nginx.conf"),
-            "daemon off;\nmaster_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
-             events { worker_connections 1024; }\n",
+            format!(
+                "daemon off;\nmaster_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
+                 {main}events {{ worker_connections 1024; }}\n"
+            ),
         )
         .unwrap();
         // One http block per generation, included through `-g`.
@@ -31,7 +40,7 @@ impl Nginx {
                 format!(
                     "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
                      proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-                     uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    \
+                     uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  {http}server {{\n    \
                      listen {addr} reuseport;\n    location / {{ return 200 \"gen={g} pid=$pid\\n\"; }}\n  \
                      }}\n}}\n"
                 ),

@@ -11,6 +11,7 @@ mod bench;
 mod chaos;
 mod deps;
 mod ebpf;
+mod idle;
 mod modcycles;
 mod soak;
 mod vm;
@@ -65,7 +66,7 @@ enum Task {
         #[arg(long, default_value_t = 25)]
         timeout_minutes: u64,
         /// With --vm: run only these test binaries (steering, launcher,
-        /// ecosystem, reliability).
+        /// ecosystem, reliability, config).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// With --vm: extra arguments for every test binary, split at
@@ -98,6 +99,12 @@ enum Task {
     /// and nginx; plus steering overhead, cutover latency and an idle
     /// controller's cost (root; writes a table, JSON and an SVG plot).
     Bench(bench::BenchArgs),
+    /// An idle controller's wake-ups per second without and with --watch
+    /// (root; three cases of --seconds each).
+    Idle {
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -106,6 +113,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
+        Task::Idle { seconds } => idle::run(seconds),
         Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
         Task::Chaos(args) => chaos::run_chaos(args),
         Task::TestDeps => deps::install(),

@@ -18,6 +18,7 @@ mod files;
 mod reaper;
 mod recovery;
 mod shutdown;
+mod watch;
 
 use std::sync::Arc;
 
@@ -58,6 +59,8 @@ struct Running {
 /// clean (every generation exited within its drain timeout).
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
+    // Before anything starts: a --watch path another user controls is refused.
+    let watcher = crate::watch::Watcher::start(&config.watch)?;
     let config = Arc::new(config);
     let dir = config
         .control_socket
@@ -101,7 +104,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         processes,
         recovered,
     ));
-    let persister = tokio::spawn(handle.clone().persist_to(paths.state.clone()));
+    let (stop_persister, persister_stop) = tokio::sync::oneshot::channel();
+    let persister = tokio::spawn(
+        handle
+            .clone()
+            .persist_to(paths.state.clone(), persister_stop),
+    );
 
     // Signals first, so a child that exits at once is reaped.
     let mut sigchld = signal(SignalKind::child())?;
@@ -118,6 +126,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     ));
     let metrics_task = metrics_listener
         .map(|listener| tokio::spawn(crate::metrics::serve(handle.clone(), listener)));
+    let watch_task = watcher.map(|w| tokio::spawn(watch::reload_on_change(w, events_tx.clone())));
     info!(
         name = %config.name,
         socket = %config.control_socket.display(),
@@ -249,11 +258,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     }
     let clean = shutdown::stop(&handle, &mut sigchld, &mut events, &events_tx).await;
     tracker.abort();
+    if let Some(task) = watch_task {
+        task.abort();
+    }
     control_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
-    persister.abort();
+    let _ = stop_persister.send(());
     let _ = persister.await;
     // After a stop nothing of the instance remains: no state file, no pins.
     let _ = std::fs::remove_file(&paths.state);

@@ -24,6 +24,11 @@ pub fn reap_children(handle: &Handle, events: &mpsc::Sender<Event>) {
         let Some(exit) = supervisor::peek_exited() else {
             return;
         };
+        // A `--check` run: its exit goes to the reload that runs it.
+        if supervisor::deliver_claimed(&exit) {
+            supervisor::reap(exit.pid);
+            continue;
+        }
         let effect = handle.update(|s| s.exited(exit.pid, &exit.how));
         supervisor::reap(exit.pid);
         after_exit(handle, events, effect);

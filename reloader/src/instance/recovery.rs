@@ -300,21 +300,24 @@ pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap
     let next = previous.saved.as_ref().map_or(1, |s| s.next_generation);
     let mut processes = HashMap::new();
     let mut live = Vec::new();
+    let mut digests = Vec::new();
     if let Recovery::Adopt { live: found, .. } = &previous.recovery {
         for g in found {
             match Process::adopt(g.pid, g.start_time) {
                 Ok(process) => {
                     processes.insert(g.number, process);
                     live.push((g.number, g.slot, g.pid, g.state));
+                    digests.push((g.number, g.config_sha256.clone()));
                 }
                 Err(error) => warn!(generation = g.number, %error, "not adopted"),
             }
         }
     }
-    (
-        Generations::restore(limits.slots, HISTORY, next, live, Instant::now()),
-        processes,
-    )
+    let mut generations = Generations::restore(limits.slots, HISTORY, next, live, Instant::now());
+    for (number, digest) in digests {
+        let _ = generations.set_config_sha256(number, digest);
+    }
+    (generations, processes)
 }
 
 /// The sockets an adopted active generation holds (for `status`).

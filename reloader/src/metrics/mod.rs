@@ -29,6 +29,21 @@
 //! | `reloader_held_generation` | gauge | (0: none) |
 //! | `reloader_canary_generation` | gauge | (0: none) |
 //! | `reloader_rollout_remaining_seconds` | gauge | `kind` = hold, canary (until the hold ends or the next step) |
+//! | `reloader_reload_check_failures_total` | counter | |
+//! | `reloader_generation_info` | gauge (1) | `generation`, `config_sha256` |
+//! | `reloader_active_config_info` | gauge (1) | `config_sha256` |
+//! | `reloader_config_last_reload_successful` | gauge (0/1) | |
+//! | `reloader_config_last_reload_success_timestamp_seconds` | gauge | |
+//!
+//! Config identity follows the conventions of ingress-nginx
+//! (`nginx_ingress_controller_config_hash`,
+//! `…_config_last_reload_successful`) and of `_info` metrics (a constant 1
+//! carrying labels), so "which config does every replica serve" is a
+//! `count by (config_sha256)` away. A reload refused by `--check` counts
+//! as failed in `reloader_reloads_total` and, apart, in
+//! `reloader_reload_check_failures_total`: a separate counter rather than
+//! a `reason` label, so the existing `reloads_total` series keep their
+//! labels and queries written for them keep working.
 
 mod server;
 
@@ -60,6 +75,17 @@ fn phase_histogram() -> Histogram {
 pub struct Recorder {
     reloads: Family<Labels, Counter>,
     phases: Family<Labels, Histogram, fn() -> Histogram>,
+    check_failures: Counter,
+    /// The last config load (first start included): whether it succeeded,
+    /// and when the last one that did (Unix seconds). Unknown after an
+    /// adoption until the next reload.
+    config: std::sync::Arc<std::sync::Mutex<ConfigLoads>>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ConfigLoads {
+    last_successful: Option<bool>,
+    last_success_unix: Option<f64>,
 }
 
 impl Default for Recorder {
@@ -67,6 +93,8 @@ impl Default for Recorder {
         Self {
             reloads: Family::default(),
             phases: Family::new_with_constructor(phase_histogram),
+            check_failures: Counter::default(),
+            config: Default::default(),
         }
     }
 }
@@ -81,6 +109,9 @@ impl Recorder {
         self.reloads
             .get_or_create(&label("result", report.result.as_str()))
             .inc();
+        if report.check_failed {
+            self.check_failures.inc();
+        }
         for (phase, ms) in [
             ("spawn_to_ready", report.spawn_to_ready_ms),
             ("ready_to_cutover", report.ready_to_cutover_ms),
@@ -92,6 +123,78 @@ impl Recorder {
                     .get_or_create(&label("phase", phase))
                     .observe(ms / 1000.0);
             }
+        }
+    }
+
+    /// Records the result of a config load: a reload, a restart or the
+    /// first start (a reload that never began a generation, refused at a
+    /// stop, is none). Only a reload that succeeded counts as successful:
+    /// a failed one, one refused by `--check`, and one rolled back (the
+    /// previous config serves again) do not.
+    pub fn config_loaded(&self, report: &ReloadReport) {
+        if report.generation == 0 {
+            return;
+        }
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let succeeded = report.result == crate::status::ReloadResult::Succeeded;
+        config.last_successful = Some(succeeded);
+        if succeeded {
+            config.last_success_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs_f64());
+        }
+    }
+
+    /// The config identity metrics (module comment).
+    fn register_config(&self, registry: &mut Registry, status: &StatusReport) {
+        registry.register(
+            "reload_check_failures",
+            "Reloads refused by --check (nothing was started; also counted as failed reloads)",
+            self.check_failures.clone(),
+        );
+        let info = Family::<Labels, Gauge>::default();
+        for g in status.generations.iter().filter(|g| g.state.is_live()) {
+            if let Some(digest) = &g.config_sha256 {
+                info.get_or_create(&vec![
+                    ("generation".to_owned(), g.generation.to_string()),
+                    ("config_sha256".to_owned(), digest.clone()),
+                ])
+                .set(1);
+            }
+        }
+        registry.register(
+            "generation_info",
+            "A live generation and the sha256 of the --config files it started with",
+            info,
+        );
+        let active = Family::<Labels, Gauge>::default();
+        if let Some(digest) = &status.active_config_sha256 {
+            active.get_or_create(&label("config_sha256", digest)).set(1);
+        }
+        registry.register(
+            "active_config_info",
+            "The sha256 of the --config files of the active generation (what this replica serves)",
+            active,
+        );
+        let loads = *self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(successful) = loads.last_successful {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::from(successful));
+            registry.register(
+                "config_last_reload_successful",
+                "Whether the last config load (reload, restart or first start) succeeded",
+                gauge,
+            );
+        }
+        if let Some(unix) = loads.last_success_unix {
+            let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            gauge.set(unix);
+            registry.register(
+                "config_last_reload_success_timestamp_seconds",
+                "When the last successful config load completed (Unix time)",
+                gauge,
+            );
         }
     }
 
@@ -177,6 +280,7 @@ impl Recorder {
     /// The OpenMetrics text for a scrape, with state read from `status`.
     pub fn encode(&self, status: &StatusReport) -> String {
         let mut registry = Registry::with_prefix("reloader");
+        self.register_config(&mut registry, status);
         registry.register(
             "reloads",
             "Reloads by result (the first generation's start is not a reload)",

@@ -166,6 +166,9 @@ pub async fn run<H: Host>(
     canary: Option<CanaryPlan>,
 ) -> Result<CutOver, ReloadReport> {
     let t0 = Instant::now();
+    let config_sha256 = super::preflight::run(handle)
+        .await
+        .inspect_err(|report| record(handle, report, first_start))?;
     let begun = take_slot(handle).await.map_err(|error| {
         let report = ReloadReport {
             error: Some(crate::error_chain(&error)),
@@ -174,9 +177,11 @@ pub async fn run<H: Host>(
         record(handle, &report, first_start);
         report
     })?;
+    handle.update(|s| s.set_config_sha256(begun.number, config_sha256.clone()));
     let mut report = ReloadReport {
         generation: begun.number,
         previous: begun.previous,
+        config_sha256,
         canary_percent: canary
             .iter()
             .flat_map(|p| p.steps.iter().map(|w| CanaryPlan::percent(*w)))
@@ -360,6 +365,7 @@ fn explain_failure(error: String, stderr: &[String]) -> String {
 
 fn record(handle: &Handle, report: &ReloadReport, first_start: bool) {
     handle.update(|s| s.record(report, first_start));
+    handle.metrics().config_loaded(report);
     if !first_start {
         handle.metrics().reload(report);
     }

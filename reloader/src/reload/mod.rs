@@ -1,5 +1,7 @@
 //! One reload, step by step (README "How it works"):
 //!
+//! 0. **check** (`--check`) and hash the `--config` files ([`preflight`]):
+//!    a failed check ends the reload before anything is taken or started.
 //! 1. **take slot**: a free steering slot for generation N+1, waiting while
 //!    `--max-draining` generations drain; its counters start at zero.
 //! 2. **spawn** N+1 in it (its own process group, held by pidfd).
@@ -25,11 +27,13 @@
 //! change lives in [`crate::state`]; spawning and inspecting processes go
 //! through [`Host`], so the machine runs in unit tests without privileges.
 
+mod check;
 mod dns;
 mod drain;
 pub mod health;
 mod host;
 pub mod machine;
+mod preflight;
 mod probe;
 mod ready;
 pub mod scheduler;

@@ -125,9 +125,13 @@ impl Handle {
     }
 
     /// Writes the state file at `path` whenever its content changes, until
-    /// the handle's last clone is gone. Runs as a task; the write and its
-    /// fsync run on a blocking thread.
-    pub async fn persist_to(self, path: PathBuf) {
+    /// `stop` fires or the handle's last clone is gone. Runs as a task; the
+    /// write and its fsync run on a blocking thread.
+    ///
+    /// Stop it with `stop`, then await it: aborting the task would not stop
+    /// a write already on its blocking thread, and that write could land
+    /// after the stopping instance removed the file.
+    pub async fn persist_to(self, path: PathBuf, mut stop: tokio::sync::oneshot::Receiver<()>) {
         self.shared.persisting.store(true, Ordering::Relaxed);
         let mut saved = self.shared.saved.subscribe();
         let persisted = self.shared.persisted.clone();
@@ -143,7 +147,13 @@ impl Handle {
                 warn!(%error, "cannot write the state file");
             }
             persisted.send_replace(version);
-            if saved.changed().await.is_err() {
+            let stopped = tokio::select! {
+                changed = saved.changed() => changed.is_err(),
+                _ = &mut stop => true,
+            };
+            if stopped {
+                // Whoever waits for a write that will not come goes on.
+                persisted.send_replace(u64::MAX);
                 return;
             }
         }

@@ -11,6 +11,7 @@
 
 mod ending;
 mod handle;
+mod identity;
 mod report;
 mod rollout;
 pub mod saved;

@@ -112,6 +112,7 @@ impl InstanceState {
                     } else {
                         0
                     },
+                    config_sha256: g.config_sha256.clone(),
                     weight_percent: self.weight_percent(g.number),
                     steered_per_second: self.steered_per_second(g.number),
                     health: self.health_status(g.number),
@@ -149,6 +150,7 @@ impl InstanceState {
                     crate::supervisor::godebug(std::env::var("GODEBUG").ok().as_deref())
                 ),
             ],
+            active_config_sha256: self.active_config_sha256(),
         }
     }
 
@@ -170,6 +172,7 @@ impl InstanceState {
                         .iter()
                         .map(|s| s.socket.cookie)
                         .collect(),
+                    config_sha256: g.config_sha256.clone(),
                 })
             })
             .collect();

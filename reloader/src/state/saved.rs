@@ -39,6 +39,10 @@ pub struct SavedGeneration {
     /// adopts it only if its process still holds one of them.
     #[serde(default)]
     pub sockets: Vec<u64>,
+    /// The digest of its `--config` files (absent in files of older
+    /// controllers: still version 2, read as `None`).
+    #[serde(default)]
+    pub config_sha256: Option<String>,
 }
 
 /// The sizes of the pinned steering maps: a successor must load its
@@ -255,6 +259,7 @@ mod tests {
             start_time: 1000 + u64::from(pid),
             state,
             sockets: vec![u64::from(pid) * 10],
+            config_sha256: Some(format!("{pid:064x}")),
         }
     }
 
@@ -348,6 +353,22 @@ mod tests {
                 .unwrap_err()
                 .contains("not a reloader state file")
         );
+    }
+
+    #[test]
+    fn a_version_2_file_without_config_digests_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.state.json");
+        let s = saved(vec![generation(8, 80, State::Active)]);
+        let mut json = serde_json::to_value(&s).unwrap();
+        json["generations"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("config_sha256");
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let read = load(&path).unwrap().unwrap();
+        assert_eq!(read.generations[0].config_sha256, None);
+        assert_eq!(read.generations[0].number, 8);
     }
 
     #[test]

@@ -10,10 +10,14 @@
 //! the group id, then [`reap`] releases the pid. std's `Child` is never
 //! waited on (that would race with this).
 
+mod claim;
 mod process;
 mod spawn;
 mod stderr;
 
+#[cfg(test)]
+pub(crate) use claim::claimed_pids;
+pub use claim::{Claim, deliver_claimed, spawn_claimed};
 use nix::{
     errno::Errno,
     sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid},
@@ -39,6 +43,8 @@ pub struct Exit {
     pub pid: u32,
     /// How it ended, for people: `exited with status 1`, `killed by SIGKILL`.
     pub how: String,
+    /// Its exit status, if it exited (not killed by a signal).
+    pub code: Option<i32>,
 }
 
 /// The next child that has exited, left unreaped (its pid stays taken
@@ -63,15 +69,18 @@ pub fn reap(pid: u32) {
     let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
 }
 
-fn describe(status: WaitStatus) -> Option<Exit> {
+/// The exit `status` reports, if it is one.
+pub(crate) fn describe(status: WaitStatus) -> Option<Exit> {
     match status {
         WaitStatus::Exited(pid, code) => Some(Exit {
             pid: pid.as_raw() as u32,
             how: format!("exited with status {code}"),
+            code: Some(code),
         }),
         WaitStatus::Signaled(pid, signal, _) => Some(Exit {
             pid: pid.as_raw() as u32,
             how: format!("killed by {}", signal.as_str()),
+            code: None,
         }),
         _ => None,
     }

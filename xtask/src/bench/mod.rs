@@ -7,16 +7,26 @@
 //! network namespace; then the micro-measurements ([`micro`]). Prints the
 //! tables, writes a JSON file and an SVG plot.
 //!
+//! `--keepalive` runs the keep-alive section instead ([`keepalive`]): nginx
+//! and HAProxy under persistent HTTP/1.1 connections, with each server's
+//! own remedies. `--scale` runs the scale section ([`scale`]): reload cost,
+//! discovery, steering overhead and memory for 1 to 256 listeners.
+//!
 //! It is a benchmark, not a test: it fails only when it cannot run, or when
-//! reloader itself failed a connection or a reload (a bug, not a number).
+//! reloader itself failed a connection or a reload (a bug, not a number;
+//! not in the keep-alive section, where servers close connections
+//! themselves).
 
+mod keepalive;
 mod micro;
 mod plot;
 mod report;
 mod rollout;
+mod scale;
 mod scenario;
 mod server;
 mod table;
+mod udp;
 
 use std::{
     path::{Path, PathBuf},
@@ -31,7 +41,7 @@ use serde_json::{Value, json};
 
 use self::{
     report::{Reload, Summary},
-    scenario::{Bins, Method, Params},
+    scenario::{Bins, Client, Events, Method, Params, Variant},
     server::Server,
 };
 
@@ -39,32 +49,59 @@ use self::{
 pub struct BenchArgs {
     /// A short run for routine use (5 reloads per scenario; under a minute
     /// after the build). Without it: 1,000 reloads per scenario (about 45
-    /// minutes).
+    /// minutes). With --keepalive: 3 reloads per scenario; with --scale: 3
+    /// reloads per size.
     #[arg(long)]
     quick: bool,
     /// Run the rollback and canary section only: rollback latency (map,
     /// CLI, first connection) over 20 cycles and the connection rate with a
     /// 50 % canary split vs one generation (about 2 minutes).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["udp", "keepalive", "scale"])]
     rollout: bool,
-    /// Reloads per scenario [default: 1000; --quick: 5].
+    /// Run the UDP section only: DNS (unbound, Knot) and HTTP/3 (Caddy)
+    /// reloaded naive vs reloader, and the program's cost per datagram
+    /// (--reloads per scenario, default 20; about 5 minutes).
+    #[arg(long, conflicts_with_all = ["keepalive", "scale"])]
+    udp: bool,
+    /// Run the keep-alive section only: nginx and HAProxy under persistent
+    /// HTTP/1.1 connections, naive / sysctl / reloader, with each server's
+    /// remedies (20 reloads per scenario; about 10 minutes).
+    #[arg(long, conflicts_with = "scale")]
+    keepalive: bool,
+    /// Run the scale section only: reload phases, controller CPU, discovery,
+    /// status and metrics, steering overhead and memory for 1, 16, 64 and
+    /// 256 listeners (about 5 minutes).
+    #[arg(long)]
+    scale: bool,
+    /// Reloads per scenario [default: 1000; --quick: 5; --keepalive: 20;
+    /// --scale: 20 per size].
     #[arg(long)]
     reloads: Option<usize>,
     /// Milliseconds from one reload's start to the next (a reload that takes
-    /// longer is followed at once).
-    #[arg(long, default_value_t = 400)]
-    interval_ms: u64,
+    /// longer is followed at once) [default: 400; --keepalive: 500].
+    #[arg(long)]
+    interval_ms: Option<u64>,
     /// Connections the load client keeps open at once, each followed at
     /// once by the next.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Servers to reload.
-    #[arg(long, value_delimiter = ',', default_value = "testserver,nginx")]
-    servers: Vec<String>,
-    /// Where to write the JSON results [default: target/bench/bench.json].
+    /// --keepalive: persistent connections of the keep-alive client.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// --scale: listener counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    listeners: Vec<usize>,
+    /// Servers to reload [default: testserver,nginx; --keepalive:
+    /// nginx,haproxy].
+    #[arg(long, value_delimiter = ',')]
+    servers: Option<Vec<String>>,
+    /// Where to write the JSON results [default: target/bench/bench.json;
+    /// --keepalive: target/bench/keepalive.json; --scale:
+    /// target/bench/scale.json].
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Where to write the SVG plot [default: target/bench/bench.svg].
+    /// Where to write the SVG plot [default: target/bench/bench.svg;
+    /// --scale: target/bench/scale.svg].
     #[arg(long)]
     svg: Option<PathBuf>,
 }
@@ -98,25 +135,55 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
              (`sudo -E cargo xtask bench`)"
         );
     }
-    let servers: Vec<Server> = args
-        .servers
-        .iter()
-        .map(|s| match s.as_str() {
-            "testserver" => Ok(Server::TestServer),
-            "nginx" => Ok(Server::Nginx),
-            other => bail!("unknown server {other:?}: testserver or nginx"),
-        })
-        .collect::<Result<_>>()?;
-    if servers.contains(&Server::Nginx) && !Path::new(server::NGINX).exists() {
-        bail!(
-            "{} is missing: `apt-get install nginx-light` (or --servers testserver)",
-            server::NGINX
-        );
+    let default_servers = if args.keepalive {
+        "nginx,haproxy"
+    } else {
+        "testserver,nginx"
+    };
+    let servers: Vec<Server> = match &args.servers {
+        Some(names) => names
+            .iter()
+            .map(|s| Server::parse(s))
+            .collect::<Result<_>>()?,
+        None => default_servers
+            .split(',')
+            .map(Server::parse)
+            .collect::<Result<_>>()?,
+    };
+    if !args.scale {
+        for server in &servers {
+            server.check_installed()?;
+        }
     }
+    let section = if args.keepalive {
+        "keepalive"
+    } else if args.scale {
+        "scale"
+    } else {
+        "bench"
+    };
     let params = Params {
-        reloads: args.reloads.unwrap_or(if args.quick { 5 } else { 1000 }),
-        interval_ms: args.interval_ms,
-        concurrency: args.concurrency,
+        reloads: args
+            .reloads
+            .unwrap_or(match (args.quick, args.keepalive || args.scale) {
+                (true, false) => 5,
+                (true, true) => 3,
+                (false, false) => 1000,
+                (false, true) => 20,
+            }),
+        interval_ms: args
+            .interval_ms
+            .unwrap_or(if args.keepalive { 500 } else { 400 }),
+        client: if args.keepalive {
+            Client::KeepAlive {
+                connections: args.connections,
+                pause_ms: 0,
+            }
+        } else {
+            Client::Connections {
+                concurrency: args.concurrency,
+            }
+        },
         warmup_ms: 300,
         cooldown_ms: 300,
         timeout_ms: 3000,
@@ -138,13 +205,16 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         eprintln!("bench: results in {}", path.display());
         return Ok(());
     }
+    if args.udp {
+        return udp::run(&bins, root, args.quick, args.reloads, args.json);
+    }
     let host_migrate_req = server::migrate_req()?;
     let json_path = args
         .json
-        .unwrap_or_else(|| root.join("target/bench/bench.json"));
+        .unwrap_or_else(|| root.join(format!("target/bench/{section}.json")));
     let svg_path = args
         .svg
-        .unwrap_or_else(|| root.join("target/bench/bench.svg"));
+        .unwrap_or_else(|| root.join(format!("target/bench/{section}.svg")));
     for p in [&json_path, &svg_path] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -152,9 +222,22 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         }
     }
     let machine = machine();
+    if args.keepalive {
+        keepalive::section(&servers, &bins, &params, &json_path, &machine, started)?;
+        return check_sysctl(&host_migrate_req);
+    }
+    if args.scale {
+        let options = scale::Options {
+            listeners: args.listeners.clone(),
+            reloads: params.reloads,
+            quick: args.quick,
+        };
+        scale::section(&options, &bins, &json_path, &svg_path, &machine, started)?;
+        return check_sysctl(&host_migrate_req);
+    }
     eprintln!(
         "bench: {} reloads per scenario every {} ms, {} connections at a time; {}",
-        params.reloads, params.interval_ms, params.concurrency, machine["summary"]
+        params.reloads, params.interval_ms, args.concurrency, machine["summary"]
     );
 
     let mut results = Vec::new();
@@ -163,8 +246,11 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         for method in Method::ALL {
             let t = Instant::now();
             eprint!("bench: {} / {} ... ", server.name(), method.name());
-            let outcome = scenario::run(server, method, &bins, &params)?;
-            let summary = report::summarize(&outcome.events, &outcome.reloads);
+            let outcome = scenario::run(server, method, &bins, &params, &Variant::default())?;
+            let Events::Connections(events) = outcome.events else {
+                bail!("the scenario ran the keep-alive client");
+            };
+            let summary = report::summarize(&events, &outcome.reloads);
             eprintln!(
                 "{:.0}s: {} connections, {} failed, {} reloads ({} failed)",
                 t.elapsed().as_secs_f64(),
@@ -174,7 +260,7 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
                 summary.reloads_failed
             );
             let title = format!("{} / {}", server.name(), method.name());
-            rows.push(plot_row(title, &outcome.events, &outcome.reloads, &summary));
+            rows.push(plot_row(title, &events, &outcome.reloads, &summary));
             results.push(ScenarioResult {
                 server: server.name(),
                 method: method.name(),
@@ -203,24 +289,16 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         cutover: micro::cutover(&bins, rounds)?,
         idle: micro::idle(&bins, idle_s)?,
     };
-    if server::migrate_req()? != host_migrate_req {
-        eprintln!(
-            "bench: WARNING: the host's {} changed during the run (was {host_migrate_req})",
-            server::MIGRATE_SYSCTL
-        );
-    }
+    check_sysctl(&host_migrate_req)?;
 
     let tables = table::render(&results, &micro);
     println!("{tables}");
-    let command = format!(
-        "cargo xtask {}",
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
-    );
+    let command = command_line();
     let heading = format!(
         "reloader bench: {} reloads per scenario every {} ms under {} concurrent new connections ({}, Linux {})",
         params.reloads,
         params.interval_ms,
-        params.concurrency,
+        args.concurrency,
         machine["cpu"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
     );
@@ -269,6 +347,26 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Warns when the host's `net.ipv4.tcp_migrate_req` changed during the run
+/// (the scenarios set it in their own namespaces only).
+fn check_sysctl(before: &str) -> Result<()> {
+    if server::migrate_req()? != before {
+        eprintln!(
+            "bench: WARNING: the host's {} changed during the run (was {before})",
+            server::MIGRATE_SYSCTL
+        );
+    }
+    Ok(())
+}
+
+/// How the bench was started, for the record.
+pub fn command_line() -> String {
+    format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    )
+}
+
 /// Builds the release binaries the bench runs.
 fn build(root: &Path) -> Result<Bins> {
     eprintln!("bench: cargo build --release -p reloader -p reloader-tests --bins");
@@ -294,6 +392,7 @@ fn build(root: &Path) -> Result<Bins> {
         reloader: bin("reloader"),
         testserver: bin("testserver"),
         loadgen: bin("loadgen"),
+        kaload: bin("kaload"),
         steerbench: bin("steerbench"),
     })
 }

@@ -1,8 +1,10 @@
-//! The SVG plot: one row per scenario. Left, the first reloads up close:
+//! The SVG plots. [`draw`]: one row per scenario. Left, the first reloads up close:
 //! connections per second by the generation that answered them (one line
 //! per generation), reload starts as grey lines, failed connections as red
 //! crosses. Right, the whole run: all successful connections per second
-//! and failures per second.
+//! and failures per second. [`lines`]: panels of lines against a linear x
+//! axis (the scale section: costs against listeners; linear, so that
+//! linear growth looks straight).
 
 use std::path::Path;
 
@@ -213,5 +215,82 @@ fn whole(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, row: &Row) -> R
     }
     rate_line(&mut chart, b, row.t0_ns, &b.ok, BLACK.stroke_width(1))?;
     failures(&mut chart, b, row.t0_ns)?;
+    Ok(())
+}
+
+/// One line of a [`lines`] panel.
+pub struct Series {
+    pub name: String,
+    /// (x, y), x ≥ 0.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart of [`lines`].
+pub struct Panel {
+    pub title: String,
+    pub y_desc: String,
+    pub series: Vec<Series>,
+}
+
+/// Panels side by side, each a set of lines with points marked, against
+/// the same linear x axis from 0; a legend in each.
+pub fn lines(path: &Path, heading: &str, x_desc: &str, panels: &[Panel]) -> Result<()> {
+    let (panel_width, height) = (750u32, 520u32);
+    let root = SVGBackend::new(
+        path,
+        (panel_width * panels.len().max(1) as u32, height + 40),
+    )
+    .into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (top, body) = root.split_vertically(40);
+    top.draw_text(
+        heading,
+        &("sans-serif", 18).into_font().color(&BLACK),
+        (15, 10),
+    )
+    .map_err(err)?;
+    let cells = body.split_evenly((1, panels.len().max(1)));
+    for (panel, area) in panels.iter().zip(&cells) {
+        let all = panel.series.iter().flat_map(|s| s.points.iter());
+        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+        let y_max = all.map(|p| p.1).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 15))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(&panel.y_desc)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        for (i, s) in panel.series.iter().enumerate() {
+            let color = GENERATION_COLORS[i % GENERATION_COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(&s.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
     Ok(())
 }

@@ -129,7 +129,7 @@ fn latency(h: &Histogram<u64>) -> Latency {
 }
 
 /// The index of the last reload that started at or before `t_ns`.
-fn reload_before(reloads: &[Reload], t_ns: u64) -> Option<usize> {
+pub fn reload_before(reloads: &[Reload], t_ns: u64) -> Option<usize> {
     reloads
         .partition_point(|r| r.start_ns <= t_ns)
         .checked_sub(1)
@@ -211,18 +211,23 @@ pub fn summarize(events: &[Event], reloads: &[Reload]) -> Summary {
         },
         latency: latency(&all),
         in_reloads,
-        phases: PhaseStats {
-            spawn_to_ready: stat(reloads.iter().filter_map(|r| r.phases.spawn_to_ready_ms)),
-            ready_to_cutover: stat(reloads.iter().filter_map(|r| r.phases.ready_to_cutover_ms)),
-            cutover_to_old_exited: stat(
-                reloads
-                    .iter()
-                    .filter_map(|r| r.phases.cutover_to_old_exited_ms),
-            ),
-            total: stat(reloads.iter().filter_map(|r| r.phases.total_ms)),
-        },
+        phases: phase_stats(reloads),
         generations_answering: generations.len(),
         failures,
+    }
+}
+
+/// Each phase's statistics over `reloads`.
+pub fn phase_stats(reloads: &[Reload]) -> PhaseStats {
+    PhaseStats {
+        spawn_to_ready: stat(reloads.iter().filter_map(|r| r.phases.spawn_to_ready_ms)),
+        ready_to_cutover: stat(reloads.iter().filter_map(|r| r.phases.ready_to_cutover_ms)),
+        cutover_to_old_exited: stat(
+            reloads
+                .iter()
+                .filter_map(|r| r.phases.cutover_to_old_exited_ms),
+        ),
+        total: stat(reloads.iter().filter_map(|r| r.phases.total_ms)),
     }
 }
 

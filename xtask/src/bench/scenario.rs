@@ -7,6 +7,9 @@
 //! - `sysctl`: the same with `net.ipv4.tcp_migrate_req=1`: the kernel moves
 //!   what is queued in a closing listener to another member of the group.
 //! - `reloader`: `reloader run` and `reloader reload --wait`.
+//!
+//! The load is the new-connection client (`loadgen`) or the keep-alive
+//! client (`kaload`, see [`Client`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -17,12 +20,13 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use reloader_tests::{
     instance::Instance,
-    loadgen::{self, Event, monotonic_ns},
+    keepalive,
+    loadgen::{self, monotonic_ns},
 };
 
 use super::{
     report::{Phases, Reload},
-    server::{self, ADDR, MigrateReq, Proc, SOCKETS_PER_GENERATION, Server, Setup},
+    server::{self, ADDR, Extra, MigrateReq, Proc, Server, Setup},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +64,32 @@ pub struct Bins {
     pub reloader: PathBuf,
     pub testserver: PathBuf,
     pub loadgen: PathBuf,
+    pub kaload: PathBuf,
     pub steerbench: PathBuf,
+}
+
+/// The load client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Client {
+    /// `loadgen`: this many new connections at a time, one request each
+    /// (`Connection: close`), each followed at once by the next.
+    Connections { concurrency: usize },
+    /// `kaload`: this many persistent HTTP/1.1 connections, each sending
+    /// its next request `pause_ms` after the previous response (0: back to
+    /// back); a request that failed on a reused connection before any byte
+    /// of its response is retried once on a new connection (both attempts
+    /// recorded).
+    KeepAlive { connections: usize, pause_ms: u64 },
+}
+
+/// How a scenario departs from the plain setup: the server's own
+/// configuration, and `reloader run`'s options.
+#[derive(Clone, Debug, Default)]
+pub struct Variant {
+    pub extra: Extra,
+    /// Added to `reloader run` (e.g. `--settle 1s`).
+    pub reloader_args: Vec<String>,
 }
 
 /// The same for every scenario of a run.
@@ -68,7 +97,7 @@ pub struct Bins {
 pub struct Params {
     pub reloads: usize,
     pub interval_ms: u64,
-    pub concurrency: usize,
+    pub client: Client,
     /// Load before the first reload and after the last.
     pub warmup_ms: u64,
     pub cooldown_ms: u64,
@@ -76,24 +105,43 @@ pub struct Params {
     pub timeout_ms: u64,
 }
 
+/// What the load client recorded.
+pub enum Events {
+    /// One per connection (`loadgen`).
+    Connections(Vec<loadgen::Event>),
+    /// One per request (`kaload`).
+    KeepAlive(Vec<keepalive::Event>),
+}
+
 /// What a scenario produced.
 pub struct Outcome {
-    pub events: Vec<Event>,
+    pub events: Events,
     pub reloads: Vec<Reload>,
     /// `net.ipv4.tcp_migrate_req` in its namespace while it ran.
     pub migrate_req: String,
 }
 
 /// Runs one scenario in a fresh network namespace.
-pub fn run(server: Server, method: Method, bins: &Bins, params: &Params) -> Result<Outcome> {
-    let (bins, params) = (bins.clone(), params.clone());
+pub fn run(
+    server: Server,
+    method: Method,
+    bins: &Bins,
+    params: &Params,
+    variant: &Variant,
+) -> Result<Outcome> {
+    let (bins, params, variant) = (bins.clone(), params.clone(), variant.clone());
     server::in_netns(move || {
-        let setup = Setup::new(server, &bins.testserver, params.reloads as u64 + 1)?;
+        let setup = Setup::with_extra(
+            server,
+            &bins.testserver,
+            params.reloads as u64 + 1,
+            &variant.extra,
+        )?;
         let sysctl = MigrateReq::set(method == Method::Sysctl)?;
         let migrate_req = server::migrate_req()?;
         let (events, reloads) = match method {
             Method::Naive | Method::Sysctl => plain(&setup, &bins, &params),
-            Method::Reloader => with_reloader(&setup, &bins, &params),
+            Method::Reloader => with_reloader(&setup, &bins, &params, &variant.reloader_args),
         }
         .with_context(|| {
             format!(
@@ -117,6 +165,7 @@ struct Load {
     proc: Proc,
     out: PathBuf,
     timeout: Duration,
+    client: Client,
 }
 
 impl Load {
@@ -126,35 +175,55 @@ impl Load {
         let planned = params.warmup_ms
             + params.cooldown_ms
             + params.reloads as u64 * params.interval_ms.max(2_000);
-        let argv = [
-            bins.loadgen.display().to_string(),
+        let mut argv = match params.client {
+            Client::Connections { concurrency } => vec![
+                bins.loadgen.display().to_string(),
+                "--concurrency".into(),
+                concurrency.to_string(),
+            ],
+            Client::KeepAlive {
+                connections,
+                pause_ms,
+            } => vec![
+                bins.kaload.display().to_string(),
+                "--connections".into(),
+                connections.to_string(),
+                "--pause-ms".into(),
+                pause_ms.to_string(),
+                "--retry".into(),
+            ],
+        };
+        argv.extend([
             "--addr".into(),
             ADDR.into(),
-            "--concurrency".into(),
-            params.concurrency.to_string(),
             "--timeout-ms".into(),
             params.timeout_ms.to_string(),
             "--max-duration-s".into(),
             (planned / 1000 + 120).to_string(),
             "--out".into(),
             out.display().to_string(),
-        ];
+        ]);
         let proc = Proc::spawn(&argv, &[], &dir.join("loadgen.log"))?;
         Ok(Self {
             proc,
             out,
             timeout: Duration::from_millis(params.timeout_ms),
+            client: params.client,
         })
     }
 
-    fn finish(mut self) -> Result<Vec<Event>> {
+    fn finish(mut self) -> Result<Events> {
         self.proc.signal(Signal::SIGTERM);
         if !self.proc.wait(self.timeout + Duration::from_secs(30))? {
             bail!("the load client did not exit after SIGTERM");
         }
         let file = std::fs::File::open(&self.out)
             .with_context(|| format!("the load client wrote no {}", self.out.display()))?;
-        let events = loadgen::read_events(std::io::BufReader::new(file))?;
+        let file = std::io::BufReader::new(file);
+        let events = match self.client {
+            Client::Connections { .. } => Events::Connections(loadgen::read_events(file)?),
+            Client::KeepAlive { .. } => Events::KeepAlive(keepalive::read_events(file)?),
+        };
         let _ = std::fs::remove_file(&self.out);
         Ok(events)
     }
@@ -182,7 +251,7 @@ fn under_load(
     params: &Params,
     dir: &Path,
     mut reload: impl FnMut(usize) -> Result<Reload>,
-) -> Result<(Vec<Event>, Vec<Reload>)> {
+) -> Result<(Events, Vec<Reload>)> {
     let load = Load::start(bins, params, dir)?;
     std::thread::sleep(Duration::from_millis(params.warmup_ms));
     let interval = Duration::from_millis(params.interval_ms);
@@ -196,7 +265,8 @@ fn under_load(
     Ok((load.finish()?, reloads))
 }
 
-fn plain(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Vec<Event>, Vec<Reload>)> {
+fn plain(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Events, Vec<Reload>)> {
+    let sockets = setup.server.sockets_per_generation();
     let log = setup.log();
     let start = |generation: u64| {
         Proc::spawn(
@@ -206,7 +276,7 @@ fn plain(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Vec<Event>, Vec
         )
     };
     let mut current = start(1)?;
-    server::wait_listening(SOCKETS_PER_GENERATION, Duration::from_secs(30))
+    server::wait_listening(sockets, Duration::from_secs(30))
         .context("the first instance did not listen")?;
 
     let result = under_load(bins, params, setup.dir.path(), |k| {
@@ -214,8 +284,7 @@ fn plain(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Vec<Event>, Vec
         let start_ns = monotonic_ns();
         let t0 = Instant::now();
         let mut next = start(generation)?;
-        if let Err(e) = server::wait_listening(2 * SOCKETS_PER_GENERATION, Duration::from_secs(30))
-        {
+        if let Err(e) = server::wait_listening(2 * sockets, Duration::from_secs(30)) {
             next.kill();
             return Ok(Reload {
                 start_ns,
@@ -257,15 +326,11 @@ fn plain(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Vec<Event>, Vec
 /// `reloader run` (the bench's release build, through `$RELOADER_BIN`)
 /// wrapping `setup`'s server, its first generation active.
 pub fn start_reloader(setup: &Setup, extra: &[&str]) -> Instance {
-    let drain = match setup.server {
-        Server::TestServer => "TERM",
-        Server::Nginx => "QUIT",
-    };
     let mut args = vec![
         "--listen",
         ADDR,
         "--drain-signal",
-        drain,
+        setup.server.drain_signal_name(),
         "--drain-timeout",
         "30s",
     ];
@@ -279,8 +344,14 @@ pub fn start_reloader(setup: &Setup, extra: &[&str]) -> Instance {
     instance
 }
 
-fn with_reloader(setup: &Setup, bins: &Bins, params: &Params) -> Result<(Vec<Event>, Vec<Reload>)> {
-    let mut instance = start_reloader(setup, &[]);
+fn with_reloader(
+    setup: &Setup,
+    bins: &Bins,
+    params: &Params,
+    reloader_args: &[String],
+) -> Result<(Events, Vec<Reload>)> {
+    let args: Vec<&str> = reloader_args.iter().map(String::as_str).collect();
+    let mut instance = start_reloader(setup, &args);
     let result = under_load(bins, params, setup.dir.path(), |_| {
         let start_ns = monotonic_ns();
         let (succeeded, answer) = instance.reload_wait();

@@ -1,9 +1,11 @@
 //! The servers the bench reloads, and the process and namespace plumbing
 //! the scenarios share.
 //!
-//! Both servers run two worker processes, each with its own `SO_REUSEPORT`
-//! listener, and answer `gen=N` (N from the generation number) so the load
-//! client can tell which generation served each connection.
+//! The test server and nginx run two worker processes, each with its own
+//! `SO_REUSEPORT` listener; HAProxy (`-db`, `nbthread 2`) one process whose
+//! two threads share one listener. Each answers `gen=N` (N from the
+//! generation number) so the load client can tell which generation served
+//! each connection or request.
 
 use std::{
     os::unix::process::CommandExt,
@@ -21,16 +23,21 @@ use reloader_tests::nginx::Nginx;
 
 pub const ADDR: &str = "127.0.0.1:8080";
 const PORT: u16 = 8080;
-/// Listening sockets one generation opens (two workers).
-pub const SOCKETS_PER_GENERATION: usize = 2;
 pub const NGINX: &str = "/usr/sbin/nginx";
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::enum_variant_names,
+    reason = "`TestServer` is the test server binary's name, not a suffix"
+)]
 pub enum Server {
     /// This repository's test server (`tests/bin/testserver.rs`).
     TestServer,
     /// Debian's nginx.
     Nginx,
+    /// Debian's HAProxy.
+    Haproxy,
 }
 
 impl Server {
@@ -38,15 +45,76 @@ impl Server {
         match self {
             Server::TestServer => "testserver",
             Server::Nginx => "nginx",
+            Server::Haproxy => "haproxy",
         }
     }
 
-    /// Its graceful stop.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "testserver" => Ok(Server::TestServer),
+            "nginx" => Ok(Server::Nginx),
+            "haproxy" => Ok(Server::Haproxy),
+            other => bail!("unknown server {other:?}: testserver, nginx or haproxy"),
+        }
+    }
+
+    /// Fails, saying what to install, when the server's binary is missing.
+    pub fn check_installed(self) -> Result<()> {
+        let (binary, package) = match self {
+            Server::TestServer => return Ok(()),
+            Server::Nginx => (NGINX, "nginx-light"),
+            Server::Haproxy => (HAPROXY, "haproxy"),
+        };
+        if !Path::new(binary).exists() {
+            bail!(
+                "{binary} is missing: `apt-get install {package}` (or leave {} out of --servers)",
+                self.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// Its graceful stop (HAProxy: soft-stop).
     pub fn drain_signal(self) -> Signal {
         match self {
             Server::TestServer => Signal::SIGTERM,
             Server::Nginx => Signal::SIGQUIT,
+            Server::Haproxy => Signal::SIGUSR1,
         }
+    }
+
+    /// The same, as `reloader run --drain-signal` takes it.
+    pub fn drain_signal_name(self) -> &'static str {
+        match self {
+            Server::TestServer => "TERM",
+            Server::Nginx => "QUIT",
+            Server::Haproxy => "USR1",
+        }
+    }
+
+    /// Listening sockets one generation opens.
+    pub fn sockets_per_generation(self) -> usize {
+        match self {
+            // Two worker processes, one socket each.
+            Server::TestServer | Server::Nginx => 2,
+            // Two threads sharing one socket.
+            Server::Haproxy => 1,
+        }
+    }
+}
+
+/// Configuration lines added to a server's own (the keep-alive remedies).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Extra {
+    /// nginx: main context; HAProxy: `global` section.
+    pub global: Vec<String>,
+    /// nginx: every generation's `http` block; HAProxy: `defaults`.
+    pub http: Vec<String>,
+}
+
+impl Extra {
+    pub fn is_empty(&self) -> bool {
+        self.global.is_empty() && self.http.is_empty()
     }
 }
 
@@ -62,12 +130,45 @@ pub struct Setup {
 impl Setup {
     /// Prepares `server` for up to `generations` generations.
     pub fn new(server: Server, testserver: &Path, generations: u64) -> Result<Self> {
+        Self::with_extra(server, testserver, generations, &Extra::default())
+    }
+
+    /// As [`Setup::new`], with `extra` lines in the server's configuration
+    /// (nginx and HAProxy only).
+    pub fn with_extra(
+        server: Server,
+        testserver: &Path,
+        generations: u64,
+        extra: &Extra,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir().context("failed to create a scratch directory")?;
+        let lines = |lines: &[String], indent: &str| {
+            lines
+                .iter()
+                .map(|l| format!("{indent}{l}\n"))
+                .collect::<String>()
+        };
+        let nginx = match server {
+            Server::Nginx => Some(Nginx::with_directives(
+                ADDR,
+                generations,
+                &lines(&extra.global, ""),
+                &lines(&extra.http, ""),
+            )),
+            Server::Haproxy => {
+                write_haproxy_configs(dir.path(), generations, extra)?;
+                None
+            }
+            Server::TestServer => {
+                anyhow::ensure!(extra.is_empty(), "the test server takes no configuration");
+                None
+            }
+        };
         Ok(Self {
             server,
             dir,
             testserver: testserver.to_path_buf(),
-            nginx: (server == Server::Nginx).then(|| Nginx::new(ADDR, generations)),
+            nginx,
         })
     }
 
@@ -75,11 +176,17 @@ impl Setup {
     /// (reloader substitutes it; [`Setup::command_for`] does for the plain
     /// reloads).
     pub fn command(&self) -> Vec<String> {
-        match &self.nginx {
-            Some(nginx) => nginx.command(),
+        match (&self.nginx, self.server) {
+            (Some(nginx), _) => nginx.command(),
+            (None, Server::Haproxy) => vec![
+                HAPROXY.into(),
+                "-db".into(),
+                "-f".into(),
+                format!("{}/haproxy-{{generation}}.cfg", self.dir.path().display()),
+            ],
             // Like nginx, its graceful stop closes accepted connections it
             // has not read a request from yet.
-            None => reloader_tests::testserver_command(&self.testserver, ADDR),
+            (None, _) => reloader_tests::testserver_command(&self.testserver, ADDR),
         }
     }
 
@@ -94,6 +201,34 @@ impl Setup {
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
+}
+
+/// One HAProxy config per generation, answering `gen=N pid=P`. HAProxy
+/// sets `SO_REUSEPORT` by default; `-db` keeps it in the foreground, one
+/// process, and `USR1` is its soft-stop.
+fn write_haproxy_configs(dir: &Path, generations: u64, extra: &Extra) -> Result<()> {
+    let indented = |lines: &[String]| {
+        lines
+            .iter()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let (global, defaults) = (indented(&extra.global), indented(&extra.http));
+    for g in 1..=generations {
+        let path = dir.join(format!("haproxy-{g}.cfg"));
+        std::fs::write(
+            &path,
+            format!(
+                "global\n    nbthread 2\n{global}\
+                 defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    \
+                 timeout server 30s\n{defaults}\
+                 frontend fe\n    bind {ADDR}\n    http-request return status 200 \
+                 content-type text/plain lf-string \"gen={g} pid=%pid\\n\"\n"
+            ),
+        )
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A process the bench started in its own process group; killed (the

@@ -126,7 +126,13 @@ pub fn install_nginx() -> Result<()> {
     println!("test dependencies: installing nginx-light (apt): nginx for the VM's nginx tests");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "nginx-light"])
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "nginx-light",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     ensure!(
         Path::new(NGINX).exists(),

@@ -670,6 +670,12 @@ fn measure_nginx_failed_connections_per_reload(drain_signal: &str, settle: &str)
 
 #[test]
 #[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_quit_settle_0s() {
+    measure_nginx_failed_connections_per_reload("QUIT", "0s");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
 fn measure_nginx_quit_settle_250ms() {
     measure_nginx_failed_connections_per_reload("QUIT", "250ms");
 }

@@ -7,6 +7,14 @@
 //! out). Only when every place is busy with a real request is a client told
 //! "busy" (the CLI asks again within its `--timeout`). Accept errors
 //! (EMFILE) back off instead of spinning.
+//!
+//! An idle connection's place sits in the idle queue with it, so an
+//! eviction hands it to the newcomer at once: the accept loop never waits
+//! for the evicted connection's task to run. (It used to wait up to 100 ms
+//! for the place to come back; in a slow guest that wait made the accept
+//! loop fall behind a flood that filled the socket's backlog, and a `stop`
+//! queued behind it was not even accepted within 10 s.) A connection whose
+//! request has already arrived reads it before it looks at an eviction.
 
 use std::{
     collections::VecDeque,
@@ -18,7 +26,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{Semaphore, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
 };
 use tracing::warn;
 
@@ -29,19 +37,46 @@ use super::{
 
 /// Control connections served at once.
 pub const MAX_CLIENTS: usize = 256;
-/// How long a newcomer waits for an evicted idle connection's place.
-const EVICTION_WAIT: Duration = Duration::from_millis(100);
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connections that hold a place but have not sent a request yet, oldest
-/// first, each with what makes it give up its place.
-type Idle = Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>>;
+/// A connection that holds a place but has not sent a request yet.
+struct IdleEntry {
+    id: u64,
+    /// Tells its task it was evicted.
+    give_up: oneshot::Sender<()>,
+    /// Its place, kept here while it is idle.
+    place: OwnedSemaphorePermit,
+}
+
+/// The idle connections, oldest first.
+#[derive(Clone, Default)]
+struct Idle(Arc<Mutex<VecDeque<IdleEntry>>>);
+
+impl Idle {
+    fn push(&self, entry: IdleEntry) {
+        self.0.lock().expect("idle lock").push_back(entry);
+    }
+
+    /// The oldest idle connection's place; its task is told to give up.
+    fn evict_oldest(&self) -> Option<OwnedSemaphorePermit> {
+        let entry = self.0.lock().expect("idle lock").pop_front()?;
+        let _ = entry.give_up.send(());
+        Some(entry.place)
+    }
+
+    /// Connection `id` is idle no more: its place, unless it was evicted.
+    fn leave(&self, id: u64) -> Option<OwnedSemaphorePermit> {
+        let mut idle = self.0.lock().expect("idle lock");
+        let at = idle.iter().position(|e| e.id == id)?;
+        idle.remove(at).map(|e| e.place)
+    }
+}
 
 /// Serves `listener` until the task is dropped.
 pub async fn serve<C: Controller>(controller: C, listener: UnixListener) {
     let places = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let idle: Idle = Arc::default();
+    let idle = Idle::default();
     let mut next_id = 0u64;
     let owner = nix::unistd::geteuid().as_raw();
     let mut backoff = crate::net::AcceptBackoff::default();
@@ -56,23 +91,12 @@ pub async fn serve<C: Controller>(controller: C, listener: UnixListener) {
                 continue;
             }
         };
-        let place = match places.clone().try_acquire_owned() {
-            Ok(place) => Some(place),
-            Err(_) => {
-                // Every place is taken: the oldest idle connection yields.
-                let evicted = idle.lock().expect("idle lock").pop_front();
-                match evicted {
-                    Some((_, give_up)) => {
-                        let _ = give_up.send(());
-                        tokio::time::timeout(EVICTION_WAIT, places.clone().acquire_owned())
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    }
-                    None => None,
-                }
-            }
-        };
+        // Every place taken: the oldest idle connection yields its own.
+        let place = places
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .or_else(|| idle.evict_oldest());
         let Some(place) = place else {
             tokio::spawn(async move {
                 let busy = Response::Busy {
@@ -88,14 +112,15 @@ pub async fn serve<C: Controller>(controller: C, listener: UnixListener) {
         let (give_up, evicted) = oneshot::channel();
         next_id += 1;
         let id = next_id;
-        idle.lock().expect("idle lock").push_back((id, give_up));
+        idle.push(IdleEntry { id, give_up, place });
         let (controller, idle) = (controller.clone(), idle.clone());
         tokio::spawn(async move {
             if let Err(error) = serve_client(&controller, stream, owner, id, &idle, evicted).await {
                 warn!(%error, "control connection");
             }
-            idle.lock().expect("idle lock").retain(|(i, _)| *i != id);
-            drop(place);
+            // Ended while idle (refused, or an error before its request):
+            // its place is free again.
+            drop(idle.leave(id));
         });
     }
 }
@@ -122,12 +147,15 @@ async fn serve_client<C: Controller>(
         return Ok(());
     }
     let request = tokio::select! {
+        // A request that has arrived is read even if an eviction came too.
+        biased;
         request = read_request(read) => request,
         _ = evicted => Err("closed: this connection sent no request while another client \
                             needed its place".to_owned()),
     };
-    // A request arrived: this connection is no longer idle.
-    idle.lock().expect("idle lock").retain(|(i, _)| *i != id);
+    // A request arrived: this connection is no longer idle, and holds its
+    // place while it is served (none if it was evicted meanwhile).
+    let _place = idle.leave(id);
     let response = match request {
         Ok(Request::Status {}) => Response::Status {
             status: Box::new(controller.status().await),

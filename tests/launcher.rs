@@ -572,6 +572,14 @@ fn measure_failed_connections_per_reload(settle: &str) {
             "--close-idle-on-drain",
         ],
     );
+    measure_reloads_under_load(&mut instance, reloads, &format!("settle={settle}"));
+}
+
+/// Reloads `reloads` times under a load of 8 connection loops and prints
+/// one `@@MEASURE` line: the steering program, `label`, connections,
+/// failures (per reload and by kind). Asserts only that every reload
+/// succeeded and the instance stops.
+fn measure_reloads_under_load(instance: &mut Instance, reloads: usize, label: &str) {
     let steering = instance.status()["steering"]
         .as_str()
         .unwrap_or("?")
@@ -598,7 +606,7 @@ fn measure_failed_connections_per_reload(settle: &str) {
     }
     let failed = report.failures().len();
     println!(
-        "@@MEASURE steering={steering} settle={settle} reloads={reloads} connections={} \
+        "@@MEASURE steering={steering} {label} reloads={reloads} connections={} \
          failed={failed} failed_per_reload={:.2} reload_seconds={:.1} kinds={kinds:?}",
         report.total(),
         failed as f64 / reloads as f64,
@@ -623,6 +631,77 @@ fn measure_failed_connections_settle_250ms() {
 #[ignore = "measurement: prints failed connections per reload, run with --ignored"]
 fn measure_failed_connections_settle_1s() {
     measure_failed_connections_per_reload("1s");
+}
+
+/// As [`measure_failed_connections_per_reload`], for Debian's nginx (2
+/// workers, `reuseport`) with a drain signal and a settle: QUIT is nginx's
+/// graceful shutdown (it closes its listeners at once and finishes the
+/// requests it holds), TERM its fast one (it closes everything). On a
+/// select-only kernel the connections queued in the old workers' listeners
+/// when they close are reset. Opt in, e.g. on 5.10: `cargo xtask
+/// integration-test --vm --kernel bullseye --only launcher --test-args
+/// "--ignored --nocapture measure_nginx"`.
+fn measure_nginx_failed_connections_per_reload(drain_signal: &str, settle: &str) {
+    privileged();
+    let reloads = 20;
+    let nginx = reloader_tests::nginx::Nginx::new(ADDR, reloads as u64 + 1);
+    let command = nginx.command();
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut instance = Instance::start_in(
+        nginx.dir,
+        &[
+            "--listen",
+            ADDR,
+            "--drain-signal",
+            drain_signal,
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            settle,
+        ],
+        &command,
+    );
+    measure_reloads_under_load(
+        &mut instance,
+        reloads,
+        &format!("server=nginx drain_signal={drain_signal} settle={settle}"),
+    );
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_quit_settle_0s() {
+    measure_nginx_failed_connections_per_reload("QUIT", "0s");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_quit_settle_250ms() {
+    measure_nginx_failed_connections_per_reload("QUIT", "250ms");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_quit_settle_1s() {
+    measure_nginx_failed_connections_per_reload("QUIT", "1s");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_quit_settle_3s() {
+    measure_nginx_failed_connections_per_reload("QUIT", "3s");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_term_settle_250ms() {
+    measure_nginx_failed_connections_per_reload("TERM", "250ms");
+}
+
+#[test]
+#[ignore = "measurement: prints failed connections per reload, run with --ignored"]
+fn measure_nginx_term_settle_3s() {
+    measure_nginx_failed_connections_per_reload("TERM", "3s");
 }
 
 // ---- UDP.

@@ -112,6 +112,35 @@ pub fn install() -> Result<()> {
     install_pypi()
 }
 
+/// Debian's nginx binary (any of its nginx packages installs it here).
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// nginx alone, for the VM runner (it puts the host's nginx in the
+/// guest): installs `nginx-light` unless [`NGINX`] exists (from it or from
+/// another of Debian's nginx packages, which apt would replace), and stops
+/// the service its install may have started.
+pub fn install_nginx() -> Result<()> {
+    if Path::new(NGINX).exists() {
+        return Ok(());
+    }
+    println!("test dependencies: installing nginx-light (apt): nginx for the VM's nginx tests");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "nginx-light",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    ensure!(
+        Path::new(NGINX).exists(),
+        "{NGINX} is still missing after installing nginx-light"
+    );
+    stop_services()
+}
+
 fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])

@@ -70,13 +70,7 @@ fn interval(fast: bool, quiet: u32) -> Duration {
 pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
-    // Forgotten whenever the set of tracked generations changes: a socket
-    // that a starting generation opened after its discovery (gunicorn's
-    // third worker) looked foreign while that generation was not tracked
-    // yet, and must be looked at again once it is (CI saw such a worker's
-    // socket never registered).
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
-    let mut tracked_numbers: Vec<u64> = Vec::new();
     let mut last_change: Option<tokio::time::Instant> = None;
     // Quiet looks in a row, and the traffic the last look saw.
     let mut quiet = 0u32;
@@ -95,11 +89,6 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
         }
         if tracked.is_empty() {
             continue;
-        }
-        let numbers: Vec<u64> = tracked.iter().map(|t| t.number).collect();
-        if numbers != tracked_numbers {
-            foreign.clear();
-            tracked_numbers = numbers;
         }
         let present = match host.listening().await {
             Ok(present) => present,

@@ -17,7 +17,7 @@
 //!
 //! While nothing happens — no connection or datagram reached a tracked
 //! generation (the program's counters did not move), no socket appeared
-//! or vanished — for 5 s, the interval doubles after each quiet look, up to
+//! or vanished — the interval doubles after each quiet look, up to
 //! [`IDLE_INTERVAL`], and the first sign of traffic or change brings it
 //! back: an idle controller wakes about once every 8 s instead of twice a
 //! second (`cargo xtask idle` measures it). The price: a registered socket
@@ -47,20 +47,15 @@ const FAST_FOR: Duration = Duration::from_secs(5);
 /// The longest interval, reached after quiet looks (see the module doc).
 pub const IDLE_INTERVAL: Duration = Duration::from_secs(8);
 
-/// Quiet looks in a row (5 s at [`TRACK_INTERVAL`]) before the interval
-/// starts to grow: a server between two bursts of traffic is not idle.
-const QUIET_LOOKS: u32 = 10;
-
 /// The interval after `quiet` looks in a row that saw no traffic and no
-/// change: [`TRACK_INTERVAL`] for the first [`QUIET_LOOKS`], then doubled
-/// per quiet look, at most [`IDLE_INTERVAL`].
+/// change: [`TRACK_INTERVAL`], doubled per quiet look, at most
+/// [`IDLE_INTERVAL`].
 fn interval(fast: bool, quiet: u32) -> Duration {
     if fast {
         return FAST_INTERVAL;
     }
-    let doublings = quiet.saturating_sub(QUIET_LOOKS - 1).min(8);
     TRACK_INTERVAL
-        .saturating_mul(1 << doublings)
+        .saturating_mul(1 << quiet.min(8))
         .min(IDLE_INTERVAL)
 }
 
@@ -171,10 +166,9 @@ mod tests {
     #[test]
     fn the_interval_doubles_while_quiet_up_to_the_idle_interval() {
         assert_eq!(interval(false, 0), TRACK_INTERVAL);
-        assert_eq!(interval(false, QUIET_LOOKS - 1), TRACK_INTERVAL);
-        assert_eq!(interval(false, QUIET_LOOKS), Duration::from_secs(1));
-        assert_eq!(interval(false, QUIET_LOOKS + 2), Duration::from_secs(4));
-        assert_eq!(interval(false, QUIET_LOOKS + 3), IDLE_INTERVAL);
+        assert_eq!(interval(false, 1), Duration::from_secs(1));
+        assert_eq!(interval(false, 3), Duration::from_secs(4));
+        assert_eq!(interval(false, 4), IDLE_INTERVAL);
         assert_eq!(interval(false, u32::MAX), IDLE_INTERVAL);
         assert_eq!(interval(true, 7), FAST_INTERVAL);
     }

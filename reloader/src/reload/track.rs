@@ -15,16 +15,6 @@
 //! have all closed makes the program leave connections to the kernel's
 //! hash until it is rewritten.
 //!
-//! While nothing happens — no connection or datagram reached a tracked
-//! generation (the program's counters did not move), no socket appeared
-//! or vanished — the interval doubles after each quiet look, up to
-//! [`IDLE_INTERVAL`], and the first sign of traffic or change brings it
-//! back: an idle controller wakes about once every 8 s instead of twice a
-//! second (`cargo xtask idle` measures it). The price: a registered socket
-//! that closes during a quiet spell, with no new `listen` to report, is
-//! noticed up to 8 s later; connections meanwhile take the slot's other
-//! sockets, or the kernel's hash if it has none.
-//!
 //! Events where the kernel allows: the `sock_ops` program on the
 //! controller's cgroup reports every `listen(2)` on a managed address (see
 //! `reloader-ebpf`), and the tracker looks at once, so a worker that starts
@@ -44,20 +34,6 @@ pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often, for [`FAST_FOR`] after a change.
 pub const FAST_INTERVAL: Duration = Duration::from_millis(50);
 const FAST_FOR: Duration = Duration::from_secs(5);
-/// The longest interval, reached after quiet looks (see the module doc).
-pub const IDLE_INTERVAL: Duration = Duration::from_secs(8);
-
-/// The interval after `quiet` looks in a row that saw no traffic and no
-/// change: [`TRACK_INTERVAL`], doubled per quiet look, at most
-/// [`IDLE_INTERVAL`].
-fn interval(fast: bool, quiet: u32) -> Duration {
-    if fast {
-        return FAST_INTERVAL;
-    }
-    TRACK_INTERVAL
-        .saturating_mul(1 << quiet.min(8))
-        .min(IDLE_INTERVAL)
-}
 
 /// Tracks the listeners of serving generations until the task is dropped;
 /// `listened` wakes it early (a socket started listening on a managed
@@ -67,21 +43,13 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
     let mut last_change: Option<tokio::time::Instant> = None;
-    // Quiet looks in a row, and the traffic the last look saw.
-    let mut quiet = 0u32;
-    let mut last_traffic = None;
     loop {
         let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR);
         tokio::select! {
-            () = tokio::time::sleep(interval(fast, quiet)) => {}
-            () = listened.notified() => quiet = 0,
+            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }) => {}
+            () = listened.notified() => {}
         }
-        let (tracked, traffic) = handle.read(|s| (s.tracked(), s.traffic()));
-        if last_traffic.replace(traffic) == Some(traffic) {
-            quiet = quiet.saturating_add(1);
-        } else {
-            quiet = 0;
-        }
+        let tracked = handle.read(|s| s.tracked());
         if tracked.is_empty() {
             continue;
         }
@@ -105,7 +73,6 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
         if appeared.is_empty() && !vanished {
             continue;
         }
-        quiet = 0;
         last_change = Some(tokio::time::Instant::now());
         let mut claimed = BTreeSet::new();
         for t in tracked {
@@ -156,20 +123,5 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
             }
         }
         foreign.extend(appeared.difference(&claimed));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_interval_doubles_while_quiet_up_to_the_idle_interval() {
-        assert_eq!(interval(false, 0), TRACK_INTERVAL);
-        assert_eq!(interval(false, 1), Duration::from_secs(1));
-        assert_eq!(interval(false, 3), Duration::from_secs(4));
-        assert_eq!(interval(false, 4), IDLE_INTERVAL);
-        assert_eq!(interval(false, u32::MAX), IDLE_INTERVAL);
-        assert_eq!(interval(true, 7), FAST_INTERVAL);
     }
 }

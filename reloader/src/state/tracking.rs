@@ -61,20 +61,6 @@ impl InstanceState {
             .collect()
     }
 
-    /// Every decision the program made for the tracked generations (all
-    /// its counters, summed): unchanged between two looks means no new
-    /// connection or datagram reached them, so the tracker may look less
-    /// often.
-    pub fn traffic(&self) -> u64 {
-        self.tracked()
-            .iter()
-            .map(|t| {
-                let c = self.counters(t.number);
-                c.steered + c.migrated + c.probe_routed + c.fallback + c.affinity
-            })
-            .sum()
-    }
-
     /// Inodes registered for any live generation.
     pub fn registered_inodes(&self) -> BTreeSet<u64> {
         self.generations

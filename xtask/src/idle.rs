@@ -141,10 +141,8 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Let start-up settle before counting, and the listener tracker find
-    // that nothing happens: it looks every 500 ms until 5 s pass without
-    // traffic, then less often, every 8 s from about 12 s on
-    // (`reloader::reload::track`).
+    // Let start-up settle before counting (the generation's start, the
+    // blocking threads it used going idle).
     std::thread::sleep(Duration::from_secs(15));
     let pid = controller.0.id();
     let before = per_thread(pid)?;

@@ -196,6 +196,19 @@ fn check_newest(generation: u64, kept: &UdpSocket, problems: &mut Vec<String>) {
     }
 }
 
+/// The instance's last status, then a clean stop (a failed one is a
+/// problem of the run).
+fn status_then_stop(instance: &mut Instance, problems: &mut Vec<String>) -> Value {
+    let status = instance.status();
+    let stopped = instance.stop();
+    if !stopped.success() {
+        problems.push(format!(
+            "reloader stop: the controller exited with {stopped}"
+        ));
+    }
+    status
+}
+
 /// `server` under reloader (stateless UDP, DNS readiness probe), reloaded
 /// `reloads` times under dnsperf.
 fn dns_under_reloader(kind: Kind, reloads: u64) -> (DnsRun, Value) {
@@ -232,13 +245,7 @@ fn dns_under_reloader(kind: Kind, reloads: u64) -> (DnsRun, Value) {
     let load_command = load.command.clone();
     let report = load.finish();
     let duration = started.elapsed();
-    let status = instance.status();
-    let stopped = instance.stop();
-    if !stopped.success() {
-        problems.push(format!(
-            "reloader stop: the controller exited with {stopped}"
-        ));
-    }
+    let status = status_then_stop(&mut instance, &mut problems);
     (
         DnsRun {
             how: format!("{} [{}] under reloader", server.name, server.version),
@@ -465,13 +472,7 @@ fn h3_under_reloader() -> (H3Run, Value) {
     for report in [&long, &new] {
         problems.extend(report.answered_by_older(&completed, 0.0));
     }
-    let status = instance.status();
-    let stopped = instance.stop();
-    if !stopped.success() {
-        problems.push(format!(
-            "reloader stop: the controller exited with {stopped}"
-        ));
-    }
+    let status = status_then_stop(&mut instance, &mut problems);
     (
         H3Run {
             how: format!("{} [{}] under reloader", caddy.name, caddy.version),

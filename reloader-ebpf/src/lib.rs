@@ -35,6 +35,17 @@
 //!   plus one trailing entry for packets of groups that are not managed.
 //! - [`map::LISTEN_EVENTS`]: a ring buffer the `sock_ops` program writes a
 //!   [`ListenEvent`] to when a socket starts listening on a managed address.
+//! - [`map::BRIDGES`]: `REUSEPORT_SOCKARRAY`, index listener: the
+//!   controller's own listener in the group (TCP, select-or-migrate), which
+//!   holds new and migrating connections while the target slot has no live
+//!   socket (every listener of the generation closed at once, a crash
+//!   before its restart); the controller closes and replaces it once a
+//!   generation listens again, and its queue migrates there.
+//! - [`map::BRIDGED`]: per-CPU `u64`, index listener: connections the
+//!   program sent to the bridge.
+//!
+//! `BRIDGES` and `BRIDGED` are never pinned: a bridge lives as long as the
+//! controller that made it.
 #![no_std]
 
 /// Default and largest sizes (userspace validates configurations against
@@ -102,6 +113,8 @@ pub mod map {
     pub const FLOWS: &str = "FLOWS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const LISTEN_EVENTS: &str = "LISTEN_EVENTS";
+    pub const BRIDGES: &str = "BRIDGES";
+    pub const BRIDGED: &str = "BRIDGED";
 }
 
 /// Globals of the object, set at load time.

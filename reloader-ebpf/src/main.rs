@@ -10,7 +10,12 @@
 //! cannot pick one it still returns `SK_PASS` without a selection, so the
 //! kernel falls back to hash selection among the group: it never drops a
 //! packet because a lookup failed (a dropped SYN costs the client a
-//! one-second retransmit).
+//! one-second retransmit). One exception to the fallback, for TCP: when the
+//! target slot has no live socket and the controller keeps a *bridge*
+//! listener in the group (`BRIDGES`), the connection goes there and waits
+//! until a generation listens again (the kernel's hash would pick any
+//! member, and with every listener of the generation closing there may be
+//! none: a closing listener's queue is then reset).
 //!
 //! `sock_ops` (`notify_listen`): attached to the controller's cgroup, runs
 //! when a socket of a process in it starts listening; for a managed address
@@ -86,6 +91,12 @@ mod steer {
 
     #[map]
     static LISTEN_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+    #[map]
+    static BRIDGES: ReusePortSockArray = ReusePortSockArray::with_max_entries(1, 0);
+
+    #[map]
+    static BRIDGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
     #[derive(Clone, Copy)]
     enum Outcome {
@@ -259,6 +270,9 @@ mod steer {
             }
         }
         if slot == NO_SLOT || slot >= limits.slots {
+            if bridge(ctx, key, listener, outcome) {
+                return SK_PASS;
+            }
             debug!(ctx, "listener {}: no slot, kernel selects", listener);
             count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
@@ -270,12 +284,42 @@ mod steer {
             }
             return SK_PASS;
         }
+        if bridge(ctx, key, listener, outcome) {
+            return SK_PASS;
+        }
         debug!(
             ctx,
             "listener {} slot {}: no live socket, kernel selects", listener, slot
         );
         count_slot(&limits, listener, slot, Outcome::Fallback);
         SK_PASS
+    }
+
+    /// Sends a TCP connection (new or migrating, not a probe's) whose slot
+    /// has no live socket to the listener's bridge, if the controller keeps
+    /// one.
+    #[inline(always)]
+    fn bridge(
+        ctx: &SkReuseportContext,
+        key: &ListenerKey,
+        listener: u32,
+        outcome: Outcome,
+    ) -> bool {
+        if key.protocol != IPPROTO_TCP || matches!(outcome, Outcome::ProbeRouted) {
+            return false;
+        }
+        if BRIDGES.select_reuseport(ctx, listener).is_err() {
+            return false;
+        }
+        if let Some(bridged) = BRIDGED.get_ptr_mut(listener) {
+            // SAFETY: per-CPU value, preemption disabled (see `count`).
+            unsafe { *bridged += 1 };
+        }
+        debug!(
+            ctx,
+            "listener {}: no live socket, held on the bridge", listener
+        );
+        true
     }
 
     /// Selects a live socket of (`listener`, `slot`) by the packet hash.

@@ -73,6 +73,14 @@ pub struct ListenerStatus {
     /// listeners).
     #[serde(default)]
     pub flow_table: Option<FlowTableStatus>,
+    /// The controller keeps a bridge listener in the group (TCP): it holds
+    /// connections while no generation listens there.
+    #[serde(default)]
+    pub bridge: bool,
+    /// Connections the program held on the bridge (since the controller
+    /// started).
+    #[serde(default)]
+    pub bridged: u64,
 }
 
 /// How full the UDP flow table is. When full, the least recently used flow
@@ -485,7 +493,12 @@ impl StatusReport {
                 .flow_table
                 .map(|t| format!("  (flow table {}/{})", t.flows, t.capacity))
                 .unwrap_or_default();
-            let _ = writeln!(out, "{:<46} {active}{flows}", l.addr);
+            let bridged = if l.bridged > 0 {
+                format!("  (bridge held {})", l.bridged)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "{:<46} {active}{flows}{bridged}", l.addr);
         }
         let _ = writeln!(
             out,

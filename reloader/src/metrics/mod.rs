@@ -20,6 +20,7 @@
 //! | `reloader_udp_flows` | gauge | `generation` |
 //! | `reloader_udp_flow_table_entries` | gauge | `listener` |
 //! | `reloader_udp_flow_table_capacity` | gauge | |
+//! | `reloader_connections_bridged_total` | counter | `listener` (held on the bridge while no generation listened) |
 //! | `reloader_child_restarts_total` | counter | |
 //! | `reloader_drain_kills_total` | counter | |
 //! | `reloader_log_lines_dropped_total` | counter | |
@@ -390,6 +391,17 @@ impl Recorder {
             "udp_flow_table_capacity",
             "Entries the UDP flow table holds at most (--udp-flows)",
             capacity,
+        );
+        let bridged = Family::<Labels, Counter>::default();
+        for l in status.listeners.iter().filter(|l| l.bridge) {
+            bridged
+                .get_or_create(&label("listener", &l.addr))
+                .inc_by(l.bridged);
+        }
+        registry.register(
+            "connections_bridged",
+            "Connections held on the controller's bridge listener while no generation listened",
+            bridged,
         );
 
         let restarts = Counter::<u64>::default();

@@ -11,9 +11,10 @@
 //! walk; nothing at all while no generation serves. After a change the
 //! interval is [`FAST_INTERVAL`] for a while: servers that recycle workers
 //! (gunicorn `--max-requests` under load replaces one every few hundred
-//! milliseconds) change again soon, and a slot whose registered sockets
-//! have all closed makes the program leave connections to the kernel's
-//! hash until it is rewritten.
+//! milliseconds) change again soon, and while a slot's registered sockets
+//! have all closed the program holds its connections on the bridge
+//! listener (`steering::bridge`) until it is rewritten; each look ends by
+//! handing what a bridge holds to the active generation.
 //!
 //! Events where the kernel allows: the `sock_ops` program on the
 //! controller's cgroup reports every `listen(2)` on a managed address (see
@@ -60,68 +61,88 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
                 continue;
             }
         };
-        foreign.retain(|inode| present.contains(inode));
-        let registered = handle.read(|s| s.registered_inodes());
-        let appeared: BTreeSet<u64> = present
-            .iter()
-            .filter(|i| !registered.contains(i) && !foreign.contains(i))
-            .copied()
-            .collect();
-        let vanished = tracked
-            .iter()
-            .any(|t| t.inodes.iter().any(|i| !present.contains(i)));
-        if appeared.is_empty() && !vanished {
-            continue;
+        if look(&handle, &*host, tracked, &present, &mut foreign).await {
+            last_change = Some(tokio::time::Instant::now());
         }
-        last_change = Some(tokio::time::Instant::now());
-        let mut claimed = BTreeSet::new();
-        for t in tracked {
-            let scan = match host.scan(t.pid).await {
-                Ok(scan) => scan,
-                Err(error) => {
-                    warn!(generation = t.number, error = %crate::error_chain(&error), "cannot rescan");
-                    continue;
-                }
-            };
-            let now = scan.inodes();
-            claimed.extend(now.iter().copied());
-            if now == t.inodes {
+        // After the look: sockets it registered can take what a bridge
+        // held. One getsockopt per bridge, no wake-up of its own.
+        let _ = handle.update(|s| s.release_bridges(Some(&present)));
+    }
+}
+
+/// One look at the managed addresses (`present`: the listening inodes on
+/// them); true if a tracked generation's sockets changed (or may have: a
+/// rescan was needed).
+async fn look<H: Host>(
+    handle: &Handle,
+    host: &H,
+    tracked: Vec<crate::state::Tracked>,
+    present: &BTreeSet<u64>,
+    foreign: &mut BTreeSet<u64>,
+) -> bool {
+    foreign.retain(|inode| present.contains(inode));
+    let registered = handle.read(|s| s.registered_inodes());
+    let appeared: BTreeSet<u64> = present
+        .iter()
+        .filter(|i| !registered.contains(i) && !foreign.contains(i))
+        .copied()
+        .collect();
+    let vanished = tracked
+        .iter()
+        .any(|t| t.inodes.iter().any(|i| !present.contains(i)));
+    if appeared.is_empty() && !vanished {
+        return false;
+    }
+    let mut claimed = BTreeSet::new();
+    for t in tracked {
+        let scan = match host.scan(t.pid).await {
+            Ok(scan) => scan,
+            Err(error) => {
+                warn!(generation = t.number, error = %crate::error_chain(&error), "cannot rescan");
                 continue;
             }
-            let found = match host.copy(&scan) {
-                Ok(found) => found,
-                Err(error) => {
-                    warn!(generation = t.number, error = %crate::error_chain(&error), "cannot copy new sockets");
-                    continue;
-                }
-            };
-            match handle.update(|s| s.refresh(t.number, found)) {
-                Ok(Refreshed::Unchanged) => {}
-                Ok(Refreshed::Sockets { added, removed }) => info!(
-                    generation = t.number,
-                    added, removed, "listeners changed; registered what it holds now"
-                ),
-                Ok(Refreshed::Demoted { lost, reinstated }) => {
-                    warn!(
-                        generation = t.number,
-                        lost = %lost,
-                        reinstated,
-                        "it no longer listens on a managed address: draining it"
-                    );
-                    let handle = handle.clone();
-                    tokio::spawn(async move { drain(&handle, t.number).await });
-                }
-                Ok(Refreshed::LostListener { lost }) => warn!(
+        };
+        let now = scan.inodes();
+        claimed.extend(now.iter().copied());
+        if now == t.inodes {
+            continue;
+        }
+        let found = match host.copy(&scan) {
+            Ok(found) => found,
+            Err(error) => {
+                warn!(generation = t.number, error = %crate::error_chain(&error), "cannot copy new sockets");
+                continue;
+            }
+        };
+        match handle.update(|s| s.refresh(t.number, found, present)) {
+            Ok(Refreshed::Unchanged) => {}
+            Ok(Refreshed::Sockets { added, removed }) => info!(
+                generation = t.number,
+                added, removed, "listeners changed; registered what it holds now"
+            ),
+            Ok(Refreshed::Demoted { lost, reinstated }) => {
+                warn!(
                     generation = t.number,
                     lost = %lost,
-                    "it no longer listens on a managed address, and no previous generation can \
-                     take over: new connections there are left to the kernel"
-                ),
-                Err(error) => {
-                    warn!(generation = t.number, error = %crate::error_chain(&error), "cannot register new sockets")
-                }
+                    reinstated,
+                    "it no longer listens on a managed address: draining it"
+                );
+                let handle = handle.clone();
+                let number = t.number;
+                tokio::spawn(async move { drain(&handle, number).await });
+            }
+            Ok(Refreshed::LostListener { lost }) => warn!(
+                generation = t.number,
+                lost = %lost,
+                "it no longer listens on a managed address, and no previous generation can \
+                 take over: new connections there wait on the bridge listener (or, without \
+                 one, are left to the kernel)"
+            ),
+            Err(error) => {
+                warn!(generation = t.number, error = %crate::error_chain(&error), "cannot register new sockets")
             }
         }
-        foreign.extend(appeared.difference(&claimed));
     }
+    foreign.extend(appeared.difference(&claimed));
+    true
 }

@@ -126,8 +126,17 @@ impl InstanceState {
                         );
                         self.promote().ok().map(|(promoted, _)| promoted)
                     }
-                    None => self.reinstate_previous(number, how),
+                    None => self.reinstate_previous(number, how, None),
                 };
+                if reinstated.is_none() {
+                    // No generation serves until the restart is active: new
+                    // connections wait on the bridge (or the kernel picks).
+                    for listener in self.listeners() {
+                        if let Err(error) = self.steering.set_active(listener, None) {
+                            error!(error = %crate::error_chain(&error), listener, "clearing the active slot");
+                        }
+                    }
+                }
                 let healthy = self
                     .generations
                     .get(number)
@@ -150,25 +159,36 @@ impl InstanceState {
     /// The active generation `failed` (exited, or lost its listener for an
     /// address): the previous generation becomes active again at once if
     /// it still holds its listeners — it drains but has not been sent the
-    /// drain signal — with one map update per listener. Otherwise
-    /// selection is left to the kernel until a new generation is active.
-    pub(super) fn reinstate_previous(&mut self, failed: u64, why: &str) -> Option<u64> {
+    /// drain signal — with one map update per listener. Otherwise the maps
+    /// are left alone: a generation that lost its listeners for a moment
+    /// (workers recycled together) keeps its slot and the bridge holds
+    /// connections until it listens again; one that exited is taken out by
+    /// [`Self::exited`].
+    pub(super) fn reinstate_previous(
+        &mut self,
+        failed: u64,
+        why: &str,
+        listening: Option<&std::collections::BTreeSet<u64>>,
+    ) -> Option<u64> {
         let previous = self
             .generations
             .reinstatable()
             .map(|g| (g.number, g.slot))
             .filter(|(n, _)| {
-                let covered: std::collections::BTreeSet<usize> =
-                    self.sockets(*n).iter().map(|s| s.listener).collect();
+                let covered: std::collections::BTreeSet<usize> = self
+                    .sockets(*n)
+                    .iter()
+                    .filter(|s| listening.is_none_or(|l| l.contains(&s.socket.inode)))
+                    .map(|s| s.listener)
+                    .collect();
                 covered.len() == self.config.listen.len()
             });
-        let slot = previous.map(|(_, slot)| slot);
+        let (previous, slot) = previous?;
         for listener in self.listeners() {
-            if let Err(error) = self.steering.set_active(listener, slot) {
+            if let Err(error) = self.steering.set_active(listener, Some(slot)) {
                 error!(error = %crate::error_chain(&error), listener, "reinstating");
             }
         }
-        let (previous, _) = previous?;
         let _ = self
             .generations
             .transition(previous, State::Active, Instant::now(), None);
@@ -286,6 +306,7 @@ impl InstanceState {
     /// generations: those that served drain, the others are killed.
     pub fn begin_stop(&mut self) -> Vec<(u64, State)> {
         self.stopping = true;
+        self.close_bridges();
         let live = self.live();
         let now = Instant::now();
         self.hold = None;

@@ -9,6 +9,7 @@
 //! [`Handle`] is the only holder of its lock; nothing blocking (discovery,
 //! netlink dumps, fsync) ever runs under it.
 
+mod bridges;
 mod ending;
 mod handle;
 mod identity;
@@ -19,7 +20,7 @@ mod steps;
 mod tracking;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
@@ -128,6 +129,8 @@ struct Stats {
     drain_kills: u64,
     reloads_rolled_back: u64,
     rollbacks: RollbackCounts,
+    /// Connections bridges held and handed to a generation.
+    bridge_released: u64,
 }
 
 /// Everything the controller knows about one instance.
@@ -165,6 +168,10 @@ pub struct InstanceState {
     /// What this controller took over or cleaned up from a previous one.
     recovered: Option<String>,
     started: Instant,
+    /// Bridge listeners by managed address (TCP, select-or-migrate).
+    bridges: BTreeMap<usize, crate::steering::bridge::Bridge>,
+    /// Addresses that cannot have one (said once).
+    no_bridge: BTreeSet<usize>,
 }
 
 impl InstanceState {
@@ -201,6 +208,8 @@ impl InstanceState {
             stopping: false,
             recovered,
             started: Instant::now(),
+            bridges: BTreeMap::new(),
+            no_bridge: BTreeSet::new(),
         }
     }
 

@@ -55,6 +55,7 @@ impl InstanceState {
             .enumerate()
             .map(|(i, spec)| {
                 let slot = self.steering.active(i as u32).ok().flatten();
+                let (bridge, bridged) = self.bridge_status(i);
                 let flow_table = (spec.mode == ListenerMode::UdpFlows).then(|| FlowTableStatus {
                     flows: flows
                         .get(&(i as u32))
@@ -70,6 +71,8 @@ impl InstanceState {
                         .map(|g| g.number),
                     transport: spec.transport,
                     flow_table,
+                    bridge,
+                    bridged,
                 }
             })
             .collect();

@@ -109,6 +109,7 @@ impl InstanceState {
             self.steering
                 .set_slot_sockets(i as u32, slot, epoch_of(number), &fds)
                 .map_err(|source| named(first, source))?;
+            self.open_bridge(i, first.copy.as_fd());
             registered.extend(sockets.iter().map(|s| RegisteredSocket {
                 listener: i,
                 socket: s.socket.clone(),
@@ -183,6 +184,7 @@ impl InstanceState {
             let _ = self.generations.transition(old, State::Draining, now, None);
         }
         self.hold_previous(previous.map(|p| p.0), number, now);
+        self.release_bridges(None);
         Ok(cutover)
     }
 

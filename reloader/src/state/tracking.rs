@@ -70,11 +70,16 @@ impl InstanceState {
     }
 
     /// Rewrites generation `number`'s slot with `found` (per address, as
-    /// `--listen` orders them): what its tree holds now.
+    /// `--listen` orders them): what its tree holds now. `listening`: the
+    /// inodes listening on the managed addresses now; a previous
+    /// generation is reinstated only if its registered sockets are among
+    /// them (a draining one may have closed its listeners already, and its
+    /// registration is no longer looked at).
     pub fn refresh(
         &mut self,
         number: u64,
         found: Vec<Vec<FoundSocket>>,
+        listening: &BTreeSet<u64>,
     ) -> Result<Refreshed, ReloadError> {
         let Some(generation) = self.generations.get(number) else {
             return Ok(Refreshed::Unchanged);
@@ -89,15 +94,20 @@ impl InstanceState {
                 return Ok(Refreshed::LostListener { lost });
             }
             let why = format!("stopped listening on {lost}");
-            return Ok(match self.reinstate_previous(number, &why) {
-                Some(reinstated) => {
-                    let _ =
-                        self.generations
-                            .transition(number, State::Draining, Instant::now(), None);
-                    Refreshed::Demoted { lost, reinstated }
-                }
-                None => Refreshed::LostListener { lost },
-            });
+            return Ok(
+                match self.reinstate_previous(number, &why, Some(listening)) {
+                    Some(reinstated) => {
+                        let _ = self.generations.transition(
+                            number,
+                            State::Draining,
+                            Instant::now(),
+                            None,
+                        );
+                        Refreshed::Demoted { lost, reinstated }
+                    }
+                    None => Refreshed::LostListener { lost },
+                },
+            );
         }
         let before: BTreeSet<u64> = self
             .sockets(number)
@@ -118,6 +128,7 @@ impl InstanceState {
                     fd: first.holder.fd,
                     source: Box::new(source),
                 })?;
+            self.open_bridge(i, first.copy.as_fd());
             registered.extend(sockets.iter().map(|s| RegisteredSocket {
                 listener: i,
                 socket: s.socket.clone(),

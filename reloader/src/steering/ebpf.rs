@@ -67,6 +67,8 @@ pub struct Steering {
     probes: HashMap<MapData, ProbeKey, ProbeTarget>,
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, Counters>,
+    bridges: ReusePortSockArray<MapData>,
+    bridged: PerCpuArray<MapData, u64>,
     listeners: StdHashMap<u32, ListenerSpec>,
     flow_capacity: u32,
     /// What each (listener, slot) entry holds: the socket's cookie.
@@ -109,6 +111,8 @@ impl Steering {
             .map_max_entries(map::SLOT_SOCKETS, limits.slot_entries())
             .map_max_entries(map::SOCKETS, limits.socket_entries())
             .map_max_entries(map::COUNTERS, limits.counter_entries())
+            .map_max_entries(map::BRIDGES, limits.listeners)
+            .map_max_entries(map::BRIDGED, limits.listeners)
             .map_max_entries(map::FLOWS, options.udp_flows.max(1));
         let mut reused = false;
         if let Some(dir) = &options.pin_dir {
@@ -159,6 +163,8 @@ impl Steering {
             probes: take_map(&mut ebpf, map::PROBES)?,
             flows: take_map(&mut ebpf, map::FLOWS)?,
             counters: take_map(&mut ebpf, map::COUNTERS)?,
+            bridges: take_map(&mut ebpf, map::BRIDGES)?,
+            bridged: take_map(&mut ebpf, map::BRIDGED)?,
             ebpf,
             mode,
             program_name,
@@ -591,6 +597,23 @@ impl Steer for Steering {
 
     fn unmanaged_counters(&self) -> Result<Counters> {
         self.read_counters(self.limits.unmanaged_counter())
+    }
+
+    fn set_bridge(&mut self, listener: u32, socket: BorrowedFd<'_>) -> Result<()> {
+        let spec = self.spec(listener)?;
+        check_socket(socket, Some((listener, &spec)))?;
+        self.bridges
+            .set(listener, &socket, 0)
+            .map_err(map_error(map::BRIDGES, "set"))
+    }
+
+    fn bridged(&self, listener: u32) -> Result<u64> {
+        self.check_listener_index(listener)?;
+        let values = self
+            .bridged
+            .get(&listener, 0)
+            .map_err(map_error(map::BRIDGED, "get"))?;
+        Ok(values.iter().sum())
     }
 
     fn reset_counters(&mut self, listener: u32, slot: u32) -> Result<()> {

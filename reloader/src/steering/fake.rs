@@ -42,6 +42,8 @@ pub struct FakeMaps {
     pub fail_attach: bool,
     /// Every `set_split` call's active slot, in order.
     pub cutovers: Vec<(u32, Option<u32>)>,
+    /// listener → the bridge's fd, as given.
+    pub bridges: HashMap<u32, i32>,
 }
 
 impl FakeMaps {
@@ -155,5 +157,14 @@ impl Steer for FakeSteering {
             sockets: maps.slots.values().map(|v| v.len() as u64).sum(),
             probes: maps.probes.len() as u64,
         })
+    }
+
+    fn set_bridge(&mut self, listener: u32, socket: BorrowedFd<'_>) -> Result<()> {
+        self.maps().bridges.insert(listener, socket.as_raw_fd());
+        Ok(())
+    }
+
+    fn bridged(&self, _listener: u32) -> Result<u64> {
+        Ok(0)
     }
 }

@@ -9,6 +9,7 @@
 //! Layout and kernel behaviour: `reloader-ebpf/src/lib.rs` and
 //! `reloader-ebpf/src/main.rs`.
 
+pub mod bridge;
 mod ebpf;
 mod error;
 #[cfg(test)]
@@ -237,4 +238,13 @@ pub trait Steer: Send {
     fn flow_capacity(&self) -> u64 {
         0
     }
+
+    /// Makes `socket` (the controller's own listener in `listener`'s group,
+    /// see [`bridge`]) the one the program holds connections on while
+    /// their slot has no live socket, replacing the previous bridge. The
+    /// map does not keep it alive.
+    fn set_bridge(&mut self, listener: u32, socket: BorrowedFd<'_>) -> Result<()>;
+
+    /// Connections the program sent to `listener`'s bridge.
+    fn bridged(&self, listener: u32) -> Result<u64>;
 }

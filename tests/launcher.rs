@@ -301,6 +301,161 @@ fn a_crashed_active_generation_is_restarted() {
     assert!(instance.stop().success());
 }
 
+/// The active generation (one process) fails under load, three times in a
+/// row (the third restart reuses a slot), with no previous generation to
+/// take over: it stops accepting, answers what it accepted and exits
+/// without closing its listener, so what was
+/// queued in them must migrate, and new connections arrive while nothing
+/// listens until the restart is ready. The bridge listener holds both
+/// (`steering::bridge`): no connection fails, and the listener's status
+/// counts what the bridge held.
+#[test]
+fn crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--workers",
+            "0",
+            "--fail-on-usr2",
+        ],
+    );
+    let status = instance.status();
+    if status["steering"] != "select-or-migrate" {
+        println!(
+            "not applicable on this kernel: the bridge needs select-or-migrate steering (Linux \
+             5.14+), this controller runs {}",
+            status["steering"]
+        );
+        assert!(instance.stop().success());
+        return;
+    }
+    assert_eq!(status["listeners"][0]["bridge"], true, "{status:#}");
+    let load = Load::start(addr(), 4);
+    const CRASHES: u64 = 3;
+    for crash in 1..=CRASHES {
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = instance.generation(crash)["pid"].as_u64().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR2,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while instance.active_generation() != Some(crash + 1) {
+            assert!(
+                Instant::now() < deadline,
+                "no restart after crash {crash}\n{}",
+                instance.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    let status = instance.status();
+    println!(
+        "{CRASHES} crashes under load: {} connections, {} failed, bridge held {} \
+         (answered per generation {:?})",
+        report.total(),
+        report.failures().len(),
+        status["listeners"][0]["bridged"],
+        report.by_generation()
+    );
+    report.assert_no_failures();
+    assert_eq!(status["restarts"], CRASHES, "{status:#}");
+    assert!(
+        status["listeners"][0]["bridged"].as_u64().unwrap_or(0) > 0,
+        "connections arrived while no generation listened, so the bridge held some: {status:#}"
+    );
+    assert!(instance.stop().success());
+}
+
+/// A generation whose workers all stop listening for good while its
+/// leader lives on: the bridge holds the connections that arrive for at
+/// most its limit (5 s), then closes, so later clients are refused at once
+/// instead of waiting; a reload brings a listening generation, and the
+/// bridge with it.
+#[test]
+fn a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--workers",
+            "2",
+            "--fail-on-usr2",
+        ],
+    );
+    if instance.status()["steering"] != "select-or-migrate" {
+        println!("not applicable on this kernel: the bridge needs select-or-migrate steering");
+        assert!(instance.stop().success());
+        return;
+    }
+    let leader = instance.generation(1)["pid"].as_u64().unwrap() as u32;
+    for worker in reloader_tests::process::children(leader) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(worker as i32),
+            nix::sys::signal::Signal::SIGUSR2,
+        );
+    }
+    // Until both workers' listeners are closed (the leader does not reap
+    // them: they stay as zombies).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while instance.generation(1)["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| !s["accept_queue"].is_null())
+    {
+        assert!(Instant::now() < deadline, "the workers still listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A client that arrives now waits on the bridge, then is reset when
+    // it gives up.
+    let waiting = std::thread::spawn(|| {
+        let started = Instant::now();
+        (load::request(addr()), started.elapsed())
+    });
+    let (result, waited) = waiting.join().unwrap();
+    assert!(result.is_err(), "nothing serves: {result:?}");
+    assert!(
+        waited >= Duration::from_secs(4),
+        "held on the bridge until it gave up, not refused at once: {waited:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while instance.status()["listeners"][0]["bridge"] != false {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge still holds connections for a generation that stopped listening\n{:#}",
+            instance.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    assert!(load::request(addr()).is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once while the bridge is closed: {:?}",
+        started.elapsed()
+    );
+    let (ok, answer) = instance.reload_wait();
+    assert!(ok, "{answer}");
+    assert_eq!(load::request(addr()).unwrap(), 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while instance.status()["listeners"][0]["bridge"] != true {
+        assert!(Instant::now() < deadline, "the bridge is not open again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(instance.stop().success());
+}
+
 #[test]
 fn stop_leaves_no_process_behind() {
     privileged();

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeSet,
     os::fd::{AsFd, BorrowedFd},
+    time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
@@ -18,6 +19,24 @@ use crate::{
         bridge::{Bridge, Shape},
     },
 };
+
+/// How long a bridge holds connections while no generation listens on
+/// its address before it gives up on them. Long enough for a crashed
+/// generation's restart (backoff from 100 ms, then its start) or a
+/// recycled worker's replacement; short enough that a server that stopped
+/// listening for good does not keep clients waiting on connects that
+/// cannot complete.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(5);
+
+/// A listener's bridge: open, or closed after [`HOLD_LIMIT`] until a
+/// generation listens again.
+#[derive(Debug)]
+pub struct Held {
+    bridge: Option<Bridge>,
+    shape: Shape,
+    /// Since when it has held connections with no generation listening.
+    stuck_since: Option<Instant>,
+}
 
 impl InstanceState {
     /// Opens listener `listener`'s bridge, shaped like `template` (a server
@@ -56,7 +75,15 @@ impl InstanceState {
         match set {
             Ok(()) => {
                 info!(%addr, "bridge listener open: holds connections while no generation listens");
-                self.bridges.insert(listener, bridge);
+                let shape = bridge.shape();
+                self.bridges.insert(
+                    listener,
+                    Held {
+                        bridge: Some(bridge),
+                        shape,
+                        stuck_since: None,
+                    },
+                );
             }
             Err(error) => {
                 warn!(%addr, error = %crate::error_chain(&error), "no bridge listener");
@@ -65,35 +92,62 @@ impl InstanceState {
         }
     }
 
-    /// Replaces each bridge that holds connections while the active
+    /// Looks at every bridge: one that holds connections while the active
     /// generation has a registered socket on its address that is still
-    /// listening (its inode in `listening`): the old bridge's queue
-    /// migrates to them through the program. Returns how many connections
-    /// were handed over.
-    /// `None`: the registered sockets were found listening just now (a
-    /// cutover).
+    /// listening (its inode in `listening`; `None`: found listening just
+    /// now, at a cutover) is replaced, and the old one's queue migrates to
+    /// them through the program. One that has held connections for
+    /// [`HOLD_LIMIT`] with no generation listening is closed (what it holds
+    /// is reset, as without it) and reopened once one listens again: a
+    /// server that stopped listening for good gets its clients refused,
+    /// not kept waiting. Returns how many connections were handed over.
     pub fn release_bridges(&mut self, listening: Option<&BTreeSet<u64>>) -> u64 {
-        let Some(active) = self.generations.active().map(|g| g.number) else {
-            return 0;
-        };
+        let active = self.generations.active().map(|g| g.number);
         let mut released = 0;
         let listeners: Vec<usize> = self.bridges.keys().copied().collect();
         for listener in listeners {
-            let queued = match self.bridges[&listener].queued() {
+            let live = active.is_some_and(|active| {
+                self.sockets(active).iter().any(|s| {
+                    s.listener == listener && listening.is_none_or(|l| l.contains(&s.socket.inode))
+                })
+            });
+            let addr = self.config.listen[listener].addr;
+            let held = &self.bridges[&listener];
+            let Some(bridge) = &held.bridge else {
+                if live {
+                    self.reopen_bridge(listener);
+                }
+                continue;
+            };
+            let queued = match bridge.queued() {
                 Ok(queued) => queued,
                 Err(error) => {
-                    warn!(listener, %error, "cannot read the bridge's queue");
+                    warn!(%addr, %error, "cannot read the bridge's queue");
                     continue;
                 }
             };
-            let live = self.sockets(active).iter().any(|s| {
-                s.listener == listener && listening.is_none_or(|l| l.contains(&s.socket.inode))
-            });
-            if queued == 0 || !live {
+            if queued == 0 {
+                self.bridges.get_mut(&listener).expect("listed").stuck_since = None;
                 continue;
             }
-            let addr = self.config.listen[listener].addr;
-            let replacement = match self.bridges[&listener].replace() {
+            if !live {
+                let held = self.bridges.get_mut(&listener).expect("listed");
+                let since = *held.stuck_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= HOLD_LIMIT {
+                    warn!(
+                        %addr,
+                        connections = queued,
+                        "no generation has listened there for {}: closing the bridge listener \
+                         (what it held is reset; new connections are refused until a generation \
+                         listens again)",
+                        crate::generation::human_duration(HOLD_LIMIT)
+                    );
+                    held.bridge = None;
+                    held.stuck_since = None;
+                }
+                continue;
+            }
+            let replacement = match Bridge::open(held.shape) {
                 Ok(bridge) => bridge,
                 Err(error) => {
                     // Keep the old one: closing it now would reset its
@@ -110,7 +164,9 @@ impl InstanceState {
                 continue;
             }
             // Dropping the old bridge closes it: its queue migrates.
-            self.bridges.insert(listener, replacement);
+            let held = self.bridges.get_mut(&listener).expect("listed");
+            held.bridge = Some(replacement);
+            held.stuck_since = None;
             released += u64::from(queued);
             info!(
                 %addr,
@@ -121,6 +177,27 @@ impl InstanceState {
         }
         self.stats.bridge_released += released;
         released
+    }
+
+    /// Opens `listener`'s bridge again after [`HOLD_LIMIT`] closed it.
+    fn reopen_bridge(&mut self, listener: usize) {
+        let addr = self.config.listen[listener].addr;
+        let shape = self.bridges[&listener].shape;
+        let opened = Bridge::open(shape)
+            .map_err(|e| e.to_string())
+            .and_then(|bridge| {
+                self.steering
+                    .set_bridge(listener as u32, bridge.as_fd())
+                    .map(|()| bridge)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match opened {
+            Ok(bridge) => {
+                info!(%addr, "a generation listens again: bridge listener open again");
+                self.bridges.get_mut(&listener).expect("listed").bridge = Some(bridge);
+            }
+            Err(error) => warn!(%addr, %error, "cannot open the bridge listener again"),
+        }
     }
 
     /// Closes every bridge and opens none again: the instance stops, and a
@@ -136,7 +213,9 @@ impl InstanceState {
     /// sent to it.
     pub(super) fn bridge_status(&self, listener: usize) -> (bool, u64) {
         (
-            self.bridges.contains_key(&listener),
+            self.bridges
+                .get(&listener)
+                .is_some_and(|h| h.bridge.is_some()),
             self.steering.bridged(listener as u32).unwrap_or_default(),
         )
     }

@@ -169,7 +169,7 @@ pub struct InstanceState {
     recovered: Option<String>,
     started: Instant,
     /// Bridge listeners by managed address (TCP, select-or-migrate).
-    bridges: BTreeMap<usize, crate::steering::bridge::Bridge>,
+    bridges: BTreeMap<usize, bridges::Held>,
     /// Addresses that cannot have one (said once).
     no_bridge: BTreeSet<usize>,
 }

@@ -159,12 +159,6 @@ impl Bridge {
         Ok(info.tcpi_unacked)
     }
 
-    /// A new bridge of the same shape; dropping `self` after the new one is
-    /// in the map hands its queue over through the program.
-    pub fn replace(&self) -> Result<Self, NoBridge> {
-        Self::open(self.shape)
-    }
-
     pub fn shape(&self) -> Shape {
         self.shape
     }

@@ -2,25 +2,26 @@
 //! its start: servers open listeners late (gunicorn's workers each open
 //! their own, some after the generation was registered), replace them
 //! (gunicorn `--max-requests` recycles workers; Apache recreates a bucket
-//! listener during its second configuration pass) and close them. Every
-//! [`TRACK_INTERVAL`], one sock_diag dump (on a blocking thread) lists the
-//! listening sockets on the managed addresses; only when a socket nobody
-//! accounts for appeared, or a registered one is gone, are the trees of the
-//! tracked generations walked again and their slots rewritten with what
-//! they hold now. Steady state: one netlink dump per interval, no `/proc`
-//! walk; nothing at all while no generation serves. After a change the
-//! interval is [`FAST_INTERVAL`] for a while: servers that recycle workers
-//! (gunicorn `--max-requests` under load replaces one every few hundred
+//! listener during its second configuration pass) and close them. A look
+//! is one sock_diag dump (on a blocking thread) of the listening sockets on
+//! the managed addresses; only when a socket nobody accounts for appeared,
+//! or a registered one is gone, are the trees of the tracked generations
+//! walked again and their slots rewritten with what they hold now. Nothing
+//! at all happens while no generation serves. After a change the interval
+//! is [`FAST_INTERVAL`] for a while: servers that recycle workers (gunicorn
+//! `--max-requests` under load replaces one every few hundred
 //! milliseconds) change again soon, and while a slot's registered sockets
 //! have all closed the program holds its connections on the bridge
 //! listener (`steering::bridge`) until it is rewritten; each look ends by
 //! handing what a bridge holds to the active generation.
 //!
 //! Events where the kernel allows: the `sock_ops` program on the
-//! controller's cgroup reports every `listen(2)` on a managed address (see
-//! `reloader-ebpf`), and the tracker looks at once, so a worker that starts
-//! listening is registered within milliseconds. The poll stays: it notices
-//! closed sockets, UDP sockets (no `listen`), and works without cgroup v2.
+//! controller's cgroup reports every `listen(2)` on a managed address and
+//! every close of such a listener (see `reloader-ebpf`), and the tracker
+//! looks at once. With events and TCP listeners only, the steady-state look
+//! is a backstop every [`IDLE_INTERVAL`], so an idle controller does not
+//! wake up; UDP sockets (no `listen`, no state callback) and a controller
+//! without cgroup v2 are looked at every [`TRACK_INTERVAL`].
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -30,29 +31,51 @@ use tracing::{info, warn};
 use super::{Host, drain::drain};
 use crate::state::{Handle, Refreshed};
 
-/// How often the managed addresses are looked at.
+/// How often the managed addresses are looked at without events.
 pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often with events (TCP listeners, cgroup v2): a backstop for a
+/// listener whose close was not reported (one that started listening
+/// before any controller's notifier was attached).
+pub const IDLE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often, for [`FAST_FOR`] after a change.
 pub const FAST_INTERVAL: Duration = Duration::from_millis(50);
 const FAST_FOR: Duration = Duration::from_secs(5);
 
 /// Tracks the listeners of serving generations until the task is dropped;
 /// `listened` wakes it early (a socket started listening on a managed
-/// address).
-pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>) {
+/// address, or such a listener closed); `steady` is the interval while
+/// nothing changes ([`TRACK_INTERVAL`] or [`IDLE_INTERVAL`]).
+pub async fn track<H: Host>(
+    handle: Handle,
+    host: Arc<H>,
+    listened: Arc<Notify>,
+    steady: Duration,
+) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
     let mut last_change: Option<tokio::time::Instant> = None;
+    let mut last_tracked: Vec<u64> = Vec::new();
     loop {
-        let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR);
+        // Also while a bridge holds connections for a generation that does
+        // not listen: its hand-over and its time limit are looks.
+        let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR)
+            || handle.read(|s| s.bridge_waiting());
         tokio::select! {
-            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }) => {}
+            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { steady }) => {}
             () = listened.notified() => {}
         }
         let tracked = handle.read(|s| s.tracked());
         if tracked.is_empty() {
             continue;
+        }
+        // A socket that appeared while its generation was still starting
+        // (a late worker of a candidate) was set aside as foreign; once
+        // that generation is tracked, it must be looked at again.
+        let numbers: Vec<u64> = tracked.iter().map(|t| t.number).collect();
+        if numbers != last_tracked {
+            foreign.clear();
+            last_tracked = numbers;
         }
         let present = match host.listening().await {
             Ok(present) => present,

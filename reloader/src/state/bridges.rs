@@ -179,6 +179,11 @@ impl InstanceState {
         released
     }
 
+    /// Whether a bridge holds connections that no generation can take yet.
+    pub fn bridge_waiting(&self) -> bool {
+        self.bridges.values().any(|h| h.stuck_since.is_some())
+    }
+
     /// Opens `listener`'s bridge again after [`HOLD_LIMIT`] closed it.
     fn reopen_bridge(&mut self, listener: usize) {
         let addr = self.config.listen[listener].addr;

@@ -100,10 +100,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         }
     };
     // UDP sockets neither listen nor report a close: polled.
-    let steady = if events && config
-        .listen
-        .iter()
-        .all(|l| l.transport == crate::net::Transport::Tcp) {
+    let steady = if events
+        && config
+            .listen
+            .iter()
+            .all(|l| l.transport == crate::net::Transport::Tcp)
+    {
         reload::IDLE_INTERVAL
     } else {
         reload::TRACK_INTERVAL

@@ -45,12 +45,7 @@ const FAST_FOR: Duration = Duration::from_secs(5);
 /// `listened` wakes it early (a socket started listening on a managed
 /// address, or such a listener closed); `steady` is the interval while
 /// nothing changes ([`TRACK_INTERVAL`] or [`IDLE_INTERVAL`]).
-pub async fn track<H: Host>(
-    handle: Handle,
-    host: Arc<H>,
-    listened: Arc<Notify>,
-    steady: Duration,
-) {
+pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>, steady: Duration) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();

@@ -51,6 +51,9 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
     let mut last_change: Option<tokio::time::Instant> = None;
     let mut last_tracked: Vec<u64> = Vec::new();
+    // Generations whose lost listener was already reported: a server that
+    // stopped listening for good is said once, not at every look.
+    let mut lost: BTreeSet<u64> = BTreeSet::new();
     loop {
         // Also while a bridge holds connections for a generation that does
         // not listen: its hand-over and its time limit are looks.
@@ -70,6 +73,7 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
         let numbers: Vec<u64> = tracked.iter().map(|t| t.number).collect();
         if numbers != last_tracked {
             foreign.clear();
+            lost.retain(|n| numbers.contains(n));
             last_tracked = numbers;
         }
         let present = match host.listening().await {
@@ -79,7 +83,7 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
                 continue;
             }
         };
-        if look(&handle, &*host, tracked, &present, &mut foreign).await {
+        if look(&handle, &*host, tracked, &present, &mut foreign, &mut lost).await {
             last_change = Some(tokio::time::Instant::now());
         }
         // After the look: sockets it registered can take what a bridge
@@ -89,14 +93,15 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
 }
 
 /// One look at the managed addresses (`present`: the listening inodes on
-/// them); true if a tracked generation's sockets changed (or may have: a
-/// rescan was needed).
+/// them); true if a tracked generation's registration changed, or it newly
+/// lost a listener (`lost`: those already reported).
 async fn look<H: Host>(
     handle: &Handle,
     host: &H,
     tracked: Vec<crate::state::Tracked>,
     present: &BTreeSet<u64>,
     foreign: &mut BTreeSet<u64>,
+    lost: &mut BTreeSet<u64>,
 ) -> bool {
     foreign.retain(|inode| present.contains(inode));
     let registered = handle.read(|s| s.registered_inodes());
@@ -112,6 +117,7 @@ async fn look<H: Host>(
         return false;
     }
     let mut claimed = BTreeSet::new();
+    let mut changed = false;
     for t in tracked {
         let scan = match host.scan(t.pid).await {
             Ok(scan) => scan,
@@ -134,11 +140,16 @@ async fn look<H: Host>(
         };
         match handle.update(|s| s.refresh(t.number, found, present)) {
             Ok(Refreshed::Unchanged) => {}
-            Ok(Refreshed::Sockets { added, removed }) => info!(
-                generation = t.number,
-                added, removed, "listeners changed; registered what it holds now"
-            ),
+            Ok(Refreshed::Sockets { added, removed }) => {
+                changed = true;
+                lost.remove(&t.number);
+                info!(
+                    generation = t.number,
+                    added, removed, "listeners changed; registered what it holds now"
+                );
+            }
             Ok(Refreshed::Demoted { lost, reinstated }) => {
+                changed = true;
                 warn!(
                     generation = t.number,
                     lost = %lost,
@@ -149,18 +160,23 @@ async fn look<H: Host>(
                 let number = t.number;
                 tokio::spawn(async move { drain(&handle, number).await });
             }
-            Ok(Refreshed::LostListener { lost }) => warn!(
-                generation = t.number,
-                lost = %lost,
-                "it no longer listens on a managed address, and no previous generation can \
-                 take over: new connections there wait on the bridge listener (or, without \
-                 one, are left to the kernel)"
-            ),
+            Ok(Refreshed::LostListener { lost: address }) => {
+                if lost.insert(t.number) {
+                    changed = true;
+                    warn!(
+                        generation = t.number,
+                        lost = %address,
+                        "it no longer listens on a managed address, and no previous generation \
+                         can take over: new connections there wait on the bridge listener (or, \
+                         without one, are left to the kernel)"
+                    );
+                }
+            }
             Err(error) => {
                 warn!(generation = t.number, error = %crate::error_chain(&error), "cannot register new sockets")
             }
         }
     }
     foreign.extend(appeared.difference(&claimed));
-    true
+    changed
 }

@@ -509,3 +509,59 @@ fn a_hold_is_saved_for_a_successor_controller() {
     );
     let _ = (c1.kill(), c2.kill());
 }
+
+#[test]
+fn a_generation_that_loses_its_listeners_keeps_its_slot_when_none_can_take_over() {
+    let (mut state, fake) = state(&["127.0.0.1:8080"]);
+    let (number, slot, mut child) = activate(&mut state);
+    // Every worker closed its listener at once (gunicorn recycling them):
+    // the tree holds none for the address for a moment.
+    let refreshed = state
+        .refresh(number, vec![Vec::new()], &BTreeSet::new())
+        .unwrap();
+    assert!(
+        matches!(refreshed, Refreshed::LostListener { .. }),
+        "{refreshed:?}"
+    );
+    assert_eq!(state.active(), Some(number));
+    assert_eq!(
+        fake.maps().active.get(&0),
+        Some(&slot),
+        "the slot stays active: the bridge holds connections until it listens again"
+    );
+    exit(&mut state, &mut child, "killed by SIGKILL");
+}
+
+#[test]
+fn only_a_predecessor_still_listening_is_reinstated() {
+    let (mut state, fake) = state(&["127.0.0.1:8080"]);
+    let (old, old_slot, mut old_child) = activate(&mut state);
+    let (new, new_slot, mut new_child) = activate(&mut state);
+    assert_eq!(state.active(), Some(new));
+    // The predecessor's registered socket (inode 1000) is no longer
+    // listening: it closed its listeners when it began to drain.
+    let refreshed = state
+        .refresh(new, vec![Vec::new()], &BTreeSet::new())
+        .unwrap();
+    assert!(
+        matches!(refreshed, Refreshed::LostListener { .. }),
+        "{refreshed:?}"
+    );
+    assert_eq!(state.active(), Some(new));
+    assert_eq!(fake.maps().active.get(&0), Some(&new_slot));
+    // Still listening: it takes over.
+    let refreshed = state
+        .refresh(new, vec![Vec::new()], &BTreeSet::from([1000]))
+        .unwrap();
+    assert_eq!(
+        refreshed,
+        Refreshed::Demoted {
+            lost: state.config().listen[0],
+            reinstated: old
+        }
+    );
+    assert_eq!(state.active(), Some(old));
+    assert_eq!(fake.maps().active.get(&0), Some(&old_slot));
+    exit(&mut state, &mut new_child, "killed by SIGKILL");
+    exit(&mut state, &mut old_child, "killed by SIGKILL");
+}

@@ -34,8 +34,7 @@
 //! - [`map::COUNTERS`]: per-CPU `Counters`, index from [`counter_index`],
 //!   plus one trailing entry for packets of groups that are not managed.
 //! - [`map::LISTEN_EVENTS`]: a ring buffer the `sock_ops` program writes a
-//!   [`ListenEvent`] to when a socket starts listening on a managed address,
-//!   and when such a listener closes.
+//!   [`ListenEvent`] to when a socket starts listening on a managed address.
 //! - [`map::BRIDGES`]: `REUSEPORT_SOCKARRAY`, index listener: the
 //!   controller's own listener in the group (TCP, select-or-migrate), which
 //!   holds new and migrating connections while the target slot has no live
@@ -286,19 +285,12 @@ impl Counters {
     }
 }
 
-/// A socket started listening on a managed address, or such a listener
-/// closed.
+/// A socket started listening on a managed address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenEvent {
     pub listener: u32,
-    /// [`ListenEvent::LISTEN`] or [`ListenEvent::CLOSE`].
-    pub kind: u32,
-}
-
-impl ListenEvent {
-    pub const LISTEN: u32 = 0;
-    pub const CLOSE: u32 = 1;
+    pub _pad: u32,
 }
 
 /// Index of a (listener, slot) in `SLOT_SOCKETS` and `COUNTERS`.

@@ -19,13 +19,7 @@
 //!
 //! `sock_ops` (`notify_listen`): attached to the controller's cgroup, runs
 //! when a socket of a process in it starts listening; for a managed address
-//! it writes a [`ListenEvent`] so userspace registers the new socket at once,
-//! and asks for that socket's state changes (`BPF_SOCK_OPS_STATE_CB_FLAG`),
-//! so its close (LISTEN → CLOSE, reported before the kernel unhashes it)
-//! is an event too and userspace need not poll for it. The flag is copied
-//! into the listener's accepted children with the rest of the socket; the
-//! first state change of such a child clears it again, so an accepted
-//! connection costs one extra run at most.
+//! it writes a [`ListenEvent`] so userspace registers the new socket at once.
 //!
 //! Kernel behaviour relied on (net/core/filter.c, net/core/sock_reuseport.c,
 //! net/ipv4/udp.c, v6.1; verified on 6.18, see README "Design notes"):
@@ -51,10 +45,7 @@ mod steer {
 
     use aya_ebpf::{
         Global,
-        bindings::{
-            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
-            BPF_TCP_LISTEN, bpf_hdr_start_off, bpf_sock, sk_action::SK_PASS,
-        },
+        bindings::{BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_hdr_start_off, bpf_sock, sk_action::SK_PASS},
         helpers::bpf_skb_load_bytes_relative,
         macros::{map, sk_reuseport, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, RingBuf},
@@ -438,16 +429,9 @@ mod steer {
 
     #[sock_ops]
     pub fn notify_listen(ctx: SockOpsContext) -> u32 {
-        let kind = match ctx.op() {
-            BPF_SOCK_OPS_TCP_LISTEN_CB => ListenEvent::LISTEN,
-            BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == BPF_TCP_LISTEN => ListenEvent::CLOSE,
-            BPF_SOCK_OPS_STATE_CB => {
-                // A listener's accepted child inherited the flag.
-                let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-                return 1;
-            }
-            _ => return 1,
-        };
+        if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
+            return 1;
+        }
         // One volatile load per field, each at a constant offset from the
         // context: the verifier rejects loads through a moved ctx pointer,
         // which is what copying the address array compiles to.
@@ -487,10 +471,7 @@ mod steer {
             }
         };
         if let Some(listener) = listener {
-            if kind == ListenEvent::LISTEN {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
-            let _ = LISTEN_EVENTS.output::<ListenEvent>(&ListenEvent { listener, kind }, 0);
+            let _ = LISTEN_EVENTS.output::<ListenEvent>(&ListenEvent { listener, _pad: 0 }, 0);
         }
         1
     }

@@ -86,30 +86,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         tokio::spawn(pump_logs(pump));
     }
     let listened = Arc::new(Notify::new());
-    let events = match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
+    match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
         Ok(events) => {
             tokio::spawn(pump_listen_events(events, listened.clone()));
-            true
         }
-        Err(error) => {
-            warn!(
-                error = %crate::error_chain(error.as_ref()),
-                "no listen events (cgroup v2 sock_ops): listeners are found by polling only"
-            );
-            false
-        }
-    };
-    // UDP sockets neither listen nor report a close: polled.
-    let steady = if events
-        && config
-            .listen
-            .iter()
-            .all(|l| l.transport == crate::net::Transport::Tcp)
-    {
-        reload::IDLE_INTERVAL
-    } else {
-        reload::TRACK_INTERVAL
-    };
+        Err(error) => warn!(
+            error = %crate::error_chain(error.as_ref()),
+            "no listen events (cgroup v2 sock_ops): new listeners are found by polling only"
+        ),
+    }
+
     let (generations, processes) = recovery::generations(&previous, limits);
     let handle = Handle::new(InstanceState::new(
         config.clone(),
@@ -164,12 +150,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     } else {
         scheduler.request(None, None);
     }
-    let tracker = tokio::spawn(reload::track(
-        handle.clone(),
-        host.clone(),
-        listened,
-        steady,
-    ));
+    let tracker = tokio::spawn(reload::track(handle.clone(), host.clone(), listened));
     let health = config.health.is_some().then(|| {
         let events = events_tx.clone();
         tokio::spawn(reload::health::watch(handle.clone(), move |number| {
@@ -456,8 +437,7 @@ fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// Wakes the tracker whenever the listen notifier reports a new listener
-/// or a closed one.
+/// Wakes the tracker whenever the listen notifier reports a new listener.
 async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc<Notify>) {
     // SAFETY: the ring buffer map fd stays open and unchanged for as long
     // as `events` (now owned by the AsyncFd) lives.

@@ -44,7 +44,7 @@ use std::{future::Future, path::Path};
 pub use drain::drain;
 pub use host::System;
 pub use machine::{CutOver, adopted_canary, run};
-pub use track::{IDLE_INTERVAL, TRACK_INTERVAL, track};
+pub use track::{TRACK_INTERVAL, track};
 
 use crate::{
     discovery::{Holder, Listener},

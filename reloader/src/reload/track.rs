@@ -16,12 +16,15 @@
 //! handing what a bridge holds to the active generation.
 //!
 //! Events where the kernel allows: the `sock_ops` program on the
-//! controller's cgroup reports every `listen(2)` on a managed address and
-//! every close of such a listener (see `reloader-ebpf`), and the tracker
-//! looks at once. With events and TCP listeners only, the steady-state look
-//! is a backstop every [`IDLE_INTERVAL`], so an idle controller does not
-//! wake up; UDP sockets (no `listen`, no state callback) and a controller
-//! without cgroup v2 are looked at every [`TRACK_INTERVAL`].
+//! controller's cgroup reports every `listen(2)` on a managed address (see
+//! `reloader-ebpf`), and the tracker looks at once, so a worker that starts
+//! listening is registered within milliseconds. The poll every
+//! [`TRACK_INTERVAL`] stays: it notices closed sockets, UDP sockets (no
+//! `listen`), and works without cgroup v2. (Reporting a listener's close
+//! too, with `BPF_SOCK_OPS_STATE_CB_FLAG` set at `listen`, would let the
+//! poll go; tried on 6.18, it coincided with connections that gunicorn
+//! `--max-requests` workers closed unanswered in 2 of 8 runs, against 0 of
+//! 8 without it, and was taken out until that is understood.)
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -31,21 +34,16 @@ use tracing::{info, warn};
 use super::{Host, drain::drain};
 use crate::state::{Handle, Refreshed};
 
-/// How often the managed addresses are looked at without events.
+/// How often the managed addresses are looked at.
 pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
-/// How often with events (TCP listeners, cgroup v2): a backstop for a
-/// listener whose close was not reported (one that started listening
-/// before any controller's notifier was attached).
-pub const IDLE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often, for [`FAST_FOR`] after a change.
 pub const FAST_INTERVAL: Duration = Duration::from_millis(50);
 const FAST_FOR: Duration = Duration::from_secs(5);
 
 /// Tracks the listeners of serving generations until the task is dropped;
 /// `listened` wakes it early (a socket started listening on a managed
-/// address, or such a listener closed); `steady` is the interval while
-/// nothing changes ([`TRACK_INTERVAL`] or [`IDLE_INTERVAL`]).
-pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>, steady: Duration) {
+/// address).
+pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
@@ -60,7 +58,7 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
         let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR)
             || handle.read(|s| s.bridge_waiting());
         tokio::select! {
-            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { steady }) => {}
+            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }) => {}
             () = listened.notified() => {}
         }
         let tracked = handle.read(|s| s.tracked());

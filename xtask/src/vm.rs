@@ -115,6 +115,16 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
 /// of passing vacuously.
 const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
     (
+        "launcher",
+        "crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart",
+        BRIDGE,
+    ),
+    (
+        "launcher",
+        "a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good",
+        BRIDGE,
+    ),
+    (
         "rollout",
         "a_crash_during_the_hold_reinstates_the_previous_generation",
         "the crashed generation's queued connections reach the held one by migration (Linux >= \
@@ -150,6 +160,8 @@ const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
 
 const MIGRATION: &str = "migrates a closing listener's queued connections: select-or-migrate \
                          only (Linux >= 5.14); select-only steering resets them";
+const BRIDGE: &str = "the bridge listener is made only with select-or-migrate steering (Linux \
+                      >= 5.14): without migration, closing it would reset what it holds";
 
 /// Debian releases `--kernel` accepts by name, with the kernel series their
 /// `linux-image-amd64` depends on.
@@ -1244,6 +1256,7 @@ mod tests {
         let sources = [
             ("steering", include_str!("../../tests/steering.rs")),
             ("rollout", include_str!("../../tests/rollout.rs")),
+            ("launcher", include_str!("../../tests/launcher.rs")),
         ];
         for (binary, test, reason) in NEEDS_SELECT_OR_MIGRATE {
             let (_, source) = sources
@@ -1258,7 +1271,8 @@ mod tests {
             assert!(
                 body.contains("load_select_or_migrate()")
                     || body.contains("half_open_migration(")
-                    || body.contains("assert_select_or_migrate("),
+                    || body.contains("assert_select_or_migrate(")
+                    || body.contains("failing_test_server("),
                 "{test} must assert the select-or-migrate mode"
             );
             assert!(!reason.is_empty());

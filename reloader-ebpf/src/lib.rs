@@ -33,8 +33,11 @@
 //!   (remote address and port) is pinned to, written by the program itself.
 //! - [`map::COUNTERS`]: per-CPU `Counters`, index from [`counter_index`],
 //!   plus one trailing entry for packets of groups that are not managed.
-//! - [`map::LISTEN_EVENTS`]: a ring buffer the `sock_ops` program writes a
-//!   [`ListenEvent`] to when a socket starts listening on a managed address.
+//! - [`map::LISTEN_EVENTS`]: a ring buffer of [`ListenEvent`]s: the
+//!   `sock_ops` program writes one when a socket starts listening on a
+//!   managed address, the steering program one when it holds a connection
+//!   on a bridge (the target slot has no live socket: its listeners
+//!   closed). Userspace looks at the managed addresses at either.
 //! - [`map::BRIDGES`]: `REUSEPORT_SOCKARRAY`, index listener: the
 //!   controller's own listener in the group (TCP, select-or-migrate), which
 //!   holds new and migrating connections while the target slot has no live
@@ -285,12 +288,19 @@ impl Counters {
     }
 }
 
-/// A socket started listening on a managed address.
+/// A socket started listening on a managed address, or a connection found
+/// no live socket in its target slot and waits on the bridge.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenEvent {
     pub listener: u32,
-    pub _pad: u32,
+    /// [`ListenEvent::LISTEN`] or [`ListenEvent::BRIDGED`].
+    pub kind: u32,
+}
+
+impl ListenEvent {
+    pub const LISTEN: u32 = 0;
+    pub const BRIDGED: u32 = 1;
 }
 
 /// Index of a (listener, slot) in `SLOT_SOCKETS` and `COUNTERS`.

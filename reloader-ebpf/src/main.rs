@@ -20,6 +20,15 @@
 //! `sock_ops` (`notify_listen`): attached to the controller's cgroup, runs
 //! when a socket of a process in it starts listening; for a managed address
 //! it writes a [`ListenEvent`] so userspace registers the new socket at once.
+//! It asks for no other callbacks: a listener's state callback
+//! (`BPF_SOCK_OPS_STATE_CB_FLAG`) would run inside `tcp_set_state(listener,
+//! TCP_CLOSE)`, after `__tcp_close` set the listener's `sk_shutdown` and
+//! before it leaves the group, and a connection completing its handshake
+//! in that window is cloned with that `sk_shutdown` and sends a FIN as
+//! soon as it is established (see README "Design notes": measured with
+//! gunicorn `--max-requests`). Userspace learns of closed listeners from
+//! the exits of the processes that hold them, and from the steering
+//! program: a connection held on a bridge is a [`ListenEvent`] too.
 //!
 //! Kernel behaviour relied on (net/core/filter.c, net/core/sock_reuseport.c,
 //! net/ipv4/udp.c, v6.1; verified on 6.18, see README "Design notes"):
@@ -315,6 +324,16 @@ mod steer {
             // SAFETY: per-CPU value, preemption disabled (see `count`).
             unsafe { *bridged += 1 };
         }
+        // Wakes userspace: the slot's listeners closed, and what the bridge
+        // holds waits for the next look. A full ring buffer loses nothing
+        // that matters: one event is enough to look.
+        let _ = LISTEN_EVENTS.output::<ListenEvent>(
+            &ListenEvent {
+                listener,
+                kind: ListenEvent::BRIDGED,
+            },
+            0,
+        );
         debug!(
             ctx,
             "listener {}: no live socket, held on the bridge", listener
@@ -471,7 +490,13 @@ mod steer {
             }
         };
         if let Some(listener) = listener {
-            let _ = LISTEN_EVENTS.output::<ListenEvent>(&ListenEvent { listener, _pad: 0 }, 0);
+            let _ = LISTEN_EVENTS.output::<ListenEvent>(
+                &ListenEvent {
+                    listener,
+                    kind: ListenEvent::LISTEN,
+                },
+                0,
+            );
         }
         1
     }

@@ -86,15 +86,30 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         tokio::spawn(pump_logs(pump));
     }
     let listened = Arc::new(Notify::new());
-    match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
+    let events = match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
         Ok(events) => {
             tokio::spawn(pump_listen_events(events, listened.clone()));
+            true
         }
-        Err(error) => warn!(
-            error = %crate::error_chain(error.as_ref()),
-            "no listen events (cgroup v2 sock_ops): new listeners are found by polling only"
-        ),
-    }
+        Err(error) => {
+            warn!(
+                error = %crate::error_chain(error.as_ref()),
+                "no listen events (cgroup v2 sock_ops): listeners are found by polling"
+            );
+            false
+        }
+    };
+    // UDP sockets do not listen: new ones are found by polling.
+    let steady = if events
+        && config
+            .listen
+            .iter()
+            .all(|l| l.transport == crate::net::Transport::Tcp)
+    {
+        reload::IDLE_INTERVAL
+    } else {
+        reload::TRACK_INTERVAL
+    };
 
     let (generations, processes) = recovery::generations(&previous, limits);
     let handle = Handle::new(InstanceState::new(
@@ -150,7 +165,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     } else {
         scheduler.request(None, None);
     }
-    let tracker = tokio::spawn(reload::track(handle.clone(), host.clone(), listened));
+    let tracker = tokio::spawn(reload::track(
+        handle.clone(),
+        host.clone(),
+        listened,
+        steady,
+    ));
     let health = config.health.is_some().then(|| {
         let events = events_tx.clone();
         tokio::spawn(reload::health::watch(handle.clone(), move |number| {
@@ -437,7 +457,8 @@ fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// Wakes the tracker whenever the listen notifier reports a new listener.
+/// Wakes the tracker whenever the programs report a new listener or a
+/// connection held on a bridge.
 async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc<Notify>) {
     // SAFETY: the ring buffer map fd stays open and unchanged for as long
     // as `events` (now owned by the AsyncFd) lives.

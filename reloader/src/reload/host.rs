@@ -1,8 +1,9 @@
 //! [`System`]: the real [`Host`] — processes, `/proc`, sock_diag and
-//! `pidfd_getfd`.
+//! `pidfd_getfd`, pidfds.
 
 use std::{
     collections::BTreeSet,
+    future::Future,
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     path::Path,
@@ -85,6 +86,10 @@ impl Host for System {
             .map_err(|e| ReloadError::Internal {
                 what: format!("discovery thread: {e}"),
             })?
+    }
+
+    fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static {
+        supervisor::exit_of(pid)
     }
 
     fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {

@@ -44,7 +44,7 @@ use std::{future::Future, path::Path};
 pub use drain::drain;
 pub use host::System;
 pub use machine::{CutOver, adopted_canary, run};
-pub use track::{TRACK_INTERVAL, track};
+pub use track::{IDLE_INTERVAL, TRACK_INTERVAL, track};
 
 use crate::{
     discovery::{Holder, Listener},
@@ -97,6 +97,10 @@ pub trait Host: Send + Sync + 'static {
     fn listening(
         &self,
     ) -> impl Future<Output = Result<std::collections::BTreeSet<u64>, ReloadError>> + Send;
+
+    /// Completes when process `pid` (one that holds a registered socket)
+    /// exits, at once if it does not run.
+    fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static;
 }
 
 #[cfg(test)]

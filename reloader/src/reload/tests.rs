@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::TcpListener,
     os::{fd::OwnedFd, unix::process::CommandExt},
     process::Command,
@@ -100,6 +101,10 @@ impl Host for FakeHost {
 
     async fn listening(&self) -> Result<std::collections::BTreeSet<u64>, ReloadError> {
         Ok(std::collections::BTreeSet::new())
+    }
+
+    fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static {
+        crate::supervisor::exit_of(pid)
     }
 
     fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {

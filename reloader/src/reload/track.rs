@@ -15,35 +15,52 @@
 //! listener (`steering::bridge`) until it is rewritten; each look ends by
 //! handing what a bridge holds to the active generation.
 //!
-//! Events where the kernel allows: the `sock_ops` program on the
-//! controller's cgroup reports every `listen(2)` on a managed address (see
-//! `reloader-ebpf`), and the tracker looks at once, so a worker that starts
-//! listening is registered within milliseconds. The poll every
-//! [`TRACK_INTERVAL`] stays: it notices closed sockets, UDP sockets (no
-//! `listen`), and works without cgroup v2. (Reporting a listener's close
-//! too, with `BPF_SOCK_OPS_STATE_CB_FLAG` set at `listen`, would let the
-//! poll go; tried on 6.18, it coincided with connections that gunicorn
-//! `--max-requests` workers closed unanswered in 2 of 8 runs, against 0 of
-//! 8 without it, and was taken out until that is understood.)
+//! Events, not a poll, in the steady state: the `sock_ops` program on the
+//! controller's cgroup reports every `listen(2)` on a managed address, and
+//! the steering program every connection it holds on a bridge because its
+//! target slot has no live socket (see `reloader-ebpf`); and the exit of
+//! any process holding a registered socket (a pidfd each: a recycled or
+//! crashed worker) is a wake-up too, since that is how listeners close.
+//! So a worker that starts listening is registered within milliseconds, a
+//! closed one is noticed as its process exits, and an idle controller does
+//! not wake: with events and TCP listeners only, the steady-state look is
+//! a backstop every [`IDLE_INTERVAL`] (for a listener a live process
+//! closes while no connection arrives). UDP sockets (no `listen`) and a
+//! controller without cgroup v2 are looked at every [`TRACK_INTERVAL`],
+//! and so is an instance whose active generation lost a listener.
+//!
+//! Why not the listener's own close as an event (`BPF_SOCK_OPS_STATE_CB_FLAG`
+//! set at `listen`): the callback runs while the closing listener can still
+//! pass its `sk_shutdown` to a connection completing its handshake, which
+//! then answers with a FIN (README "Design notes"; measured with gunicorn
+//! `--max-requests`: one such connection in 4 of 8 runs).
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{Host, drain::drain};
 use crate::state::{Handle, Refreshed};
 
-/// How often the managed addresses are looked at.
+/// How often the managed addresses are looked at without events.
 pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often with events (TCP listeners, cgroup v2): a backstop for a
+/// listener closed by a process that lives on, with no connection since.
+pub const IDLE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often, for [`FAST_FOR`] after a change.
 pub const FAST_INTERVAL: Duration = Duration::from_millis(50);
 const FAST_FOR: Duration = Duration::from_secs(5);
 
 /// Tracks the listeners of serving generations until the task is dropped;
 /// `listened` wakes it early (a socket started listening on a managed
-/// address).
-pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>) {
+/// address, or a connection waits on a bridge); `steady` is the interval
+/// while nothing changes ([`TRACK_INTERVAL`] or [`IDLE_INTERVAL`]).
+pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>, steady: Duration) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
@@ -52,19 +69,41 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
     // Generations whose lost listener was already reported: a server that
     // stopped listening for good is said once, not at every look.
     let mut lost: BTreeSet<u64> = BTreeSet::new();
+    let mut exits = Exits::default();
+    let mut ticks = handle.subscribe();
     loop {
         // Also while a bridge holds connections for a generation that does
         // not listen: its hand-over and its time limit are looks.
         let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR)
             || handle.read(|s| s.bridge_waiting());
-        tokio::select! {
-            () = tokio::time::sleep(if fast { FAST_INTERVAL } else { TRACK_INTERVAL }) => {}
-            () = listened.notified() => {}
+        let interval = if fast {
+            FAST_INTERVAL
+        } else if lost.is_empty() {
+            steady
+        } else {
+            // The active generation lost a listener: not idle.
+            TRACK_INTERVAL.min(steady)
+        };
+        let next = tokio::time::Instant::now() + interval;
+        ticks.borrow_and_update();
+        loop {
+            // A generation that became tracked (a cutover, an adoption) has
+            // its holders watched from now on, and is looked at once: a
+            // worker that started listening while it was still starting
+            // was set aside as foreign (below).
+            let tracked = handle.read(|s| s.tracked());
+            exits.follow(&*host, tracked.iter());
+            if tracked.iter().map(|t| t.number).ne(last_tracked.iter().copied()) {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                () = listened.notified() => break,
+                () = exits.wake.notified() => break,
+                Ok(()) = ticks.changed() => {}
+            }
         }
         let tracked = handle.read(|s| s.tracked());
-        if tracked.is_empty() {
-            continue;
-        }
         // A socket that appeared while its generation was still starting
         // (a late worker of a candidate) was set aside as foreign; once
         // that generation is tracked, it must be looked at again.
@@ -73,6 +112,9 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>)
             foreign.clear();
             lost.retain(|n| numbers.contains(n));
             last_tracked = numbers;
+        }
+        if tracked.is_empty() {
+            continue;
         }
         let present = match host.listening().await {
             Ok(present) => present,
@@ -177,4 +219,50 @@ async fn look<H: Host>(
     }
     foreign.extend(appeared.difference(&claimed));
     changed
+}
+
+/// One exit watch per process that holds a tracked generation's socket;
+/// each exit wakes the tracker.
+#[derive(Default)]
+struct Exits {
+    watching: BTreeMap<u32, JoinHandle<()>>,
+    wake: Arc<Notify>,
+}
+
+impl Exits {
+    /// Watches the holders of `tracked`, and no longer those of others. A
+    /// holder whose exit was seen stays in the map (not watched again)
+    /// until its sockets are no longer registered.
+    fn follow<'a, H: Host>(
+        &mut self,
+        host: &H,
+        tracked: impl Iterator<Item = &'a crate::state::Tracked>,
+    ) {
+        let holders: BTreeSet<u32> = tracked.flat_map(|t| t.holders.iter().copied()).collect();
+        self.watching.retain(|pid, task| {
+            let keep = holders.contains(pid);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for pid in holders {
+            self.watching.entry(pid).or_insert_with(|| {
+                let exited = host.exited(pid);
+                let wake = self.wake.clone();
+                tokio::spawn(async move {
+                    exited.await;
+                    wake.notify_one();
+                })
+            });
+        }
+    }
+}
+
+impl Drop for Exits {
+    fn drop(&mut self) {
+        for task in self.watching.values() {
+            task.abort();
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! The state side of listener tracking (the reload module polls): which
+//! The state side of listener tracking (the reload module looks): which
 //! generations are tracked, and rewriting a generation's slot with the
 //! sockets it holds now.
 
@@ -18,6 +18,8 @@ pub struct Tracked {
     pub pid: u32,
     /// The inodes registered for it now.
     pub inodes: BTreeSet<u64>,
+    /// The processes that hold them (a server's workers).
+    pub holders: BTreeSet<u32>,
 }
 
 /// What a refresh did.
@@ -55,6 +57,11 @@ impl InstanceState {
                         .sockets(g.number)
                         .iter()
                         .map(|s| s.socket.inode)
+                        .collect(),
+                    holders: self
+                        .sockets(g.number)
+                        .iter()
+                        .map(|s| s.holder.pid)
                         .collect(),
                 })
             })

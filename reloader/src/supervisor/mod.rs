@@ -23,7 +23,7 @@ use nix::{
     sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid},
     unistd::Pid,
 };
-pub use process::{AdoptError, Process, start_time};
+pub use process::{AdoptError, Process, exit_of, start_time};
 pub use spawn::{GODEBUG_MPTCP_OFF, Gate, SpawnExtras, Spawned, exec_shim, godebug, spawn};
 pub use stderr::StderrTail;
 use tracing::warn;

@@ -222,6 +222,35 @@ impl Process {
     }
 }
 
+/// A future that completes when `pid` exits (at once if it does not run):
+/// for processes the controller only watches, never signals — a server's
+/// workers, whose exits close the listeners they hold. The pid is opened
+/// now and not proven to be the process the caller found: should it have
+/// exited and its pid been reused in between, the wrong exit wakes the
+/// caller (an extra look), and the right one was already past.
+pub fn exit_of(pid: u32) -> impl Future<Output = ()> + Send + use<> {
+    let watched = open(pid).and_then(|fd| {
+        // SAFETY: the AsyncFd owns the pidfd, which stays open and
+        // unchanged for as long as the AsyncFd lives.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
+    });
+    async move {
+        match watched {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(error) => {
+                debug!(pid, %error, "cannot watch the exit of a process");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 fn open(pid: u32) -> io::Result<OwnedFd> {
     let pid = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
     pidfd_open(pid, PidfdFlags::empty()).map_err(io::Error::from)
@@ -303,5 +332,24 @@ mod tests {
             .await
             .expect("pidfd readable after exit");
         child.wait().unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_exit_of_a_process_we_only_watch_is_an_event_also_as_a_zombie() {
+        let mut child = sleeper();
+        let pid = child.id();
+        let exited = exit_of(pid);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(100), exit_of(pid)).await;
+        assert!(early.is_err(), "still running");
+        child.kill().unwrap();
+        // Not reaped yet: a worker whose parent has not waited for it still
+        // closed its listeners when it exited.
+        tokio::time::timeout(std::time::Duration::from_secs(5), exited)
+            .await
+            .expect("pidfd readable once it exited, before it is reaped");
+        child.wait().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), exit_of(pid))
+            .await
+            .expect("a pid that no longer runs completes at once");
     }
 }

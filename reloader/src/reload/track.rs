@@ -93,7 +93,11 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
             // was set aside as foreign (below).
             let tracked = handle.read(|s| s.tracked());
             exits.follow(&*host, tracked.iter());
-            if tracked.iter().map(|t| t.number).ne(last_tracked.iter().copied()) {
+            if tracked
+                .iter()
+                .map(|t| t.number)
+                .ne(last_tracked.iter().copied())
+            {
                 break;
             }
             tokio::select! {

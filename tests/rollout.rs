@@ -468,6 +468,30 @@ fn health_checks_roll_back_a_failing_canary_and_promote_a_healthy_one() {
     assert!(instance.stop().success());
 }
 
+/// Waits until the state file records generation `number` as `state`.
+fn wait_recorded(instance: &Instance, number: u64, state: &str) {
+    let path = instance.socket.with_extension("state.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let saved: Value = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(Value::Null);
+        let recorded = saved["generations"].as_array().is_some_and(|g| {
+            g.iter()
+                .any(|g| g["number"] == number && g["state"] == state)
+        });
+        if recorded {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the state file never recorded generation {number} as {state}: {saved:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn kill_controller(instance: &mut Instance) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(instance.pid() as i32),
@@ -507,6 +531,12 @@ fn a_restarted_controller_keeps_the_hold_and_the_canary() {
         s["rollout"]["kind"] == "canary"
     });
     let canary = status["rollout"]["generation"].as_u64().unwrap();
+    // Killed once the canary is on disk too: the state file is written
+    // just after the change, and a controller killed in between leaves its
+    // successor one step behind (CI saw the kill land 30 ms after the
+    // canary started, before the write: the successor found generation
+    // `canary` still "starting").
+    wait_recorded(&instance, canary, "canary");
     kill_controller(&mut instance);
     instance.respawn();
     let status = wait_for(

@@ -198,14 +198,7 @@ impl Process {
     /// copy of the pidfd, so it may outlive this `Process`.
     pub fn exit_watcher(&self) -> impl Future<Output = ()> + Send + use<> {
         let pid = self.pid;
-        let watched = self.pidfd.try_clone().and_then(|fd| {
-            // SAFETY: the AsyncFd owns this copy of the pidfd, which stays
-            // open and unchanged for as long as the AsyncFd lives.
-            unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-            }
-            .map_err(|e| e.into_parts().1)
-        });
+        let watched = self.pidfd.try_clone().and_then(readable);
         async move {
             match watched {
                 Ok(fd) => {
@@ -229,14 +222,7 @@ impl Process {
 /// exited and its pid been reused in between, the wrong exit wakes the
 /// caller (an extra look), and the right one was already past.
 pub fn exit_of(pid: u32) -> impl Future<Output = ()> + Send + use<> {
-    let watched = open(pid).and_then(|fd| {
-        // SAFETY: the AsyncFd owns the pidfd, which stays open and
-        // unchanged for as long as the AsyncFd lives.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)
-    });
+    let watched = open(pid).and_then(readable);
     async move {
         match watched {
             Ok(fd) => {
@@ -249,6 +235,16 @@ pub fn exit_of(pid: u32) -> impl Future<Output = ()> + Send + use<> {
             }
         }
     }
+}
+
+/// A pidfd registered with the runtime: readable once its process exits.
+fn readable(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the pidfd, which stays open and unchanged
+    // for as long as the AsyncFd lives.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
 }
 
 fn open(pid: u32) -> io::Result<OwnedFd> {

@@ -31,6 +31,8 @@
 //! Reading the files is blocking work: callers run [`config_sha256`] on a
 //! blocking thread.
 
+#![allow(clippy::disallowed_methods)] // hashing reads files: called on blocking threads only
+
 use std::{
     collections::BTreeSet,
     io::Read,

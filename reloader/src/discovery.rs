@@ -19,6 +19,8 @@
 //!    root) copy the descriptor into our process so steering can put it in
 //!    its map; the copy is closed right after.
 
+#![allow(clippy::disallowed_methods)] // /proc walks and netlink dumps: called on blocking threads only (`reload::System`, start-up)
+
 use std::{
     collections::{BTreeMap, HashMap},
     io,

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
@@ -137,6 +138,76 @@ impl ReloadError {
             Self::CheckFailed { .. } | Self::CheckSpawnError { .. }
         )
     }
+
+    /// What kind of failure it is, for scripts.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Stopping => FailureKind::Stopping,
+            Self::SpawnError { .. }
+            | Self::PassFdsError { .. }
+            | Self::NotifySocketError { .. } => FailureKind::SpawnFailed,
+            Self::ExitedBeforeReady { .. } | Self::Ended { .. } => FailureKind::ExitedBeforeReady,
+            Self::NotListening { .. } | Self::NoReadyNotify { .. } => FailureKind::NotReady,
+            Self::ProbeFailed { .. } => FailureKind::ProbeFailed,
+            Self::RegisterError { source, .. }
+                if matches!(**source, SteeringError::NotReuseport { .. }) =>
+            {
+                FailureKind::NoReuseport
+            }
+            Self::DiscoveryError { .. }
+            | Self::RegisterError { .. }
+            | Self::SteeringError { .. } => FailureKind::SteeringFailed,
+            Self::CheckFailed { .. } | Self::CheckSpawnError { .. } => FailureKind::CheckFailed,
+            Self::CanaryRunning { .. } => FailureKind::CanaryRunning,
+            Self::Internal { .. } => FailureKind::Internal,
+        }
+    }
+}
+
+/// Why a reload did not succeed, for scripts: `failure.kind` of a reload
+/// report (`reload --wait --json`, `last_reload` in `status --json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// `--check` refused it: nothing was started.
+    CheckFailed,
+    /// The server command (or what it is given) could not be started.
+    SpawnFailed,
+    /// The new generation exited before it was ready.
+    ExitedBeforeReady,
+    /// It did not listen everywhere (or say `READY=1`) in time.
+    NotReady,
+    /// It listens without `SO_REUSEPORT`.
+    NoReuseport,
+    /// Its readiness probe did not pass in time.
+    ProbeFailed,
+    /// Finding, registering or steering to its sockets failed.
+    SteeringFailed,
+    /// A canary runs: promote or roll it back first.
+    CanaryRunning,
+    /// The instance is stopping.
+    Stopping,
+    /// It exited (or stopped listening) after the cutover, and the
+    /// previous generation was made active again if it could be.
+    CrashedAfterCutover,
+    /// `reloader rollback` during its hold or canary.
+    RolledBack,
+    /// It failed its health checks and was rolled back.
+    RolledBackByHealth,
+    /// Something inside the controller went wrong.
+    Internal,
+}
+
+/// A reload that did not succeed: its kind, what happened, and which
+/// generation serves now — read from the owner of the instance's state at
+/// the moment it decided, so overlapping reloads name the right one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    pub kind: FailureKind,
+    /// What happened, for people (the same text as the report's `error`).
+    pub detail: String,
+    /// The generation active when the outcome was decided.
+    pub active: Option<u64>,
 }
 
 fn printed(output: &[String]) -> String {

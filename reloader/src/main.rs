@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // the CLI: client commands block on the control socket without a runtime
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};

@@ -385,6 +385,10 @@ pub struct ReloadReport {
     /// (`--keep-previous`): `reload --wait` returned at the cutover.
     #[serde(default)]
     pub held_ms: Option<f64>,
+    /// Why it did not succeed (`None` when it did): the kind, for scripts,
+    /// and the generation active when that was decided.
+    #[serde(default)]
+    pub failure: Option<crate::error::ReloadFailure>,
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -438,7 +442,13 @@ impl ReloadReport {
         } else {
             let error = self.error.as_deref().unwrap_or("unknown error");
             let mut text = format!("reload to generation {} failed", self.generation);
-            match self.previous {
+            // Who serves: as the controller saw it when it decided (a
+            // later reload may have replaced the one this reload replaced).
+            let active = match &self.failure {
+                Some(failure) => failure.active,
+                None => self.previous,
+            };
+            match active {
                 // The check's output ends its error: say what still runs first.
                 Some(previous) if self.check_failed => {
                     let _ = write!(text, " (generation {previous} is still active): {error}");

@@ -3,6 +3,8 @@
 //! connection places taken) is asked again with backoff until the
 //! client's own timeout.
 
+#![allow(clippy::disallowed_methods)] // the blocking client: the CLI has no runtime; async callers use spawn_blocking
+
 use std::{
     io::{BufRead, Write},
     path::Path,

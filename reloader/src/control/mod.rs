@@ -30,6 +30,6 @@ pub trait Controller: Clone + Send + Sync + 'static {
     fn promote(&self) -> impl Future<Output = Response> + Send;
     /// Requests a stop.
     fn stop(&self) -> Response;
-    /// The instance's status.
-    fn status(&self) -> impl Future<Output = StatusReport> + Send;
+    /// The instance's status (`None` once its owner has stopped).
+    fn status(&self) -> impl Future<Output = Option<StatusReport>> + Send;
 }

@@ -157,8 +157,13 @@ async fn serve_client<C: Controller>(
     // place while it is served (none if it was evicted meanwhile).
     let _place = idle.leave(id);
     let response = match request {
-        Ok(Request::Status {}) => Response::Status {
-            status: Box::new(controller.status().await),
+        Ok(Request::Status {}) => match controller.status().await {
+            Some(status) => Response::Status {
+                status: Box::new(status),
+            },
+            None => Response::Error {
+                message: "the instance is stopping".into(),
+            },
         },
         Ok(Request::Stop {}) => controller.stop(),
         Ok(Request::Reload { wait, canary }) => controller.reload(wait, canary).await,

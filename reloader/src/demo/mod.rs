@@ -9,6 +9,8 @@
 //! people do without reloader. Every number comes from the connections
 //! the demo really made.
 
+#![allow(clippy::disallowed_methods)] // the demo is a client of `reloader run`, not the controller: it spawns its processes and waits for them itself (the waits on blocking threads)
+
 pub mod load;
 pub mod server;
 mod stats;
@@ -290,8 +292,12 @@ async fn reloader_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outco
 async fn wait_active(socket: &Path, log: &Path, controller: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(Response::Status { status }) =
-            control::ask(socket, &Request::Status {}, Duration::from_secs(2))
+        let asked = socket.to_owned();
+        let answer = tokio::task::spawn_blocking(move || {
+            control::ask(&asked, &Request::Status {}, Duration::from_secs(2))
+        })
+        .await?;
+        if let Ok(Response::Status { status }) = answer
             && status
                 .listeners
                 .iter()
@@ -300,7 +306,10 @@ async fn wait_active(socket: &Path, log: &Path, controller: &mut Child) -> Resul
             return Ok(());
         }
         if controller.try_wait()?.is_some() || Instant::now() > deadline {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let log = log.to_owned();
+            let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(log))
+                .await?
+                .unwrap_or_default();
             bail!("`reloader run` did not start its first generation:\n{text}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -9,6 +9,8 @@
 //! requests it has, and exits. Those are the two ways a plain reuseport
 //! reload fails clients; the demo shows reloader avoiding both.
 
+#![allow(clippy::disallowed_methods)] // the demo server: thread-per-connection blocking code, no runtime
+
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},

@@ -1,127 +1,101 @@
-//! What reaches the instance's run loop from its other tasks, and the
-//! [`Control`] the control server talks through.
+//! What reaches the instance's run loop from outside the state: control
+//! requests, signals, `--watch` bursts, exits of adopted processes; and
+//! [`Control`], through which the control server asks.
+//!
+//! Every control request is one [`Event`] with a reply channel: the run
+//! loop, which owns the state, decides it in one step (a reload refused
+//! because a canary runs, a rollback, a promotion) and answers.
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::CanaryPlan,
     control::{Controller, Response},
-    reload::scheduler::{Outcome, Waiter},
-    state::Handle,
-    status::{RollbackReason, StatusReport},
+    state::Client,
+    status::StatusReport,
 };
 
 /// An input of the run loop.
 #[derive(Debug)]
 pub enum Event {
-    /// `reloader reload` (with a waiter for `--wait`).
+    /// `reloader reload`, `SIGHUP`, `--watch`: with a reply, it is told
+    /// when the request was taken (or, with `wait`, the reload's result).
     Reload {
-        waiter: Option<Waiter>,
+        wait: bool,
         canary: Option<CanaryPlan>,
+        reply: Option<oneshot::Sender<Response>>,
     },
-    /// `reloader rollback`, or a failed health check of a new generation:
-    /// the answer goes to `answer` (after the rolled-back generation
+    /// `reloader rollback`: answered (after the rolled-back generation
     /// exited, with `wait`).
     Rollback {
-        reason: RollbackReason,
         wait: bool,
-        answer: Option<oneshot::Sender<Response>>,
-        /// Only if this generation is still the new one.
-        only_from: Option<u64>,
+        reply: oneshot::Sender<Response>,
     },
-    /// `reloader stop`.
+    /// `reloader promote`.
+    Promote { reply: oneshot::Sender<Response> },
+    /// `reloader stop`, `SIGTERM`, `SIGINT`.
     Stop,
+    /// `SIGCHLD`: children to reap.
+    ChildExited,
     /// An adopted generation's leader exited (its pidfd said so).
     AdoptedExited { pid: u32 },
-    /// The crash-restart backoff has passed.
-    Restart,
 }
 
 /// The control server's view of the instance: requests go to the run loop
-/// as [`Event`]s, status is read through the state's handle.
+/// as [`Event`]s, status is asked of the state's owner.
 #[derive(Clone)]
 pub struct Control {
     pub events: mpsc::Sender<Event>,
-    pub handle: Handle,
+    pub client: Client,
+}
+
+impl Control {
+    /// Sends the event `make` builds around a reply channel and waits for
+    /// the answer; `gone` if the run loop has ended meanwhile.
+    async fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Response>) -> Event,
+        gone: &str,
+    ) -> Response {
+        let (reply, answer) = oneshot::channel();
+        if self.events.send(make(reply)).await.is_err() {
+            return Response::Error {
+                message: "the instance is stopping".into(),
+            };
+        }
+        answer.await.unwrap_or_else(|_| Response::Error {
+            message: gone.into(),
+        })
+    }
 }
 
 impl Controller for Control {
     async fn reload(&self, wait: bool, canary: Option<CanaryPlan>) -> Response {
-        if self.handle.read(|s| s.is_stopping()) {
-            return Response::Error {
-                message: "the instance is stopping".into(),
-            };
-        }
-        if let Some(generation) = self.handle.read(|s| s.canary()) {
-            return Response::Error {
-                message: crate::error::ReloadError::CanaryRunning { generation }.to_string(),
-            };
-        }
-        if canary.is_some() && self.handle.read(|s| s.active()).is_none() {
-            return Response::Error {
-                message: "no generation is active to run a canary beside: reload without \
-                          --canary"
-                    .into(),
-            };
-        }
-        let (waiter, answer) = if wait {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        if self
-            .events
-            .send(Event::Reload { waiter, canary })
-            .await
-            .is_err()
-        {
-            return Response::Error {
-                message: "the instance is stopping".into(),
-            };
-        }
-        let Some(answer) = answer else {
-            return Response::ReloadAccepted;
-        };
-        match answer.await {
-            Ok(Outcome::Done(report)) => Response::ReloadDone { report },
-            Ok(Outcome::Failed(report)) => Response::ReloadFailed { report },
-            Ok(Outcome::RolledBack(report)) => Response::ReloadRolledBack { report },
-            Ok(Outcome::NotRun(message)) => Response::Error { message },
-            Err(_) => Response::Error {
-                message: "the instance stopped before the reload completed".into(),
+        self.ask(
+            |reply| Event::Reload {
+                wait,
+                canary,
+                reply: Some(reply),
             },
-        }
+            "the instance stopped before the reload completed",
+        )
+        .await
     }
 
     async fn rollback(&self, wait: bool) -> Response {
-        let (tx, rx) = oneshot::channel();
-        let event = Event::Rollback {
-            reason: RollbackReason::Manual,
-            wait,
-            answer: Some(tx),
-            only_from: None,
-        };
-        if self.events.send(event).await.is_err() {
-            return Response::Error {
-                message: "the instance is stopping".into(),
-            };
-        }
-        rx.await.unwrap_or_else(|_| Response::Error {
-            message: "the instance stopped before the rollback completed".into(),
-        })
+        self.ask(
+            |reply| Event::Rollback { wait, reply },
+            "the instance stopped before the rollback completed",
+        )
+        .await
     }
 
     async fn promote(&self) -> Response {
-        match self.handle.update(|s| s.promote()) {
-            Ok((generation, previous)) => Response::Promoted {
-                generation,
-                previous,
-            },
-            Err(error) => Response::Error {
-                message: crate::error_chain(&error),
-            },
-        }
+        self.ask(
+            |reply| Event::Promote { reply },
+            "the instance stopped before the promotion",
+        )
+        .await
     }
 
     fn stop(&self) -> Response {
@@ -134,7 +108,7 @@ impl Controller for Control {
         Response::Stopping
     }
 
-    async fn status(&self) -> StatusReport {
-        self.handle.status().await
+    async fn status(&self) -> Option<StatusReport> {
+        self.client.status().await
     }
 }

@@ -10,6 +10,8 @@
 //! symlink planted there) is refused with a message that says what to do.
 //! Files are opened without following symlinks.
 
+#![allow(clippy::disallowed_methods)] // start-up and clean-up, on blocking threads only (`startup::prepare`)
+
 use std::{
     fs::{DirBuilder, File, OpenOptions},
     io::{Read, Seek, Write},

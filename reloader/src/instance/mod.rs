@@ -1,297 +1,215 @@
-//! One instance (`reloader run`): boots it ([`recovery`]), runs its tasks,
-//! and stops it ([`shutdown`]).
+//! One instance (`reloader run`): starts it ([`startup`], [`recovery`]),
+//! hands its state to the [`Owner`] — the one task that owns it — and
+//! cleans up after the owner has stopped every generation.
 //!
-//! Concurrency model: one single-threaded tokio runtime. The state has one
-//! owner, [`crate::state::InstanceState`], behind [`Handle`]. The run loop
-//! here decides what happens next: it owns the reload [`Scheduler`] and
-//! receives every input — signals, [`Event`]s from the control server and
-//! the pidfd watchers, the end of a reload — so stop, SIGTERM and reload
-//! requests are handled in every phase, a first start included. A reload
-//! runs as a task of its own (the machine in [`crate::reload`]), which the
-//! loop aborts when the instance stops; drains of old generations run
-//! concurrently (`--max-draining` bounds them). Slow work never runs on
-//! this thread: discovery, netlink dumps and the state file's fsync go to
-//! blocking threads, and output goes through a non-blocking writer.
+//! Concurrency model: one single-threaded tokio runtime. The owner's run
+//! loop holds [`crate::state::InstanceState`] by value and receives every
+//! input: [`Event`]s (control requests, signals, `--watch` bursts, exits
+//! of adopted processes) and state [`crate::state::Command`]s from the
+//! tasks it started — the reload (the machine in [`crate::reload`]),
+//! drains of old generations, the listener tracker, health checks — and
+//! status readers (control, metrics). Those tasks read the snapshot it
+//! publishes after each step. Slow work never runs on this thread:
+//! discovery, netlink dumps, `/proc` walks, fork and exec, and the state
+//! file's fsync go to blocking threads (clippy's `disallowed-methods`
+//! list names the calls that may not appear elsewhere), and output goes
+//! through a non-blocking writer.
+//!
+//! A panic in a task the owner started is caught at its boundary; the
+//! owner's own panic ends the controller without touching the servers
+//! (`super::run` in `main`): they keep serving, and the next controller
+//! adopts them, as after a SIGKILL.
 
 mod events;
 mod files;
+mod owner;
 mod reaper;
 mod recovery;
-mod shutdown;
+mod startup;
 mod watch;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use events::{Control, Event};
+pub(crate) use events::Event;
+pub(crate) use owner::Owner;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, mpsc},
-    task::{JoinHandle, JoinSet},
+    task::JoinHandle,
 };
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     config::RunConfig,
-    control::Response,
     generation::State,
-    reload::{
-        self, CutOver, System,
-        scheduler::{Outcome, Scheduler, Start, Waiter, answer},
-    },
-    state::{Handle, InstanceState},
-    status::{ReloadReport, ReloadResult, RollbackReason, RollbackReport},
-    steering::Steering,
+    metrics::Recorder,
+    reload::{self, System},
+    state::{Client, InstanceState},
+    steering::{Steering, Transport},
     supervisor,
 };
 
 /// Events waiting for the run loop at most.
 const EVENT_QUEUE: usize = 256;
 
-/// A reload under way.
-struct Running {
-    task: JoinHandle<Result<CutOver, ReloadReport>>,
-    waiters: Vec<Waiter>,
-    first_start: bool,
-}
-
 /// Runs instance `config` until it is stopped. Returns whether the stop was
 /// clean (every generation exited within its drain timeout).
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     // Before anything starts: a --watch path another user controls is refused.
-    let watcher = crate::watch::Watcher::start(&config.watch)?;
+    let watcher = crate::watch::Watcher::start(&config.watch).await?;
     let config = Arc::new(config);
-    let dir = config
-        .control_socket
-        .parent()
-        .context("the control socket path has no directory")?;
-    files::secure_dir(dir)?;
-    let _lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
-    let paths = recovery::Paths::of(&config);
-    let previous = recovery::look_back(&config, &paths)?;
-    let recovered = recovery::clean_up(&previous, &paths);
-    let adopting = previous.adopting();
-    if !adopting {
-        recovery::check_addresses_free(&config.listen)?;
-    }
-    let control = recovery::bind_control_socket(&config.control_socket, &config.name).await?;
+    let prepared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || startup::prepare(&config))
+            .await
+            .context("the start-up thread")??
+    };
+    let startup::Prepared {
+        lock,
+        paths,
+        adopting,
+        recovered,
+        limits,
+        steering,
+        log_pump,
+        listen_events,
+        control,
+        generations,
+        processes,
+        hold,
+        adopted_sockets,
+    } = prepared;
+    let control = tokio::net::UnixListener::from_std(control)?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let limits = recovery::limits(&config, &previous);
-    let mut steering = recovery::load_steering(&config, &paths, limits, adopting)?;
-    if let Some(pump) = steering.log_pump() {
+    if let Some(pump) = log_pump {
         tokio::spawn(pump_logs(pump));
     }
     let listened = Arc::new(Notify::new());
-    let events = match own_cgroup().and_then(|cgroup| Ok(steering.listen_events(&cgroup)?)) {
+    let events = match listen_events {
         Ok(events) => {
             tokio::spawn(pump_listen_events(events, listened.clone()));
             true
         }
         Err(error) => {
             warn!(
-                error = %crate::error_chain(error.as_ref()),
+                %error,
                 "no listen events (cgroup v2 sock_ops): listeners are found by polling"
             );
             false
         }
     };
     // UDP sockets do not listen: new ones are found by polling.
-    let steady = if events
-        && config
-            .listen
-            .iter()
-            .all(|l| l.transport == crate::net::Transport::Tcp)
-    {
+    let steady = if events && config.listen.iter().all(|l| l.transport == Transport::Tcp) {
         reload::IDLE_INTERVAL
     } else {
         reload::TRACK_INTERVAL
     };
 
-    let (generations, processes) = recovery::generations(&previous, limits);
-    let handle = Handle::new(InstanceState::new(
+    let mut state = InstanceState::new(
         config.clone(),
         limits,
         Box::new(steering),
         generations,
         processes,
         recovered,
-    ));
-    let (stop_persister, persister_stop) = tokio::sync::oneshot::channel();
-    let persister = tokio::spawn(
-        handle
-            .clone()
-            .persist_to(paths.state.clone(), persister_stop),
     );
+    if let Some(hold) = hold {
+        state.restore_hold(&hold);
+    }
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let host = Arc::new(System {
+        config: config.clone(),
+    });
+    let snapshot = state.snapshot(Arc::new(state.saved()), 0);
+    let link = Client::new(config.clone(), Recorder::default(), snapshot);
+    let mut owner = Owner::new(state, host.clone(), link, events_rx, !adopting);
+    let client = owner.client().clone();
+    if adopting {
+        adopt(&mut owner, adopted_sockets, &events_tx);
+        crate::notify::ready("adopted running generations");
+    }
 
-    // Signals first, so a child that exits at once is reaped.
-    let mut sigchld = signal(SignalKind::child())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
+    let (stop_persister, persister_stop) = tokio::sync::oneshot::channel();
+    let persister = tokio::spawn(persist(
+        client.clone(),
+        owner.take_persisted(),
+        paths.state.clone(),
+        persister_stop,
+    ));
+    let signals = forward_signals(events_tx.clone())?;
     let control_task = tokio::spawn(crate::control::server::serve(
-        Control {
+        events::Control {
             events: events_tx.clone(),
-            handle: handle.clone(),
+            client: client.clone(),
         },
         control,
     ));
     let metrics_task = metrics_listener
-        .map(|listener| tokio::spawn(crate::metrics::serve(handle.clone(), listener)));
+        .map(|listener| tokio::spawn(crate::metrics::serve(client.clone(), listener)));
     let watch_task = watcher.map(|w| tokio::spawn(watch::reload_on_change(w, events_tx.clone())));
+    let tracker = tokio::spawn(reload::track(client.clone(), host, listened, steady));
+    let health = config
+        .health
+        .is_some()
+        .then(|| tokio::spawn(reload::health::watch(client.clone())));
     info!(
         name = %config.name,
         socket = %config.control_socket.display(),
         listen = ?config.listen,
         "controller started"
     );
+    drop(events_tx);
 
-    let host = Arc::new(System {
-        config: config.clone(),
-    });
-    let mut scheduler = Scheduler::default();
-    let mut drains = JoinSet::new();
-    let mut first_start = !adopting;
-    if adopting {
-        if let Some(hold) = previous.saved.as_ref().and_then(|s| s.hold) {
-            handle.update(|s| s.restore_hold(&hold));
+    // The owner runs as a task of its own, so that its panic (a bug) is
+    // caught here: the controller then exits without touching the servers
+    // or the files a successor adopts them by (state file, pins).
+    let (clean, first_failure) = match tokio::spawn(owner.run()).await {
+        Ok(ended) => ended,
+        Err(error) => {
+            tracing::error!(
+                %error,
+                "the instance's state owner ended unexpectedly: exiting without touching the \
+                 servers (they keep serving; start reloader again to adopt them)"
+            );
+            anyhow::bail!(
+                "internal error: the controller's run loop ended ({error}); the servers were \
+                 left running: start `reloader run` again with the same options to adopt them"
+            );
         }
-        adopt(&handle, &events_tx, &mut drains).await;
-        crate::notify::ready("adopted running generations");
-    } else {
-        scheduler.request(None, None);
-    }
-    let tracker = tokio::spawn(reload::track(
-        handle.clone(),
-        host.clone(),
-        listened,
-        steady,
-    ));
-    let health = config.health.is_some().then(|| {
-        let events = events_tx.clone();
-        tokio::spawn(reload::health::watch(handle.clone(), move |number| {
-            // A full queue: the next failed check asks again.
-            let _ = events.try_send(Event::Rollback {
-                reason: RollbackReason::Health,
-                wait: false,
-                answer: None,
-                only_from: Some(number),
-            });
-        }))
-    });
-    let mut running: Option<Running> = None;
-    let mut first_failure = None;
-    loop {
-        if running.is_none()
-            && let Some(Start { waiters, canary }) = scheduler.start()
-        {
-            if !first_start {
-                crate::notify::reloading();
-            }
-            let (handle, host) = (handle.clone(), host.clone());
-            let first = first_start;
-            running = Some(Running {
-                task: tokio::spawn(
-                    async move { reload::run(&handle, &*host, first, canary).await },
-                ),
-                waiters,
-                first_start,
-            });
-            first_start = false;
-        }
-        tokio::select! {
-            _ = sigchld.recv() => reaper::reap_children(&handle, &events_tx),
-            _ = sighup.recv() => scheduler.request(None, None),
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            Some(event) = events.recv() => match event {
-                Event::Reload { waiter, canary } => scheduler.request(waiter, canary),
-                Event::Rollback { reason, wait, answer, only_from } => {
-                    roll_back(&handle, reason, wait, answer, only_from, &mut drains);
-                }
-                Event::Restart => scheduler.request(None, None),
-                Event::AdoptedExited { pid } => reaper::adopted_exited(&handle, &events_tx, pid),
-                Event::Stop => break,
-            },
-            finished = reload_done(&mut running) => {
-                let Running { waiters, first_start, .. } = running.take().expect("a reload ran");
-                match finished {
-                    Ok(cut_over) => {
-                        let handle = handle.clone();
-                        drains.spawn(async move {
-                            let barrier_handle = handle.clone();
-                            cut_over.finish(&handle, move |report| {
-                                let active = barrier_handle.read(|s| s.active());
-                                crate::notify::ready(&format!(
-                                    "generation {} active",
-                                    active.map_or("none".into(), |g| g.to_string())
-                                ));
-                                let outcome = match report.result {
-                                    ReloadResult::Succeeded => Outcome::Done(report.clone()),
-                                    ReloadResult::Failed => Outcome::Failed(report.clone()),
-                                    ReloadResult::RolledBack => Outcome::RolledBack(report.clone()),
-                                };
-                                answer(waiters, &outcome);
-                            }).await;
-                        });
-                    }
-                    Err(report) if first_start => {
-                        error!("{}", report.human());
-                        answer(waiters, &Outcome::Failed(report.clone()));
-                        first_failure = Some(report);
-                        break;
-                    }
-                    Err(report) => {
-                        let active = handle.read(|s| s.active());
-                        crate::notify::ready(&format!(
-                            "reload to generation {} failed; generation {} active",
-                            report.generation,
-                            active.map_or("none".into(), |g| g.to_string())
-                        ));
-                        answer(waiters, &Outcome::Failed(report));
-                        if active.is_none() && !handle.read(|s| s.is_stopping()) {
-                            reaper::schedule_restart(&handle, &events_tx);
-                        }
-                    }
-                }
-            }
-            Some(_) = drains.join_next(), if !drains.is_empty() => {}
-        }
-    }
+    };
 
-    info!("stopping: draining every generation");
-    if let Some(running) = running.take() {
-        // A start in progress is cancelled; begin_stop kills its candidate.
-        running.task.abort();
-        answer(
-            running.waiters,
-            &Outcome::NotRun("the instance stopped before the reload completed".into()),
-        );
-    }
-    scheduler.refuse_all("the instance is stopping");
-    drains.abort_all();
-    if let Some(task) = health {
-        task.abort();
-    }
-    let clean = shutdown::stop(&handle, &mut sigchld, &mut events, &events_tx).await;
-    tracker.abort();
-    if let Some(task) = watch_task {
-        task.abort();
-    }
-    control_task.abort();
-    if let Some(task) = metrics_task {
+    kill_reparented().await;
+    for task in [
+        Some(tracker),
+        Some(control_task),
+        metrics_task,
+        watch_task,
+        health,
+    ]
+    .into_iter()
+    .flatten()
+    .chain(signals)
+    {
         task.abort();
     }
     let _ = stop_persister.send(());
     let _ = persister.await;
-    // After a stop nothing of the instance remains: no state file, no pins.
-    let _ = std::fs::remove_file(&paths.state);
-    Steering::unpin(&paths.pins);
-    let _ = std::fs::remove_file(&config.control_socket);
+    // After a stop nothing of the instance remains: no state file, no pins,
+    // no socket, no lock.
+    let socket = config.control_socket.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        remove_files(&paths, &socket);
+        drop(lock);
+    })
+    .await;
     if let Some(report) = first_failure {
         anyhow::bail!(
             "the first generation did not start: {}",
@@ -302,159 +220,142 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     Ok(clean)
 }
 
-/// The end of the reload under way (never, if none runs).
-async fn reload_done(running: &mut Option<Running>) -> Result<CutOver, ReloadReport> {
-    match running {
-        Some(running) => match (&mut running.task).await {
-            Ok(result) => result,
-            Err(error) => Err(ReloadReport {
-                error: Some(format!("the reload task ended: {error}")),
-                ..ReloadReport::default()
-            }),
-        },
-        None => std::future::pending().await,
-    }
+/// Removes the state file, the pins and the control socket.
+#[allow(clippy::disallowed_methods)] // on a blocking thread (see `run`)
+fn remove_files(paths: &recovery::Paths, socket: &std::path::Path) {
+    let _ = std::fs::remove_file(&paths.state);
+    Steering::unpin(&paths.pins);
+    let _ = std::fs::remove_file(socket);
 }
 
 /// Takes over the generations a previous controller left running: a
 /// candidate that was starting is killed (that reload is lost), draining
-/// ones are drained again, and every leader's exit is watched by pidfd.
-async fn adopt(handle: &Handle, events: &mpsc::Sender<Event>, drains: &mut JoinSet<()>) {
-    let listen = handle.read(|s| s.config().listen.clone());
-    for (number, state) in handle.read(|s| s.live()) {
+/// ones are drained again, an adopted canary waits for its verdict, and
+/// every leader's exit is watched by pidfd.
+fn adopt(
+    owner: &mut Owner<System>,
+    sockets: Vec<(u64, Vec<crate::state::RegisteredSocket>)>,
+    events: &mpsc::Sender<Event>,
+) {
+    for (number, sockets) in sockets {
+        owner.state.adopted_sockets(number, sockets);
+    }
+    for (number, state) in owner.state.live() {
         match state {
-            State::Starting | State::Ready => {
-                handle.update(|s| s.kill_orphaned_candidate(number));
-            }
-            State::Active | State::Canary => {
-                let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid)) else {
-                    continue;
-                };
-                let listen = listen.clone();
-                let sockets =
-                    tokio::task::spawn_blocking(move || recovery::adopted_sockets(pid, &listen))
-                        .await
-                        .unwrap_or_default();
-                handle.update(|s| s.adopted_sockets(number, sockets));
-                if state == State::Canary
-                    && let Some(previous) = handle.update(|s| s.adopted_canary(number))
-                {
-                    let handle = handle.clone();
-                    drains.spawn(async move {
-                        reload::adopted_canary(&handle, number, previous).await;
-                    });
+            State::Starting | State::Ready => owner.state.kill_orphaned_candidate(number),
+            State::Canary => {
+                if let Some(previous) = owner.state.adopted_canary(number) {
+                    owner.spawn_adopted_canary(number, previous);
                 }
             }
-            State::Draining => {
-                // A held generation can be made active again: its sockets
-                // are needed to check it still listens everywhere.
-                if handle.read(|s| s.hold_until(number)).is_some()
-                    && let Some(pid) = handle.read(|s| s.generation(number).and_then(|g| g.pid))
-                {
-                    let listen = listen.clone();
-                    let sockets = tokio::task::spawn_blocking(move || {
-                        recovery::adopted_sockets(pid, &listen)
-                    })
-                    .await
-                    .unwrap_or_default();
-                    handle.update(|s| s.adopted_sockets(number, sockets));
-                }
-                let handle = handle.clone();
-                drains.spawn(async move { reload::drain(&handle, number).await });
-            }
-            State::Exited | State::Failed => {}
+            State::Draining => owner.spawn_drain(number),
+            State::Active | State::Exited | State::Failed => {}
         }
     }
-    reaper::watch_adopted(handle, events);
+    reaper::watch_adopted(&owner.state, events);
 }
 
-/// Rolls back (see [`InstanceState::rollback`]) and drains the generation
-/// rolled back from. `only_from`: only if that generation is still the new
-/// one (a health verdict about a generation that was meanwhile replaced
-/// is stale).
-fn roll_back(
-    handle: &Handle,
-    reason: RollbackReason,
-    wait: bool,
-    answer: Option<tokio::sync::oneshot::Sender<Response>>,
-    only_from: Option<u64>,
-    drains: &mut JoinSet<()>,
-) {
-    if let Some(number) = only_from
-        && handle.read(|s| s.health_targets().first().copied()) != Some(number)
-    {
-        return;
+/// Turns the signals the controller handles into events: `SIGCHLD` reaps,
+/// `SIGHUP` reloads, `SIGTERM` and `SIGINT` stop.
+fn forward_signals(events: mpsc::Sender<Event>) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for (kind, make) in [
+        (
+            SignalKind::child(),
+            (|| Event::ChildExited) as fn() -> Event,
+        ),
+        (SignalKind::hangup(), || Event::Reload {
+            wait: false,
+            canary: None,
+            reply: None,
+        }),
+        (SignalKind::terminate(), || Event::Stop),
+        (SignalKind::interrupt(), || Event::Stop),
+    ] {
+        let mut stream = signal(kind)?;
+        let events = events.clone();
+        tasks.push(tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if events.send(make()).await.is_err() {
+                    return;
+                }
+            }
+        }));
     }
-    let done = match handle.update(|s| s.rollback(reason)) {
-        Ok(done) => done,
-        Err(error) => {
-            let message = crate::error_chain(&error);
-            if reason != RollbackReason::Manual {
-                warn!(%reason, "no rollback: {message}");
+    Ok(tasks)
+}
+
+/// Writes the state file whenever the snapshot's content of it changes,
+/// until `stop` fires; tells `persisted` which version is on disk. The
+/// write and its fsync run on a blocking thread.
+///
+/// Stop it with `stop`, then await it: aborting the task would not stop a
+/// write already on its blocking thread, and that write could land after
+/// the stopping instance removed the file.
+async fn persist(
+    client: Client,
+    persisted: tokio::sync::watch::Sender<u64>,
+    path: std::path::PathBuf,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut snapshots = client.subscribe();
+    let mut written = None;
+    loop {
+        let (version, content) = {
+            let snapshot = snapshots.borrow_and_update();
+            (snapshot.saved_version, snapshot.saved.clone())
+        };
+        if written != Some(version) {
+            let path = path.clone();
+            let saved =
+                tokio::task::spawn_blocking(move || crate::state::saved::save(&path, &content))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+            if let Err(error) = saved {
+                warn!(%error, "cannot write the state file");
             }
-            if let Some(answer) = answer {
-                let _ = answer.send(Response::Error { message });
-            }
+            written = Some(version);
+            persisted.send_replace(version);
+        }
+        let stopped = tokio::select! {
+            changed = snapshots.changed() => changed.is_err(),
+            _ = &mut stop => true,
+        };
+        if stopped {
+            // Whoever waits for a write that will not come goes on.
+            persisted.send_replace(u64::MAX);
             return;
         }
-    };
-    crate::notify::ready(&format!(
-        "rolled back: generation {} active, generation {} drains",
-        done.to, done.from
-    ));
-    let mut report = RollbackReport {
-        from: done.from,
-        to: done.to,
-        map_update_us: done.map_update.as_secs_f64() * 1e6,
-        from_exited_ms: None,
-    };
-    let mut answer = answer;
-    if !wait && let Some(answer) = answer.take() {
-        let _ = answer.send(Response::RolledBack {
-            report: report.clone(),
-        });
     }
-    let handle = handle.clone();
-    drains.spawn(async move {
-        let t0 = std::time::Instant::now();
-        reload::drain(&handle, done.from).await;
-        if let Some(answer) = answer {
-            report.from_exited_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
-            let _ = answer.send(Response::RolledBack { report });
-        }
-    });
 }
 
-/// The controller's cgroup (v2): servers it spawns are in it or below. The
-/// v2 hierarchy is wherever `cgroup2` is mounted (`/sys/fs/cgroup`, or
-/// `/sys/fs/cgroup/unified` on hybrid systems).
-fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").context("read /proc/self/cgroup")?;
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("no cgroup v2 entry in /proc/self/cgroup")?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
-    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE ...
-    let root = mounts
-        .lines()
-        .find_map(|line| {
-            let (fields, rest) = line.split_once(" - ")?;
-            (rest.split_whitespace().next() == Some("cgroup2")).then(|| {
-                fields
-                    .split_whitespace()
-                    .nth(4)
-                    .map(std::path::PathBuf::from)
-            })?
-        })
-        .context("cgroup v2 is not mounted")?;
-    let dir = root.join(path.trim_start_matches('/'));
-    anyhow::ensure!(
-        dir.join("cgroup.procs").exists(),
-        "the controller's cgroup {} is not visible here",
-        dir.display()
-    );
-    Ok(dir)
+/// Anything reparented to us (daemonized helpers) is killed and reaped, on
+/// a blocking thread (it walks `/proc` until they are gone, at most 2 s).
+async fn kill_reparented() {
+    let done = tokio::task::spawn_blocking(|| {
+        use std::time::{Duration, Instant};
+        for pid in supervisor::children() {
+            // Our unreaped child: its pid cannot have been reused.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let give_up = Instant::now() + Duration::from_secs(2);
+        loop {
+            while let Some(exit) = supervisor::peek_exited() {
+                supervisor::reap(exit.pid);
+            }
+            if supervisor::children().is_empty() || Instant::now() >= give_up {
+                break;
+            }
+            #[allow(clippy::disallowed_methods)] // a blocking thread
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let _ = done.await;
+    info!("every process of the instance has exited");
 }
 
 /// Wakes the tracker whenever the programs report a new listener or a

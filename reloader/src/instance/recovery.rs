@@ -3,15 +3,11 @@
 //! behind (a state file and pinned maps): adopt its running generations, or
 //! clean up and say so.
 
-use std::{
-    collections::HashMap,
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+#![allow(clippy::disallowed_methods)] // start-up: runs on the blocking thread of `startup::prepare`
 
-use anyhow::{Context, bail};
-use tokio::net::{UnixListener, UnixStream};
+use std::{collections::HashMap, path::PathBuf, time::Instant};
+
+use anyhow::bail;
 use tracing::{info, warn};
 
 use crate::{
@@ -383,28 +379,6 @@ pub fn check_addresses_free(listen: &[ListenerSpec]) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Binds the control socket (its directory was checked, and the instance
-/// lock is held): refuses when another controller answers on it, replaces
-/// a stale file otherwise (a dead controller's). Mode 0600.
-pub async fn bind_control_socket(path: &Path, name: &str) -> anyhow::Result<UnixListener> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "instance {name:?} is already running (its control socket {} answers): stop it \
-                 with `reloader stop --name {name}`, or choose another --name",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("failed to bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("failed to chmod {}", path.display()))?;
-    Ok(listener)
 }
 
 /// What a message says about recorded generations not proven ours.

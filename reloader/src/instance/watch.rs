@@ -15,8 +15,9 @@ pub async fn reload_on_change(mut watcher: Watcher, events: mpsc::Sender<Event>)
         info!(paths = %paths.join(" "), "--watch: changed; reloading");
         if events
             .send(Event::Reload {
-                waiter: None,
+                wait: false,
                 canary: None,
+                reply: None,
             })
             .await
             .is_err()

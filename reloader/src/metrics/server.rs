@@ -19,8 +19,8 @@ const MAX_HEAD: usize = 4096;
 
 /// Where a scrape gets its numbers.
 pub trait Source: Clone + Send + Sync + 'static {
-    /// The instance's status now.
-    fn status(&self) -> impl Future<Output = StatusReport> + Send;
+    /// The instance's status now (`None` once it has stopped).
+    fn status(&self) -> impl Future<Output = Option<StatusReport>> + Send;
     /// The event metrics.
     fn recorder(&self) -> &Recorder;
 }
@@ -79,13 +79,20 @@ async fn answer<S: Source>(source: &S, mut stream: TcpStream) -> std::io::Result
     .unwrap_or(Ok::<_, std::io::Error>(None))?;
     let response = match path {
         Some((method, path)) if method == "GET" && (path == "/metrics" || path == "/") => {
-            let status = source.status().await;
-            let body = source.recorder().encode(&status);
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
-                 charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
+            match source.status().await {
+                Some(status) => {
+                    let body = source.recorder().encode(&status);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
+                         version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: \
+                         close\r\n\r\n{body}",
+                        body.len()
+                    )
+                }
+                None => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: \
+                         close\r\n\r\n"
+                    .into(),
+            }
         }
         Some(_) => {
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()

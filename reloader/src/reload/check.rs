@@ -63,11 +63,18 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::from(write.try_clone().map_err(spawn_error)?))
         .stderr(Stdio::from(write));
-    let (child, mut claim) = supervisor::spawn_claimed(&mut command).map_err(spawn_error)?;
-    // The reaper owns its exit; our copies of the pipe's write end go with
-    // the command, so the pipe ends when the check's own copies close.
+    // The fork and exec run on a blocking thread. The reaper owns its
+    // exit; our copies of the pipe's write end go with the command, so the
+    // pipe ends when the check's own copies close.
+    let (child, mut claim) = tokio::task::spawn_blocking(move || {
+        let spawned = supervisor::spawn_claimed(&mut command);
+        drop(command);
+        spawned
+    })
+    .await
+    .map_err(|e| spawn_error(std::io::Error::other(e)))?
+    .map_err(spawn_error)?;
     drop(child);
-    drop(command);
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(read)
         .map(|pipe| tokio::spawn(read_lines(pipe, tail.clone(), generation)))

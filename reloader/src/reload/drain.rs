@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::{generation::human_duration, state::Handle};
+use crate::{generation::human_duration, state::Client};
 
 /// How long a SIGKILLed generation may take to be seen exiting.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -21,14 +21,14 @@ pub const UDP_QUEUE_WAIT: Duration = Duration::from_secs(2);
 const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 
 /// Drains generation `old`; returns when it has exited (or was given up).
-pub async fn drain(handle: &Handle, old: u64) {
-    let config = handle.read(|s| s.config().clone());
-    settle(handle, old, config.settle).await;
-    udp_queues_read(handle, old, UDP_QUEUE_WAIT).await;
-    if !handle.update(|s| s.drain_signal(old)) {
+pub async fn drain(client: &Client, old: u64) {
+    let config = client.config().clone();
+    settle(client, old, config.settle).await;
+    udp_queues_read(client, old, UDP_QUEUE_WAIT).await;
+    if !client.drain_signal(old).await {
         return;
     }
-    if wait_exit(handle, old, config.drain_timeout).await {
+    if wait_exit(client, old, config.drain_timeout).await {
         return;
     }
     warn!(
@@ -36,9 +36,9 @@ pub async fn drain(handle: &Handle, old: u64) {
         timeout = %human_duration(config.drain_timeout),
         "still running at the drain timeout: killing its process group"
     );
-    handle.update(|s| s.kill(old));
-    if !wait_exit(handle, old, KILL_GRACE).await {
-        handle.update(|s| s.abandon(old, KILL_GRACE));
+    client.kill(old).await;
+    if !wait_exit(client, old, KILL_GRACE).await {
+        client.abandon(old, KILL_GRACE).await;
     }
 }
 
@@ -47,24 +47,24 @@ pub async fn drain(handle: &Handle, old: u64) {
 /// deadline, or early when a later cutover holds another generation);
 /// returns early if it no longer drains (it ended, or was made active
 /// again because its successor failed or was rolled back).
-async fn settle(handle: &Handle, old: u64, settle: Duration) {
-    let mut changed = handle.subscribe();
+async fn settle(client: &Client, old: u64, settle: Duration) {
+    let mut snapshots = client.subscribe();
     let settled = tokio::time::Instant::now() + settle;
     loop {
-        let (draining, held) = handle.read(|s| {
-            let draining = s
-                .generation(old)
-                .is_some_and(|g| g.state == crate::generation::State::Draining);
-            (draining, s.hold_until(old))
-        });
-        if !draining {
-            return;
-        }
+        let held = {
+            let snapshot = snapshots.borrow_and_update();
+            if !snapshot.is(old, crate::generation::State::Draining) {
+                return;
+            }
+            snapshot.hold_until(old)
+        };
         let deadline = held.map_or(settled, |until| settled.max(until.into()));
         tokio::select! {
-            _ = changed.changed() => {}
+            changed = snapshots.changed() => if changed.is_err() {
+                return;
+            },
             _ = tokio::time::sleep_until(deadline) => {
-                if handle.read(|s| s.hold_until(old)) == held {
+                if client.snapshot().hold_until(old) == held {
                     return;
                 }
             }
@@ -78,28 +78,24 @@ async fn settle(handle: &Handle, old: u64, settle: Duration) {
 /// a closing listener, never datagrams. A server starved of CPU during a
 /// reload may need longer than `--settle` to read them. Returns at once
 /// without UDP listeners, or when `old` no longer drains.
-async fn udp_queues_read(handle: &Handle, old: u64, max: Duration) {
+async fn udp_queues_read(client: &Client, old: u64, max: Duration) {
     // Stateless listeners only: with flow affinity the old generation keeps
     // receiving its flows' datagrams until it closes, so its queue need
     // not empty, and what it has not read then is its flows' loss either way.
-    let inodes: std::collections::BTreeSet<u64> = handle.read(|s| {
-        let listen = &s.config().listen;
-        s.sockets(old)
-            .iter()
-            .filter(|r| listen[r.listener].mode == crate::steering::ListenerMode::UdpStateless)
-            .map(|r| r.socket.inode)
-            .collect()
-    });
+    let inodes = client
+        .snapshot()
+        .generation(old)
+        .map(|g| g.stateless_udp.clone())
+        .unwrap_or_default();
     if inodes.is_empty() {
         return;
     }
     let deadline = tokio::time::Instant::now() + max;
     loop {
-        let draining = handle.read(|s| {
-            s.generation(old)
-                .is_some_and(|g| g.state == crate::generation::State::Draining)
-        });
-        if !draining {
+        if !client
+            .snapshot()
+            .is(old, crate::generation::State::Draining)
+        {
             return;
         }
         let queued: u64 = match tokio::task::spawn_blocking(crate::discovery::listeners).await {
@@ -126,18 +122,18 @@ async fn udp_queues_read(handle: &Handle, old: u64, max: Duration) {
 }
 
 /// Waits up to `timeout` for generation `number` to end; true if it did.
-pub async fn wait_exit(handle: &Handle, number: u64, timeout: Duration) -> bool {
-    let mut changed = handle.subscribe();
-    let ended =
-        |handle: &Handle| handle.read(|s| s.generation(number).is_none_or(|g| !g.state.is_live()));
+pub async fn wait_exit(client: &Client, number: u64, timeout: Duration) -> bool {
+    let mut snapshots = client.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if ended(handle) {
+        if snapshots.borrow_and_update().ended(number) {
             return true;
         }
         tokio::select! {
-            _ = changed.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => return ended(handle),
+            changed = snapshots.changed() => if changed.is_err() {
+                return false;
+            },
+            _ = tokio::time::sleep_until(deadline) => return client.snapshot().ended(number),
         }
     }
 }

@@ -7,29 +7,27 @@
 //! nothing wakes up, while no rollback is possible.
 
 use super::probe;
-use crate::state::Handle;
+use crate::state::Client;
 
-/// Checks the generations [`crate::state::InstanceState::health_targets`]
-/// names; calls `unhealthy` with the new generation when it becomes
-/// unhealthy. Runs until aborted.
-pub async fn watch(handle: Handle, unhealthy: impl Fn(u64) + Send + 'static) {
-    let Some(health) = handle.read(|s| s.config().health.clone()) else {
+/// Checks the generations the snapshot's `health_targets` names, telling
+/// the owner each result (it rolls back a new generation that became
+/// unhealthy, in the same step). Runs until aborted.
+pub async fn watch(client: Client) {
+    let Some(health) = client.config().health.clone() else {
         return;
     };
-    let mut changed = handle.subscribe();
+    let mut snapshots = client.subscribe();
     loop {
-        let targets = handle.read(|s| s.health_targets());
+        let targets = snapshots.borrow_and_update().health_targets.clone();
         if targets.is_empty() {
-            if changed.changed().await.is_err() {
+            if snapshots.changed().await.is_err() {
                 return;
             }
             continue;
         }
         for number in targets {
-            let result = probe::check(&handle, number, &health.probe).await;
-            if handle.update(|s| s.health_checked(number, result)) {
-                unhealthy(number);
-            }
+            let result = probe::check(&client, number, &health.probe).await;
+            client.health_checked(number, result).await;
         }
         tokio::time::sleep(health.interval).await;
     }

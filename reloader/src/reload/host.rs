@@ -1,12 +1,13 @@
 //! [`System`]: the real [`Host`] — processes, `/proc`, sock_diag and
-//! `pidfd_getfd`, pidfds.
+//! `pidfd_getfd`, pidfds. Everything that may sleep (fork and exec, `/proc`
+//! walks, netlink dumps) runs on a blocking thread.
 
 use std::{
     collections::BTreeSet,
     future::Future,
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -15,7 +16,7 @@ use crate::{
     config::{RunConfig, substitute_generation},
     discovery,
     error::ReloadError,
-    state::FoundSocket,
+    state::{Effect, FoundSocket},
     steering::Transport,
     supervisor::{self, Spawned},
 };
@@ -26,108 +27,126 @@ pub struct System {
 }
 
 impl Host for System {
-    fn spawn(&self, number: u64, notify_socket: Option<&Path>) -> Result<Spawned, ReloadError> {
-        let config = &self.config;
-        let command = substitute_generation(&config.command, number);
-        // Socket activation: this generation's listeners, opened here. Our
-        // copies close right after the spawn; discovery then finds them in
-        // the server like any others.
-        let passed: Vec<OwnedFd> = if config.pass_fds {
-            config
-                .listen
-                .iter()
-                .map(|spec| {
-                    match spec.transport {
-                        Transport::Tcp => {
-                            crate::net::tcp_listener(spec.addr, true).map(OwnedFd::from)
-                        }
-                        Transport::Udp => {
-                            crate::net::udp_socket(spec.addr, true).map(OwnedFd::from)
-                        }
-                    }
-                    .map_err(|source| ReloadError::PassFdsError {
-                        addr: *spec,
-                        source,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            Vec::new()
-        };
-        let extras = supervisor::SpawnExtras {
-            listen_fds: passed
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (l.as_fd(), format!("listen{i}")))
-                .collect(),
-            notify_socket,
-        };
-        supervisor::spawn(&command, number, &config.name, &extras).map_err(|source| {
-            ReloadError::SpawnError {
-                command: command.first().cloned().unwrap_or_default(),
-                source,
-            }
+    async fn spawn(
+        &self,
+        number: u64,
+        notify_socket: Option<PathBuf>,
+    ) -> Result<Spawned, ReloadError> {
+        let config = self.config.clone();
+        blocking("spawn", move || {
+            spawn(&config, number, notify_socket.as_deref())
         })
+        .await
     }
 
     async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
         let listen = self.config.listen_keys();
-        tokio::task::spawn_blocking(move || scan(pid, &listen))
-            .await
-            .map_err(|e| ReloadError::Internal {
-                what: format!("discovery thread: {e}"),
-            })?
+        blocking("discovery", move || scan(pid, &listen)).await
     }
 
     async fn listening(&self) -> Result<BTreeSet<u64>, ReloadError> {
         let listen = self.config.listen_keys();
-        tokio::task::spawn_blocking(move || Self::listening_now(&listen))
-            .await
-            .map_err(|e| ReloadError::Internal {
-                what: format!("discovery thread: {e}"),
-            })?
+        blocking("discovery", move || listening_now(&listen)).await
     }
 
     fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static {
         supervisor::exit_of(pid)
     }
 
-    fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
-        scan.per_address
-            .iter()
-            .map(|sockets| {
-                sockets
-                    .iter()
-                    .map(|(socket, holder)| {
-                        let copy = discovery::copy_fd(holder.pid, holder.fd).map_err(|source| {
-                            ReloadError::DiscoveryError {
-                                source: Box::new(source),
-                            }
-                        })?;
-                        Ok(FoundSocket {
-                            socket: socket.clone(),
-                            holder: *holder,
-                            copy,
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
+    async fn copy(&self, scan: Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
+        blocking("discovery", move || copy(&scan)).await
+    }
+
+    fn carry_out(&self, effects: Vec<Effect>) -> impl Future<Output = ()> + Send + 'static {
+        let done = tokio::task::spawn_blocking(move || {
+            for effect in effects {
+                match effect {
+                    Effect::SignalAdoptedGroup { process, signal } => {
+                        process.signal_group(signal);
+                    }
+                }
+            }
+        });
+        async move {
+            let _ = done.await;
+        }
+    }
+
+    fn peek_exited(&self) -> Option<supervisor::Exit> {
+        supervisor::peek_exited()
+    }
+
+    fn reap(&self, pid: u32) {
+        supervisor::reap(pid);
     }
 }
 
-impl System {
-    /// Inodes listening on managed addresses.
-    fn listening_now(listen: &[(Transport, SocketAddr)]) -> Result<BTreeSet<u64>, ReloadError> {
-        let all = discovery::listeners().map_err(|source| ReloadError::DiscoveryError {
-            source: Box::new(source),
-        })?;
-        Ok(all
-            .into_iter()
-            .filter(|l| listen.contains(&(l.transport, l.addr)))
-            .map(|l| l.inode)
-            .collect())
-    }
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, ReloadError> + Send + 'static,
+) -> Result<T, ReloadError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ReloadError::Internal {
+            what: format!("{what} thread: {e}"),
+        })?
+}
+
+/// Spawns generation `number` of instance `config`.
+fn spawn(
+    config: &RunConfig,
+    number: u64,
+    notify_socket: Option<&Path>,
+) -> Result<Spawned, ReloadError> {
+    let command = substitute_generation(&config.command, number);
+    // Socket activation: this generation's listeners, opened here. Our
+    // copies close right after the spawn; discovery then finds them in
+    // the server like any others.
+    let passed: Vec<OwnedFd> = if config.pass_fds {
+        config
+            .listen
+            .iter()
+            .map(|spec| {
+                match spec.transport {
+                    Transport::Tcp => crate::net::tcp_listener(spec.addr, true).map(OwnedFd::from),
+                    Transport::Udp => crate::net::udp_socket(spec.addr, true).map(OwnedFd::from),
+                }
+                .map_err(|source| ReloadError::PassFdsError {
+                    addr: *spec,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let extras = supervisor::SpawnExtras {
+        listen_fds: passed
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_fd(), format!("listen{i}")))
+            .collect(),
+        notify_socket,
+    };
+    supervisor::spawn(&command, number, &config.name, &extras).map_err(|source| {
+        ReloadError::SpawnError {
+            command: command.first().cloned().unwrap_or_default(),
+            source,
+        }
+    })
+}
+
+/// Inodes listening on managed addresses.
+fn listening_now(listen: &[(Transport, SocketAddr)]) -> Result<BTreeSet<u64>, ReloadError> {
+    let all = discovery::listeners().map_err(|source| ReloadError::DiscoveryError {
+        source: Box::new(source),
+    })?;
+    Ok(all
+        .into_iter()
+        .filter(|l| listen.contains(&(l.transport, l.addr)))
+        .map(|l| l.inode)
+        .collect())
 }
 
 fn scan(pid: u32, listen: &[(Transport, SocketAddr)]) -> Result<Scan, ReloadError> {
@@ -145,4 +164,29 @@ fn scan(pid: u32, listen: &[(Transport, SocketAddr)]) -> Result<Scan, ReloadErro
             })
             .collect(),
     })
+}
+
+/// Copies the sockets of `scan` into this process.
+fn copy(scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
+    scan.per_address
+        .iter()
+        .map(|sockets| {
+            sockets
+                .iter()
+                .map(|(socket, holder)| {
+                    let copy = discovery::copy_fd(holder.pid, holder.fd).map_err(|source| {
+                        ReloadError::DiscoveryError {
+                            source: Box::new(source),
+                        }
+                    })?;
+                    Ok(FoundSocket {
+                        socket: socket.clone(),
+                        holder: *holder,
+                        process: discovery::process_name(holder.pid).unwrap_or_else(|| "?".into()),
+                        copy,
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -1,8 +1,11 @@
 //! The reload machine: steps 1–6 as functions, each with the typed
-//! [`ReloadError`]; [`run`] chains them, [`CutOver::finish`] drains. The
-//! machine is a task of its own: the instance can abort it at any await
-//! (a stop during a start), and [`crate::state::InstanceState::begin_stop`]
-//! then kills the candidate it leaves behind.
+//! [`ReloadError`]; [`run`] chains them, [`CutOver::finish`] waits for the
+//! barrier. The machine is a task of its own that changes the state only
+//! through its [`Client`]: the instance can abort it at any await (a stop
+//! during a start), and [`crate::state::InstanceState::begin_stop`] then
+//! kills the candidate it leaves behind. How a reload ended is decided by
+//! the state's owner when the machine hands its report back
+//! ([`crate::state::InstanceState::conclude`]).
 
 use std::{
     collections::BTreeSet,
@@ -14,10 +17,9 @@ use tracing::{info, warn};
 use super::{Host, Scan, drain::drain, probe::wait_for_probe, ready::NotifySocket};
 use crate::{
     config::CanaryPlan,
-    error::ReloadError,
-    generation::human_duration,
-    state::{Begun, CanaryPhase, CanaryVerdict, Handle, NotNow},
-    status::{ReloadReport, ReloadResult},
+    error::{FailureKind, ReloadError, ReloadFailure},
+    state::{Begun, CanaryPhase, CanaryVerdict, Client, NotNow},
+    status::{ReloadReport, ReloadResult, RollbackReason},
     supervisor::Spawned,
 };
 
@@ -34,9 +36,17 @@ pub struct CutOver {
     report: ReloadReport,
     t0: Instant,
     cutover: Instant,
-    first_start: bool,
     /// It runs as a canary.
     canary: bool,
+}
+
+/// A reload at its barrier (what `reload --wait` waits for): its report,
+/// whose result the state's owner decides, and the generation still to
+/// drain after the barrier (a held one).
+#[derive(Debug)]
+pub struct Finished {
+    pub report: ReloadReport,
+    pub then_drain: Option<u64>,
 }
 
 impl CutOver {
@@ -45,94 +55,71 @@ impl CutOver {
         self.report.generation
     }
 
-    /// Waits for a canary's verdict, drains the previous generation (if
-    /// any) and completes the report. `barrier` gets it when `reload
-    /// --wait` returns: once the old generation has exited; at the cutover
-    /// when it is held (`--keep-previous`; the hold then runs on); when a
-    /// canary is rolled back.
-    /// Returns the report given to `barrier`.
-    pub async fn finish(
-        mut self,
-        handle: &Handle,
-        barrier: impl FnOnce(&ReloadReport),
-    ) -> ReloadReport {
+    /// Waits for a canary's verdict and for the old generation (if any)
+    /// to drain: the barrier is reached once it has exited; at the cutover
+    /// when it is held (`--keep-previous`: it is returned to be drained
+    /// after the hold); when a canary is rolled back.
+    pub async fn finish(mut self, client: &Client) -> Finished {
         let number = self.report.generation;
         if self.canary {
-            match wait_canary(handle, number).await {
+            match wait_canary(client, number).await {
                 // The old generation drains from the promotion on.
                 CanaryVerdict::Promoted => self.cutover = Instant::now(),
                 CanaryVerdict::RolledBack { reason, why } => {
                     warn!(generation = number, %reason, "canary rolled back: {why}");
+                    let detail = format!("the canary was rolled back: {why}");
                     self.report.result = ReloadResult::RolledBack;
-                    self.report.error = Some(format!("the canary was rolled back: {why}"));
-                    self.report.total_ms = Some(ms(self.t0.elapsed()));
-                    record(handle, &self.report, self.first_start);
-                    barrier(&self.report);
-                    return self.report;
+                    self.report.error = Some(detail.clone());
+                    self.report.failure = Some(ReloadFailure {
+                        kind: match reason {
+                            RollbackReason::Health => FailureKind::RolledBackByHealth,
+                            RollbackReason::Manual => FailureKind::RolledBack,
+                            RollbackReason::Crash => FailureKind::CrashedAfterCutover,
+                        },
+                        detail,
+                        active: None,
+                    });
+                    return self.at_barrier(None);
                 }
             }
         }
         let Some(old) = self.report.previous else {
-            self.conclude(handle);
-            barrier(&self.report);
-            return self.report;
+            return self.at_barrier(None);
         };
-        if let Some(until) = handle.read(|s| s.hold_until(old)) {
+        if let Some(until) = client.snapshot().hold_until(old) {
             self.report.held_ms = Some(ms(until.saturating_duration_since(self.cutover)));
-            self.conclude(handle);
-            barrier(&self.report);
-            drain(handle, old).await;
-            return self.report;
+            return self.at_barrier(Some(old));
         }
-        drain(handle, old).await;
+        drain(client, old).await;
         self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
-        self.conclude(handle);
-        barrier(&self.report);
-        self.report
+        self.at_barrier(None)
     }
 
-    /// Sets the result (the new generation may have failed or been rolled
-    /// back meanwhile) and records the report.
-    fn conclude(&mut self, handle: &Handle) {
+    fn at_barrier(mut self, then_drain: Option<u64>) -> Finished {
         self.report.total_ms = Some(ms(self.t0.elapsed()));
-        match handle.read(|s| s.failed_after_cutover(self.report.generation)) {
-            None => {
-                self.report.result = ReloadResult::Succeeded;
-                info!(
-                    generation = self.report.generation,
-                    total = %human_duration(self.t0.elapsed()),
-                    "reload complete"
-                );
-            }
-            Some((result, reason)) => {
-                warn!(
-                    generation = self.report.generation,
-                    "reload failed: {reason}"
-                );
-                self.report.result = result;
-                self.report.error = Some(reason);
-            }
+        Finished {
+            report: self.report,
+            then_drain,
         }
-        record(handle, &self.report, self.first_start);
     }
 }
 
 /// An adopted canary (a previous controller started it): waits for its
 /// verdict, then drains the generation it replaced if it was promoted (a
 /// rolled-back canary is drained by the rollback).
-pub async fn adopted_canary(handle: &Handle, number: u64, previous: u64) {
-    if wait_canary(handle, number).await == CanaryVerdict::Promoted {
-        drain(handle, previous).await;
+pub async fn adopted_canary(client: &Client, number: u64, previous: u64) {
+    if wait_canary(client, number).await == CanaryVerdict::Promoted {
+        drain(client, previous).await;
     }
 }
 
 /// Waits until canary `number` is promoted or rolled back, moving timed
 /// steps on and sampling the steered rates meanwhile.
-async fn wait_canary(handle: &Handle, number: u64) -> CanaryVerdict {
-    let mut changed = handle.subscribe();
+async fn wait_canary(client: &Client, number: u64) -> CanaryVerdict {
+    let mut snapshots = client.subscribe();
     let mut rates = tokio::time::interval(RATE_INTERVAL);
     loop {
-        let step_ends = match handle.read(|s| s.canary_phase(number)) {
+        let step_ends = match snapshots.borrow_and_update().canary_phase(number) {
             CanaryPhase::Ended(verdict) => return verdict,
             CanaryPhase::Running { step_ends } => step_ends,
         };
@@ -141,11 +128,13 @@ async fn wait_canary(handle: &Handle, number: u64) -> CanaryVerdict {
         let now = Instant::now();
         let due = step_ends.filter(|end| *end > now);
         if step_ends.is_some_and(|end| end <= now) {
-            handle.update(|s| s.advance_canary(number, now));
+            client.advance_canary(number, now).await;
         }
         tokio::select! {
-            _ = changed.changed() => {}
-            _ = rates.tick() => handle.update(|s| s.sample_rates(Instant::now())),
+            changed = snapshots.changed() => if changed.is_err() {
+                return CanaryVerdict::ended();
+            },
+            _ = rates.tick() => client.sample_rates(Instant::now()).await,
             _ = async {
                 match due {
                     Some(end) => tokio::time::sleep_until(end.into()).await,
@@ -156,28 +145,19 @@ async fn wait_canary(handle: &Handle, number: u64) -> CanaryVerdict {
     }
 }
 
-/// Runs one reload up to the cutover. `Err` carries the failure report;
-/// the previous generation is still active then. `first_start`: the
-/// instance's first generation (reported, not counted as a reload).
+/// Runs one reload up to the cutover. `Err` carries the failure report
+/// (not recorded yet: the owner concludes it); the previous generation is
+/// still active then.
 pub async fn run<H: Host>(
-    handle: &Handle,
+    client: &Client,
     host: &H,
-    first_start: bool,
     canary: Option<CanaryPlan>,
 ) -> Result<CutOver, ReloadReport> {
     let t0 = Instant::now();
-    let config_sha256 = super::preflight::run(handle)
+    let config_sha256 = super::preflight::run(client).await?;
+    let begun = take_slot(client, config_sha256.clone())
         .await
-        .inspect_err(|report| record(handle, report, first_start))?;
-    let begun = take_slot(handle).await.map_err(|error| {
-        let report = ReloadReport {
-            error: Some(crate::error_chain(&error)),
-            ..ReloadReport::default()
-        };
-        record(handle, &report, first_start);
-        report
-    })?;
-    handle.update(|s| s.set_config_sha256(begun.number, config_sha256.clone()));
+        .map_err(|error| failed(ReloadReport::default(), &error, t0))?;
     let mut report = ReloadReport {
         generation: begun.number,
         previous: begun.previous,
@@ -193,57 +173,71 @@ pub async fn run<H: Host>(
         slot = begun.slot,
         "starting generation"
     );
-    let started = match start(handle, host, &begun, t0).await {
+    let started = match start(client, host, &begun, t0).await {
         Ok(ready) => {
             report.spawn_to_ready_ms = Some(ms(ready - t0));
-            handle
-                .update(|s| match &canary {
-                    Some(plan) => s.start_canary(begun.number, ready, plan),
-                    None => s.cut_over(begun.number, ready),
-                })
-                .map(|cutover| (ready, cutover))
+            client
+                .activate(begun.number, ready, canary)
+                .await
+                .map(|activated| (ready, activated))
         }
         Err(error) => Err(error),
     };
     match started {
-        Ok((ready, cutover)) => {
-            report.ready_to_cutover_ms = Some(ms(cutover - ready));
-            let canary = handle.read(|s| s.canary() == Some(begun.number));
-            if !canary {
+        Ok((ready, activated)) => {
+            report.ready_to_cutover_ms = Some(ms(activated.cutover - ready));
+            if !activated.canary {
                 report.canary_percent.clear();
                 info!(generation = begun.number, "active");
             }
             Ok(CutOver {
                 report,
                 t0,
-                cutover,
-                first_start,
-                canary,
+                cutover: activated.cutover,
+                canary: activated.canary,
             })
         }
         Err(error) => {
             warn!(generation = begun.number, error = %crate::error_chain(&error), "reload failed");
-            handle.update(|s| s.fail(begun.number, &error));
-            let tail = handle.read(|s| s.stderr(begun.number));
-            if let Some(tail) = tail {
+            let kind = error.kind();
+            let text = crate::error_chain(&error);
+            if let Some(tail) = client.fail(begun.number, error).await {
                 report.stderr_tail = tail.lines(Duration::from_millis(500)).await;
             }
-            report.error = Some(explain_failure(
-                crate::error_chain(&error),
-                &report.stderr_tail,
-            ));
-            record(handle, &report, first_start);
+            let (detail, kind) = explain_failure(text, kind, &report.stderr_tail);
+            report.error = Some(detail.clone());
+            report.failure = Some(ReloadFailure {
+                kind,
+                detail,
+                active: None,
+            });
+            report.total_ms = Some(ms(t0.elapsed()));
             Err(report)
         }
     }
 }
 
+/// A report of a reload that failed with `error` before it spawned
+/// anything.
+pub(super) fn failed(mut report: ReloadReport, error: &ReloadError, t0: Instant) -> ReloadReport {
+    let detail = crate::error_chain(error);
+    report.error = Some(detail.clone());
+    report.check_failed = error.is_check_failure();
+    report.failure = Some(ReloadFailure {
+        kind: error.kind(),
+        detail,
+        active: None,
+    });
+    report.total_ms = Some(ms(t0.elapsed()));
+    report
+}
+
 /// Step 1: waits for a free slot within the draining limit.
-async fn take_slot(handle: &Handle) -> Result<Begun, ReloadError> {
-    let mut changed = handle.subscribe();
+async fn take_slot(client: &Client, config_sha256: Option<String>) -> Result<Begun, ReloadError> {
+    let mut snapshots = client.subscribe();
     let mut said = false;
     loop {
-        match handle.update(|s| s.begin(Instant::now())) {
+        match client.begin(config_sha256.clone()).await {
             Ok(begun) => return Ok(begun),
             Err(NotNow::Stopping) => return Err(ReloadError::Stopping),
             Err(NotNow::Canary { generation }) => {
@@ -258,26 +252,31 @@ async fn take_slot(handle: &Handle) -> Result<Begun, ReloadError> {
             }
             Err(NotNow::Busy { .. }) => {}
         }
-        let _ = changed.changed().await;
+        if snapshots.changed().await.is_err() {
+            return Err(ReloadError::Stopping);
+        }
     }
 }
 
 /// Steps 2–5: spawn, discover, register, probe. Returns when it was ready.
 async fn start<H: Host>(
-    handle: &Handle,
+    client: &Client,
     host: &H,
     begun: &Begun,
     t0: Instant,
 ) -> Result<Instant, ReloadError> {
     let number = begun.number;
-    let config = handle.read(|s| s.config().clone());
+    let config = client.config().clone();
     let deadline = t0 + config.ready_timeout;
     let notify = if config.ready_notify {
-        Some(NotifySocket::bind(
-            config
-                .control_socket
-                .with_extension(format!("gen{number}.notify")),
-        )?)
+        Some(
+            NotifySocket::bind(
+                config
+                    .control_socket
+                    .with_extension(format!("gen{number}.notify")),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -285,41 +284,43 @@ async fn start<H: Host>(
         process,
         stderr,
         gate,
-    } = host.spawn(number, notify.as_ref().map(|n| n.path.as_path()))?;
+    } = host
+        .spawn(number, notify.as_ref().map(|n| n.path.clone()))
+        .await?;
     let pid = process.pid();
-    handle.update(|s| s.spawned(number, process, stderr))?;
+    client.spawned(number, process, stderr).await?;
     // The server starts only once the state file names it: a controller
     // killed before this leaves no server a successor does not know.
-    handle.persisted().await;
+    client.persisted().await;
     gate.open().map_err(|source| ReloadError::SpawnError {
         command: "the generation's start gate".into(),
         source,
     })?;
 
-    let scan = discover(handle, host, number, pid, deadline).await?;
-    let found = host.copy(&scan)?;
-    handle.update(|s| s.register(number, found))?;
+    let scan = discover(client, host, number, pid, deadline).await?;
+    let found = host.copy(scan).await?;
+    client.register(number, found).await?;
     if let Some(notify) = &notify {
-        notify.wait_ready(handle, number, deadline).await?;
+        notify.wait_ready(client, number, deadline).await?;
     }
     if let Some(probe) = &config.ready_probe {
-        wait_for_probe(handle, number, probe, deadline).await?;
+        wait_for_probe(client, number, probe, deadline).await?;
     }
     Ok(Instant::now())
 }
 
 /// Step 3: scans until every address has sockets and two scans agree.
 async fn discover<H: Host>(
-    handle: &Handle,
+    client: &Client,
     host: &H,
     number: u64,
     pid: u32,
     deadline: Instant,
 ) -> Result<Scan, ReloadError> {
-    let mut changed = handle.subscribe();
+    let mut snapshots = client.subscribe();
     let mut previous: Option<BTreeSet<u64>> = None;
     loop {
-        handle.read(|s| s.check_alive(number))?;
+        snapshots.borrow_and_update().check_alive(number)?;
         let scan = host.scan(pid).await?;
         if scan.complete() {
             let inodes = scan.inodes();
@@ -330,10 +331,11 @@ async fn discover<H: Host>(
         } else {
             previous = None;
             if Instant::now() >= deadline {
-                let listen = handle.read(|s| s.config().listen.clone());
+                let config = client.config();
                 return Err(ReloadError::NotListening {
-                    timeout: handle.read(|s| s.config().ready_timeout),
-                    missing: listen
+                    timeout: config.ready_timeout,
+                    missing: config
+                        .listen
                         .iter()
                         .zip(&scan.per_address)
                         .filter(|(_, s)| s.is_empty())
@@ -343,31 +345,26 @@ async fn discover<H: Host>(
                 });
             }
         }
-        let _ = tokio::time::timeout(SCAN_INTERVAL, changed.changed()).await;
+        let _ = tokio::time::timeout(SCAN_INTERVAL, snapshots.changed()).await;
     }
 }
 
 /// Adds the likely fix to a failure whose stderr shows a bind conflict.
-fn explain_failure(error: String, stderr: &[String]) -> String {
+fn explain_failure(error: String, kind: FailureKind, stderr: &[String]) -> (String, FailureKind) {
     let bind_conflict = stderr
         .iter()
         .any(|l| l.contains("in use") || l.contains("EADDRINUSE"));
     if bind_conflict {
-        format!(
-            "{error}; it could not bind an address the old generation holds: a server must set \
-             SO_REUSEPORT to listen beside it (nginx: `listen ... reuseport`; Envoy: \
-             `enable_reuse_port: true`)"
+        (
+            format!(
+                "{error}; it could not bind an address the old generation holds: a server must \
+                 set SO_REUSEPORT to listen beside it (nginx: `listen ... reuseport`; Envoy: \
+                 `enable_reuse_port: true`)"
+            ),
+            FailureKind::NoReuseport,
         )
     } else {
-        error
-    }
-}
-
-fn record(handle: &Handle, report: &ReloadReport, first_start: bool) {
-    handle.update(|s| s.record(report, first_start));
-    handle.metrics().config_loaded(report);
-    if !first_start {
-        handle.metrics().reload(report);
+        (error, kind)
     }
 }
 

@@ -39,17 +39,17 @@ mod ready;
 pub mod scheduler;
 mod track;
 
-use std::{future::Future, path::Path};
+use std::{future::Future, path::PathBuf};
 
-pub use drain::drain;
+pub use drain::{KILL_GRACE, drain};
 pub use host::System;
-pub use machine::{CutOver, adopted_canary, run};
+pub use machine::{CutOver, Finished, adopted_canary, run};
 pub use track::{IDLE_INTERVAL, TRACK_INTERVAL, track};
 
 use crate::{
     discovery::{Holder, Listener},
     error::ReloadError,
-    state::FoundSocket,
+    state::{Effect, FoundSocket},
     supervisor::Spawned,
 };
 
@@ -79,18 +79,28 @@ impl Scan {
     }
 }
 
-/// What the reload machine does to processes: spawn a generation, look at
-/// its sockets, copy them. [`System`] does it for real; unit tests fake it.
+/// What the instance does to processes and the kernel outside its state:
+/// spawn a generation, look at its sockets, copy them, watch exits, and
+/// the blocking side of the state's effects. [`System`] does it for real,
+/// each slow call on a blocking thread; unit tests fake it.
 pub trait Host: Send + Sync + 'static {
-    /// Starts generation `number` (`notify_socket`: its `NOTIFY_SOCKET`).
-    fn spawn(&self, number: u64, notify_socket: Option<&Path>) -> Result<Spawned, ReloadError>;
+    /// Starts generation `number` (`notify_socket`: its `NOTIFY_SOCKET`);
+    /// the fork and exec run on a blocking thread.
+    fn spawn(
+        &self,
+        number: u64,
+        notify_socket: Option<PathBuf>,
+    ) -> impl Future<Output = Result<Spawned, ReloadError>> + Send;
 
     /// Which listening sockets the tree of `pid` holds (slow: runs on a
     /// blocking thread).
     fn scan(&self, pid: u32) -> impl Future<Output = Result<Scan, ReloadError>> + Send;
 
     /// Copies the sockets of `scan` into this process.
-    fn copy(&self, scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError>;
+    fn copy(
+        &self,
+        scan: Scan,
+    ) -> impl Future<Output = Result<Vec<Vec<FoundSocket>>, ReloadError>> + Send;
 
     /// The inodes of the sockets listening on managed addresses now (one
     /// cheap kernel query; runs on a blocking thread).
@@ -101,7 +111,17 @@ pub trait Host: Send + Sync + 'static {
     /// Completes when process `pid` (one that holds a registered socket)
     /// exits, at once if it does not run.
     fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static;
-}
 
-#[cfg(test)]
-mod tests;
+    /// Carries out what state changes left for a blocking thread, in order.
+    fn carry_out(&self, effects: Vec<Effect>) -> impl Future<Output = ()> + Send + 'static;
+
+    /// The next child that has exited, not yet reaped (see
+    /// [`crate::supervisor::peek_exited`]). This and [`Self::reap`] are
+    /// single non-sleeping syscalls, made on the owner's thread so that an
+    /// exit is recorded, and what is left of its process group killed,
+    /// before the pid is released.
+    fn peek_exited(&self) -> Option<crate::supervisor::Exit>;
+
+    /// Reaps child `pid`.
+    fn reap(&self, pid: u32);
+}

@@ -17,31 +17,30 @@ use std::time::Instant;
 
 use tracing::warn;
 
-use super::check;
-use crate::{state::Handle, status::ReloadReport};
+use super::{check, machine::failed};
+use crate::{state::Client, status::ReloadReport};
 
 /// Runs the check and hashes the config; returns the digest (`None`:
 /// no `--config`, or it could not be read), or the failure report.
-pub async fn run(handle: &Handle) -> Result<Option<String>, ReloadReport> {
+pub async fn run(client: &Client) -> Result<Option<String>, ReloadReport> {
     let t0 = Instant::now();
-    let config = handle.read(|s| s.config().clone());
+    let config = client.config().clone();
     if let Some(command) = &config.check {
-        let (next, previous) = handle.read(|s| (s.next_generation(), s.active()));
+        let snapshot = client.snapshot();
+        let (next, previous) = (snapshot.next_generation, snapshot.active);
         if let Err(error) = check::run(command, &config.name, next, config.ready_timeout).await {
             warn!(generation = next, error = %crate::error_chain(&error), "reload refused by --check");
             let output = match &error {
                 crate::error::ReloadError::CheckFailed { output, .. } => output.clone(),
                 _ => Vec::new(),
             };
-            return Err(ReloadReport {
+            let report = ReloadReport {
                 generation: next,
                 previous,
-                error: Some(crate::error_chain(&error)),
                 stderr_tail: output,
-                total_ms: Some(t0.elapsed().as_secs_f64() * 1000.0),
-                check_failed: error.is_check_failure(),
                 ..ReloadReport::default()
-            });
+            };
+            return Err(failed(report, &error, t0));
         }
     }
     if config.config_files.is_empty() {

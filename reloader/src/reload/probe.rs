@@ -10,7 +10,7 @@ use tokio::{
     net::TcpSocket,
 };
 
-use crate::{config::Probe, error::ReloadError, generation::human_duration, state::Handle};
+use crate::{config::Probe, error::ReloadError, generation::human_duration, state::Client};
 
 /// How often a failing probe is retried.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -19,32 +19,32 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Probes generation `number` until it passes, it exits, or `deadline`.
 pub async fn wait_for_probe(
-    handle: &Handle,
+    client: &Client,
     number: u64,
     probe: &Probe,
     deadline: Instant,
 ) -> Result<(), ReloadError> {
-    let mut changed = handle.subscribe();
+    let mut snapshots = client.subscribe();
     loop {
-        handle.read(|s| s.check_alive(number))?;
-        let last = match probe_once(handle, number, probe).await {
+        snapshots.borrow_and_update().check_alive(number)?;
+        let last = match probe_once(client, number, probe).await {
             Ok(()) => return Ok(()),
             Err(ProbeError::Steering(error)) => return Err(error),
             Err(ProbeError::Failed(text)) => text,
         };
         if Instant::now() >= deadline {
             return Err(ReloadError::ProbeFailed {
-                timeout: handle.read(|s| s.config().ready_timeout),
+                timeout: client.config().ready_timeout,
                 last,
             });
         }
-        let _ = tokio::time::timeout(PROBE_INTERVAL, changed.changed()).await;
+        let _ = tokio::time::timeout(PROBE_INTERVAL, snapshots.changed()).await;
     }
 }
 
 /// One probe attempt of generation `number`, for health checks.
-pub async fn check(handle: &Handle, number: u64, probe: &Probe) -> Result<(), String> {
-    match probe_once(handle, number, probe).await {
+pub async fn check(client: &Client, number: u64, probe: &Probe) -> Result<(), String> {
+    match probe_once(client, number, probe).await {
         Ok(()) => Ok(()),
         Err(ProbeError::Steering(error)) => Err(crate::error_chain(&error)),
         Err(ProbeError::Failed(text)) => Err(text),
@@ -59,7 +59,7 @@ enum ProbeError {
 }
 
 /// One probe attempt.
-async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), ProbeError> {
+async fn probe_once(client: &Client, number: u64, probe: &Probe) -> Result<(), ProbeError> {
     let addr = probe.addr();
     let failed = |text: String| ProbeError::Failed(text);
     let any: std::net::SocketAddr = if addr.is_ipv4() {
@@ -89,8 +89,9 @@ async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), P
     };
     let port = socket.port().map_err(|e| failed(e.to_string()))?;
     let listener = probe.listener();
-    handle
-        .update(|s| s.add_probe(number, listener, port))
+    client
+        .add_probe(number, listener, port)
+        .await
         .map_err(ProbeError::Steering)?;
     let result = tokio::time::timeout(PROBE_TIMEOUT, exchange(socket, probe))
         .await
@@ -100,7 +101,7 @@ async fn probe_once(handle: &Handle, number: u64, probe: &Probe) -> Result<(), P
                 human_duration(PROBE_TIMEOUT)
             ))
         });
-    handle.update(|s| s.remove_probe(listener, port));
+    client.remove_probe(listener, port).await;
     result.map_err(failed)
 }
 

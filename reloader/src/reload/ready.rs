@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use crate::{error::ReloadError, state::Handle};
+use crate::{error::ReloadError, state::Client};
 
 /// A generation's notify socket; the file is removed on drop.
 pub struct NotifySocket {
@@ -13,8 +13,10 @@ pub struct NotifySocket {
 }
 
 impl NotifySocket {
-    pub fn bind(path: PathBuf) -> Result<Self, ReloadError> {
-        let _ = std::fs::remove_file(&path);
+    pub async fn bind(path: PathBuf) -> Result<Self, ReloadError> {
+        let stale = path.clone();
+        #[allow(clippy::disallowed_methods)] // on a blocking thread
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(stale)).await;
         let socket = tokio::net::UnixDatagram::bind(&path).map_err(|source| {
             ReloadError::NotifySocketError {
                 path: path.display().to_string(),
@@ -28,18 +30,18 @@ impl NotifySocket {
     /// runs, until `deadline`.
     pub async fn wait_ready(
         &self,
-        handle: &Handle,
+        client: &Client,
         number: u64,
         deadline: Instant,
     ) -> Result<(), ReloadError> {
-        let mut changed = handle.subscribe();
+        let mut snapshots = client.subscribe();
         let mut buf = vec![0u8; 4096];
         loop {
-            handle.read(|s| s.check_alive(number))?;
+            snapshots.borrow_and_update().check_alive(number)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ReloadError::NoReadyNotify {
-                    timeout: handle.read(|s| s.config().ready_timeout),
+                    timeout: client.config().ready_timeout,
                 });
             }
             tokio::select! {
@@ -52,7 +54,9 @@ impl NotifySocket {
                         return Ok(());
                     }
                 }
-                _ = changed.changed() => {}
+                changed = snapshots.changed() => if changed.is_err() {
+                    return Err(ReloadError::Stopping);
+                },
                 _ = tokio::time::sleep(left) => {}
             }
         }
@@ -61,6 +65,16 @@ impl NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let path = std::mem::take(&mut self.path);
+        // On a blocking thread while a runtime runs (always, but in tests
+        // that drop one outside it).
+        #[allow(clippy::disallowed_methods)] // on a blocking thread, or without a runtime
+        let remove = move || {
+            let _ = std::fs::remove_file(path);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
     }
 }

@@ -6,29 +6,51 @@
 
 use tokio::sync::oneshot;
 
-use crate::{config::CanaryPlan, status::ReloadReport};
+use crate::{
+    config::CanaryPlan,
+    control::Response,
+    status::{ReloadReport, ReloadResult},
+};
 
 /// What a requester of `reload --wait` is told.
 #[derive(Clone, Debug)]
 pub enum Outcome {
-    /// The new generation is active everywhere and the old one exited.
-    Done(ReloadReport),
-    /// The reload failed; the previous generation is still active.
-    Failed(ReloadReport),
-    /// The new generation was rolled back (a canary, or during its
-    /// successor's settle); the previous generation is active.
-    RolledBack(ReloadReport),
+    /// The reload ran; its report says how it ended (decided by the
+    /// state's owner).
+    Reported(Box<ReloadReport>),
     /// The reload never ran (the instance stopped first).
     NotRun(String),
 }
 
+impl Outcome {
+    /// The control protocol's answer.
+    pub fn response(&self) -> Response {
+        match self {
+            Self::Reported(report) => match report.result {
+                ReloadResult::Succeeded => Response::ReloadDone {
+                    report: (**report).clone(),
+                },
+                ReloadResult::Failed => Response::ReloadFailed {
+                    report: (**report).clone(),
+                },
+                ReloadResult::RolledBack => Response::ReloadRolledBack {
+                    report: (**report).clone(),
+                },
+            },
+            Self::NotRun(message) => Response::Error {
+                message: message.clone(),
+            },
+        }
+    }
+}
+
 /// Someone waiting for the result of the next reload.
-pub type Waiter = oneshot::Sender<Outcome>;
+pub type Waiter = oneshot::Sender<Response>;
 
 /// Tells every waiter `outcome`.
 pub fn answer(waiters: Vec<Waiter>, outcome: &Outcome) {
     for waiter in waiters {
-        let _ = waiter.send(outcome.clone());
+        let _ = waiter.send(outcome.response());
     }
 }
 
@@ -116,10 +138,10 @@ mod tests {
         let (first, second) = (first.waiters, second.waiters);
         assert!(s.start().is_none(), "only one follow-up");
         answer(first, &Outcome::NotRun("x".into()));
-        assert!(matches!(ra.try_recv(), Ok(Outcome::NotRun(_))));
-        answer(second, &Outcome::Failed(ReloadReport::default()));
-        assert!(matches!(rb.try_recv(), Ok(Outcome::Failed(_))));
-        assert!(matches!(rc.try_recv(), Ok(Outcome::Failed(_))));
+        assert!(matches!(ra.try_recv(), Ok(Response::Error { .. })));
+        answer(second, &Outcome::Reported(Box::default()));
+        assert!(matches!(rb.try_recv(), Ok(Response::ReloadFailed { .. })));
+        assert!(matches!(rc.try_recv(), Ok(Response::ReloadFailed { .. })));
     }
 
     #[test]
@@ -130,7 +152,7 @@ mod tests {
         s.refuse_all("the instance is stopping");
         assert!(!s.is_pending());
         match ra.try_recv() {
-            Ok(Outcome::NotRun(reason)) => assert_eq!(reason, "the instance is stopping"),
+            Ok(Response::Error { message }) => assert_eq!(message, "the instance is stopping"),
             other => panic!("{other:?}"),
         }
     }

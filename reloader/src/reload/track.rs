@@ -44,8 +44,8 @@ use std::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{Host, drain::drain};
-use crate::state::{Handle, Refreshed};
+use super::Host;
+use crate::state::{Client, Refreshed};
 
 /// How often the managed addresses are looked at without events.
 pub const TRACK_INTERVAL: Duration = Duration::from_millis(500);
@@ -60,7 +60,7 @@ const FAST_FOR: Duration = Duration::from_secs(5);
 /// `listened` wakes it early (a socket started listening on a managed
 /// address, or a connection waits on a bridge); `steady` is the interval
 /// while nothing changes ([`TRACK_INTERVAL`] or [`IDLE_INTERVAL`]).
-pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>, steady: Duration) {
+pub async fn track<H: Host>(client: Client, host: Arc<H>, listened: Arc<Notify>, steady: Duration) {
     // Listening inodes on managed addresses that no tracked generation
     // holds (a candidate's, another process's): not worth a rescan again.
     let mut foreign: BTreeSet<u64> = BTreeSet::new();
@@ -70,12 +70,12 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
     // stopped listening for good is said once, not at every look.
     let mut lost: BTreeSet<u64> = BTreeSet::new();
     let mut exits = Exits::default();
-    let mut ticks = handle.subscribe();
+    let mut snapshots = client.subscribe();
     loop {
         // Also while a bridge holds connections for a generation that does
         // not listen: its hand-over and its time limit are looks.
         let fast = last_change.is_some_and(|t| t.elapsed() < FAST_FOR)
-            || handle.read(|s| s.bridge_waiting());
+            || snapshots.borrow().bridge_waiting;
         let interval = if fast {
             FAST_INTERVAL
         } else if lost.is_empty() {
@@ -85,13 +85,12 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
             TRACK_INTERVAL.min(steady)
         };
         let next = tokio::time::Instant::now() + interval;
-        ticks.borrow_and_update();
         loop {
             // A generation that became tracked (a cutover, an adoption) has
             // its holders watched from now on, and is looked at once: a
             // worker that started listening while it was still starting
             // was set aside as foreign (below).
-            let tracked = handle.read(|s| s.tracked());
+            let tracked = snapshots.borrow_and_update().tracked.clone();
             exits.follow(&*host, tracked.iter());
             if tracked
                 .iter()
@@ -104,10 +103,12 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
                 () = tokio::time::sleep_until(next) => break,
                 () = listened.notified() => break,
                 () = exits.wake.notified() => break,
-                Ok(()) = ticks.changed() => {}
+                changed = snapshots.changed() => if changed.is_err() {
+                    return;
+                },
             }
         }
-        let tracked = handle.read(|s| s.tracked());
+        let tracked = client.snapshot().tracked.clone();
         // A socket that appeared while its generation was still starting
         // (a late worker of a candidate) was set aside as foreign; once
         // that generation is tracked, it must be looked at again.
@@ -127,12 +128,12 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
                 continue;
             }
         };
-        if look(&handle, &*host, tracked, &present, &mut foreign, &mut lost).await {
+        if look(&client, &*host, tracked, &present, &mut foreign, &mut lost).await {
             last_change = Some(tokio::time::Instant::now());
         }
         // After the look: sockets it registered can take what a bridge
         // held. One getsockopt per bridge, no wake-up of its own.
-        let _ = handle.update(|s| s.release_bridges(Some(&present)));
+        client.release_bridges(present).await;
     }
 }
 
@@ -140,7 +141,7 @@ pub async fn track<H: Host>(handle: Handle, host: Arc<H>, listened: Arc<Notify>,
 /// them); true if a tracked generation's registration changed, or it newly
 /// lost a listener (`lost`: those already reported).
 async fn look<H: Host>(
-    handle: &Handle,
+    client: &Client,
     host: &H,
     tracked: Vec<crate::state::Tracked>,
     present: &BTreeSet<u64>,
@@ -148,7 +149,7 @@ async fn look<H: Host>(
     lost: &mut BTreeSet<u64>,
 ) -> bool {
     foreign.retain(|inode| present.contains(inode));
-    let registered = handle.read(|s| s.registered_inodes());
+    let registered = client.snapshot().registered.clone();
     let appeared: BTreeSet<u64> = present
         .iter()
         .filter(|i| !registered.contains(i) && !foreign.contains(i))
@@ -175,14 +176,14 @@ async fn look<H: Host>(
         if now == t.inodes {
             continue;
         }
-        let found = match host.copy(&scan) {
+        let found = match host.copy(scan).await {
             Ok(found) => found,
             Err(error) => {
                 warn!(generation = t.number, error = %crate::error_chain(&error), "cannot copy new sockets");
                 continue;
             }
         };
-        match handle.update(|s| s.refresh(t.number, found, present)) {
+        match client.refresh(t.number, found, present.clone()).await {
             Ok(Refreshed::Unchanged) => {}
             Ok(Refreshed::Sockets { added, removed }) => {
                 changed = true;
@@ -194,15 +195,13 @@ async fn look<H: Host>(
             }
             Ok(Refreshed::Demoted { lost, reinstated }) => {
                 changed = true;
+                // The owner drains it.
                 warn!(
                     generation = t.number,
                     lost = %lost,
                     reinstated,
                     "it no longer listens on a managed address: draining it"
                 );
-                let handle = handle.clone();
-                let number = t.number;
-                tokio::spawn(async move { drain(&handle, number).await });
             }
             Ok(Refreshed::LostListener { lost: address }) => {
                 if lost.insert(t.number) {

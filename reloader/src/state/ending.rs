@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
 use super::{
@@ -43,13 +42,13 @@ impl InstanceState {
 
     /// Kills generation `number`'s process group (drain timeout).
     pub fn kill(&mut self, number: u64) {
-        if let Some(process) = self.processes.get(&number)
+        if self.processes.contains_key(&number)
             && self
                 .generations
                 .get(number)
                 .is_some_and(|g| g.state.is_live())
         {
-            process.signal_group(Signal::SIGKILL);
+            self.kill_group(number);
             self.stats.drain_kills += 1;
         }
     }
@@ -91,9 +90,7 @@ impl InstanceState {
         else {
             return ExitEffect::None;
         };
-        if let Some(process) = self.processes.get(&number) {
-            process.signal_group(Signal::SIGKILL);
-        }
+        self.kill_group(number);
         match state {
             State::Starting | State::Ready => {
                 warn!(generation = number, pid, "{how} before it was ready");
@@ -208,12 +205,22 @@ impl InstanceState {
                 previous,
                 why: why.to_owned(),
                 rolled_back: false,
+                health: false,
             },
         );
         // During a hold, `reload --wait` answered at the cutover: the
         // reload is reported failed from now on.
         if let Some(last) = self.last_reload.as_mut().filter(|r| r.generation == failed) {
             last.result = ReloadResult::Failed;
+            let detail = format!(
+                "generation {failed} {why} after the cutover; generation {previous} was made \
+                 active again"
+            );
+            last.failure = Some(crate::error::ReloadFailure {
+                kind: crate::error::FailureKind::CrashedAfterCutover,
+                detail: detail.clone(),
+                active: Some(previous),
+            });
             last.error = Some(format!(
                 "generation {failed} {why} after the cutover; generation {previous} was made \
                  active again"
@@ -224,16 +231,24 @@ impl InstanceState {
 
     /// Why the reload that made `number` active did not hold, if it did
     /// not: it ended or was rolled back before the barrier. The result is
-    /// `RolledBack` for a rollback, `Failed` otherwise.
-    pub fn failed_after_cutover(&self, number: u64) -> Option<(ReloadResult, String)> {
+    /// `RolledBack` for a rollback, `Failed` otherwise. A generation that
+    /// was replaced by a later reload (it went from active to draining, and
+    /// nothing was made active again in its place) held: that it has exited
+    /// since is the later reload's doing, not a failure of its own.
+    pub fn failed_after_cutover(
+        &self,
+        number: u64,
+    ) -> Option<(ReloadResult, crate::error::FailureKind, String)> {
+        use crate::error::FailureKind;
         if let Some(r) = self.reinstated.get(&number) {
-            let result = if r.rolled_back {
-                ReloadResult::RolledBack
-            } else {
-                ReloadResult::Failed
+            let (result, kind) = match (r.rolled_back, r.health) {
+                (true, true) => (ReloadResult::RolledBack, FailureKind::RolledBackByHealth),
+                (true, false) => (ReloadResult::RolledBack, FailureKind::RolledBack),
+                (false, _) => (ReloadResult::Failed, FailureKind::CrashedAfterCutover),
             };
             return Some((
                 result,
+                kind,
                 format!(
                     "generation {number} {} after the cutover; generation {} (still holding its \
                      listeners) was made active again",
@@ -242,9 +257,11 @@ impl InstanceState {
             ));
         }
         let g = self.generations.get(number)?;
-        (!g.state.is_live()).then(|| {
+        let replaced = g.timeline.active.is_some() && g.timeline.draining.is_some();
+        (!g.state.is_live() && !replaced).then(|| {
             (
                 ReloadResult::Failed,
+                FailureKind::CrashedAfterCutover,
                 format!(
                     "generation {number} {} after the cutover",
                     g.outcome.as_deref().unwrap_or("ended")
@@ -319,9 +336,7 @@ impl InstanceState {
                         .transition(number, State::Draining, now, None);
                 }
                 State::Starting | State::Ready => {
-                    if let Some(process) = self.processes.get(&number) {
-                        process.signal_group(Signal::SIGKILL);
-                    }
+                    self.kill_group(number);
                     self.end(
                         number,
                         State::Failed,

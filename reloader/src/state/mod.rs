@@ -3,19 +3,22 @@
 //! of generations that ended, and the reload statistics.
 //!
 //! [`InstanceState`] has no async code and no locks: every change is one of
-//! its methods, each a few map updates at most, so the reload machine, the
-//! reaper and shutdown all change it through the same small API, and its
-//! rules are unit tested against [`crate::steering::fake::FakeSteering`].
-//! [`Handle`] is the only holder of its lock; nothing blocking (discovery,
-//! netlink dumps, fsync) ever runs under it.
+//! its methods, each a few map updates at most, and its rules are unit
+//! tested against [`crate::steering::fake::FakeSteering`]. One task owns it
+//! by value (the instance's run loop); the others send that task
+//! [`Command`]s through a [`Client`] and read the [`Snapshot`] it publishes
+//! after each one. Nothing blocking (discovery, netlink dumps, `/proc`
+//! walks, fsync) runs in its methods: what needs a blocking thread is left
+//! in its outbox ([`Effect`]) for the owner to hand over.
 
 mod bridges;
+mod client;
 mod ending;
-mod handle;
 mod identity;
 mod report;
 mod rollout;
 pub mod saved;
+mod snapshot;
 mod steps;
 mod tracking;
 
@@ -26,8 +29,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use handle::Handle;
+pub use client::{Activated, COMMAND_QUEUE, Client, Command, Owned};
 pub use rollout::{Advanced, CanaryPhase, CanaryVerdict, Hold, RolledBack};
+pub use snapshot::{GenerationView, Snapshot};
 pub use tracking::{Refreshed, Tracked};
 
 use crate::{
@@ -65,7 +69,21 @@ pub struct RegisteredSocket {
 pub struct FoundSocket {
     pub socket: Listener,
     pub holder: Holder,
+    /// The holder's name (`/proc/PID/comm`, read where it was found), for
+    /// messages.
+    pub process: String,
     pub copy: OwnedFd,
+}
+
+/// Work a state change leaves for a blocking thread.
+#[derive(Debug)]
+pub enum Effect {
+    /// Signal the process group of an adopted generation's leader: its
+    /// members are found in `/proc` ([`Process::signal_group`]).
+    SignalAdoptedGroup {
+        process: Process,
+        signal: nix::sys::signal::Signal,
+    },
 }
 
 /// A generation that was just begun.
@@ -118,6 +136,8 @@ struct Reinstated {
     /// By a rollback (`reloader rollback`, a failed health check), not a
     /// crash.
     rolled_back: bool,
+    /// By failed health checks.
+    health: bool,
 }
 
 /// Counts shown by `status` and the metrics.
@@ -172,6 +192,8 @@ pub struct InstanceState {
     bridges: BTreeMap<usize, bridges::Held>,
     /// Addresses that cannot have one (said once).
     no_bridge: BTreeSet<usize>,
+    /// What the owner must hand to a blocking thread.
+    outbox: Vec<Effect>,
 }
 
 impl InstanceState {
@@ -210,6 +232,29 @@ impl InstanceState {
             started: Instant::now(),
             bridges: BTreeMap::new(),
             no_bridge: BTreeSet::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The effects left since the last call, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Kills what is left of generation `number`'s process group: at once
+    /// for our own child (one `killpg`, safe while it is unreaped), through
+    /// the outbox for an adopted one.
+    pub(super) fn kill_group(&mut self, number: u64) {
+        let Some(process) = self.processes.get(&number) else {
+            return;
+        };
+        if process.signal_group_needs_proc() {
+            self.outbox.push(Effect::SignalAdoptedGroup {
+                process: process.clone(),
+                signal: nix::sys::signal::Signal::SIGKILL,
+            });
+        } else {
+            process.signal_group(nix::sys::signal::Signal::SIGKILL);
         }
     }
 

@@ -3,8 +3,6 @@
 
 use std::time::Instant;
 
-use nix::sys::signal::Signal;
-
 use super::{InstanceState, RegisteredSocket, saved};
 use crate::{
     generation::State,
@@ -218,9 +216,7 @@ impl InstanceState {
     /// Ends an adopted generation that was starting when the previous
     /// controller died (that reload is lost).
     pub fn kill_orphaned_candidate(&mut self, number: u64) {
-        if let Some(process) = self.processes.get(&number) {
-            process.signal_group(Signal::SIGKILL);
-        }
+        self.kill_group(number);
         self.end(
             number,
             State::Failed,

@@ -70,6 +70,16 @@ pub enum CanaryVerdict {
     RolledBack { reason: RollbackReason, why: String },
 }
 
+impl CanaryVerdict {
+    /// The verdict of a canary that ended without one recorded.
+    pub fn ended() -> Self {
+        Self::RolledBack {
+            reason: RollbackReason::Crash,
+            why: "it ended".into(),
+        }
+    }
+}
+
 /// Where a canary reload stands, for the task waiting on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CanaryPhase {
@@ -272,12 +282,12 @@ impl InstanceState {
                 step_ends: c.step_ends(),
             };
         }
-        CanaryPhase::Ended(self.canary_verdicts.get(&number).cloned().unwrap_or(
-            CanaryVerdict::RolledBack {
-                reason: RollbackReason::Crash,
-                why: "it ended".into(),
-            },
-        ))
+        CanaryPhase::Ended(
+            self.canary_verdicts
+                .get(&number)
+                .cloned()
+                .unwrap_or_else(CanaryVerdict::ended),
+        )
     }
 
     /// The generation running as a canary.
@@ -536,6 +546,7 @@ impl InstanceState {
                 previous: hold.held,
                 why: format!("was rolled back ({})", rollback_why(reason)),
                 rolled_back: true,
+                health: reason == RollbackReason::Health,
             },
         );
         if let Some(last) = self
@@ -544,7 +555,17 @@ impl InstanceState {
             .filter(|r| r.generation == hold.successor)
         {
             last.result = crate::status::ReloadResult::RolledBack;
-            last.error = Some(format!("during the hold ({})", rollback_why(reason)));
+            let detail = format!("during the hold ({})", rollback_why(reason));
+            last.failure = Some(crate::error::ReloadFailure {
+                kind: if reason == RollbackReason::Health {
+                    crate::error::FailureKind::RolledBackByHealth
+                } else {
+                    crate::error::FailureKind::RolledBack
+                },
+                detail: detail.clone(),
+                active: Some(hold.held),
+            });
+            last.error = Some(detail);
         }
         warn!(
             generation = hold.held,

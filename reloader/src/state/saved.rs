@@ -12,6 +12,8 @@
 //! generations whose processes still run; it cleans up (and reports) state
 //! whose processes are gone.
 
+#![allow(clippy::disallowed_methods)] // the state file: read at start-up and written by the persister, both on blocking threads
+
 use std::{
     io::Write,
     path::{Path, PathBuf},

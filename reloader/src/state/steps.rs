@@ -7,7 +7,6 @@ use std::{
     time::Instant,
 };
 
-use nix::sys::signal::Signal;
 use tracing::{error, warn};
 
 use super::{Begun, FoundSocket, InstanceState, NotNow, RegisteredSocket, epoch_of};
@@ -64,16 +63,17 @@ impl InstanceState {
                 what: e.to_string(),
             })?;
         self.stderr.insert(number, stderr);
-        if !self
+        let live = self
             .generations
             .get(number)
-            .is_some_and(|g| g.state.is_live())
-        {
+            .is_some_and(|g| g.state.is_live());
+        self.processes.insert(number, process);
+        if !live {
             // Stopped (or failed) while it was being spawned.
-            process.signal_group(Signal::SIGKILL);
+            self.kill_group(number);
+            self.processes.remove(&number);
             return self.check_alive(number);
         }
-        self.processes.insert(number, process);
         Ok(())
     }
 
@@ -94,7 +94,7 @@ impl InstanceState {
             let named = |s: &FoundSocket, source| ReloadError::RegisterError {
                 addr,
                 pid: s.holder.pid,
-                process: crate::discovery::process_name(s.holder.pid).unwrap_or_else(|| "?".into()),
+                process: s.process.clone(),
                 fd: s.holder.fd,
                 source: Box::new(source),
             };
@@ -189,23 +189,65 @@ impl InstanceState {
     }
 
     /// A candidate that will not become active: killed, its slot emptied.
-    pub fn fail(&mut self, number: u64, reason: &ReloadError) {
+    /// Returns its stderr, for the report.
+    pub fn fail(&mut self, number: u64, reason: &ReloadError) -> Option<StderrTail> {
         let live = self
             .generations
             .get(number)
             .is_some_and(|g| g.state.is_live());
-        if !live {
-            return;
+        if live {
+            self.kill_group(number);
+            self.end(number, State::Failed, crate::error_chain(reason));
         }
-        if let Some(process) = self.processes.get(&number) {
-            process.signal_group(Signal::SIGKILL);
+        self.stderr(number)
+    }
+
+    /// Kills every candidate (starting or ready, not yet active): the
+    /// reload that ran them ended without failing them itself (it
+    /// panicked).
+    pub fn fail_candidates(&mut self) {
+        let candidates: Vec<u64> = self
+            .live()
+            .into_iter()
+            .filter(|(_, state)| matches!(state, State::Starting | State::Ready))
+            .map(|(number, _)| number)
+            .collect();
+        for number in candidates {
+            let reason = ReloadError::Internal {
+                what: "the reload that started it ended".into(),
+            };
+            self.fail(number, &reason);
         }
-        self.end(number, State::Failed, crate::error_chain(reason));
     }
 
     /// The last stderr lines of generation `number`.
     pub fn stderr(&self, number: u64) -> Option<StderrTail> {
         self.stderr.get(&number).cloned()
+    }
+
+    /// Decides how a reload ended, from the state now: a report without a
+    /// failure yet (its new generation cut over and the barrier passed) is
+    /// a success unless that generation failed or was rolled back since.
+    /// Every failure names the generation active now. Then it is recorded.
+    pub fn conclude(&mut self, report: &mut ReloadReport, first_start: bool) {
+        if report.failure.is_none() && report.result != ReloadResult::RolledBack {
+            match self.failed_after_cutover(report.generation) {
+                None => report.result = ReloadResult::Succeeded,
+                Some((result, kind, detail)) => {
+                    report.result = result;
+                    report.error = Some(detail.clone());
+                    report.failure = Some(crate::error::ReloadFailure {
+                        kind,
+                        detail,
+                        active: None,
+                    });
+                }
+            }
+        }
+        if let Some(failure) = &mut report.failure {
+            failure.active = self.active();
+        }
+        self.record(report, first_start);
     }
 
     /// Records a finished reload; the instance's first start is shown as

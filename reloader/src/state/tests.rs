@@ -69,6 +69,7 @@ fn sockets(n: usize, pid: u32) -> Vec<Vec<FoundSocket>> {
                     pid,
                     fd: 3 + i as i32,
                 },
+                process: "sleep".into(),
                 copy: OwnedFd::from(listener),
             }]
         })
@@ -337,7 +338,7 @@ fn a_crash_during_the_hold_reinstates_the_held_generation() {
     assert_eq!(state.active(), Some(one));
     assert_eq!(fake.maps().active.get(&0), Some(&slot_one));
     assert_eq!(state.stats.rollbacks.crash, 1);
-    let (result, why) = state.failed_after_cutover(two).unwrap();
+    let (result, _, why) = state.failed_after_cutover(two).unwrap();
     assert_eq!(
         result,
         ReloadResult::Failed,

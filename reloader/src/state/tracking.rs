@@ -130,8 +130,7 @@ impl InstanceState {
                 .map_err(|source| ReloadError::RegisterError {
                     addr: self.config.listen[i],
                     pid: first.holder.pid,
-                    process: crate::discovery::process_name(first.holder.pid)
-                        .unwrap_or_else(|| "?".into()),
+                    process: first.process.clone(),
                     fd: first.holder.fd,
                     source: Box::new(source),
                 })?;

@@ -22,6 +22,8 @@
 //!   with the controller's last descriptor of it, so a killed controller
 //!   leaves none behind.
 
+#![allow(clippy::disallowed_methods)] // loading, pinning and attaching run at start-up and unpinning at stop, on blocking threads only
+
 use std::{
     collections::HashMap as StdHashMap,
     io,

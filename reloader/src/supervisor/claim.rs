@@ -50,6 +50,7 @@ pub struct Claim {
 /// Spawns `command` in a process group of its own and claims its exit.
 /// Never wait on the returned `Child` (the reaper owns its exit); it is
 /// returned for its pipes.
+#[allow(clippy::disallowed_methods)] // fork and exec: callers run it on a blocking thread
 pub fn spawn_claimed(command: &mut Command) -> io::Result<(Child, Claim)> {
     command.process_group(0);
     let mut table = claims();

@@ -89,6 +89,7 @@ pub(crate) fn describe(status: WaitStatus) -> Option<Exit> {
 /// Our direct children (including processes reparented to us). Their pids
 /// cannot be reused while they are unreaped, so signalling them by pid is
 /// safe.
+#[allow(clippy::disallowed_methods)] // a /proc walk: called on blocking threads only
 pub fn children() -> Vec<u32> {
     let me = std::process::id() as i32;
     let Ok(all) = procfs::process::all_processes() else {

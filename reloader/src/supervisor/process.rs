@@ -19,17 +19,18 @@ use std::{
     future::Future,
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::Arc,
 };
 
 use nix::sys::signal::Signal;
 use rustix::process::{Pid, PidfdFlags, pidfd_open, pidfd_send_signal};
 use tracing::{debug, warn};
 
-/// A process held by a pidfd.
-#[derive(Debug)]
+/// A process held by a pidfd (cheap to clone: the clones share it).
+#[derive(Clone, Debug)]
 pub struct Process {
     pid: u32,
-    pidfd: OwnedFd,
+    pidfd: Arc<OwnedFd>,
     start_time: u64,
     /// Our child (we reap it, and killpg is safe until then).
     child: bool,
@@ -58,7 +59,7 @@ impl Process {
     /// Holds our child `pid`, just spawned (it cannot have been reaped:
     /// only the controller reaps, and not before it knows of this child).
     pub fn child(pid: u32) -> io::Result<Self> {
-        let pidfd = open(pid)?;
+        let pidfd = Arc::new(open(pid)?);
         let start_time = start_time(pid).unwrap_or_default();
         Ok(Self {
             pid,
@@ -82,7 +83,7 @@ impl Process {
         match start_time(pid) {
             Some(found) if found == expected => Ok(Self {
                 pid,
-                pidfd,
+                pidfd: Arc::new(pidfd),
                 start_time: found,
                 child: false,
             }),
@@ -135,22 +136,38 @@ impl Process {
 
     /// Sends `signal` to every process of the group it leads, while it
     /// runs (a group whose leader has exited is left alone: its id may be
-    /// reused once the last member is gone).
+    /// reused once the last member is gone). For our own child this is one
+    /// `killpg`, which never sleeps; an adopted process's group is found in
+    /// `/proc` first, so the caller must be on a blocking thread then
+    /// ([`Self::signal_group_needs_proc`]).
     pub fn signal_group(&self, signal: Signal) {
         if self.child {
-            // Safe while unreaped; see the module comment.
-            match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), signal) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {
-                    debug!(pgid = self.pid, signal = signal.as_str(), "signalled group")
-                }
-                Err(error) => {
-                    warn!(pgid = self.pid, signal = signal.as_str(), %error, "killpg failed")
-                }
-            }
-            return;
+            self.signal_child_group(signal);
+        } else {
+            self.signal_adopted_group(signal);
         }
-        // Adopted: the members are opened first, then the leader is seen
-        // alive, so the group id was this group's when they were opened.
+    }
+
+    /// Whether [`Self::signal_group`] walks `/proc` (an adopted process).
+    pub fn signal_group_needs_proc(&self) -> bool {
+        !self.child
+    }
+
+    fn signal_child_group(&self, signal: Signal) {
+        // Safe while unreaped; see the module comment.
+        match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {
+                debug!(pgid = self.pid, signal = signal.as_str(), "signalled group")
+            }
+            Err(error) => {
+                warn!(pgid = self.pid, signal = signal.as_str(), %error, "killpg failed")
+            }
+        }
+    }
+
+    fn signal_adopted_group(&self, signal: Signal) {
+        // The members are opened first, then the leader is seen alive, so
+        // the group id was this group's when they were opened.
         let members = self.group_members();
         if !self.is_alive() {
             if !members.is_empty() {
@@ -175,6 +192,7 @@ impl Process {
 
     /// Other members of its process group, each held by a pidfd opened
     /// before its group was re-checked.
+    #[allow(clippy::disallowed_methods)] // on a blocking thread: see signal_group
     fn group_members(&self) -> Vec<(u32, OwnedFd)> {
         let leader = self.pid as i32;
         let Ok(all) = procfs::process::all_processes() else {
@@ -198,7 +216,7 @@ impl Process {
     /// copy of the pidfd, so it may outlive this `Process`.
     pub fn exit_watcher(&self) -> impl Future<Output = ()> + Send + use<> {
         let pid = self.pid;
-        let watched = self.pidfd.try_clone().and_then(readable);
+        let watched = self.pidfd.as_ref().try_clone().and_then(readable);
         async move {
             match watched {
                 Ok(fd) => {
@@ -260,6 +278,7 @@ fn send(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
 
 /// The start time of `pid` (`/proc/PID/stat` field 22, clock ticks since
 /// boot), if it runs (zombies do not count).
+#[allow(clippy::disallowed_methods)] // one /proc read: at spawn and start-up (blocking threads)
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = procfs::process::Process::new(pid as i32)
         .ok()?

@@ -9,6 +9,8 @@
 //! server — so no server ever runs that no state file names (a successor
 //! could neither adopt nor stop it).
 
+#![allow(clippy::disallowed_methods)] // fork and exec: `reload::System::spawn` runs it on a blocking thread
+
 use std::{
     io,
     os::{

@@ -65,15 +65,23 @@ pub struct Watcher {
 
 impl Watcher {
     /// Checks `paths` and watches them; `None` without paths. Needs a tokio
-    /// runtime.
-    pub fn start(paths: &[PathBuf]) -> Result<Option<Self>, WatchError> {
+    /// runtime; the checks and the directory walk run on a blocking thread.
+    pub async fn start(paths: &[PathBuf]) -> Result<Option<Self>, WatchError> {
         if paths.is_empty() {
             return Ok(None);
         }
-        let targets = paths
-            .iter()
-            .map(|p| Target::of(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let owned = paths.to_vec();
+        let targets = tokio::task::spawn_blocking(move || {
+            owned
+                .iter()
+                .map(|p| Target::of(p))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| WatchError::InotifyError {
+            path: paths[0].clone(),
+            source: std::io::Error::other(e),
+        })??;
         let inotify_error = |source| WatchError::InotifyError {
             path: paths[0].clone(),
             source,
@@ -93,7 +101,7 @@ impl Watcher {
             buffer: vec![0; 64 * 1024],
         };
         // At start, a directory that cannot be watched is an error.
-        for dir in watcher.wanted() {
+        for dir in watcher.wanted().await {
             watcher
                 .watches
                 .add(&dir, mask())
@@ -102,7 +110,7 @@ impl Watcher {
                     source,
                 })?;
         }
-        watcher.rewatch();
+        watcher.rewatch().await;
         Ok(Some(watcher))
     }
 
@@ -126,7 +134,7 @@ impl Watcher {
                 _ = tokio::time::sleep_until(quiet_until) => break,
             }
         }
-        self.rewatch();
+        self.rewatch().await;
         changed
     }
 
@@ -179,24 +187,18 @@ impl Watcher {
         changed
     }
 
-    /// The directories the targets need watched now.
-    fn wanted(&self) -> BTreeSet<PathBuf> {
-        let mut wanted = BTreeSet::new();
-        for target in &self.targets {
-            for (dir, tree) in target.dirs() {
-                if tree {
-                    subdirectories(&dir, &mut wanted);
-                } else {
-                    wanted.insert(dir);
-                }
-            }
-        }
-        wanted
+    /// The directories the targets need watched now (a directory walk, on
+    /// a blocking thread).
+    async fn wanted(&self) -> BTreeSet<PathBuf> {
+        let targets = self.targets.clone();
+        tokio::task::spawn_blocking(move || wanted(&targets))
+            .await
+            .unwrap_or_default()
     }
 
     /// Watches what is wanted now, and only that.
-    fn rewatch(&mut self) {
-        let wanted = self.wanted();
+    async fn rewatch(&mut self) {
+        let wanted = self.wanted().await;
         let mut dirs = HashMap::new();
         for dir in &wanted {
             match self.watches.add(dir, mask()) {
@@ -226,9 +228,25 @@ impl Target {
     }
 }
 
+/// The directories `targets` need watched now.
+fn wanted(targets: &[Target]) -> BTreeSet<PathBuf> {
+    let mut wanted = BTreeSet::new();
+    for target in targets {
+        for (dir, tree) in target.dirs() {
+            if tree {
+                subdirectories(&dir, &mut wanted);
+            } else {
+                wanted.insert(dir);
+            }
+        }
+    }
+    wanted
+}
+
 /// Adds `dir` and its subdirectories to `found`: not through symlinks, not
 /// into `..`-prefixed ones (module comment of [`paths`]), not into ones
-/// another user can write to (warned).
+/// another user can write to (warned). Blocking: a directory walk.
+#[allow(clippy::disallowed_methods)] // on a blocking thread (see `Watcher::wanted`)
 fn subdirectories(dir: &Path, found: &mut BTreeSet<PathBuf>) {
     if !found.insert(dir.to_owned()) {
         return;
@@ -270,6 +288,7 @@ mod tests {
         let file = d.join("app.conf");
         std::fs::write(&file, "1").unwrap();
         let mut w = Watcher::start(std::slice::from_ref(&file))
+            .await
             .unwrap()
             .unwrap();
         // Reading is no change.
@@ -309,9 +328,13 @@ mod tests {
         symlink("..data/f", d.join("f")).unwrap();
         let file = d.join("f");
         let mut wf = Watcher::start(std::slice::from_ref(&file))
+            .await
             .unwrap()
             .unwrap();
-        let mut wd = Watcher::start(std::slice::from_ref(&d)).unwrap().unwrap();
+        let mut wd = Watcher::start(std::slice::from_ref(&d))
+            .await
+            .unwrap()
+            .unwrap();
         std::fs::create_dir(d.join("..2026_2")).unwrap();
         std::fs::write(d.join("..2026_2/f"), "2").unwrap();
         symlink("..2026_2", d.join("..data_tmp")).unwrap();

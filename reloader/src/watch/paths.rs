@@ -23,6 +23,8 @@
 //! itself, a sticky directory (`/tmp`) is allowed, since nobody else can
 //! rename or remove what we own in it.
 
+#![allow(clippy::disallowed_methods)] // path checks, on blocking threads only (`Watcher::start`, `wanted`)
+
 use std::{
     ffi::OsStr,
     os::unix::fs::MetadataExt,

@@ -1,0 +1,672 @@
+//! [`Owner`]: the one task that owns an instance's state, by value. It
+//! takes [`Event`]s (control requests, signals, exits) and state
+//! [`Command`]s (from the reload task, drains, the tracker, the health
+//! checker, status readers) from channels, decides each in one step, and
+//! publishes a [`crate::state::Snapshot`] after each. It never blocks: what
+//! must sleep (a `/proc` walk for an adopted process group, fork and exec,
+//! netlink dumps, fsync) runs on blocking threads through the [`Host`] or
+//! in the tasks it starts, and comes back as a command or an event.
+//!
+//! The shape is tokio-console's aggregator and linkerd2-proxy's pool
+//! worker: state owned by a loop, inputs as message enums, a snapshot out.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::{JoinHandle, JoinSet},
+};
+use tracing::{error, info, warn};
+
+use super::events::Event;
+use crate::{
+    config::CanaryPlan,
+    control::Response,
+    reload::{
+        self, CutOver, Finished, Host,
+        scheduler::{Outcome, Scheduler, Start, Waiter, answer},
+    },
+    state::{Activated, Client, Command, InstanceState, Owned, saved::Saved},
+    status::{ReloadReport, RollbackReason, RollbackReport},
+};
+
+/// A reload under way.
+struct Running {
+    task: JoinHandle<Result<CutOver, ReloadReport>>,
+    waiters: Vec<Waiter>,
+    first_start: bool,
+}
+
+/// What a task the owner started hands back when it ends.
+enum Done {
+    /// A drain (or an adopted canary's) ended.
+    Drained,
+    /// A reload reached its barrier.
+    Finished {
+        finished: Box<Finished>,
+        waiters: Vec<Waiter>,
+        first_start: bool,
+    },
+    /// A rollback's generation exited (`rollback --wait`).
+    RolledBack {
+        reply: oneshot::Sender<Response>,
+        report: RollbackReport,
+    },
+}
+
+/// How the loop goes on after an input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Flow {
+    Continue,
+    /// Begin the stop.
+    Stop,
+}
+
+/// The stop under way: every generation drains until `deadline`, then
+/// (once) is killed.
+struct Stopping {
+    deadline: tokio::time::Instant,
+    killed: bool,
+}
+
+/// The owner of one instance's state; see the module comment.
+pub struct Owner<H: Host> {
+    pub(super) state: InstanceState,
+    host: Arc<H>,
+    client: Client,
+    owned: Owned,
+    events: mpsc::Receiver<Event>,
+    saved: Arc<Saved>,
+    saved_version: u64,
+    scheduler: Scheduler,
+    running: Option<Running>,
+    tasks: JoinSet<Done>,
+    first_start: bool,
+    /// Why the instance's first generation did not start.
+    pub(super) first_failure: Option<ReloadReport>,
+    /// When a crashed generation is restarted.
+    restart_at: Option<tokio::time::Instant>,
+    stopping: Option<Stopping>,
+    /// Whether every generation exited within its drain timeout at stop.
+    clean: bool,
+}
+
+impl<H: Host> Owner<H> {
+    /// The owner of `state`, which `client` talks to (`owned`: its ends);
+    /// `events` are its other inputs. With `first_start`, it starts the
+    /// instance's first generation at once.
+    pub fn new(
+        state: InstanceState,
+        host: Arc<H>,
+        (client, owned): (Client, Owned),
+        events: mpsc::Receiver<Event>,
+        first_start: bool,
+    ) -> Self {
+        let saved = Arc::new(state.saved());
+        let mut owner = Self {
+            state,
+            host,
+            client,
+            owned,
+            events,
+            saved,
+            saved_version: 0,
+            scheduler: Scheduler::default(),
+            running: None,
+            tasks: JoinSet::new(),
+            first_start,
+            first_failure: None,
+            restart_at: None,
+            stopping: None,
+            clean: true,
+        };
+        if first_start {
+            owner.scheduler.request(None, None);
+        }
+        owner.publish();
+        owner
+    }
+
+    /// A client of this owner's state.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(super) fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// The sender of the state file's persisted version, for the persister
+    /// (from then on, [`Client::persisted`] waits for its writes).
+    pub fn take_persisted(&mut self) -> tokio::sync::watch::Sender<u64> {
+        let persisted = self.owned.persisted.take().expect("one persister");
+        persisted.send_replace(0);
+        persisted
+    }
+
+    /// Starts a drain of generation `number` (an adopted draining one).
+    pub fn spawn_drain(&mut self, number: u64) {
+        let client = self.client.clone();
+        self.tasks.spawn(async move {
+            reload::drain(&client, number).await;
+            Done::Drained
+        });
+    }
+
+    /// Waits for adopted canary `number`'s verdict.
+    pub fn spawn_adopted_canary(&mut self, number: u64, previous: u64) {
+        let client = self.client.clone();
+        self.tasks.spawn(async move {
+            reload::adopted_canary(&client, number, previous).await;
+            Done::Drained
+        });
+    }
+
+    /// Runs until the instance has stopped; returns whether the stop was
+    /// clean (every generation exited within its drain timeout).
+    pub async fn run(mut self) -> (bool, Option<ReloadReport>) {
+        loop {
+            self.start_pending_reload();
+            let flow = tokio::select! {
+                Some(command) = self.owned.commands.recv() => {
+                    self.apply(command);
+                    Flow::Continue
+                }
+                Some(event) = self.events.recv() => self.on_event(event),
+                finished = reload_done(&mut self.running) => self.reload_ended(finished),
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok(done) => self.task_done(done),
+                        // Aborted at stop, or a panic (logged by the hook
+                        // with its location).
+                        Err(error) if error.is_panic() => {
+                            error!("a drain or reload task panicked; the instance goes on");
+                            Flow::Continue
+                        }
+                        Err(_) => Flow::Continue,
+                    }
+                }
+                () = sleep_until(self.restart_at) => {
+                    self.restart_at = None;
+                    if self.stopping.is_none() {
+                        self.scheduler.request(None, None);
+                    }
+                    Flow::Continue
+                }
+                () = sleep_until(self.stopping.as_ref().map(|s| s.deadline)) => {
+                    self.stop_deadline();
+                    Flow::Continue
+                }
+            };
+            if flow == Flow::Stop {
+                self.begin_stop();
+            }
+            self.carry_out_effects();
+            self.publish();
+            if self.stopping.is_some() && self.state.live().is_empty() {
+                break;
+            }
+        }
+        info!("every generation has exited");
+        (self.clean, self.first_failure)
+    }
+
+    /// Starts the reload the scheduler has pending, unless one runs.
+    fn start_pending_reload(&mut self) {
+        if self.running.is_some() || self.stopping.is_some() {
+            return;
+        }
+        let Some(Start { waiters, canary }) = self.scheduler.start() else {
+            return;
+        };
+        if !self.first_start {
+            crate::notify::reloading();
+        }
+        let (client, host) = (self.client.clone(), self.host.clone());
+        self.running = Some(Running {
+            task: tokio::spawn(async move { reload::run(&client, &*host, canary).await }),
+            waiters,
+            first_start: self.first_start,
+        });
+        self.first_start = false;
+    }
+
+    /// Publishes the state as it is now; the state file's content gets a
+    /// new version when it changed.
+    fn publish(&mut self) {
+        let saved = self.state.saved();
+        if saved != *self.saved {
+            self.saved = Arc::new(saved);
+            self.saved_version += 1;
+        }
+        let snapshot = self.state.snapshot(self.saved.clone(), self.saved_version);
+        self.owned.snapshots.send_replace(Arc::new(snapshot));
+    }
+
+    /// Hands what the last step left for a blocking thread to the host.
+    fn carry_out_effects(&mut self) {
+        let effects = self.state.take_effects();
+        if !effects.is_empty() {
+            tokio::spawn(self.host.carry_out(effects));
+        }
+    }
+
+    // ---- Events.
+
+    fn on_event(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Reload {
+                wait,
+                canary,
+                reply,
+            } => self.on_reload(wait, canary, reply),
+            Event::Rollback { wait, reply } => {
+                self.roll_back(RollbackReason::Manual, wait, Some(reply), None);
+            }
+            Event::Promote { reply } => {
+                let response = match self.state.promote() {
+                    Ok((generation, previous)) => Response::Promoted {
+                        generation,
+                        previous,
+                    },
+                    Err(error) => Response::Error {
+                        message: crate::error_chain(&error),
+                    },
+                };
+                let _ = reply.send(response);
+            }
+            Event::Stop => return Flow::Stop,
+            Event::ChildExited => self.reap_children(),
+            Event::AdoptedExited { pid } => self.adopted_exited(pid),
+        }
+        Flow::Continue
+    }
+
+    /// A reload request, decided against the state in one step.
+    fn on_reload(
+        &mut self,
+        wait: bool,
+        canary: Option<CanaryPlan>,
+        reply: Option<oneshot::Sender<Response>>,
+    ) {
+        let refused = if self.stopping.is_some() || self.state.is_stopping() {
+            Some("the instance is stopping".to_owned())
+        } else if let Some(generation) = self.state.canary() {
+            Some(crate::error::ReloadError::CanaryRunning { generation }.to_string())
+        } else if canary.is_some() && self.state.active().is_none() {
+            Some(
+                "no generation is active to run a canary beside: reload without --canary"
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        if let Some(message) = refused {
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::Error { message });
+            }
+            return;
+        }
+        match reply {
+            Some(reply) if wait => self.scheduler.request(Some(reply), canary),
+            reply => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Response::ReloadAccepted);
+                }
+                self.scheduler.request(None, canary);
+            }
+        }
+    }
+
+    /// Rolls back (see [`InstanceState::rollback`]) and drains the
+    /// generation rolled back from. `only_from`: only if that generation is
+    /// still the new one (a health verdict about a generation that was
+    /// meanwhile replaced is stale).
+    fn roll_back(
+        &mut self,
+        reason: RollbackReason,
+        wait: bool,
+        reply: Option<oneshot::Sender<Response>>,
+        only_from: Option<u64>,
+    ) {
+        if self.stopping.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::Error {
+                    message: "the instance is stopping".into(),
+                });
+            }
+            return;
+        }
+        if let Some(number) = only_from
+            && self.state.health_targets().first().copied() != Some(number)
+        {
+            return;
+        }
+        let done = match self.state.rollback(reason) {
+            Ok(done) => done,
+            Err(error) => {
+                let message = crate::error_chain(&error);
+                if reason != RollbackReason::Manual {
+                    warn!(%reason, "no rollback: {message}");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Response::Error { message });
+                }
+                return;
+            }
+        };
+        crate::notify::ready(&format!(
+            "rolled back: generation {} active, generation {} drains",
+            done.to, done.from
+        ));
+        let report = RollbackReport {
+            from: done.from,
+            to: done.to,
+            map_update_us: done.map_update.as_secs_f64() * 1e6,
+            from_exited_ms: None,
+        };
+        let reply = match reply {
+            Some(reply) if !wait => {
+                let _ = reply.send(Response::RolledBack {
+                    report: report.clone(),
+                });
+                None
+            }
+            reply => reply,
+        };
+        let client = self.client.clone();
+        self.tasks.spawn(async move {
+            let t0 = Instant::now();
+            reload::drain(&client, done.from).await;
+            match reply {
+                Some(reply) => Done::RolledBack {
+                    reply,
+                    report: RollbackReport {
+                        from_exited_ms: Some(t0.elapsed().as_secs_f64() * 1000.0),
+                        ..report
+                    },
+                },
+                None => Done::Drained,
+            }
+        });
+    }
+
+    // ---- Reloads.
+
+    /// The reload task ended: it cut over (the rest runs as a task of its
+    /// own), or it failed and is concluded here.
+    fn reload_ended(&mut self, result: Result<CutOver, ReloadReport>) -> Flow {
+        let Running {
+            waiters,
+            first_start,
+            ..
+        } = self.running.take().expect("a reload ran");
+        let mut report = match result {
+            Ok(cut_over) => {
+                let client = self.client.clone();
+                self.tasks.spawn(async move {
+                    Done::Finished {
+                        finished: Box::new(cut_over.finish(&client).await),
+                        waiters,
+                        first_start,
+                    }
+                });
+                return Flow::Continue;
+            }
+            Err(report) => report,
+        };
+        // A reload task that ended without a report of its own (it
+        // panicked) may leave its candidate behind.
+        self.state.fail_candidates();
+        self.conclude(&mut report, first_start);
+        if first_start {
+            error!("{}", report.human());
+            answer(waiters, &Outcome::Reported(Box::new(report.clone())));
+            self.first_failure = Some(report);
+            return Flow::Stop;
+        }
+        let active = self.state.active();
+        crate::notify::ready(&format!(
+            "reload to generation {} failed; generation {} active",
+            report.generation,
+            active.map_or("none".into(), |g| g.to_string())
+        ));
+        answer(waiters, &Outcome::Reported(Box::new(report)));
+        if active.is_none() && !self.state.is_stopping() {
+            self.schedule_restart();
+        }
+        Flow::Continue
+    }
+
+    /// Decides how a reload ended and records it (state and metrics).
+    fn conclude(&mut self, report: &mut ReloadReport, first_start: bool) {
+        self.state.conclude(report, first_start);
+        let recorder = self.client.recorder();
+        recorder.config_loaded(report);
+        if !first_start {
+            recorder.reload(report);
+        }
+    }
+
+    fn task_done(&mut self, done: Done) -> Flow {
+        match done {
+            Done::Drained => {}
+            Done::Finished {
+                finished,
+                waiters,
+                first_start,
+            } => {
+                let Finished {
+                    mut report,
+                    then_drain,
+                } = *finished;
+                self.conclude(&mut report, first_start);
+                let active = self.state.active();
+                crate::notify::ready(&format!(
+                    "generation {} active",
+                    active.map_or("none".into(), |g| g.to_string())
+                ));
+                answer(waiters, &Outcome::Reported(Box::new(report)));
+                if let Some(old) = then_drain {
+                    self.spawn_drain(old);
+                }
+            }
+            Done::RolledBack { reply, report } => {
+                let _ = reply.send(Response::RolledBack { report });
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Asks for a reload after the restart backoff.
+    pub(super) fn schedule_restart(&mut self) {
+        let delay = self.state.next_restart_delay();
+        info!(delay = %crate::generation::human_duration(delay), "restarting after the backoff");
+        self.restart_at = Some(tokio::time::Instant::now() + delay);
+    }
+
+    // ---- State commands.
+
+    /// Carries out one state command.
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Begin {
+                config_sha256,
+                reply,
+            } => {
+                let begun = self.state.begin(Instant::now());
+                if let Ok(begun) = &begun {
+                    self.state.set_config_sha256(begun.number, config_sha256);
+                }
+                let _ = reply.send(begun);
+            }
+            Command::Spawned {
+                number,
+                process,
+                stderr,
+                reply,
+            } => {
+                let spawned = self.state.spawned(number, process, stderr);
+                // Published before the answer: the reload then waits for
+                // the state file to name this pid (`Client::persisted`).
+                self.publish();
+                let _ = reply.send(spawned);
+            }
+            Command::Register {
+                number,
+                found,
+                reply,
+            } => {
+                let _ = reply.send(self.state.register(number, found));
+            }
+            Command::AddProbe {
+                number,
+                listener,
+                port,
+                reply,
+            } => {
+                let _ = reply.send(self.state.add_probe(number, listener, port));
+            }
+            Command::RemoveProbe { listener, port } => self.state.remove_probe(listener, port),
+            Command::Activate {
+                number,
+                ready,
+                canary,
+                reply,
+            } => {
+                let cutover = match &canary {
+                    Some(plan) => self.state.start_canary(number, ready, plan),
+                    None => self.state.cut_over(number, ready),
+                };
+                let activated = cutover.map(|cutover| Activated {
+                    cutover,
+                    canary: self.state.canary() == Some(number),
+                });
+                let _ = reply.send(activated);
+            }
+            Command::Fail {
+                number,
+                error,
+                reply,
+            } => {
+                let _ = reply.send(self.state.fail(number, &error));
+            }
+            Command::DrainSignal { number, reply } => {
+                let _ = reply.send(self.state.drain_signal(number));
+            }
+            Command::Kill { number } => self.state.kill(number),
+            Command::Abandon { number, waited } => self.state.abandon(number, waited),
+            Command::Refresh {
+                number,
+                found,
+                listening,
+                reply,
+            } => {
+                let refreshed = self.state.refresh(number, found, &listening);
+                if let Ok(crate::state::Refreshed::Demoted { .. }) = &refreshed {
+                    self.spawn_drain(number);
+                }
+                let _ = reply.send(refreshed);
+            }
+            Command::ReleaseBridges { listening } => {
+                self.state.release_bridges(Some(&listening));
+            }
+            Command::HealthChecked { number, result } => {
+                if self.state.health_checked(number, result) {
+                    self.roll_back(RollbackReason::Health, false, None, Some(number));
+                }
+            }
+            Command::AdvanceCanary { number, now } => {
+                self.state.advance_canary(number, now);
+            }
+            Command::SampleRates { now } => self.state.sample_rates(now),
+            Command::Status { reply } => {
+                let _ = reply.send(self.state.status());
+            }
+        }
+    }
+
+    // ---- Stop.
+
+    /// Begins the stop: the reload under way is cancelled (its candidate
+    /// killed), requests still waiting are answered, every generation that
+    /// served is told to drain, the others are killed.
+    fn begin_stop(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        info!("stopping: draining every generation");
+        crate::notify::stopping();
+        if let Some(running) = self.running.take() {
+            running.task.abort();
+            answer(
+                running.waiters,
+                &Outcome::NotRun("the instance stopped before the reload completed".into()),
+            );
+        }
+        self.scheduler.refuse_all("the instance is stopping");
+        self.tasks.abort_all();
+        self.restart_at = None;
+        for (number, state) in self.state.begin_stop() {
+            if matches!(
+                state,
+                crate::generation::State::Active | crate::generation::State::Draining
+            ) {
+                self.state.drain_signal(number);
+            }
+        }
+        self.stopping = Some(Stopping {
+            deadline: tokio::time::Instant::now() + self.client.config().drain_timeout,
+            killed: false,
+        });
+    }
+
+    /// The stop's deadline passed: kill what still runs, and at the second
+    /// deadline give it up.
+    fn stop_deadline(&mut self) {
+        let Some(stopping) = &mut self.stopping else {
+            return;
+        };
+        let remaining: Vec<u64> = self.state.live().into_iter().map(|(n, _)| n).collect();
+        if stopping.killed {
+            for number in remaining {
+                self.state.abandon(number, reload::KILL_GRACE);
+            }
+            return;
+        }
+        warn!(generations = ?remaining, "drain timeout: killing");
+        for number in &remaining {
+            self.state.kill(*number);
+        }
+        stopping.killed = true;
+        stopping.deadline = tokio::time::Instant::now() + reload::KILL_GRACE;
+        self.clean = false;
+    }
+}
+
+/// The end of the reload under way (never, if none runs).
+async fn reload_done(running: &mut Option<Running>) -> Result<CutOver, ReloadReport> {
+    match running {
+        Some(running) => match (&mut running.task).await {
+            Ok(result) => result,
+            Err(error) => Err(ReloadReport {
+                error: Some(format!("the reload task ended: {error}")),
+                failure: Some(crate::error::ReloadFailure {
+                    kind: crate::error::FailureKind::Internal,
+                    detail: format!("the reload task ended: {error}"),
+                    active: None,
+                }),
+                ..ReloadReport::default()
+            }),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at` (never, without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,158 @@
+//! Starting an instance, before its run loop takes over: on a blocking
+//! thread, its runtime directory and lock, what a previous controller left
+//! (adopt or clean up, [`super::recovery`]), its addresses, its control
+//! socket and the steering program; then, with the runtime, the state with
+//! whatever was adopted and the tasks that watch adopted generations.
+
+use std::{collections::HashMap, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use anyhow::{Context, bail};
+
+use super::{files, recovery};
+use crate::{
+    config::RunConfig,
+    generation::{Generations, State},
+    state::{RegisteredSocket, saved::SavedHold},
+    steering::{Limits, Steering},
+    supervisor::Process,
+};
+
+/// What the blocking part of the start found and made.
+pub struct Prepared {
+    pub lock: files::InstanceLock,
+    pub paths: recovery::Paths,
+    /// A previous controller's generations are adopted.
+    pub adopting: bool,
+    pub recovered: Option<String>,
+    pub limits: Limits,
+    pub steering: Steering,
+    /// The eBPF log pump (with debug logs on).
+    pub log_pump: Option<crate::steering::LogPump>,
+    /// Listen events from the controller's cgroup, or why there are none.
+    pub listen_events: Result<crate::steering::ListenEvents, String>,
+    pub control: std::os::unix::net::UnixListener,
+    pub generations: Generations,
+    pub processes: HashMap<u64, Process>,
+    /// The hold the previous controller recorded.
+    pub hold: Option<SavedHold>,
+    /// The sockets of adopted generations that serve or may serve again.
+    pub adopted_sockets: Vec<(u64, Vec<RegisteredSocket>)>,
+}
+
+/// The blocking part of the start (it reads `/proc`, the state file,
+/// sock_diag; it loads the steering program).
+#[allow(clippy::disallowed_methods)] // runs on a blocking thread (see `super::run`)
+pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
+    let dir = config
+        .control_socket
+        .parent()
+        .context("the control socket path has no directory")?;
+    files::secure_dir(dir)?;
+    let lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
+    let paths = recovery::Paths::of(config);
+    let previous = recovery::look_back(config, &paths)?;
+    let recovered = recovery::clean_up(&previous, &paths);
+    let adopting = previous.adopting();
+    if !adopting {
+        recovery::check_addresses_free(&config.listen)?;
+    }
+    let control = bind_control_socket(&config.control_socket, &config.name)?;
+    let limits = recovery::limits(config, &previous);
+    let mut steering = recovery::load_steering(config, &paths, limits, adopting)?;
+    let log_pump = steering.log_pump();
+    let listen_events = own_cgroup()
+        .map_err(|e| crate::error_chain(e.as_ref()))
+        .and_then(|cgroup| {
+            steering
+                .listen_events(&cgroup)
+                .map_err(|e| crate::error_chain(&e))
+        });
+    let (generations, processes) = recovery::generations(&previous, limits);
+    let hold = previous.saved.as_ref().and_then(|s| s.hold);
+    // A held generation can be made active again: its sockets are needed
+    // to check it still listens everywhere.
+    let adopted_sockets = generations
+        .live()
+        .filter(|g| match g.state {
+            State::Active | State::Canary => true,
+            State::Draining => hold.is_some_and(|h| h.held == g.number),
+            _ => false,
+        })
+        .filter_map(|g| Some((g.number, g.pid?)))
+        .map(|(number, pid)| (number, recovery::adopted_sockets(pid, &config.listen)))
+        .collect();
+    Ok(Prepared {
+        lock,
+        paths,
+        adopting,
+        recovered,
+        limits,
+        steering,
+        log_pump,
+        listen_events,
+        control,
+        generations,
+        processes,
+        hold,
+        adopted_sockets,
+    })
+}
+
+/// Binds the control socket (its directory was checked, and the instance
+/// lock is held): refuses when another controller answers on it, replaces
+/// a stale file otherwise (a dead controller's). Mode 0600.
+#[allow(clippy::disallowed_methods)] // runs on a blocking thread (see `prepare`)
+fn bind_control_socket(
+    path: &Path,
+    name: &str,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if std::fs::symlink_metadata(path).is_ok() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "instance {name:?} is already running (its control socket {} answers): stop it \
+                 with `reloader stop --name {name}`, or choose another --name",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("failed to bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to chmod {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The controller's cgroup (v2): servers it spawns are in it or below.
+/// The v2 hierarchy is wherever `cgroup2` is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on hybrid systems).
+#[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
+fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
+    let me = procfs::process::Process::myself().context("read /proc/self")?;
+    let path = me
+        .cgroups()
+        .context("read /proc/self/cgroup")?
+        .into_iter()
+        .find(|c| c.hierarchy == 0)
+        .map(|c| c.pathname)
+        .context("no cgroup v2 entry in /proc/self/cgroup")?;
+    let root = me
+        .mountinfo()
+        .context("read /proc/self/mountinfo")?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+        .context("cgroup v2 is not mounted")?;
+    let dir = root.join(path.trim_start_matches('/'));
+    let visible = dir.join("cgroup.procs").exists();
+    if !visible {
+        anyhow::bail!(
+            "the controller's cgroup {} is not visible here",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}

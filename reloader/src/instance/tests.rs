@@ -1,0 +1,607 @@
+//! The run loop end to end, unprivileged: the [`Owner`] with real `sleep`
+//! processes as servers, loopback sockets as their listeners, and the fake
+//! steering. Requests arrive as the control server sends them ([`Event`]s
+//! with a reply), and exits as `SIGCHLD` does (a small reaper task of the
+//! test watches only the fake host's own children and says when one
+//! exited).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    net::TcpListener,
+    os::{fd::OwnedFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Event, Owner};
+use crate::{
+    config::{CanaryPlan, RunConfig},
+    control::Response,
+    discovery::{Holder, Listener},
+    error::{FailureKind, ReloadError},
+    generation::{Generations, State},
+    metrics::Recorder,
+    reload::{Host, Scan},
+    state::{Client, Effect, FoundSocket, HISTORY, InstanceState},
+    status::{ReloadReport, ReloadResult, StatusReport},
+    steering::fake::FakeSteering,
+    supervisor::{Exit, Gate, Process, Spawned, StderrTail},
+};
+
+/// Spawns `sleep` processes; those of generations `listens` accepts get
+/// one loopback listener per address.
+struct FakeHost {
+    addresses: usize,
+    listens: fn(u64) -> bool,
+    sockets: Mutex<HashMap<u32, Vec<TcpListener>>>,
+    pids: Arc<Mutex<Vec<u32>>>,
+    /// How long one scan of a process tree takes (on a blocking thread,
+    /// as the real one's `/proc` walk).
+    scan_takes: Duration,
+}
+
+impl FakeHost {
+    fn new(addresses: usize, listens: fn(u64) -> bool) -> Self {
+        Self {
+            addresses,
+            listens,
+            sockets: Mutex::default(),
+            pids: Arc::default(),
+            scan_takes: Duration::ZERO,
+        }
+    }
+
+    fn waitid(pid: u32) -> Option<Exit> {
+        let id = Id::Pid(nix::unistd::Pid::from_raw(pid as i32));
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(id, flags) {
+            Ok(status @ (WaitStatus::Signaled(..) | WaitStatus::Exited(..))) => {
+                crate::supervisor::describe(status)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Host for FakeHost {
+    async fn spawn(&self, number: u64, _: Option<PathBuf>) -> Result<Spawned, ReloadError> {
+        let child = Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        // Never waited through std: the harness's reaper owns its exit.
+        drop(child);
+        self.pids.lock().unwrap().push(pid);
+        if (self.listens)(number) {
+            let listeners = (0..self.addresses)
+                .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+                .collect();
+            self.sockets.lock().unwrap().insert(pid, listeners);
+        }
+        Ok(Spawned {
+            process: Process::child(pid).expect("pidfd"),
+            stderr: StderrTail::default(),
+            gate: Gate::none(),
+        })
+    }
+
+    async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
+        if !self.scan_takes.is_zero() {
+            let takes = self.scan_takes;
+            #[allow(clippy::disallowed_methods)] // a blocking thread, as the real walk
+            let slow = tokio::task::spawn_blocking(move || std::thread::sleep(takes));
+            slow.await.unwrap();
+        }
+        let sockets = self.sockets.lock().unwrap();
+        let per_address = (0..self.addresses)
+            .map(|i| {
+                sockets
+                    .get(&pid)
+                    .map(|l| {
+                        vec![(
+                            Listener {
+                                transport: crate::net::Transport::Tcp,
+                                inode: u64::from(pid) * 100 + i as u64,
+                                cookie: 0,
+                                addr: l[i].local_addr().unwrap(),
+                                accept_queue: 0,
+                                backlog: 128,
+                            },
+                            Holder {
+                                pid,
+                                fd: 3 + i as i32,
+                            },
+                        )]
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        Ok(Scan {
+            per_address,
+            listening: Vec::new(),
+        })
+    }
+
+    async fn listening(&self) -> Result<BTreeSet<u64>, ReloadError> {
+        Ok(BTreeSet::new())
+    }
+
+    fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static {
+        crate::supervisor::exit_of(pid)
+    }
+
+    async fn copy(&self, scan: Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
+        let sockets = self.sockets.lock().unwrap();
+        Ok(scan
+            .per_address
+            .iter()
+            .enumerate()
+            .map(|(i, found)| {
+                found
+                    .iter()
+                    .map(|(socket, holder)| FoundSocket {
+                        socket: socket.clone(),
+                        holder: *holder,
+                        process: "sleep".into(),
+                        copy: OwnedFd::from(sockets[&holder.pid][i].try_clone().unwrap()),
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn carry_out(&self, effects: Vec<Effect>) -> impl Future<Output = ()> + Send + 'static {
+        assert!(effects.is_empty(), "no adopted process here: {effects:?}");
+        async {}
+    }
+
+    fn peek_exited(&self) -> Option<Exit> {
+        let pids = self.pids.lock().unwrap().clone();
+        pids.into_iter().find_map(Self::waitid)
+    }
+
+    fn reap(&self, pid: u32) {
+        let _ = waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+        self.pids.lock().unwrap().retain(|p| *p != pid);
+    }
+}
+
+/// An owner running in a task, and what a test talks to it through.
+struct Harness {
+    events: mpsc::Sender<Event>,
+    client: Client,
+    fake: FakeSteering,
+    host: Arc<FakeHost>,
+    owner: tokio::task::JoinHandle<(bool, Option<ReloadReport>)>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    /// Starts an instance (its first generation too) with `config`.
+    fn start(config: RunConfig, host: FakeHost) -> Self {
+        let fake = FakeSteering::default();
+        let config = Arc::new(config);
+        let state = InstanceState::new(
+            config.clone(),
+            config.limits(),
+            Box::new(fake.clone()),
+            Generations::new(config.limits().slots, HISTORY),
+            HashMap::new(),
+            None,
+        );
+        let host = Arc::new(host);
+        let (events, events_rx) = mpsc::channel(64);
+        let snapshot = state.snapshot(Arc::new(state.saved()), 0);
+        let link = Client::new(config, Recorder::default(), snapshot);
+        let owner = Owner::new(state, host.clone(), link, events_rx, true);
+        let client = owner.client().clone();
+        let reaper = tokio::spawn(reaper(host.pids.clone(), events.clone()));
+        Self {
+            events,
+            client,
+            fake,
+            host,
+            owner: tokio::spawn(owner.run()),
+            reaper,
+        }
+    }
+
+    async fn ask(&self, make: impl FnOnce(oneshot::Sender<Response>) -> Event) -> Response {
+        let (reply, answer) = oneshot::channel();
+        self.events.send(make(reply)).await.expect("the owner runs");
+        tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+    }
+
+    async fn reload(&self, canary: Option<CanaryPlan>) -> Response {
+        self.ask(|reply| Event::Reload {
+            wait: true,
+            canary,
+            reply: Some(reply),
+        })
+        .await
+    }
+
+    async fn status(&self) -> StatusReport {
+        self.client.status().await.expect("the owner answers")
+    }
+
+    /// Waits until `condition` holds for the latest snapshot.
+    async fn until(&self, what: &str, condition: impl Fn(&crate::state::Snapshot) -> bool) {
+        let mut snapshots = self.client.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !condition(&snapshots.borrow_and_update()) {
+                snapshots.changed().await.expect("the owner runs");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+    }
+
+    /// Stops the instance; returns what the owner's run returned.
+    async fn stop(self) -> (bool, Option<ReloadReport>) {
+        self.events.send(Event::Stop).await.expect("the owner runs");
+        let ended = tokio::time::timeout(Duration::from_secs(10), self.owner)
+            .await
+            .expect("stopped in time")
+            .expect("no panic");
+        self.reaper.abort();
+        ended
+    }
+}
+
+/// Tells the owner whenever one of `pids` has exited (unreaped), as
+/// `SIGCHLD` does for the real instance.
+async fn reaper(pids: Arc<Mutex<Vec<u32>>>, events: mpsc::Sender<Event>) {
+    loop {
+        let known = pids.lock().unwrap().clone();
+        if known.into_iter().any(|pid| FakeHost::waitid(pid).is_some()) {
+            let _ = events.send(Event::ChildExited).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn report(response: Response) -> ReloadReport {
+    match response {
+        Response::ReloadDone { report }
+        | Response::ReloadFailed { report }
+        | Response::ReloadRolledBack { report } => report,
+        other => panic!("not a reload report: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn reloads_cut_over_and_drain_one_generation_after_another() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080", "[::1]:8443"]);
+    let h = Harness::start(config, FakeHost::new(2, |_| true));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    for n in 2..=7u64 {
+        let report = report(h.reload(None).await);
+        assert_eq!(report.result, ReloadResult::Succeeded, "{report:?}");
+        assert_eq!(report.generation, n);
+        assert_eq!(report.previous, Some(n - 1));
+        let snapshot = h.client.snapshot();
+        assert_eq!(snapshot.active, Some(n));
+        assert!(snapshot.ended(n - 1), "the barrier waits for the old one");
+        let slot = h.status().await.generations[0].slot;
+        assert_eq!(h.fake.maps().active.get(&0), Some(&slot));
+        assert_eq!(h.fake.maps().active.get(&1), Some(&slot));
+    }
+    let status = h.status().await;
+    assert_eq!(
+        status.reloads_succeeded, 6,
+        "the first start is not a reload"
+    );
+    assert_eq!(status.listeners[0].active_generation, Some(7));
+    let (clean, first_failure) = h.stop().await;
+    assert!(clean);
+    assert!(first_failure.is_none());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_candidate_that_never_listens_is_killed_and_the_old_one_stays_active() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let h = Harness::start(config, FakeHost::new(1, |n| n == 1));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    let old_slot = h.fake.maps().active[&0];
+
+    let report = report(h.reload(None).await);
+    assert_eq!(report.result, ReloadResult::Failed);
+    assert_eq!(report.generation, 2);
+    let error = report.error.clone().unwrap();
+    assert!(
+        error.contains("no listening socket for 127.0.0.1:8080"),
+        "{error}"
+    );
+    let failure = report.failure.expect("a failure kind");
+    assert_eq!(failure.kind, FailureKind::NotReady);
+    assert_eq!(failure.active, Some(1));
+    assert_eq!(h.client.snapshot().active, Some(1));
+    assert_eq!(h.fake.maps().active.get(&0), Some(&old_slot));
+    assert!(h.client.snapshot().is(2, State::Failed));
+    h.until("the candidate's process was reaped", |_| {
+        h.host.pids.lock().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(h.status().await.reloads_failed, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_cutover_is_a_failed_reload_with_the_old_generation_active() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080", "127.0.0.1:8443"]);
+    let h = Harness::start(config, FakeHost::new(2, |_| true));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    let old_slot = h.fake.maps().active[&0];
+    h.fake.maps().fail_set_active.insert(1);
+    let report = report(h.reload(None).await);
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("127.0.0.1:8443: cutover failed"),
+        "{report:?}"
+    );
+    assert_eq!(report.failure.unwrap().kind, FailureKind::SteeringFailed);
+    assert_eq!(h.fake.maps().active.get(&0), Some(&old_slot));
+    assert_eq!(h.client.snapshot().active, Some(1));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stop_during_a_start_kills_the_candidate() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let h = Harness::start(config, FakeHost::new(1, |_| false));
+    h.until("the first generation runs", |s| {
+        s.generation(1).is_some_and(|g| g.pid.is_some())
+    })
+    .await;
+    let pids = h.host.pids.lock().unwrap().clone();
+    let (clean, first_failure) = h.stop().await;
+    assert!(clean);
+    assert!(
+        first_failure.is_none(),
+        "a stop is not a failed first start"
+    );
+    // Killed (the real instance then reaps it with whatever else is left).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(|pid| FakeHost::waitid(*pid).is_some()) {
+        assert!(Instant::now() < deadline, "the candidate was not killed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for pid in pids {
+        let _ = waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn reload_promote_and_rollback_are_decided_in_one_place() {
+    let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    config.keep_previous = Duration::from_secs(60);
+    let h = Harness::start(config, FakeHost::new(1, |_| true));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+
+    // Nothing to promote; a rollback during the hold brings 1 back.
+    match h.ask(|reply| Event::Promote { reply }).await {
+        Response::Error { message } => assert!(message.contains("no canary runs"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let held = report(h.reload(None).await);
+    assert_eq!(held.result, ReloadResult::Succeeded);
+    assert!(held.held_ms.is_some(), "answered at the cutover: 1 is held");
+    match h.ask(|reply| Event::Rollback { wait: true, reply }).await {
+        Response::RolledBack { report } => {
+            assert_eq!((report.from, report.to), (2, 1));
+            assert!(report.from_exited_ms.is_some(), "waited for 2 to exit");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.client.snapshot().active, Some(1));
+    let last = h.status().await.last_reload.expect("a last reload");
+    assert_eq!(last.result, ReloadResult::RolledBack);
+    assert_eq!(last.failure.unwrap().kind, FailureKind::RolledBack);
+
+    // A canary: while it runs, a reload is refused in the same step that
+    // sees it, and a second canary too; promote makes it active.
+    let plan = CanaryPlan {
+        steps: vec![1000],
+        dwell_ms: None,
+    };
+    let canary = {
+        let events = h.events.clone();
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            events
+                .send(Event::Reload {
+                    wait: true,
+                    canary: Some(plan),
+                    reply: Some(reply),
+                })
+                .await
+                .unwrap();
+            answer.await.unwrap()
+        })
+    };
+    h.until("generation 3 is a canary", |s| s.canary == Some(3))
+        .await;
+    for canary in [None, Some(plan)] {
+        match h.reload(canary).await {
+            Response::Error { message } => {
+                assert!(message.contains("generation 3 is a canary"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    match h.ask(|reply| Event::Promote { reply }).await {
+        Response::Promoted {
+            generation,
+            previous,
+        } => assert_eq!((generation, previous), (3, 1)),
+        other => panic!("{other:?}"),
+    }
+    let promoted = report(canary.await.unwrap());
+    assert_eq!(promoted.result, ReloadResult::Succeeded, "{promoted:?}");
+    assert_eq!(h.client.snapshot().active, Some(3));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn status_and_metrics_answer_while_a_process_walk_is_slow() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let mut host = FakeHost::new(1, |_| true);
+    host.scan_takes = Duration::from_secs(2);
+    let h = Harness::start(config, host);
+    h.until("the first generation runs", |s| {
+        s.generation(1).is_some_and(|g| g.pid.is_some())
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = tokio::spawn(crate::metrics::serve(h.client.clone(), listener));
+    // The candidate's first scan takes 2 s; meanwhile the owner answers.
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let status = h.status().await;
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "status took {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(status.generations[0].state, State::Starting);
+        let t0 = Instant::now();
+        let body = scrape(addr).await;
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "a scrape took {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            body.contains("reloader_generations{state=\"starting\"} 1"),
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.client.snapshot().active.is_none(), "still scanning");
+    metrics.abort();
+    h.stop().await;
+}
+
+/// `GET /metrics` from `addr`.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_crashed_active_generation_is_restarted_by_the_owner() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let h = Harness::start(config, FakeHost::new(1, |_| true));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    let pid = h.client.snapshot().generation(1).unwrap().pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    h.until("generation 2 replaced the crashed one", |s| {
+        s.active == Some(2)
+    })
+    .await;
+    assert_eq!(h.status().await.restarts, 1);
+    h.stop().await;
+}
+
+#[test]
+fn a_reload_of_a_generation_replaced_by_a_later_one_succeeded() {
+    // The case two overlapping `reload --wait` hit: 32 cut over, 33 cut
+    // over and drained 32 before 31 had exited, so 32 ended before its own
+    // barrier. Its reload succeeded.
+    use crate::status::ReloadReport;
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let fake = FakeSteering::default();
+    let config = Arc::new(config);
+    let mut state = InstanceState::new(
+        config.clone(),
+        config.limits(),
+        Box::new(fake),
+        Generations::new(config.limits().slots, HISTORY),
+        HashMap::new(),
+        None,
+    );
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        let begun = state.begin(Instant::now()).unwrap();
+        let child = Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        state
+            .spawned(
+                begun.number,
+                Process::child(child.id()).unwrap(),
+                StderrTail::default(),
+            )
+            .unwrap();
+        let found = vec![vec![FoundSocket {
+            socket: Listener {
+                transport: crate::net::Transport::Tcp,
+                inode: begun.number,
+                cookie: 0,
+                addr: listener.local_addr().unwrap(),
+                accept_queue: 0,
+                backlog: 128,
+            },
+            holder: Holder {
+                pid: child.id(),
+                fd: 3,
+            },
+            process: "sleep".into(),
+            copy: OwnedFd::from(listener.try_clone().unwrap()),
+        }]];
+        state.register(begun.number, found).unwrap();
+        state.cut_over(begun.number, Instant::now()).unwrap();
+        children.push((child, listener));
+    }
+    // Generation 2 was replaced by 3 and has exited; 1 still drains.
+    let pid = children[1].0.id();
+    state.exited(pid, "exited with status 0");
+    let mut report = ReloadReport {
+        generation: 2,
+        previous: Some(1),
+        ..ReloadReport::default()
+    };
+    state.conclude(&mut report, false);
+    assert_eq!(report.result, ReloadResult::Succeeded, "{report:?}");
+    assert!(report.failure.is_none());
+    for (mut child, _) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,183 @@
+//! [`Snapshot`]: what the owner of an instance's state publishes after
+//! every command it carried out, on a `watch` channel. Tasks that wait for
+//! something to happen (a generation to exit, a hold to end, a canary's
+//! verdict, a free slot) look at the latest snapshot and wait for the next
+//! one; none of them can see the state half-changed, and none holds a lock.
+//! The persister writes [`Snapshot::saved`] whenever its version changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Instant,
+};
+
+use super::{CanaryPhase, InstanceState, Tracked, saved::Saved};
+use crate::{error::ReloadError, generation::State, steering::ListenerMode};
+
+/// One generation as the snapshot shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationView {
+    pub state: State,
+    pub pid: Option<u32>,
+    /// It was sent the drain signal.
+    pub signalled: bool,
+    /// How it ended (`None` while it runs).
+    ended: Option<Ended>,
+    /// Inodes of its sockets on stateless UDP listeners (their queues are
+    /// read before it is told to drain).
+    pub stateless_udp: BTreeSet<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ended {
+    /// It exited before it was ready, like so.
+    BeforeReady(String),
+    /// Its outcome.
+    Outcome(String),
+}
+
+/// The instance as its owner last left it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub stopping: bool,
+    pub active: Option<u64>,
+    pub canary: Option<u64>,
+    /// The number the next generation will get.
+    pub next_generation: u64,
+    generations: BTreeMap<u64, GenerationView>,
+    /// Until when each held generation is held.
+    holds: BTreeMap<u64, Instant>,
+    canary_phases: BTreeMap<u64, CanaryPhase>,
+    /// Generations whose listeners are tracked.
+    pub tracked: Vec<Tracked>,
+    /// Inodes registered for any live generation.
+    pub registered: BTreeSet<u64>,
+    /// A bridge holds connections no generation can take yet.
+    pub bridge_waiting: bool,
+    /// Generations to health-check now (empty: no rollback is possible).
+    pub health_targets: Vec<u64>,
+    /// The state file's content, and a version that grows whenever it
+    /// changes.
+    pub saved: Arc<Saved>,
+    pub saved_version: u64,
+}
+
+impl Snapshot {
+    /// Generation `number`, if it is known.
+    pub fn generation(&self, number: u64) -> Option<&GenerationView> {
+        self.generations.get(&number)
+    }
+
+    /// Whether generation `number` is in `state`.
+    pub fn is(&self, number: u64, state: State) -> bool {
+        self.generation(number).is_some_and(|g| g.state == state)
+    }
+
+    /// Whether generation `number` has ended (or was never known).
+    pub fn ended(&self, number: u64) -> bool {
+        self.generation(number).is_none_or(|g| !g.state.is_live())
+    }
+
+    /// Live generations (number, state), oldest first.
+    pub fn live(&self) -> Vec<(u64, State)> {
+        self.generations
+            .iter()
+            .filter(|(_, g)| g.state.is_live())
+            .map(|(n, g)| (*n, g.state))
+            .collect()
+    }
+
+    /// Until when generation `number` is held, if it is.
+    pub fn hold_until(&self, number: u64) -> Option<Instant> {
+        self.holds.get(&number).copied()
+    }
+
+    /// Where canary `number` stands.
+    pub fn canary_phase(&self, number: u64) -> CanaryPhase {
+        self.canary_phases
+            .get(&number)
+            .cloned()
+            .unwrap_or_else(|| CanaryPhase::Ended(super::CanaryVerdict::ended()))
+    }
+
+    /// Fails unless generation `number` still runs, saying how it ended.
+    pub fn check_alive(&self, number: u64) -> Result<(), ReloadError> {
+        match self.generation(number) {
+            Some(g) if g.state.is_live() => Ok(()),
+            Some(GenerationView {
+                ended: Some(Ended::BeforeReady(how)),
+                ..
+            }) => Err(ReloadError::ExitedBeforeReady {
+                how: how.clone(),
+                hint: super::daemonize_hint(how),
+            }),
+            Some(g) => Err(ReloadError::Ended {
+                generation: number,
+                outcome: match &g.ended {
+                    Some(Ended::Outcome(outcome)) => outcome.clone(),
+                    _ => g.state.to_string(),
+                },
+            }),
+            None => Err(ReloadError::Ended {
+                generation: number,
+                outcome: "forgotten".into(),
+            }),
+        }
+    }
+}
+
+impl InstanceState {
+    /// The snapshot of the state now; `saved` is the state file's content
+    /// with its version (made by the owner, which knows when it changed).
+    pub fn snapshot(&self, saved: Arc<Saved>, saved_version: u64) -> Snapshot {
+        let generations = self
+            .generations
+            .all()
+            .iter()
+            .map(|g| {
+                let ended = (!g.state.is_live()).then(|| match self.early_exits.get(&g.number) {
+                    Some(how) => Ended::BeforeReady(how.clone()),
+                    None => {
+                        Ended::Outcome(g.outcome.clone().unwrap_or_else(|| g.state.to_string()))
+                    }
+                });
+                let stateless_udp = self
+                    .sockets(g.number)
+                    .iter()
+                    .filter(|r| self.config.listen[r.listener].mode == ListenerMode::UdpStateless)
+                    .map(|r| r.socket.inode)
+                    .collect();
+                let view = GenerationView {
+                    state: g.state,
+                    pid: g.pid,
+                    signalled: g.timeline.signalled.is_some(),
+                    ended,
+                    stateless_udp,
+                };
+                (g.number, view)
+            })
+            .collect();
+        let canary_phases = self
+            .canary
+            .iter()
+            .map(|c| c.generation)
+            .chain(self.canary_verdicts.keys().copied())
+            .map(|n| (n, self.canary_phase(n)))
+            .collect();
+        Snapshot {
+            stopping: self.stopping,
+            active: self.active(),
+            canary: self.canary(),
+            next_generation: self.next_generation(),
+            generations,
+            holds: self.hold.iter().map(|h| (h.held, h.until)).collect(),
+            canary_phases,
+            tracked: self.tracked(),
+            registered: self.registered_inodes(),
+            bridge_waiting: self.bridge_waiting(),
+            health_targets: self.health_targets(),
+            saved,
+            saved_version,
+        }
+    }
+}

@@ -31,16 +31,16 @@ pub fn privileged() {
 /// The steering program `reloader` must load on the running kernel, by its
 /// version alone (`/proc/sys/kernel/osrelease`): `select-or-migrate` from
 /// Linux 5.14, `select-only` before.
-pub fn expected_steering_mode() -> &'static str {
+pub fn expected_steering_mode() -> reloader::steering::Mode {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     if version >= (5, 14) {
-        "select-or-migrate"
+        reloader::steering::Mode::SelectOrMigrate
     } else {
-        "select-only"
+        reloader::steering::Mode::SelectOnly
     }
 }
 

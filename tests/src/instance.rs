@@ -230,9 +230,11 @@ impl Instance {
     #[track_caller]
     pub fn try_status(&self) -> Option<StatusReport> {
         let out = self.client(&["status", "--json"]);
-        out.status
-            .success()
-            .then(|| decode("`status --json`", &out.stdout))
+        if out.status.success() {
+            Some(decode("`status --json`", &out.stdout))
+        } else {
+            None
+        }
     }
 
     /// Polls `status --json` until `condition` holds (the controller may

@@ -146,6 +146,7 @@ fn rollback(mode: &str, reason: &str) {
     let load = Load::start(addr(), 4);
     std::fs::write(&mode_file, mode).unwrap();
     let reload = instance.reload_wait();
+    // Failed (exit 1, `reload-failed`), not refused; then why.
     reload.failed();
     let text = reload.why();
     assert!(text.contains(reason), "reason {reason:?} not in {text}");

@@ -639,6 +639,7 @@ fn caddy_reload_to_2_6_udp_without_reuseport_fails_naming_so_reuseport() {
     );
     let reload = instance.reload_wait();
     assert!(!reload.ok(), "the reload to Caddy 2.6 must fail: {reload}");
+    // Failed (exit 1, `reload-failed`), not refused; then why.
     reload.failed();
     let text = reload.why();
     assert!(

@@ -17,6 +17,7 @@ use reloader_tests::{
     load::{self, Load},
     nginx::Nginx,
     privileged, process,
+    wait::wait_for,
 };
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -72,28 +73,17 @@ fn shell_digest(paths: &[&Path]) -> String {
     digest
 }
 
-/// Waits until `condition` holds (panics after `within`); returns how long
-/// it took.
-fn wait_for(within: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !condition() {
-        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t0.elapsed()
-}
-
 fn reloads_succeeded(instance: &Instance) -> u64 {
-    instance.status()["reloads_succeeded"].as_u64().unwrap()
+    instance.status().reloads_succeeded
 }
 
 /// Generation numbers `status` lists.
 fn generation_numbers(instance: &Instance) -> BTreeSet<u64> {
-    instance.status()["generations"]
-        .as_array()
-        .unwrap()
+    instance
+        .status()
+        .generations
         .iter()
-        .map(|g| g["generation"].as_u64().unwrap())
+        .map(|g| g.generation)
         .collect()
 }
 
@@ -137,7 +127,7 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
     );
     let controller = instance.pid();
     let load = Load::start(addr(), 4);
-    wait_for(Duration::from_secs(5), "load answered", || {
+    wait_for("load answered", Duration::from_secs(5), || {
         load::request(addr()) == Ok(1)
     });
     let children = process::live_children(controller);
@@ -152,15 +142,10 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
     assert!(stderr.contains("nothing was started"), "{stderr}");
     assert!(stderr.contains("generation 1 is still active"), "{stderr}");
     // And for scripts.
-    let (ok, answer) = instance.reload_wait();
-    assert!(!ok, "{answer}");
-    assert_eq!(answer["report"]["check_failed"], true, "{answer}");
-    let tail: Vec<String> = answer["report"]["stderr_tail"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
+    let reload = instance.reload_wait();
+    let report = reload.failed();
+    assert!(report.check_failed, "{reload}");
+    let tail = &report.stderr_tail;
     assert!(tail.iter().any(|l| l.contains(NGINX_SAYS)), "{tail:?}");
 
     // Nothing was started: the controller has the same children, no new
@@ -169,8 +154,8 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
     assert_eq!(generation_numbers(&instance), generations);
     assert_eq!(instance.active_generation(), Some(1));
     let status = instance.status();
-    assert_eq!(status["reloads_failed"], 2);
-    assert_eq!(status["reloads_succeeded"], 0);
+    assert_eq!(status.reloads_failed, 2);
+    assert_eq!(status.reloads_succeeded, 0);
     let metrics = scrape();
     assert_eq!(metrics["reloader_reload_check_failures_total"], 2.0);
     assert_eq!(metrics["reloader_reloads_total{result=\"failed\"}"], 2.0);
@@ -178,14 +163,11 @@ fn a_failing_check_starts_nothing_and_the_old_generation_keeps_serving() {
 
     // Fixed: the next reload passes the check and takes the next number.
     std::fs::write(&conf, &good).unwrap();
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}\n{}", instance.log_text());
-    assert_eq!(
-        answer["report"]["generation"], 2,
-        "a failed check used no number"
-    );
+    let reload = instance.reload_wait();
+    assert!(reload.ok(), "{reload}\n{}", instance.log_text());
+    assert_eq!(reload.done().generation, 2, "a failed check used no number");
     assert_eq!(scrape()["reloader_config_last_reload_successful"], 1.0);
-    wait_for(Duration::from_secs(5), "generation 2 answers", || {
+    wait_for("generation 2 answers", Duration::from_secs(5), || {
         load::request(addr()) == Ok(2)
     });
     let report = load.finish();
@@ -236,10 +218,12 @@ fn exactly_one_reload(instance: &Instance, change: impl FnOnce()) -> Duration {
     // Triggered within a second: the new generation has been spawned (it
     // is in `status` from its spawn on). How long it then takes to become
     // ready is the server's start, slower in a TCG guest than here.
-    let took = wait_for(Duration::from_secs(1), "a reload after the change", || {
+    let changed = Instant::now();
+    wait_for("a reload after the change", Duration::from_secs(1), || {
         generation_numbers(instance).contains(&next)
     });
-    wait_for(Duration::from_secs(30), "the reload to complete", || {
+    let took = changed.elapsed();
+    wait_for("the reload to complete", Duration::from_secs(30), || {
         reloads_succeeded(instance) > before
     });
     // No second one: nothing more happens for another second.
@@ -333,15 +317,15 @@ fn watch_reloads_once_after_a_configmap_symlink_swap() {
         &[testserver(), "--listen", ADDR],
     );
     let v1 = shell_digest(&[&map.dir]);
-    assert_eq!(instance.status()["active_config_sha256"], v1.as_str());
+    assert_eq!(instance.status().active_config_sha256, Some(v1.clone()));
     let took = exactly_one_reload(&instance, || map.update("v2\n"));
     let v2 = shell_digest(&[&map.dir]);
     assert_ne!(v1, v2);
-    assert_eq!(instance.generation(2)["config_sha256"], v2.as_str());
-    assert_eq!(instance.status()["active_config_sha256"], v2.as_str());
+    assert_eq!(instance.generation(2).config_sha256, Some(v2.clone()));
+    assert_eq!(instance.status().active_config_sha256, Some(v2.clone()));
     // Same content under a new timestamp: same identity.
     exactly_one_reload(&instance, || map.update("v2\n"));
-    assert_eq!(instance.status()["active_config_sha256"], v2.as_str());
+    assert_eq!(instance.status().active_config_sha256, Some(v2));
     println!("ConfigMap swap: 1 reload, spawned {took:?} after the swap");
     assert!(instance.stop().success());
 }
@@ -379,7 +363,7 @@ fn a_burst_of_writes_is_one_or_two_reloads() {
         "not one burst: writes up to {widest:?} apart, {writing:?} in all (the machine is too \
          loaded for this test)"
     );
-    wait_for(Duration::from_secs(3), "a reload after the burst", || {
+    wait_for("a reload after the burst", Duration::from_secs(3), || {
         reloads_succeeded(&instance) >= 1
     });
     std::thread::sleep(Duration::from_secs(1));
@@ -420,8 +404,8 @@ fn the_digest_is_the_shell_recipe_everywhere_it_is_shown() {
     );
     let expected = shell_digest(&[&conf, &cert]);
     let status = instance.status();
-    assert_eq!(status["active_config_sha256"], expected.as_str());
-    assert_eq!(instance.generation(1)["config_sha256"], expected.as_str());
+    assert_eq!(status.active_config_sha256, Some(expected.clone()));
+    assert_eq!(instance.generation(1).config_sha256, Some(expected.clone()));
     let human = String::from_utf8(instance.client(&["status"]).stdout).unwrap();
     assert!(
         human.contains(&format!("active config sha256 {expected}")),
@@ -448,9 +432,8 @@ fn the_digest_is_the_shell_recipe_everywhere_it_is_shown() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("config sha256 {changed}")), "{text}");
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok);
-    assert_eq!(answer["report"]["config_sha256"], changed.as_str());
+    let reload = instance.reload_wait();
+    assert_eq!(reload.done().config_sha256, Some(changed.clone()));
     let metrics = scrape();
     assert_eq!(
         metrics[&format!("reloader_active_config_info{{config_sha256=\"{changed}\"}}")],
@@ -473,6 +456,6 @@ fn the_digest_is_the_shell_recipe_everywhere_it_is_shown() {
     instance.wait_exit(Duration::from_secs(10));
     instance.respawn();
     instance.wait_active(Duration::from_secs(30));
-    assert_eq!(instance.status()["active_config_sha256"], changed.as_str());
+    assert_eq!(instance.status().active_config_sha256, Some(changed));
     assert!(instance.stop().success());
 }

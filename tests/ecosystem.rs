@@ -6,13 +6,14 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixDatagram,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use reloader_tests::{
-    instance::Instance,
+    instance::{Instance, StatusExt},
     load::{self},
     privileged,
+    wait::wait_for,
 };
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -58,8 +59,7 @@ fn metrics_are_served_and_agree_with_what_happened() {
     for _ in 0..20 {
         assert_eq!(load::request(addr).unwrap(), 1);
     }
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     for _ in 0..5 {
         assert_eq!(load::request(addr).unwrap(), 2);
     }
@@ -119,25 +119,25 @@ fn a_taken_metrics_port_is_an_error_before_anything_starts() {
 
 /// Reads notify datagrams until one contains `want` (10 s at most).
 fn expect_notify(socket: &UnixDatagram, seen: &mut Vec<String>, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 4096];
-    loop {
-        if let Some(m) = seen.iter().find(|m| m.contains(want)) {
-            let m = m.clone();
-            seen.retain(|x| *x != m);
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {want:?} notification; got {seen:?}"
-        );
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        if let Ok(n) = socket.recv(&mut buf) {
-            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
+    wait_for(
+        format!("a {want:?} notification"),
+        Duration::from_secs(10),
+        || {
+            if let Some(m) = seen.iter().find(|m| m.contains(want)) {
+                let m = m.clone();
+                seen.retain(|x| *x != m);
+                return Ok(m);
+            }
+            if let Ok(n) = socket.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            Err(format!("got {seen:?}"))
+        },
+    )
 }
 
 #[test]
@@ -158,8 +158,7 @@ fn systemd_notify_protocol_for_type_notify_reload() {
     assert!(ready.contains("STATUS=generation 1 active"), "{ready}");
     instance.wait_active(Duration::from_secs(10));
 
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     let reloading = expect_notify(&socket, &mut seen, "RELOADING=1");
     let usec: u64 = reloading
         .lines()
@@ -348,8 +347,8 @@ fn pass_fds_hands_each_generation_its_listeners() {
     assert_eq!(load::request(v6).unwrap(), 1, "both listeners were passed");
     let running = load::Load::start(addr, 4);
     for _ in 0..5 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "{answer}\n{}", instance.log_text());
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "{reload}\n{}", instance.log_text());
     }
     let report = running.finish();
     report.assert_no_failures();
@@ -383,13 +382,11 @@ fn ready_notify_waits_for_the_generation_to_say_ready() {
         ],
         &[testserver(), "--listen", ADDR, "--mode-file", &mode_arg],
     );
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
+    instance.reload_wait().done();
     // The next generation listens but never says READY=1.
     std::fs::remove_file(&mode).unwrap();
-    let (ok, answer) = instance.reload_wait();
-    assert!(!ok, "{answer}");
-    let error = answer["report"]["error"].as_str().unwrap();
+    let reload = instance.reload_wait();
+    let error = reload.failed().error.as_deref().expect("the reason");
     assert!(error.contains("never sent READY=1"), "{error}");
     assert_eq!(instance.active_generation(), Some(2));
     assert!(instance.stop().success());
@@ -413,9 +410,8 @@ fn works_as_pid_1_of_a_pid_namespace() {
     );
     instance.wait_active(Duration::from_secs(20));
     let status = instance.status();
-    assert_eq!(status["pid"], 1, "the controller is PID 1 in its namespace");
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    assert_eq!(status.pid, 1, "the controller is PID 1 in its namespace");
+    instance.reload_wait().done();
     assert_eq!(load::request(ADDR.parse().unwrap()).unwrap(), 2);
 
     // Once the orphaned `sleep` has ended, none is left as a zombie.
@@ -433,24 +429,24 @@ fn works_as_pid_1_of_a_pid_namespace() {
             .and_then(|p| p.stat())
             .is_ok_and(|s| s.comm == "sleep")
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let children = reloader_tests::process::children(controller[0]);
-        let zombies: Vec<u32> = children
-            .iter()
-            .copied()
-            .filter(|pid| reloader_tests::process::zombie(*pid))
-            .collect();
-        let sleeping = children.iter().any(orphan_ran);
-        if !sleeping && zombies.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "unreaped orphans 5s after they exited: {zombies:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the orphan to end and be reaped",
+        Duration::from_secs(5),
+        || {
+            let children = reloader_tests::process::children(controller[0]);
+            let zombies: Vec<u32> = children
+                .iter()
+                .copied()
+                .filter(|pid| reloader_tests::process::zombie(*pid))
+                .collect();
+            let sleeping = children.iter().any(orphan_ran);
+            if !sleeping && zombies.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("unreaped orphans: {zombies:?}"))
+            }
+        },
+    );
     assert!(instance.stop().success(), "clean stop as PID 1");
 }
 
@@ -506,18 +502,18 @@ fn counters_are_per_generation_across_slot_reuse() {
         }
         sent.insert(generation, n as u64);
         if generation < 8 {
-            let (ok, answer) = instance.reload_wait();
-            assert!(ok, "reload: {answer}");
+            let reload = instance.reload_wait();
+            assert!(reload.ok(), "reload: {reload}");
         }
     }
     let status = instance.status();
     let (_, metrics) = scrape(METRICS);
-    let generations = status["generations"].as_array().unwrap();
-    assert_eq!(generations.len(), 8, "all eight are listed: {status}");
+    let generations = &status.generations;
+    assert_eq!(generations.len(), 8, "all eight are listed: {status:?}");
     for g in generations {
-        let number = g["generation"].as_u64().unwrap();
-        let slot = g["slot"].as_u64().unwrap();
-        let steered = g["counters"]["steered"].as_u64().unwrap();
+        let number = g.generation;
+        let slot = g.slot;
+        let steered = g.counters.steered;
         assert_eq!(
             steered, sent[&number],
             "generation {number} (slot {slot}) shows only its own connections in status"
@@ -529,10 +525,7 @@ fn counters_are_per_generation_across_slot_reuse() {
             "{metric}"
         );
     }
-    let slots: std::collections::BTreeSet<u64> = generations
-        .iter()
-        .map(|g| g["slot"].as_u64().unwrap())
-        .collect();
+    let slots: std::collections::BTreeSet<u32> = generations.iter().map(|g| g.slot).collect();
     assert!(slots.len() < 8, "slots were reused: {slots:?}");
     assert!(instance.stop().success());
 }
@@ -548,19 +541,19 @@ fn a_stderr_nobody_reads_does_not_stall_reloads() {
         &[testserver(), "--listen", ADDR, "--chatty", "20000"],
     );
     for i in 0..20 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {i}: {answer}");
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "reload {i}: {reload}");
         let status = instance.status();
         assert_eq!(
-            status["listeners"][0]["active_generation"].as_u64(),
+            status.active_generation(),
             Some(i + 2),
             "status answers between reloads"
         );
     }
     let status = instance.status();
     assert!(
-        status["log_lines_dropped"].as_u64().unwrap() > 0,
-        "the pipe filled and lines were dropped, counted: {status}"
+        status.log_lines_dropped > 0,
+        "the pipe filled and lines were dropped, counted: {status:?}"
     );
     assert!(instance.stop().success());
 }

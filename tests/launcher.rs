@@ -5,16 +5,16 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
+use reloader::{generation::State, steering::EntryCounts};
 use reloader_tests::{
-    instance::{Instance, process_alive},
+    instance::{Instance, Reload, StatusExt, process_alive, reload_wait},
     load::{self, Load},
     privileged,
+    wait::wait_for,
 };
-use serde_json::Value;
 
 const ADDR: &str = "127.0.0.1:8080";
 
@@ -38,10 +38,13 @@ fn reload_under_load(instance: &mut Instance, n: usize, concurrency: usize) -> l
     std::thread::sleep(Duration::from_millis(200));
     let mut completed: Vec<(Duration, u64)> = Vec::new();
     for i in 0..n {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {i} failed: {answer}\n{}", instance.log_text());
-        let generation = answer["report"]["generation"].as_u64().expect("generation");
-        completed.push((load.start.elapsed(), generation));
+        let reload = instance.reload_wait();
+        assert!(
+            reload.ok(),
+            "reload {i} failed: {reload}\n{}",
+            instance.log_text()
+        );
+        completed.push((load.start.elapsed(), reload.done().generation));
     }
     std::thread::sleep(Duration::from_millis(200));
     let report = load.finish();
@@ -94,8 +97,8 @@ fn test_server_reloads_under_load_lose_no_connection() {
         report.by_generation()
     );
     let status = instance.status();
-    assert_eq!(status["reloads_succeeded"], 20);
-    assert_eq!(status["listeners"][0]["active_generation"], 21);
+    assert_eq!(status.reloads_succeeded, 20);
+    assert_eq!(status.active_generation(), Some(21));
     assert!(instance.stop().success());
 }
 
@@ -119,12 +122,15 @@ fn nginx_reloads_under_load_lose_no_connection() {
     );
     let report = reload_under_load(&mut instance, 20, 8);
     let status = instance.status();
-    assert_eq!(status["reloads_succeeded"], 20);
+    assert_eq!(status.reloads_succeeded, 20);
     println!(
         "nginx: {} connections, 20 reloads, {} failed; last reload: {}",
         report.total(),
         report.failures().len(),
-        status["last_reload"]
+        status
+            .last_reload
+            .as_ref()
+            .map_or_else(|| "none".into(), |r| r.human())
     );
     assert!(instance.stop().success());
 }
@@ -139,11 +145,10 @@ fn rollback(mode: &str, reason: &str) {
         with_mode_file(&["--listen", ADDR, "--ready-timeout", "5s"], None);
     let load = Load::start(addr(), 4);
     std::fs::write(&mode_file, mode).unwrap();
-    let (ok, answer) = instance.reload_wait();
-    assert!(!ok, "the reload must fail: {answer}");
-    assert_eq!(answer["response"], "reload-failed");
-    let report = &answer["report"];
-    let text = format!("{} {}", report["error"], report["stderr_tail"]);
+    let reload = instance.reload_wait();
+    // Failed (exit 1, `reload-failed`), not refused; then why.
+    reload.failed();
+    let text = reload.why();
     assert!(text.contains(reason), "reason {reason:?} not in {text}");
     assert_eq!(
         instance.active_generation(),
@@ -151,16 +156,15 @@ fn rollback(mode: &str, reason: &str) {
         "generation 1 still active"
     );
     let failed = instance.generation(2);
-    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed.state, State::Failed);
     assert!(
-        !process_alive(failed["pid"].as_u64().unwrap() as u32),
+        !process_alive(failed.pid.expect("the candidate's pid")),
         "candidate killed"
     );
 
     // The instance recovers once the server is fixed.
     std::fs::remove_file(&mode_file).unwrap();
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
+    instance.reload_wait().done();
     let report = load.finish();
     report.assert_no_failures();
     assert!(report.by_generation().contains_key(&1));
@@ -207,8 +211,7 @@ fn an_old_generation_that_ignores_the_drain_signal_is_killed_at_the_timeout() {
     );
     let load = Load::start(addr(), 4);
     let started = Instant::now();
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
+    instance.reload_wait().done();
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "waited for the drain timeout"
@@ -216,9 +219,9 @@ fn an_old_generation_that_ignores_the_drain_signal_is_killed_at_the_timeout() {
     let report = load.finish();
     report.assert_no_failures();
     let status = instance.status();
-    assert_eq!(status["drain_kills"], 1);
+    assert_eq!(status.drain_kills, 1);
     let old = instance.generation(1);
-    assert_eq!(old["outcome"], "killed by SIGKILL");
+    assert_eq!(old.outcome.as_deref(), Some("killed by SIGKILL"));
     assert!(instance.stop().success());
 }
 
@@ -237,21 +240,14 @@ fn overlapping_reloads_coalesce_into_one_follow_up() {
             let socket = socket.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 100 }));
-                let out = Command::new(reloader_tests::instance::reloader_bin())
-                    .args(["reload", "--wait", "--json", "--control-socket"])
-                    .arg(&socket)
-                    .output()
-                    .unwrap();
-                let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-                (out.status.success(), answer)
+                reload_wait(&socket, &["--timeout", "60s"])
             })
         })
         .collect();
     let mut generations = Vec::new();
     for r in requests {
-        let (ok, answer) = r.join().unwrap();
-        assert!(ok, "{answer}");
-        generations.push(answer["report"]["generation"].as_u64().unwrap());
+        let reload: Reload = r.join().unwrap();
+        generations.push(reload.done().generation);
     }
     generations.sort();
     assert_eq!(generations[0], 2, "the first request started generation 2");
@@ -260,7 +256,7 @@ fn overlapping_reloads_coalesce_into_one_follow_up() {
         3,
         "the five that arrived during it share one follow-up: {generations:?}"
     );
-    assert_eq!(instance.status()["reloads_succeeded"], 2);
+    assert_eq!(instance.status().reloads_succeeded, 2);
     instance.remember_pids();
     assert!(instance.stop().success());
 }
@@ -272,27 +268,23 @@ fn a_crashed_active_generation_is_restarted() {
         &["--listen", ADDR],
         &[testserver(), "--listen", ADDR, "--crash-on-usr2"],
     );
-    let pid = instance.generation(1)["pid"].as_u64().unwrap() as i32;
+    let pid = instance.generation(1).pid.expect("a pid") as i32;
     // The active generation crashes on its own.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGUSR2,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while instance.active_generation() != Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "no restart\n{}",
-            instance.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "a restart: generation 2 active",
+        Duration::from_secs(30),
+        || instance.active_generation() == Some(2),
+    );
     let status = instance.status();
-    assert_eq!(status["restarts"], 1);
-    let crashed = &status["generations"].as_array().unwrap()[1];
-    assert_eq!(crashed["generation"], 1);
-    assert_eq!(crashed["outcome"], "exited with status 70");
+    assert_eq!(status.restarts, 1);
+    let crashed = &status.generations[1];
+    assert_eq!(crashed.generation, 1);
+    assert_eq!(crashed.outcome.as_deref(), Some("exited with status 70"));
     assert_eq!(
         load::request(addr()).unwrap(),
         2,
@@ -320,8 +312,9 @@ fn failing_test_server(workers: &str) -> Instance {
     );
     let status = instance.status();
     assert_eq!(
-        status["steering"], "select-or-migrate",
-        "the bridge needs select-or-migrate steering (Linux >= 5.14): {status:#}"
+        status.steering,
+        reloader::steering::Mode::SelectOrMigrate,
+        "the bridge needs select-or-migrate steering (Linux >= 5.14): {status:#?}"
     );
     instance
 }
@@ -339,26 +332,25 @@ fn crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart
     privileged();
     let mut instance = failing_test_server("0");
     let status = instance.status();
-    assert_eq!(status["listeners"][0]["bridge"], true, "{status:#}");
+    assert!(status.listeners[0].bridge, "{status:#?}");
     let load = Load::start(addr(), 4);
     const CRASHES: u64 = 3;
     for crash in 1..=CRASHES {
         std::thread::sleep(Duration::from_millis(300));
-        let pid = instance.generation(crash)["pid"].as_u64().unwrap() as i32;
+        let pid = instance.generation(crash).pid.expect("a pid") as i32;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGUSR2,
         )
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while instance.active_generation() != Some(crash + 1) {
-            assert!(
-                Instant::now() < deadline,
-                "no restart after crash {crash}\n{}",
-                instance.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            format!(
+                "a restart after crash {crash}: generation {} active",
+                crash + 1
+            ),
+            Duration::from_secs(30),
+            || instance.active_generation() == Some(crash + 1),
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let report = load.finish();
@@ -368,14 +360,14 @@ fn crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart
          (answered per generation {:?})",
         report.total(),
         report.failures().len(),
-        status["listeners"][0]["bridged"],
+        status.listeners[0].bridged,
         report.by_generation()
     );
     report.assert_no_failures();
-    assert_eq!(status["restarts"], CRASHES, "{status:#}");
+    assert_eq!(status.restarts, CRASHES, "{status:#?}");
     assert!(
-        status["listeners"][0]["bridged"].as_u64().unwrap_or(0) > 0,
-        "connections arrived while no generation listened, so the bridge held some: {status:#}"
+        status.listeners[0].bridged > 0,
+        "connections arrived while no generation listened, so the bridge held some: {status:#?}"
     );
     assert!(instance.stop().success());
 }
@@ -389,7 +381,7 @@ fn crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart
 fn a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good() {
     privileged();
     let mut instance = failing_test_server("2");
-    let leader = instance.generation(1)["pid"].as_u64().unwrap() as u32;
+    let leader = instance.generation(1).pid.expect("a pid");
     for worker in reloader_tests::process::children(leader) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(worker as i32),
@@ -398,16 +390,18 @@ fn a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good() {
     }
     // Until both workers' listeners are closed (the leader does not reap
     // them: they stay as zombies).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while instance.generation(1)["sockets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| !s["accept_queue"].is_null())
-    {
-        assert!(Instant::now() < deadline, "the workers still listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the workers' listeners to close",
+        Duration::from_secs(5),
+        || {
+            let sockets = instance.generation(1).sockets;
+            if sockets.iter().all(|s| s.accept_queue.is_none()) {
+                Ok(())
+            } else {
+                Err(format!("the workers still listen: {sockets:?}"))
+            }
+        },
+    );
     // A client that arrives now waits on the bridge, then is reset when
     // it gives up.
     let waiting = std::thread::spawn(|| {
@@ -420,15 +414,18 @@ fn a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good() {
         waited >= Duration::from_secs(4),
         "held on the bridge until it gave up, not refused at once: {waited:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while instance.status()["listeners"][0]["bridge"] != false {
-        assert!(
-            Instant::now() < deadline,
-            "the bridge still holds connections for a generation that stopped listening\n{:#}",
-            instance.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the bridge to close: it held connections for a generation that stopped listening",
+        Duration::from_secs(3),
+        || {
+            let listener = instance.status().listeners.remove(0);
+            if listener.bridge {
+                Err(format!("{listener:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
     let started = Instant::now();
     assert!(load::request(addr()).is_err());
     assert!(
@@ -436,14 +433,11 @@ fn a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good() {
         "refused at once while the bridge is closed: {:?}",
         started.elapsed()
     );
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
+    instance.reload_wait().done();
     assert_eq!(load::request(addr()).unwrap(), 2);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while instance.status()["listeners"][0]["bridge"] != true {
-        assert!(Instant::now() < deadline, "the bridge is not open again");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the bridge to open again", Duration::from_secs(5), || {
+        instance.status().listeners[0].bridge
+    });
     assert!(instance.stop().success());
 }
 
@@ -454,8 +448,7 @@ fn stop_leaves_no_process_behind() {
         &["--listen", ADDR],
         &[testserver(), "--listen", ADDR, "--workers", "3"],
     );
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     let controller = instance.pid();
     let tree = reloader_tests::process::descendants(controller);
     assert!(tree.len() >= 4, "leader and three workers: {tree:?}");
@@ -477,53 +470,52 @@ fn status_json_matches_reality() {
         assert_eq!(load::request(addr()).unwrap(), 1);
     }
     let status = instance.status();
-    assert_eq!(status["steering"], reloader_tests::expected_steering_mode());
-    let g1 = &status["generations"][0];
-    assert_eq!(g1["generation"], 1);
-    assert_eq!(g1["state"], "active");
-    let pid = g1["pid"].as_u64().unwrap() as u32;
+    assert_eq!(status.steering, reloader_tests::expected_steering_mode());
+    let g1 = &status.generations[0];
+    assert_eq!(g1.generation, 1);
+    assert_eq!(g1.state, State::Active);
+    let pid = g1.pid.expect("a pid");
     assert!(process_alive(pid));
     assert_eq!(
-        g1["counters"]["steered"], 30,
+        g1.counters.steered, 30,
         "every connection went through the program"
     );
-    assert_eq!(g1["counters"]["probe_routed"], 1, "the readiness probe");
-    let sockets = g1["sockets"].as_array().unwrap();
-    assert_eq!(sockets.len(), 2, "one listener per worker");
-    for s in sockets {
-        assert_eq!(s["addr"], ADDR);
-        assert_eq!(s["accept_queue"], 0);
-        assert!(s["inode"].as_u64().unwrap() > 0);
+    assert_eq!(g1.counters.probe_routed, 1, "the readiness probe");
+    assert_eq!(g1.sockets.len(), 2, "one listener per worker");
+    for s in &g1.sockets {
+        assert_eq!(s.addr, ADDR);
+        assert_eq!(s.accept_queue, Some(0));
+        assert!(s.inode > 0);
     }
 
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok);
-    let report = &answer["report"];
-    for phase in [
-        "spawn_to_ready_ms",
-        "ready_to_cutover_ms",
-        "cutover_to_old_exited_ms",
-        "total_ms",
+    let reload = instance.reload_wait();
+    let report = reload.done();
+    for (phase, ms) in [
+        ("spawn_to_ready_ms", report.spawn_to_ready_ms),
+        ("ready_to_cutover_ms", report.ready_to_cutover_ms),
+        ("cutover_to_old_exited_ms", report.cutover_to_old_exited_ms),
+        ("total_ms", report.total_ms),
     ] {
-        assert!(
-            report[phase].as_f64().unwrap() >= 0.0,
-            "{phase} in {report}"
-        );
+        assert!(ms.is_some_and(|ms| ms >= 0.0), "{phase} in {report:?}");
     }
     for _ in 0..10 {
         assert_eq!(load::request(addr()).unwrap(), 2);
     }
     let status = instance.status();
-    let gens = status["generations"].as_array().unwrap();
-    assert_eq!(gens[0]["generation"], 2);
-    assert_eq!(gens[0]["counters"]["steered"], 10);
-    assert_eq!(gens[1]["state"], "exited");
-    assert_eq!(gens[1]["counters"]["steered"], 30, "frozen when it exited");
+    let gens = &status.generations;
+    assert_eq!(gens[0].generation, 2);
+    assert_eq!(gens[0].counters.steered, 10);
+    assert_eq!(gens[1].state, State::Exited);
+    assert_eq!(gens[1].counters.steered, 30, "frozen when it exited");
     assert!(!process_alive(pid));
-    assert_eq!(status["last_reload"]["generation"], 2);
+    assert_eq!(status.last_reload.as_ref().map(|r| r.generation), Some(2));
     assert_eq!(
-        status["map_entries"],
-        serde_json::json!({"listeners": 1, "sockets": 2, "probes": 0}),
+        status.map_entries,
+        EntryCounts {
+            listeners: 1,
+            sockets: 2,
+            probes: 0
+        },
         "the exited generation's sockets are gone from the maps; the probe route was removed"
     );
     assert!(instance.stop().success());
@@ -539,11 +531,11 @@ fn reload_without_wait_returns_once_accepted() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "reload requested"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while instance.active_generation() != Some(2) {
-        assert!(Instant::now() < deadline, "the accepted reload happened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the accepted reload: generation 2 active",
+        Duration::from_secs(15),
+        || instance.active_generation() == Some(2),
+    );
     assert!(instance.stop().success());
 }
 
@@ -561,9 +553,8 @@ fn generations_keep_serving_when_the_controller_is_killed() {
         testserver()
     );
     let mut instance = Instance::start(&["--listen", ADDR], &["sh", "-c", &script]);
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
-    let leader = instance.status()["generations"][0]["pid"].as_u64().unwrap() as u32;
+    instance.reload_wait().done();
+    let leader = instance.status().generations[0].pid.expect("a pid");
     let load = Load::start(addr(), 4);
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
@@ -598,7 +589,7 @@ fn generations_keep_serving_when_the_controller_is_killed() {
 /// timeout: long, so that "did not wait for it" holds on a slow machine.
 const DRAIN_TIMEOUT: &str = "20s";
 
-fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
+fn reload_while_draining(max_draining: &str) -> (Duration, Reload) {
     privileged();
     let (mut instance, _) = with_mode_file(
         &[
@@ -614,19 +605,17 @@ fn reload_while_draining(max_draining: &str) -> (Duration, Value) {
     // Generation 1 ignores its drain signal: it drains until killed at the
     // drain timeout.
     assert!(instance.client(&["reload"]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while instance.active_generation() != Some(2) {
-        assert!(Instant::now() < deadline, "generation 2 became active");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "generation 2 to become active",
+        Duration::from_secs(10),
+        || instance.active_generation() == Some(2),
+    );
     let started = Instant::now();
-    let out = instance.client(&["reload", "--wait", "--json"]);
+    let reload = reload_wait(&instance.socket, &["--timeout", "60s"]);
     let took = started.elapsed();
-    assert!(out.status.success());
-    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answer["report"]["generation"], 3);
+    assert_eq!(reload.done().generation, 3);
     instance.stop();
-    (took, answer)
+    (took, reload)
 }
 
 #[test]
@@ -680,11 +669,8 @@ fn malformed_control_requests_get_an_error_and_change_nothing() {
         assert!(answer.contains(expect), "{expect:?} not in {answer}");
     }
     let status = instance.status();
-    assert_eq!(
-        status["listeners"][0]["active_generation"], 1,
-        "nothing changed"
-    );
-    assert_eq!(status["reloads_succeeded"], 0);
+    assert_eq!(status.active_generation(), Some(1), "nothing changed");
+    assert_eq!(status.reloads_succeeded, 0);
     assert_eq!(load::request(addr()).unwrap(), 1);
     assert!(instance.stop().success(), "and a stop request still works");
 }
@@ -726,16 +712,17 @@ fn measure_failed_connections_per_reload(settle: &str) {
 /// failures (per reload and by kind). Asserts only that every reload
 /// succeeded and the instance stops.
 fn measure_reloads_under_load(instance: &mut Instance, reloads: usize, label: &str) {
-    let steering = instance.status()["steering"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let steering = instance.status().steering;
     let load = Load::start(addr(), 8);
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     for i in 0..reloads {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {i} failed: {answer}\n{}", instance.log_text());
+        let reload = instance.reload_wait();
+        assert!(
+            reload.ok(),
+            "reload {i} failed: {reload}\n{}",
+            instance.log_text()
+        );
     }
     let reloading = started.elapsed();
     std::thread::sleep(Duration::from_millis(200));
@@ -890,8 +877,8 @@ fn udp_datagrams_queued_in_the_old_generation_are_answered_before_the_drain_sign
         reloader_tests::udp_load::UdpLoad::start(UDP_ADDR.parse().unwrap(), 8, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..5 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {i}: {answer}\n{}", instance.log_text());
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "reload {i}: {reload}\n{}", instance.log_text());
     }
     std::thread::sleep(Duration::from_millis(300));
     let outcomes = load.finish();
@@ -925,12 +912,9 @@ fn udp_stateless_reloads_lose_no_datagram() {
     std::thread::sleep(Duration::from_millis(200));
     let mut completed = Vec::new();
     for i in 0..10 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {i}: {answer}\n{}", instance.log_text());
-        completed.push((
-            load.start.elapsed(),
-            answer["report"]["generation"].as_u64().unwrap(),
-        ));
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "reload {i}: {reload}\n{}", instance.log_text());
+        completed.push((load.start.elapsed(), reload.done().generation));
     }
     std::thread::sleep(Duration::from_millis(200));
     let outcomes = load.finish();
@@ -957,15 +941,14 @@ fn udp_stateless_reloads_lose_no_datagram() {
         );
     }
     let status = instance.status();
-    let probed: u64 = status["generations"]
-        .as_array()
-        .unwrap()
+    let probed: u64 = status
+        .generations
         .iter()
-        .map(|g| g["counters"]["probe_routed"].as_u64().unwrap())
+        .map(|g| g.counters.probe_routed)
         .sum();
     assert!(
         probed >= 1,
-        "the DNS probe went through the program: {status}"
+        "the DNS probe went through the program: {status:?}"
     );
     println!(
         "{} UDP requests across 10 reloads, none lost",
@@ -997,11 +980,11 @@ fn udp_flows_stay_with_their_generation_until_it_exits() {
         Some(1)
     );
     assert!(instance.client(&["reload"]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while instance.active_generation() != Some(2) {
-        assert!(Instant::now() < deadline, "generation 2 became active");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        "generation 2 to become active",
+        Duration::from_secs(10),
+        || instance.active_generation() == Some(2),
+    );
     // Within the settle time the old generation still holds its socket.
     assert_eq!(
         reloader_tests::udp_load::request(&old_flow, addr, 2),
@@ -1018,27 +1001,23 @@ fn udp_flows_stay_with_their_generation_until_it_exits() {
         "a new flow goes to the active generation"
     );
     // Once generation 1 has exited its flow falls through to generation 2.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while instance.generation(1)["state"] != "exited" {
-        assert!(Instant::now() < deadline, "generation 1 exited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("generation 1 to exit", Duration::from_secs(20), || {
+        instance.generation(1).state == State::Exited
+    });
     assert_eq!(
         reloader_tests::udp_load::request(&old_flow, addr, 3),
         Some(2)
     );
     let status = instance.status();
     let g2 = instance.generation(2);
+    assert!(g2.counters.affinity >= 1 || g2.udp_flows >= 1, "{status:?}");
     assert!(
-        g2["counters"]["affinity"].as_u64().unwrap() >= 1 || g2["udp_flows"].as_u64().unwrap() >= 1,
-        "{status}"
-    );
-    assert!(
-        status["listeners"][0]["flow_table"]["capacity"]
-            .as_u64()
-            .unwrap()
+        status.listeners[0]
+            .flow_table
+            .expect("a flow table for a UDP listener with flow affinity")
+            .capacity
             > 0,
-        "{status}"
+        "{status:?}"
     );
     assert!(instance.stop().success());
 }

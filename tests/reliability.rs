@@ -8,10 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use reloader::{generation::State, steering::Mode};
 use reloader_tests::{
-    instance::{Instance, reloader_bin, reloader_bin_for_any_user},
+    instance::{Instance, StatusExt, process_alive, reloader_bin, reloader_bin_for_any_user},
     load::{self, Load},
     privileged,
+    wait::wait_for,
 };
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -122,11 +124,8 @@ fn a_peer_with_another_uid_is_refused() {
         );
     }
     let status = instance.status();
-    assert_eq!(
-        status["listeners"][0]["active_generation"], 1,
-        "nothing changed"
-    );
-    assert_eq!(status["reloads_succeeded"], 0);
+    assert_eq!(status.active_generation(), Some(1), "nothing changed");
+    assert_eq!(status.reloads_succeeded, 0);
     assert!(instance.stop().success());
 }
 
@@ -166,12 +165,11 @@ fn forced_select_only_steering_reloads_without_failures() {
     );
     let running = Load::start(addr(), 4);
     for _ in 0..5 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "{answer}");
+        instance.reload_wait().done();
     }
     let report = running.finish();
     report.assert_no_failures();
-    assert_eq!(instance.status()["steering"], "select-only");
+    assert_eq!(instance.status().steering, Mode::SelectOnly);
     assert!(instance.log_text().contains("select-only steering forced"));
     assert!(instance.stop().success());
 }
@@ -203,10 +201,9 @@ fn a_restarted_controller_adopts_running_generations_without_downtime() {
             "--close-idle-on-drain",
         ],
     );
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     let before = instance.status();
-    let pid = before["generations"][0]["pid"].clone();
+    let pid = before.generations[0].pid.expect("a pid");
     let load = Load::start(addr(), 4);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -215,32 +212,30 @@ fn a_restarted_controller_adopts_running_generations_without_downtime() {
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
     let after = instance.status();
-    assert_eq!(after["listeners"][0]["active_generation"], 2, "{after}");
+    assert_eq!(after.active_generation(), Some(2), "{after:?}");
     assert_eq!(
-        after["generations"][0]["pid"], pid,
+        after.generations[0].pid,
+        Some(pid),
         "the same process, adopted"
     );
-    assert_eq!(after["generations"][0]["state"], "active");
+    assert_eq!(after.generations[0].state, State::Active);
     assert!(
-        after["recovered"]
-            .as_str()
+        after
+            .recovered
+            .as_deref()
             .is_some_and(|r| r.starts_with("adopted generations 2 (active")),
-        "{after}"
+        "{after:?}"
     );
-    let steered_before = before["generations"][0]["counters"]["steered"]
-        .as_u64()
-        .unwrap();
-    let steered_after = after["generations"][0]["counters"]["steered"]
-        .as_u64()
-        .unwrap();
+    let steered_before = before.generations[0].counters.steered;
+    let steered_after = after.generations[0].counters.steered;
     assert!(
         steered_after > steered_before,
         "the pinned counters kept counting"
     );
 
     for _ in 0..3 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "{answer}\n{}", instance.log_text());
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "{reload}\n{}", instance.log_text());
     }
     let report = load.finish();
     report.assert_no_failures();
@@ -261,32 +256,27 @@ fn a_restarted_controller_adopts_running_generations_without_downtime() {
 fn stale_state_is_cleaned_up_and_reported() {
     privileged();
     let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
-    let server = instance.status()["generations"][0]["pid"].as_u64().unwrap() as i32;
+    instance.reload_wait().done();
+    let server = instance.status().generations[0].pid.expect("a pid");
     kill_controller(&mut instance);
     nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(server),
+        nix::unistd::Pid::from_raw(server as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while reloader_tests::process::alive(server as u32) {
-        assert!(Instant::now() < deadline, "the server did not die");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("the server to die", Duration::from_secs(5), || {
+        !process_alive(server)
+    });
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
     let status = instance.status();
-    let recovered = status["recovered"].as_str().unwrap_or_default();
     assert!(
-        recovered.contains("none of its generations serves any more (generations 2)"),
-        "{status}"
+        status.recovered.as_deref().is_some_and(|r| {
+            r.contains("none of its generations serves any more (generations 2)")
+        }),
+        "{status:?}"
     );
-    assert_eq!(
-        status["listeners"][0]["active_generation"], 3,
-        "numbering continues"
-    );
+    assert_eq!(status.active_generation(), Some(3), "numbering continues");
     assert_eq!(load::request(addr()).unwrap(), 3);
     assert!(instance.stop().success());
 }
@@ -308,33 +298,28 @@ fn a_candidate_starting_when_the_controller_died_is_killed_on_adoption() {
     // gate opens only once the state file names it) and has written its
     // last stderr line (written after the controller is gone, it would
     // fail with EPIPE, and the test server's `eprintln!` panics on that).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !instance
-        .log_text()
-        .contains("[default gen 2] testserver: not listening")
-    {
-        assert!(Instant::now() < deadline, "{}", instance.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let candidate = instance.generation(2)["pid"]
-        .as_u64()
-        .expect("candidate pid") as u32;
+    wait_for(
+        "the candidate's last stderr line in the log",
+        Duration::from_secs(10),
+        || {
+            instance
+                .log_text()
+                .contains("[default gen 2] testserver: not listening")
+        },
+    );
+    let candidate = instance.generation(2).pid.expect("candidate pid");
     kill_controller(&mut instance);
     std::fs::remove_file(&mode).unwrap();
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while reloader_tests::instance::process_alive(candidate) {
-        assert!(Instant::now() < deadline, "the candidate was killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the candidate to be killed", Duration::from_secs(5), || {
+        !process_alive(candidate)
+    });
     let status = instance.status();
-    assert_eq!(status["listeners"][0]["active_generation"], 1);
+    assert_eq!(status.active_generation(), Some(1));
     let failed = instance.generation(2);
-    assert_eq!(failed["state"], "failed");
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
-    assert_eq!(answer["report"]["generation"], 3);
+    assert_eq!(failed.state, State::Failed);
+    assert_eq!(instance.reload_wait().done().generation, 3);
     assert!(instance.stop().success());
 }
 
@@ -414,8 +399,8 @@ fn bpffs_unavailable_runs_without_pins_and_says_so() {
     );
     instance.wait_active(Duration::from_secs(20));
     assert_eq!(load::request(addr()).unwrap(), 1);
-    let (ok, _) = instance.reload_wait();
-    assert!(ok, "reloads work without pins");
+    let reload = instance.reload_wait();
+    assert!(reload.ok(), "reloads work without pins: {reload}");
     let log = instance.log_text();
     assert!(
         log.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"),
@@ -512,17 +497,17 @@ fn a_state_file_naming_an_unrelated_process_is_neither_adopted_nor_signalled() {
     let mut instance =
         Instance::start_in(dir, &["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     let status = instance.status();
-    let recovered = status["recovered"].as_str().unwrap_or_default().to_owned();
+    let recovered = status.recovered.clone().expect("what was recovered");
     assert!(
         recovered.contains(&format!("pid {pid} (sleep)")) && recovered.contains("never signalled"),
         "{recovered}"
     );
     assert_eq!(
-        status["listeners"][0]["active_generation"], 5,
+        status.active_generation(),
+        Some(5),
         "a fresh generation, numbering continued"
     );
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     assert!(instance.stop().success());
     assert!(
         reloader_tests::process::alive(pid),
@@ -546,10 +531,10 @@ fn stop_after_adoption_returns_promptly_and_cleanly() {
     instance.respawn();
     instance.wait_active(Duration::from_secs(20));
     assert!(
-        instance.status()["recovered"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("adopted"),
+        instance
+            .status()
+            .recovered
+            .is_some_and(|r| r.contains("adopted")),
         "adopted"
     );
     let started = Instant::now();
@@ -576,14 +561,15 @@ fn stop_during_a_slow_first_start_returns_within_a_second() {
         &["--listen", ADDR, "--ready-timeout", "120s"],
         &[testserver(), "--listen", ADDR, "--never-listen"],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !instance
-        .log_text()
-        .contains("not listening (--never-listen)")
-    {
-        assert!(Instant::now() < deadline, "{}", instance.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the first generation to say it is not listening",
+        Duration::from_secs(20),
+        || {
+            instance
+                .log_text()
+                .contains("not listening (--never-listen)")
+        },
+    );
     let out = instance.client(&["reload", "--wait", "--timeout", "1s"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -638,8 +624,8 @@ fn a_flood_of_idle_control_connections_cannot_lock_out_reload_and_stop() {
     };
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..3 {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload during the flood: {answer}");
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "reload during the flood: {reload}");
     }
     let out = instance.client(&["stop", "--timeout", "30s"]);
     stop_flood.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -685,8 +671,7 @@ fn no_leftovers_after_a_failed_first_start_or_a_clean_stop() {
     );
 
     let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
-    let (ok, _) = instance.reload_wait();
-    assert!(ok);
+    instance.reload_wait().done();
     assert!(instance.stop().success());
     assert_eq!(
         leftovers(instance.dir.path(), "default"),
@@ -702,7 +687,7 @@ fn no_leftovers_after_a_failed_first_start_or_a_clean_stop() {
 fn a_corrupt_state_file_with_live_servers_names_them_and_says_what_to_do() {
     privileged();
     let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
-    let server = instance.generation(1)["pid"].as_u64().unwrap() as u32;
+    let server = instance.generation(1).pid.expect("a pid");
     kill_controller(&mut instance);
     std::fs::write(instance.dir.path().join("control.state.json"), b"{garbage").unwrap();
     instance.respawn();

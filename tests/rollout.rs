@@ -4,20 +4,21 @@
 //! continuous load of new connections that must all be answered. Each
 //! scenario runs several cycles, so steering slots are reused.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
+use reloader::{
+    generation::State,
+    state::saved::{self, Saved},
+    status::{ReloadResult, RollbackReport, RolloutKind, StatusReport},
+    steering::Mode,
+};
 use reloader_tests::{
-    instance::{Instance, process_alive},
+    instance::{Instance, Reload, StatusExt, decode, process_alive, reload_wait},
     load::{self, Load},
     nginx::Nginx,
     privileged,
+    wait::wait_for,
 };
-use serde_json::Value;
 
 const ADDR: &str = "127.0.0.1:8080";
 /// Cycles of each scenario (the third reuses a slot).
@@ -59,7 +60,7 @@ fn start(extra: &[&str], server: &[String]) -> Instance {
     Instance::start(&args, &server)
 }
 
-/// Runs a client subcommand; (exit code, stdout JSON or text).
+/// Runs a client subcommand; (exit code, stdout and stderr).
 fn client(instance: &Instance, args: &[&str]) -> (i32, String) {
     let out = instance.client(args);
     (
@@ -72,57 +73,39 @@ fn client(instance: &Instance, args: &[&str]) -> (i32, String) {
     )
 }
 
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-/// Waits until `f(status)` holds.
-fn wait_for(instance: &Instance, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // A restarted controller may not answer yet.
-        let out = instance.client(&["status", "--json"]);
-        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if out.status.success() && f(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within 30s; status {status:#}\n{}",
-            instance.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits (30 s at most) until `condition` holds for the instance's status
+/// and returns that status. A restarted controller may not answer yet.
+fn wait_status(
+    instance: &Instance,
+    what: &str,
+    condition: impl Fn(&StatusReport) -> bool,
+) -> StatusReport {
+    instance.wait_status(what, Duration::from_secs(30), condition)
 }
 
 /// What the crash test relies on: queued connections of a closing
 /// listener are migrated (Linux >= 5.14). Asserted, so that run on an older
 /// kernel the test fails instead of passing vacuously.
-fn assert_select_or_migrate(status: &Value) {
+fn assert_select_or_migrate(status: &StatusReport) {
     assert_eq!(
-        status["steering"], "select-or-migrate",
+        status.steering,
+        Mode::SelectOrMigrate,
         "this test needs the select-or-migrate program"
     );
 }
 
-fn state_of(status: &Value, generation: u64) -> String {
-    status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["generation"] == generation)
-        .map(|g| g["state"].as_str().unwrap().to_owned())
-        .unwrap_or_else(|| "forgotten".into())
+/// The generation's state, or `None` once it is no longer listed.
+fn state_of(status: &StatusReport, generation: u64) -> Option<State> {
+    status.find_generation(generation).map(|g| g.state)
 }
 
-fn pid_of(status: &Value, generation: u64) -> u32 {
-    status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["generation"] == generation)
-        .and_then(|g| g["pid"].as_u64())
-        .expect("a pid") as u32
+fn pid_of(status: &StatusReport, generation: u64) -> u32 {
+    status.generation(generation).pid.expect("a pid")
+}
+
+/// The rollback under way: (kind, the generation it makes active).
+fn rollout_of(status: &StatusReport) -> Option<(RolloutKind, u64)> {
+    status.rollout.as_ref().map(|r| (r.kind, r.previous))
 }
 
 /// `n` new connections, `concurrency` at a time: answers per generation,
@@ -161,21 +144,21 @@ fn rollback_cycles(extra: &[&str], server: &[String]) {
     let load = Load::start(addr(), 4);
     let mut active = instance.active_generation().expect("active");
     for cycle in 0..CYCLES {
-        let (code, text) = client(
-            &instance,
-            &["reload", "--wait", "--json", "--timeout", "60s"],
-        );
-        assert_eq!(code, 0, "reload {cycle}: {text}");
-        let report = &json(&text)["report"];
-        let new = report["generation"].as_u64().unwrap();
+        let reload = instance.reload_wait_with(&["--timeout", "60s"]);
+        assert!(reload.ok(), "reload {cycle}: {reload}");
+        let report = reload.done();
+        let new = report.generation;
         assert!(
-            report["held_ms"].as_f64().unwrap() > 50_000.0,
-            "reload --wait returns at the cutover while the previous one is held: {report}"
+            report.held_ms.is_some_and(|held| held > 50_000.0),
+            "reload --wait returns at the cutover while the previous one is held: {report:?}"
         );
         let status = instance.status();
-        assert_eq!(status["rollout"]["kind"], "hold", "{status:#}");
-        assert_eq!(status["rollout"]["previous"], active);
-        assert_eq!(state_of(&status, active), "draining");
+        assert_eq!(
+            rollout_of(&status),
+            Some((RolloutKind::Hold, active)),
+            "{status:#?}"
+        );
+        assert_eq!(state_of(&status, active), Some(State::Draining));
         let held_pid = pid_of(&status, active);
         assert!(process_alive(held_pid), "the held generation still runs");
 
@@ -185,33 +168,43 @@ fn rollback_cycles(extra: &[&str], server: &[String]) {
         if wait {
             args.push("--wait");
         }
-        let (code, text) = client(&instance, &args);
-        assert_eq!(code, 0, "rollback {cycle}: {text}\n{}", instance.log_text());
+        let out = instance.client(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "rollback {cycle}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            instance.log_text()
+        );
         let first = load::request(addr());
-        let rolled = json(&text);
-        assert_eq!(rolled["from"], new, "{rolled}");
-        assert_eq!(rolled["to"], active, "{rolled}");
+        let rolled: RollbackReport = decode("`rollback --json`", &out.stdout);
+        assert_eq!(rolled.from, new, "{rolled:?}");
+        assert_eq!(rolled.to, active, "{rolled:?}");
         assert_eq!(
             first,
             Ok(active),
             "the first connection after `rollback` returned goes to the previous generation"
         );
         if wait {
-            assert!(rolled["from_exited_ms"].as_f64().is_some(), "{rolled}");
+            assert!(rolled.from_exited_ms.is_some(), "{rolled:?}");
             let status = instance.status();
-            assert_eq!(state_of(&status, new), "exited", "--wait: it has exited");
+            assert_eq!(
+                state_of(&status, new),
+                Some(State::Exited),
+                "--wait: it has exited"
+            );
         }
-        let status = wait_for(&instance, "the rolled-back generation exits", |s| {
-            state_of(s, new) == "exited"
+        let status = wait_status(&instance, "the rolled-back generation exits", |s| {
+            state_of(s, new) == Some(State::Exited)
         });
-        assert_eq!(status["listeners"][0]["active_generation"], active);
-        assert!(status["rollout"].is_null(), "nothing left to roll back");
+        assert_eq!(status.active_generation(), Some(active));
+        assert!(status.rollout.is_none(), "nothing left to roll back");
     }
     std::thread::sleep(Duration::from_millis(200));
     let report = load.finish();
     report.assert_no_failures();
     let status = instance.status();
-    assert_eq!(status["rollbacks"]["manual"], CYCLES, "{status:#}");
+    assert_eq!(status.rollbacks.manual, CYCLES, "{status:#?}");
     // Nothing is held now: a rollback says so.
     let (code, text) = client(&instance, &["rollback"]);
     assert_ne!(code, 0);
@@ -251,11 +244,11 @@ fn a_crash_during_the_hold_reinstates_the_previous_generation() {
     assert_select_or_migrate(&instance.status());
     let load = Load::start(addr(), 4);
     for cycle in 0..CYCLES {
-        let (ok, answer) = instance.reload_wait();
-        assert!(ok, "reload {cycle}: {answer}");
-        let new = answer["report"]["generation"].as_u64().unwrap();
+        let reload = instance.reload_wait();
+        assert!(reload.ok(), "reload {cycle}: {reload}");
+        let new = reload.done().generation;
         let status = instance.status();
-        let held = status["rollout"]["previous"].as_u64().expect("a hold");
+        let held = status.rollout.as_ref().expect("a hold").previous;
         // The new generation fails between requests: its listeners close
         // with whatever is queued in them.
         let pid = pid_of(&status, new);
@@ -266,19 +259,24 @@ fn a_crash_during_the_hold_reinstates_the_previous_generation() {
                 nix::sys::signal::Signal::SIGUSR2,
             );
         }
-        let status = wait_for(&instance, "the held generation is active again", |s| {
-            s["listeners"][0]["active_generation"] == held && state_of(s, new) == "exited"
+        let status = wait_status(&instance, "the held generation is active again", |s| {
+            s.active_generation() == Some(held) && state_of(s, new) == Some(State::Exited)
         });
-        assert_eq!(status["last_reload"]["result"], "failed", "{status:#}");
-        assert!(status["rollout"].is_null());
+        assert_eq!(
+            status.last_reload.as_ref().map(|r| r.result),
+            Some(ReloadResult::Failed),
+            "{status:#?}"
+        );
+        assert!(status.rollout.is_none());
     }
     std::thread::sleep(Duration::from_millis(300));
     let report = load.finish();
     report.assert_no_failures();
     let status = instance.status();
-    assert_eq!(status["rollbacks"]["crash"], CYCLES, "{status:#}");
+    assert_eq!(status.rollbacks.crash, CYCLES, "{status:#?}");
     assert_eq!(
-        status["listeners"][0]["active_generation"], 1,
+        status.active_generation(),
+        Some(1),
         "no restart replaced the reinstated generation"
     );
     println!(
@@ -296,27 +294,16 @@ fn canary_split(extra: &[&str], server: &[String]) {
     let mut instance = start(extra, server);
     for cycle in 0..CYCLES / 2 {
         let active = instance.active_generation().unwrap();
-        let waiter = Command::new(reloader_tests::instance::reloader_bin())
-            .args([
-                "reload",
-                "--canary",
-                "20%",
-                "--wait",
-                "--json",
-                "--timeout",
-                "120s",
-            ])
-            .arg("--control-socket")
-            .arg(&instance.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let status = wait_for(&instance, "the canary runs", |s| {
-            s["rollout"]["kind"] == "canary"
+        let socket = instance.socket.clone();
+        let waiter = std::thread::spawn(move || {
+            reload_wait(&socket, &["--canary", "20%", "--timeout", "120s"])
         });
-        let canary = status["rollout"]["generation"].as_u64().unwrap();
-        assert_eq!(status["rollout"]["weight_percent"], 20.0);
+        let status = wait_status(&instance, "the canary runs", |s| {
+            s.rollout.as_ref().map(|r| r.kind) == Some(RolloutKind::Canary)
+        });
+        let rollout = status.rollout.expect("the canary");
+        let canary = rollout.generation;
+        assert_eq!(rollout.weight_percent, 20.0);
         let (split, failures) = connections(5000, 8);
         assert!(failures.is_empty(), "{failures:?}");
         let to_canary = *split.get(&canary).unwrap_or(&0) as f64;
@@ -356,20 +343,20 @@ fn canary_split(extra: &[&str], server: &[String]) {
             "after {}: every new connection to generation {expected}",
             if promote { "promote" } else { "rollback" }
         );
-        let out = waiter.wait_with_output().unwrap();
-        let code = out.status.code();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let reload: Reload = waiter.join().unwrap();
         assert_eq!(
-            code,
-            Some(if promote { 0 } else { 3 }),
-            "reload --canary --wait: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
+            reload.code,
+            if promote { 0 } else { 3 },
+            "reload --canary --wait: {reload}"
         );
-        let result = if promote { "succeeded" } else { "rolled-back" };
-        assert_eq!(json(&text)["report"]["result"], result, "{text}");
+        if promote {
+            reload.done();
+        } else {
+            reload.rolled_back();
+        }
         let gone = if promote { active } else { canary };
-        wait_for(&instance, "the generation left behind exits", |s| {
-            state_of(s, gone) == "exited"
+        wait_status(&instance, "the generation left behind exits", |s| {
+            state_of(s, gone) == Some(State::Exited)
         });
         std::thread::sleep(Duration::from_millis(200));
         let report = load.finish();
@@ -417,49 +404,36 @@ fn health_checks_roll_back_a_failing_canary_and_promote_a_healthy_one() {
     // The next generation answers too slowly for the health probe (2 s
     // timeout), though in time for the load's clients.
     std::fs::write(&mode_file, "--reply-delay-ms 3000").unwrap();
-    let (code, text) = client(
-        &instance,
-        &[
-            "reload",
-            "--canary",
-            "10%",
-            "--wait",
-            "--json",
-            "--timeout",
-            "60s",
-        ],
-    );
+    let reload = instance.reload_wait_with(&["--canary", "10%", "--timeout", "60s"]);
     assert_eq!(
-        code,
+        reload.code,
         3,
-        "rolled back by health: {text}\n{}",
+        "rolled back by health: {reload}\n{}",
         instance.log_text()
     );
-    let report = &json(&text)["report"];
+    let report = reload.rolled_back();
     assert!(
-        report["error"].as_str().unwrap().contains("health"),
-        "{report}"
+        report
+            .error
+            .as_deref()
+            .expect("the reason")
+            .contains("health"),
+        "{report:?}"
     );
     let status = instance.status();
-    assert_eq!(status["rollbacks"]["health"], 1, "{status:#}");
+    assert_eq!(status.rollbacks.health, 1, "{status:#?}");
 
     std::fs::remove_file(&mode_file).unwrap();
-    let (code, text) = client(
-        &instance,
-        &[
-            "reload",
-            "--canary",
-            "5%,50%",
-            "--canary-for",
-            "500ms",
-            "--wait",
-            "--json",
-            "--timeout",
-            "60s",
-        ],
-    );
-    assert_eq!(code, 0, "a healthy canary is promoted: {text}");
-    let generation = json(&text)["report"]["generation"].as_u64().unwrap();
+    let reload = instance.reload_wait_with(&[
+        "--canary",
+        "5%,50%",
+        "--canary-for",
+        "500ms",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(reload.code, 0, "a healthy canary is promoted: {reload}");
+    let generation = reload.done().generation;
     assert_eq!(instance.active_generation(), Some(generation));
     std::thread::sleep(Duration::from_millis(200));
     // The slow canary answered late but answered: nothing failed.
@@ -469,27 +443,29 @@ fn health_checks_roll_back_a_failing_canary_and_promote_a_healthy_one() {
 }
 
 /// Waits until the state file records generation `number` as `state`.
-fn wait_recorded(instance: &Instance, number: u64, state: &str) {
-    let path = instance.socket.with_extension("state.json");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let saved: Value = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or(Value::Null);
-        let recorded = saved["generations"].as_array().is_some_and(|g| {
-            g.iter()
-                .any(|g| g["number"] == number && g["state"] == state)
-        });
-        if recorded {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the state file never recorded generation {number} as {state}: {saved:#}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_recorded(instance: &Instance, number: u64, state: State) {
+    // Written atomically (renamed into place): a file that is there is
+    // whole.
+    let path = saved::state_path(&instance.socket);
+    wait_for(
+        format!("the state file to record generation {number} as {state}"),
+        Duration::from_secs(10),
+        || {
+            let Ok(bytes) = std::fs::read(&path) else {
+                return Err("no state file".to_owned());
+            };
+            let saved: Saved = decode("the state file", &bytes);
+            if saved
+                .generations
+                .iter()
+                .any(|g| g.number == number && g.state == state)
+            {
+                Ok(())
+            } else {
+                Err(format!("{saved:#?}"))
+            }
+        },
+    );
 }
 
 fn kill_controller(instance: &mut Instance) {
@@ -509,17 +485,17 @@ fn a_restarted_controller_keeps_the_hold_and_the_canary() {
     privileged();
     let mut instance = start(&["--keep-previous", "60s"], &testserver_command());
     let load = Load::start(addr(), 4);
-    let (ok, answer) = instance.reload_wait();
-    assert!(ok, "{answer}");
+    instance.reload_wait().done();
     kill_controller(&mut instance);
     instance.respawn();
-    let status = wait_for(&instance, "the restarted controller keeps the hold", |s| {
-        s["rollout"]["kind"] == "hold"
+    let status = wait_status(&instance, "the restarted controller keeps the hold", |s| {
+        s.rollout.as_ref().map(|r| r.kind) == Some(RolloutKind::Hold)
     });
-    assert_eq!(status["rollout"]["previous"], 1, "{status:#}");
+    let rollout = status.rollout.as_ref().expect("the hold");
+    assert_eq!(rollout.previous, 1, "{status:#?}");
     assert!(
-        status["rollout"]["remaining_ms"].as_u64().unwrap() > 30_000,
-        "the hold's deadline was kept: {status:#}"
+        rollout.remaining_ms.expect("the hold's time left") > 30_000,
+        "the hold's deadline was kept: {status:#?}"
     );
     let (code, text) = client(&instance, &["rollback", "--wait"]);
     assert_eq!(code, 0, "{text}\n{}", instance.log_text());
@@ -527,25 +503,26 @@ fn a_restarted_controller_keeps_the_hold_and_the_canary() {
 
     let (code, text) = client(&instance, &["reload", "--canary", "30%"]);
     assert_eq!(code, 0, "{text}");
-    let status = wait_for(&instance, "the canary runs", |s| {
-        s["rollout"]["kind"] == "canary"
+    let status = wait_status(&instance, "the canary runs", |s| {
+        s.rollout.as_ref().map(|r| r.kind) == Some(RolloutKind::Canary)
     });
-    let canary = status["rollout"]["generation"].as_u64().unwrap();
+    let canary = status.rollout.expect("the canary").generation;
     // Killed once the canary is on disk too: the state file is written
     // just after the change, and a controller killed in between leaves its
     // successor one step behind (CI saw the kill land 30 ms after the
     // canary started, before the write: the successor found generation
     // `canary` still "starting").
-    wait_recorded(&instance, canary, "canary");
+    wait_recorded(&instance, canary, State::Canary);
     kill_controller(&mut instance);
     instance.respawn();
-    let status = wait_for(
+    let status = wait_status(
         &instance,
         "the restarted controller keeps the canary",
-        |s| s["rollout"]["kind"] == "canary",
+        |s| s.rollout.as_ref().map(|r| r.kind) == Some(RolloutKind::Canary),
     );
-    assert_eq!(status["rollout"]["generation"], canary);
-    assert_eq!(status["rollout"]["weight_percent"], 30.0, "{status:#}");
+    let rollout = status.rollout.as_ref().expect("the canary");
+    assert_eq!(rollout.generation, canary);
+    assert_eq!(rollout.weight_percent, 30.0, "{status:#?}");
     let (split, failures) = connections(1000, 4);
     assert!(failures.is_empty(), "{failures:?}");
     assert!(
@@ -557,7 +534,11 @@ fn a_restarted_controller_keeps_the_hold_and_the_canary() {
     // The generation beside the canary is now held (--keep-previous); a
     // rollback brings it back, then the canary drains.
     let status = instance.status();
-    assert_eq!(status["rollout"]["kind"], "hold", "{status:#}");
+    assert_eq!(
+        status.rollout.as_ref().map(|r| r.kind),
+        Some(RolloutKind::Hold),
+        "{status:#?}"
+    );
     assert_eq!(instance.active_generation(), Some(canary));
     std::thread::sleep(Duration::from_millis(200));
     let report = load.finish();

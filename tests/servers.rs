@@ -24,13 +24,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use reloader::status::{CounterStatus, StatusReport};
 use reloader_tests::{
     instance::Instance,
     load::{self, Load},
     privileged,
     servers::{self, Answer, Answerers, Server, caddy::Which, gunicorn::MaxRequests},
+    wait::wait_for,
 };
-use serde_json::Value;
 
 const ADDR: &str = "127.0.0.1:8080";
 /// Reloads per test.
@@ -50,14 +51,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The eBPF program's counters for one generation.
-#[derive(Clone, Copy, Debug, Default)]
-struct Counters {
-    steered: u64,
-    migrated: u64,
-    fallback: u64,
-}
-
 /// What one run measured.
 struct Run {
     name: String,
@@ -70,7 +63,8 @@ struct Run {
     reload_failures: Vec<String>,
     /// Everything else that went wrong, each said in full.
     problems: Vec<String>,
-    counters: BTreeMap<u64, Counters>,
+    /// The eBPF program's counters per generation.
+    counters: BTreeMap<u64, CounterStatus>,
 }
 
 impl Run {
@@ -78,14 +72,12 @@ impl Run {
         self.report.failures().len() + self.probe_failures.len()
     }
 
-    fn totals(&self) -> Counters {
-        self.counters
-            .values()
-            .fold(Counters::default(), |a, c| Counters {
-                steered: a.steered + c.steered,
-                migrated: a.migrated + c.migrated,
-                fallback: a.fallback + c.fallback,
-            })
+    fn totals(&self) -> CounterStatus {
+        let mut totals = CounterStatus::default();
+        for c in self.counters.values() {
+            totals += *c;
+        }
+        totals
     }
 
     fn summary(&self) -> String {
@@ -187,32 +179,24 @@ fn start(server: &Server) -> Instance {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let instance = Instance::spawn_with_env(tempfile::tempdir().unwrap(), &args, &command, &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = instance.client(&["status", "--json"]);
-        if out.status.success()
-            && let Ok(status) = serde_json::from_slice::<Value>(&out.stdout)
-            && status["listeners"][0]["active_generation"].is_u64()
-        {
-            return instance;
-        }
-        let log = instance.log_text();
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains("the first generation did not start"))
-        {
-            panic!(
-                "{} [{}] did not start under reloader: {line}\ncommand: {:?}\n--- log ---\n{log}",
-                server.name, server.version, server.command
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no generation active within 30s\n{log}",
-            server.name
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        format!("{}: a generation active", server.name),
+        Duration::from_secs(30),
+        || {
+            let log = instance.log_text();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("the first generation did not start"))
+            {
+                panic!(
+                    "{} [{}] did not start under reloader: {line}\ncommand: {:?}\n--- log ---\n{log}",
+                    server.name, server.version, server.command
+                );
+            }
+            instance.serving()
+        },
+    );
+    instance
 }
 
 /// Starts `server`, reloads it `reloads` times under load, and measures.
@@ -236,17 +220,17 @@ fn reload_under_load(server: &Server, reloads: u64) -> Run {
     let mut completed: Vec<(Duration, u64)> = Vec::new();
     check_generation(&instance, server, 1, &mut run);
     for i in 1..=reloads {
-        let (ok, answer) = instance.reload_wait();
-        if ok {
+        let reload = instance.reload_wait();
+        if reload.ok() {
             run.reloads_succeeded += 1;
-            let generation = answer["report"]["generation"].as_u64().expect("generation");
-            completed.push((load.start.elapsed(), generation));
+            completed.push((load.start.elapsed(), reload.done().generation));
         } else {
-            let report = &answer["report"];
+            let generation = reload
+                .report()
+                .map_or_else(|| "none".into(), |r| r.generation.to_string());
             run.reload_failures.push(format!(
-                "reload {i} (generation {}) failed: {}",
-                report["generation"],
-                report["error"].as_str().unwrap_or(&answer.to_string())
+                "reload {i} (generation {generation}) failed: {}",
+                reload.why()
             ));
         }
         let active = instance
@@ -283,19 +267,9 @@ fn reload_under_load(server: &Server, reloads: u64) -> Run {
     run
 }
 
-fn record_counters(status: &Value, counters: &mut BTreeMap<u64, Counters>) {
-    for g in status["generations"].as_array().into_iter().flatten() {
-        let (Some(generation), c) = (g["generation"].as_u64(), &g["counters"]) else {
-            continue;
-        };
-        counters.insert(
-            generation,
-            Counters {
-                steered: c["steered"].as_u64().unwrap_or(0),
-                migrated: c["migrated"].as_u64().unwrap_or(0),
-                fallback: c["fallback"].as_u64().unwrap_or(0),
-            },
-        );
+fn record_counters(status: &StatusReport, counters: &mut BTreeMap<u64, CounterStatus>) {
+    for g in &status.generations {
+        counters.insert(g.generation, g.counters);
     }
 }
 
@@ -303,13 +277,8 @@ fn record_counters(status: &Value, counters: &mut BTreeMap<u64, Counters>) {
 /// and the generation's pid.
 fn registered(instance: &Instance, generation: u64) -> (u32, BTreeSet<u64>) {
     let g = instance.generation(generation);
-    let pid = g["pid"].as_u64().expect("generation pid") as u32;
-    let inodes = g["sockets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s["inode"].as_u64())
-        .collect();
+    let pid = g.pid.expect("generation pid");
+    let inodes = g.sockets.iter().map(|s| s.inode).collect();
     (pid, inodes)
 }
 
@@ -538,16 +507,24 @@ fn plain_run(server: &Server, duration: Duration, migrate: bool) -> load::Report
         .spawn()
         .unwrap_or_else(|e| panic!("start {:?}: {e}", server.command));
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while servers::request(addr()).is_err() {
-        assert!(
-            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-            "{} (without reloader) did not answer within 30s: {}",
-            server.name,
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        format!("{} (without reloader) to answer", server.name),
+        Duration::from_secs(30),
+        || {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{} (without reloader) exited before it answered: {}",
+                server.name,
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            servers::request(addr()).map(drop).map_err(|e| {
+                format!(
+                    "{e}; its log: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            })
+        },
+    );
     let load = Load::start(addr(), CONCURRENCY);
     // The measuring window: as long as the reloader run lasted.
     std::thread::sleep(duration);

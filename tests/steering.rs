@@ -11,7 +11,7 @@ use std::{
 use reloader::steering::{Mode, Options, Steer, Steering};
 use reloader_tests::{
     accept_all, connect, connect_with_greeting, privileged, read_line, reuseport_listener,
-    reuseport_socket,
+    reuseport_socket, wait::wait_for,
 };
 
 const N: usize = 50;
@@ -420,15 +420,14 @@ fn queue_len(listener: &TcpListener) -> u32 {
 }
 
 fn wait_for_queue(listener: &TcpListener, n: u32) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while queue_len(listener) < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "accept queue reached {} of {n}",
-            queue_len(listener)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(
+        format!("{n} connections in the accept queue"),
+        std::time::Duration::from_secs(5),
+        || match queue_len(listener) {
+            queued if queued >= n => Ok(()),
+            queued => Err(format!("{queued} queued")),
+        },
+    );
 }
 
 // ---- UDP.

@@ -27,6 +27,7 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
+use reloader::status::{CounterStatus, StatusReport};
 use reloader_tests::{
     instance::{Instance, process_alive},
     privileged,
@@ -39,8 +40,8 @@ use reloader_tests::{
         naive::{self, Naive},
         schedule,
     },
+    wait::wait_for,
 };
-use serde_json::Value;
 
 const DNS_ADDR: &str = "127.0.0.1:5353";
 const H3_ADDR: &str = "127.0.0.1:8443";
@@ -80,68 +81,48 @@ fn start(args: &[&str], command: &[String], env: &[(String, String)]) -> Instanc
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut instance = Instance::spawn_with_env(tempfile::tempdir().unwrap(), args, &command, &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = instance.client(&["status", "--json"]);
-        if out.status.success()
-            && let Ok(status) = serde_json::from_slice::<Value>(&out.stdout)
-            && let Some(listeners) = status["listeners"].as_array()
-            && !listeners.is_empty()
-            && listeners.iter().all(|l| l["active_generation"].is_u64())
-        {
-            instance.remember_pids();
-            return instance;
-        }
-        if !process_alive(instance.pid()) {
-            let status = instance.wait_exit(Duration::from_secs(5));
-            panic!(
-                "reloader run {args:?} -- {command:?} exited ({status}) before a generation was \
-                 active on every listener; its log:\n{}",
-                instance.log_text()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reloader run {args:?} -- {command:?}: no generation active on every listener within \
-             30s; its log:\n{}",
-            instance.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        format!("reloader run {args:?} -- {command:?}: a generation active on every listener"),
+        Duration::from_secs(30),
+        || {
+            if !process_alive(instance.pid()) {
+                let status = instance.wait_exit(Duration::from_secs(5));
+                panic!(
+                    "reloader run {args:?} -- {command:?} exited ({status}) before a generation \
+                     was active on every listener; its log:\n{}",
+                    instance.log_text()
+                );
+            }
+            instance.serving()
+        },
+    );
+    instance.remember_pids();
+    instance
 }
 
 /// `reload --wait`: the generation it made active, or why it failed.
 fn reload(instance: &mut Instance) -> Result<u64, String> {
-    let (ok, answer) = instance.reload_wait();
-    let report = &answer["report"];
-    if ok {
-        report["generation"]
-            .as_u64()
-            .ok_or_else(|| format!("no generation in {answer}"))
+    let reload = instance.reload_wait();
+    if reload.ok() {
+        Ok(reload.done().generation)
     } else {
-        Err(format!(
-            "generation {} failed: {} {}",
-            report["generation"],
-            report["error"].as_str().unwrap_or(&answer.to_string()),
-            report["stderr_tail"]
-        ))
+        let generation = reload
+            .report()
+            .map_or_else(|| "none".into(), |r| r.generation.to_string());
+        Err(format!("generation {generation} failed: {}", reload.why()))
     }
 }
 
 /// The eBPF program's counters, summed over generations, and per
 /// generation as text.
-fn counters(status: &Value) -> (Value, String) {
-    let mut sum = serde_json::Map::new();
+fn counters(status: &StatusReport) -> (CounterStatus, String) {
+    let mut sum = CounterStatus::default();
     let mut per = Vec::new();
-    for g in status["generations"].as_array().into_iter().flatten() {
-        let c = &g["counters"];
-        per.push(format!("{}: {c}", g["generation"]));
-        for (k, v) in c.as_object().into_iter().flatten() {
-            let total = sum.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
-            sum.insert(k.clone(), total.into());
-        }
+    for g in &status.generations {
+        per.push(format!("{}: {:?}", g.generation, g.counters));
+        sum += g.counters;
     }
-    (Value::Object(sum), per.join(", "))
+    (sum, per.join(", "))
 }
 
 // ---- DNS
@@ -198,7 +179,7 @@ fn check_newest(generation: u64, kept: &UdpSocket, problems: &mut Vec<String>) {
 
 /// The instance's last status, then a clean stop (a failed one is a
 /// problem of the run).
-fn status_then_stop(instance: &mut Instance, problems: &mut Vec<String>) -> Value {
+fn status_then_stop(instance: &mut Instance, problems: &mut Vec<String>) -> StatusReport {
     let status = instance.status();
     let stopped = instance.stop();
     if !stopped.success() {
@@ -211,7 +192,7 @@ fn status_then_stop(instance: &mut Instance, problems: &mut Vec<String>) -> Valu
 
 /// `server` under reloader (stateless UDP, DNS readiness probe), reloaded
 /// `reloads` times under dnsperf.
-fn dns_under_reloader(kind: Kind, reloads: u64) -> (DnsRun, Value) {
+fn dns_under_reloader(kind: Kind, reloads: u64) -> (DnsRun, StatusReport) {
     let server = DnsServer::new(kind, dns_addr(), reloads + 1);
     let listen = format!("udp://{DNS_ADDR}?mode=stateless");
     let probe = format!("dns://{DNS_ADDR}/{}", dns::GEN_NAME);
@@ -303,7 +284,7 @@ fn dns_reloads_lose_no_query(kind: Kind) {
     let (run, status) = dns_under_reloader(kind, DNS_RELOADS);
     let (totals, per_generation) = counters(&status);
     println!(
-        "{}\n  eBPF counters: {totals} (per generation {per_generation})",
+        "{}\n  eBPF counters: {totals:?} (per generation {per_generation})",
         run.summary()
     );
     let naive = dns_naive(kind, DNS_RELOADS);
@@ -321,17 +302,17 @@ fn dns_reloads_lose_no_query(kind: Kind) {
     }
     failures.extend(run.reload_failures.iter().cloned());
     failures.extend(run.problems.iter().take(10).cloned());
-    if totals["steered"].as_u64().unwrap_or(0) == 0 {
+    if totals.steered == 0 {
         failures.push(format!(
-            "the steering program steered no datagram (counters {totals}): the load did not go \
+            "the steering program steered no datagram (counters {totals:?}): the load did not go \
              through it"
         ));
     }
-    if totals["fallback"].as_u64().unwrap_or(0) > 0 {
+    if totals.fallback > 0 {
         failures.push(format!(
             "the steering program left {} datagrams to the kernel's hash: it had no registered \
              socket to choose",
-            totals["fallback"]
+            totals.fallback
         ));
     }
     assert!(
@@ -445,7 +426,7 @@ fn h3_clients_through(
     (long, new, completed, failures, started.elapsed())
 }
 
-fn h3_under_reloader() -> (H3Run, Value) {
+fn h3_under_reloader() -> (H3Run, StatusReport) {
     let caddy = caddy::server(h3_addr(), caddy::Which::Pypi);
     let tcp = format!("tcp://{H3_ADDR}");
     let udp = format!("udp://{H3_ADDR}");
@@ -529,7 +510,7 @@ fn caddy_2_11_http3_reloads_fail_no_request() {
     let (run, status) = h3_under_reloader();
     let (totals, per_generation) = counters(&status);
     println!(
-        "{}\n  eBPF counters: {totals} (per generation {per_generation})",
+        "{}\n  eBPF counters: {totals:?} (per generation {per_generation})",
         run.summary()
     );
     let naive = h3_naive();
@@ -546,9 +527,9 @@ fn caddy_2_11_http3_reloads_fail_no_request() {
     }
     failures.extend(run.reload_failures.iter().cloned());
     failures.extend(run.problems.iter().take(10).cloned());
-    if totals["affinity"].as_u64().unwrap_or(0) == 0 {
+    if totals.affinity == 0 {
         failures.push(format!(
-            "no datagram was kept with its flow's generation (counters {totals}): UDP flow \
+            "no datagram was kept with its flow's generation (counters {totals:?}): UDP flow \
              affinity did not run"
         ));
     }
@@ -656,14 +637,11 @@ fn caddy_reload_to_2_6_udp_without_reuseport_fails_naming_so_reuseport() {
         &command,
         &caddy.env,
     );
-    let (ok, answer) = instance.reload_wait();
-    assert!(!ok, "the reload to Caddy 2.6 must fail: {answer}");
-    let report = &answer["report"];
-    let text = format!(
-        "{}\n{}",
-        report["error"].as_str().unwrap_or(&answer.to_string()),
-        report["stderr_tail"]
-    );
+    let reload = instance.reload_wait();
+    assert!(!reload.ok(), "the reload to Caddy 2.6 must fail: {reload}");
+    // Failed (exit 1, `reload-failed`), not refused; then why.
+    reload.failed();
+    let text = reload.why();
     assert!(
         text.contains("SO_REUSEPORT"),
         "the reason names SO_REUSEPORT: {text}"

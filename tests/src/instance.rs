@@ -1,12 +1,20 @@
 //! Runs the real `reloader` binary as a test would run it from a shell.
 
 use std::{
+    fmt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use reloader::{
+    control::Response,
+    status::{GenerationStatus, ReloadReport, ReloadResult, StatusReport},
+};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
+
+use crate::wait::wait_for;
 
 /// The `reloader` binary: `$RELOADER_BIN`, or the one next to the test
 /// executable (`cargo xtask test` builds it before the tests).
@@ -205,7 +213,8 @@ impl Instance {
     }
 
     /// `reloader status --json`.
-    pub fn status(&self) -> Value {
+    #[track_caller]
+    pub fn status(&self) -> StatusReport {
         let out = self.client(&["status", "--json"]);
         assert!(
             out.status.success(),
@@ -213,32 +222,54 @@ impl Instance {
             String::from_utf8_lossy(&out.stderr),
             self.log_text()
         );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
+        decode("`status --json`", &out.stdout)
     }
 
-    /// `reloader reload --wait --json`: (succeeded, response).
-    pub fn reload_wait(&mut self) -> (bool, Value) {
-        let out = self.client(&["reload", "--wait", "--json", "--timeout", "120s"]);
-        let value: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "reload answer is not JSON ({e}): {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+    /// `reloader status --json`, or `None` while the controller does not
+    /// answer (not yet listening on its socket, or gone).
+    #[track_caller]
+    pub fn try_status(&self) -> Option<StatusReport> {
+        let out = self.client(&["status", "--json"]);
+        if out.status.success() {
+            Some(decode("`status --json`", &out.stdout))
+        } else {
+            None
+        }
+    }
+
+    /// Polls `status --json` until `condition` holds (the controller may
+    /// not answer meanwhile, e.g. while it restarts) and returns that
+    /// status; panics naming `what`, with the last status, after `within`.
+    #[track_caller]
+    pub fn wait_status(
+        &self,
+        what: impl fmt::Display,
+        within: Duration,
+        condition: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
+        wait_for(what, within, || match self.try_status() {
+            Some(status) if condition(&status) => Ok(status),
+            Some(status) => Err(format!("{status:#?}")),
+            None => Err("the controller does not answer".into()),
+        })
+    }
+
+    /// `reloader reload --wait --json` (see [`reload_wait`]).
+    pub fn reload_wait(&mut self) -> Reload {
+        self.reload_wait_with(&[])
+    }
+
+    /// `reloader reload --wait --json ARGS` (see [`reload_wait`]).
+    pub fn reload_wait_with(&mut self, args: &[&str]) -> Reload {
+        let reload = reload_wait(&self.socket, args);
         self.remember_pids();
-        (out.status.success(), value)
+        reload
     }
 
     /// Generation `number` as `status --json` lists it.
-    pub fn generation(&self, number: u64) -> Value {
-        self.status()["generations"]
-            .as_array()
-            .expect("generations")
-            .iter()
-            .find(|g| g["generation"] == number)
-            .cloned()
-            .unwrap_or_else(|| panic!("generation {number} is not listed"))
+    #[track_caller]
+    pub fn generation(&self, number: u64) -> GenerationStatus {
+        self.status().generation(number).clone()
     }
 
     /// Starts `server` (the test server) under reloader with `--mode-file`:
@@ -269,31 +300,35 @@ impl Instance {
     }
 
     /// The generation active on the first listener.
+    #[track_caller]
     pub fn active_generation(&self) -> Option<u64> {
-        self.status()["listeners"][0]["active_generation"].as_u64()
+        self.status().active_generation()
     }
 
-    /// Waits until some generation is active.
+    /// Whether the controller answers and every listener has an active
+    /// generation.
+    #[track_caller]
+    pub fn serving(&self) -> bool {
+        self.try_status().is_some_and(|status| {
+            !status.listeners.is_empty()
+                && status
+                    .listeners
+                    .iter()
+                    .all(|l| l.active_generation.is_some())
+        })
+    }
+
+    /// Waits until every listener has an active generation; panics at once
+    /// if the controller exits first.
+    #[track_caller]
     pub fn wait_active(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.client(&["status", "--json"]);
-            if out.status.success() {
-                let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-                if status["listeners"][0]["active_generation"]
-                    .as_u64()
-                    .is_some()
-                {
-                    return;
-                }
-            }
+        wait_for("a generation active on every listener", timeout, || {
             assert!(
-                Instant::now() < deadline,
-                "no active generation within {timeout:?}\n{}",
-                self.log_text()
+                crate::process::alive(self.pid()),
+                "the controller exited before a generation was active on every listener"
             );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            self.serving()
+        });
     }
 
     /// Records the pids of the generations `status` lists.
@@ -308,13 +343,13 @@ impl Instance {
                 }
             }
         }
+        // Leniently decoded: this runs in `drop`, also while a test
+        // panics, and a controller that does not answer has no pids to add.
         let out = self.client(&["status", "--json"]);
-        if let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) {
-            for g in status["generations"].as_array().into_iter().flatten() {
-                if let Some(pid) = g["pid"].as_u64()
-                    && !self.pids.contains(&(pid as u32))
-                {
-                    self.pids.push(pid as u32);
+        if let Ok(status) = serde_json::from_slice::<StatusReport>(&out.stdout) {
+            for pid in status.generations.iter().filter_map(|g| g.pid) {
+                if !self.pids.contains(&pid) {
+                    self.pids.push(pid);
                 }
             }
         }
@@ -334,17 +369,14 @@ impl Instance {
     }
 
     /// Waits for the controller to exit.
+    #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("controller running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            assert!(Instant::now() < deadline, "controller did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = wait_for("the controller to exit", timeout, || {
+            child.try_wait().expect("try_wait")
+        });
+        self.child = None;
+        status
     }
 
     /// The controller's pid.
@@ -401,3 +433,260 @@ impl Drop for Instance {
 
 /// Whether a process exists (and is not a zombie).
 pub use crate::process::alive as process_alive;
+
+/// Lookups in a [`StatusReport`] the tests make often.
+pub trait StatusExt {
+    /// The generation active on the first listener.
+    fn active_generation(&self) -> Option<u64>;
+    /// Generation `number`, if listed.
+    fn find_generation(&self, number: u64) -> Option<&GenerationStatus>;
+    /// Generation `number`; panics if it is not listed.
+    fn generation(&self, number: u64) -> &GenerationStatus;
+}
+
+impl StatusExt for StatusReport {
+    #[track_caller]
+    fn active_generation(&self) -> Option<u64> {
+        self.listeners
+            .first()
+            .expect("status lists the instance's listeners")
+            .active_generation
+    }
+
+    fn find_generation(&self, number: u64) -> Option<&GenerationStatus> {
+        self.generations.iter().find(|g| g.generation == number)
+    }
+
+    #[track_caller]
+    fn generation(&self, number: u64) -> &GenerationStatus {
+        self.find_generation(number).unwrap_or_else(|| {
+            panic!(
+                "generation {number} is not listed (generations {:?})",
+                self.generations
+                    .iter()
+                    .map(|g| g.generation)
+                    .collect::<Vec<_>>()
+            )
+        })
+    }
+}
+
+/// Decodes what reloader printed (`what`, for messages) into the product's
+/// own type, strictly: the JSON must be exactly what the type encodes to.
+/// serde alone would fill a field the output lacks (renamed, say) with its
+/// default when the type marks it `#[serde(default)]`, and a test reading
+/// it would see 0 or `None` instead of failing.
+#[track_caller]
+pub fn decode<T: DeserializeOwned + Serialize>(what: &str, json: &[u8]) -> T {
+    let text = String::from_utf8_lossy(json);
+    let raw: Value = serde_json::from_slice(json)
+        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}): {text:?}"));
+    let typed: T = serde_json::from_value(raw.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{what} does not decode as {} ({e}): {text}",
+            std::any::type_name::<T>()
+        )
+    });
+    let again = serde_json::to_value(&typed).expect("the product's types encode");
+    let mut differences = Vec::new();
+    differ(&raw, &again, "", &mut differences);
+    assert!(
+        differences.is_empty(),
+        "{what} is not what {} encodes to: {}\n{text}",
+        std::any::type_name::<T>(),
+        differences.join("; ")
+    );
+    typed
+}
+
+/// Where `printed` and `typed` differ, as paths (`.listeners[0].bridged`).
+fn differ(printed: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (printed, typed) {
+        (Value::Object(p), Value::Object(t)) => {
+            for (key, value) in p {
+                match t.get(key) {
+                    Some(other) => differ(value, other, &format!("{path}.{key}"), out),
+                    None => out.push(format!("{path}.{key} is printed but not in the type")),
+                }
+            }
+            for key in t.keys().filter(|k| !p.contains_key(*k)) {
+                out.push(format!("{path}.{key} is in the type but not printed"));
+            }
+        }
+        (Value::Array(p), Value::Array(t)) if p.len() == t.len() => {
+            for (i, (value, other)) in p.iter().zip(t).enumerate() {
+                differ(value, other, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ if printed != typed => out.push(format!("{path}: printed {printed}, typed {typed}")),
+        _ => {}
+    }
+}
+
+/// What `reloader reload --wait --json` answered, and how it exited.
+#[derive(Debug)]
+pub struct Reload {
+    /// The exit code: 0 when the reload completed, 3 when it was rolled
+    /// back, 1 when it failed or was refused ([`reload_wait`] checks it
+    /// agrees with the response).
+    pub code: i32,
+    pub response: Response,
+}
+
+impl Reload {
+    /// Whether the reload completed (exit code 0).
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+
+    /// The report, unless the controller refused the request.
+    pub fn report(&self) -> Option<&ReloadReport> {
+        match &self.response {
+            Response::ReloadDone { report }
+            | Response::ReloadFailed { report }
+            | Response::ReloadRolledBack { report } => Some(report),
+            _ => None,
+        }
+    }
+
+    /// The report of a reload that completed; panics with the answer
+    /// otherwise.
+    #[track_caller]
+    pub fn done(&self) -> &ReloadReport {
+        self.expect(ReloadResult::Succeeded)
+    }
+
+    /// The report of a reload that failed; panics with the answer otherwise.
+    #[track_caller]
+    pub fn failed(&self) -> &ReloadReport {
+        self.expect(ReloadResult::Failed)
+    }
+
+    /// The report of a reload rolled back; panics with the answer otherwise.
+    #[track_caller]
+    pub fn rolled_back(&self) -> &ReloadReport {
+        self.expect(ReloadResult::RolledBack)
+    }
+
+    #[track_caller]
+    fn expect(&self, result: ReloadResult) -> &ReloadReport {
+        let report = match (&self.response, result) {
+            (Response::ReloadDone { report }, ReloadResult::Succeeded)
+            | (Response::ReloadFailed { report }, ReloadResult::Failed)
+            | (Response::ReloadRolledBack { report }, ReloadResult::RolledBack) => report,
+            _ => panic!("expected a reload that {}, got {self}", result.as_str()),
+        };
+        assert_eq!(
+            report.result, result,
+            "the report disagrees with the response: {self}"
+        );
+        report
+    }
+
+    /// Why it did not complete: the report's error and the new
+    /// generation's last stderr lines, or the controller's refusal.
+    pub fn why(&self) -> String {
+        match &self.response {
+            Response::Error { message } | Response::Busy { message } => message.clone(),
+            _ => match self.report() {
+                Some(report) => format!(
+                    "{} {:?}",
+                    report.error.as_deref().unwrap_or("(no error)"),
+                    report.stderr_tail
+                ),
+                None => self.to_string(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Reload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = serde_json::to_string_pretty(&self.response).map_err(|_| fmt::Error)?;
+        write!(f, "exit code {}: {json}", self.code)
+    }
+}
+
+/// Runs `reloader reload --wait --json ARGS` against the control socket
+/// `socket` (with `--timeout 120s` unless ARGS give one), decodes its
+/// answer and checks the exit code agrees with it. Callable from any
+/// thread; [`Instance::reload_wait`] is the usual way.
+#[track_caller]
+pub fn reload_wait(socket: &Path, args: &[&str]) -> Reload {
+    let mut command = Command::new(reloader_bin());
+    command
+        .args(["reload", "--wait", "--json", "--control-socket"])
+        .arg(socket)
+        .args(args);
+    if !args.contains(&"--timeout") {
+        command.args(["--timeout", "120s"]);
+    }
+    let out = command.output().expect("run reloader reload");
+    let what = format!(
+        "`reload --wait --json {}` (stderr: {})",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let response: Response = decode(&what, &out.stdout);
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("{what} was killed: {}", out.status));
+    let expected = match &response {
+        Response::ReloadDone { .. } => 0,
+        Response::ReloadRolledBack { .. } => 3,
+        Response::ReloadFailed { .. } | Response::Error { .. } | Response::Busy { .. } => 1,
+        other => panic!("{what} answered {other:?}"),
+    };
+    let reload = Reload { code, response };
+    assert_eq!(
+        code, expected,
+        "{what}: the exit code disagrees with {reload}"
+    );
+    reload
+}
+
+#[cfg(test)]
+mod tests {
+    use reloader::status::{RollbackReport, StatusReport};
+
+    use super::decode;
+
+    #[test]
+    fn decode_reads_what_the_type_encodes_to() {
+        let json = br#"{"from": 2, "to": 1, "map_update_us": 3.5, "from_exited_ms": null}"#;
+        let report: RollbackReport = decode("rollback", json);
+        assert_eq!((report.from, report.to, report.map_update_us), (2, 1, 3.5));
+        let status = serde_json::to_vec(&StatusReport::default()).unwrap();
+        let _: StatusReport = decode("status", &status);
+    }
+
+    /// serde alone reads a missing `Option` field as `None`.
+    #[test]
+    #[should_panic(expected = ".from_exited_ms is in the type but not printed")]
+    fn decode_refuses_a_missing_field() {
+        let _: RollbackReport =
+            decode("rollback", br#"{"from": 2, "to": 1, "map_update_us": 3.5}"#);
+    }
+
+    /// A field renamed in the output: the old name is missing, the new one
+    /// unknown to the type.
+    #[test]
+    #[should_panic(expected = ".from_exited is printed but not in the type")]
+    fn decode_refuses_a_renamed_field() {
+        let _: RollbackReport = decode(
+            "rollback",
+            br#"{"from": 2, "to": 1, "map_update_us": 3.5, "from_exited": 7.0}"#,
+        );
+    }
+
+    /// `#[serde(default)]` fields (most of `StatusReport`'s) are filled in
+    /// when missing.
+    #[test]
+    #[should_panic(expected = ".log_lines_dropped is in the type but not printed")]
+    fn decode_refuses_a_defaulted_field() {
+        let mut status = serde_json::to_value(StatusReport::default()).unwrap();
+        status.as_object_mut().unwrap().remove("log_lines_dropped");
+        let _: StatusReport = decode("status", &serde_json::to_vec(&status).unwrap());
+    }
+}

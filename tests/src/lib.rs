@@ -31,16 +31,16 @@ pub fn privileged() {
 /// The steering program `reloader` must load on the running kernel, by its
 /// version alone (`/proc/sys/kernel/osrelease`): `select-or-migrate` from
 /// Linux 5.14, `select-only` before.
-pub fn expected_steering_mode() -> &'static str {
+pub fn expected_steering_mode() -> reloader::steering::Mode {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     if version >= (5, 14) {
-        "select-or-migrate"
+        reloader::steering::Mode::SelectOrMigrate
     } else {
-        "select-only"
+        reloader::steering::Mode::SelectOnly
     }
 }
 
@@ -107,40 +107,42 @@ pub fn connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 /// more arrive. Returns the accepted streams per listener.
 pub fn accept_all(listeners: &[&TcpListener], expected: usize) -> Vec<Vec<TcpStream>> {
     let mut accepted: Vec<Vec<TcpStream>> = listeners.iter().map(|_| Vec::new()).collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut quiet_since: Option<Instant> = None;
-    loop {
-        let mut progress = false;
-        for (i, listener) in listeners.iter().enumerate() {
-            loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        stream.set_nonblocking(false).expect("blocking stream");
-                        accepted[i].push(stream);
-                        progress = true;
+    wait::wait_for(
+        format!("{expected} connections accepted and no more arriving"),
+        Duration::from_secs(5),
+        || {
+            let mut progress = false;
+            for (i, listener) in listeners.iter().enumerate() {
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false).expect("blocking stream");
+                            accepted[i].push(stream);
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("accept: {e}"),
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("accept: {e}"),
                 }
             }
-        }
-        let total: usize = accepted.iter().map(Vec::len).sum();
-        if total >= expected {
-            // Give stray connections a moment to show up, so "all on one
-            // listener" is not an artefact of stopping early.
-            match quiet_since {
-                Some(t) if t.elapsed() > Duration::from_millis(50) => return accepted,
-                Some(_) if !progress => {}
-                _ => quiet_since = Some(Instant::now()),
+            let total: usize = accepted.iter().map(Vec::len).sum();
+            if total >= expected {
+                // Give stray connections a moment to show up, so "all on one
+                // listener" is not an artefact of stopping early.
+                match quiet_since {
+                    Some(t) if t.elapsed() > Duration::from_millis(50) => return Ok(()),
+                    Some(_) if !progress => {}
+                    _ => quiet_since = Some(Instant::now()),
+                }
             }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "accepted {total} of {expected} connections within 5s (per listener: {:?})",
-            accepted.iter().map(Vec::len).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+            Err(format!(
+                "accepted {total} (per listener: {:?})",
+                accepted.iter().map(Vec::len).collect::<Vec<_>>()
+            ))
+        },
+    );
+    accepted
 }
 
 /// Reads one `\n`-terminated line from `stream` (5 s timeout).
@@ -182,3 +184,4 @@ pub mod process;
 pub mod servers;
 pub mod udp;
 pub mod udp_load;
+pub mod wait;

@@ -31,8 +31,16 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::{sys::signal::Signal, unistd::Pid};
-use reloader::demo::load::{self, Config, Event, Kind};
-use reloader_tests::{instance::Instance, nginx::Nginx, privileged};
+use reloader::{
+    demo::load::{self, Config, Event, Kind},
+    generation::State,
+    status::StatusReport,
+};
+use reloader_tests::{
+    instance::{Instance, StatusExt},
+    nginx::Nginx,
+    privileged,
+};
 use serde_json::{Value, json};
 
 use crate::{run, workspace_root};
@@ -301,11 +309,11 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
         let fault = Fault::pick(&mut rng);
         *faults.entry(format!("{fault:?}")).or_default() += 1;
         let at = load::monotonic_ns();
-        let next = instance.status()["generations"]
-            .as_array()
-            .and_then(|g| g.first())
-            .and_then(|g| g["generation"].as_u64())
-            .unwrap_or(0)
+        let next = instance
+            .status()
+            .generations
+            .first()
+            .map_or(0, |g| g.generation)
             + 1;
         match fault {
             Fault::Reload | Fault::BrokenReload | Fault::SlowReload => {
@@ -314,7 +322,7 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
                     Fault::SlowReload => knobs.slow()?,
                     _ => {}
                 }
-                let (ok, _) = instance.reload_wait();
+                let ok = instance.reload_wait().ok();
                 knobs.normal();
                 if ok {
                     reloads.0 += 1;
@@ -406,12 +414,12 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
                 let idle: Vec<_> = (0..300)
                     .filter_map(|_| std::os::unix::net::UnixStream::connect(&instance.socket).ok())
                     .collect();
-                let (ok, answer) = instance.reload_wait();
+                let reload = instance.reload_wait();
                 drop(idle);
-                if ok {
+                if reload.ok() {
                     reloads.0 += 1;
                 } else {
-                    violations.push(format!("a reload during a control flood failed: {answer}"));
+                    violations.push(format!("a reload during a control flood failed: {reload}"));
                 }
             }
             Fault::MalformedControl => {
@@ -425,7 +433,7 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
                     }
                 }
                 let status = instance.status();
-                if status["listeners"][0]["active_generation"].is_null() {
+                if status.active_generation().is_none() {
                     violations.push("no active generation after malformed requests".into());
                 }
             }
@@ -443,25 +451,24 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
     // Resources of the controller now running, and map entries.
     let status = instance.status();
     let fds_end = fd_count(instance.pid())?;
-    let live_sockets: u64 = status["generations"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let live_sockets: u64 = status
+        .generations
+        .iter()
         .filter(|g| {
             matches!(
-                g["state"].as_str(),
-                Some("active" | "draining" | "ready" | "starting")
+                g.state,
+                State::Active | State::Draining | State::Ready | State::Starting
             )
         })
-        .map(|g| g["sockets"].as_array().map_or(0, |s| s.len() as u64))
+        .map(|g| g.sockets.len() as u64)
         .sum();
-    let entries = &status["map_entries"];
-    if entries["probes"] != 0 {
-        violations.push(format!("probe routes left in the map: {entries}"));
+    let entries = status.map_entries;
+    if entries.probes != 0 {
+        violations.push(format!("probe routes left in the map: {entries:?}"));
     }
-    if entries["sockets"].as_u64().unwrap_or(0) > live_sockets {
+    if entries.sockets > live_sockets {
         violations.push(format!(
-            "map entries ({entries}) beyond the live generations' sockets ({live_sockets})"
+            "map entries ({entries:?}) beyond the live generations' sockets ({live_sockets})"
         ));
     }
     let stopped_cleanly = instance.stop().success();
@@ -558,18 +565,18 @@ fn chaos_one(server: &str, seed: u64, duration: Duration, release: &Path) -> Res
 }
 
 /// The pid of generation `at_least`'s (or any, with 0) active generation.
-fn active_pid(status: &Value, at_least: u64) -> Option<u32> {
-    status["generations"].as_array()?.iter().find_map(|g| {
-        (g["state"] == "active" && g["generation"].as_u64()? >= at_least)
-            .then(|| g["pid"].as_u64().map(|p| p as u32))?
-    })
+fn active_pid(status: &StatusReport, at_least: u64) -> Option<u32> {
+    status
+        .generations
+        .iter()
+        .find_map(|g| (g.state == State::Active && g.generation >= at_least).then_some(g.pid)?)
 }
 
-fn draining_pid(status: &Value) -> Option<u32> {
-    status["generations"]
-        .as_array()?
+fn draining_pid(status: &StatusReport) -> Option<u32> {
+    status
+        .generations
         .iter()
-        .find_map(|g| (g["state"] == "draining").then(|| g["pid"].as_u64().map(|p| p as u32))?)
+        .find_map(|g| (g.state == State::Draining).then_some(g.pid)?)
 }
 
 /// Waits until a generation other than the one with `killed` pid is

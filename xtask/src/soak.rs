@@ -30,7 +30,7 @@ struct Sample {
     fds: usize,
     rss_kib: u64,
     threads: u64,
-    map_entries: Value,
+    map_entries: reloader::steering::EntryCounts,
 }
 
 fn sample(instance: &Instance) -> Result<Sample> {
@@ -47,7 +47,7 @@ fn sample(instance: &Instance) -> Result<Sample> {
         fds,
         rss_kib: status.vmrss.context("VmRSS in /proc/PID/status")?,
         threads: status.threads,
-        map_entries: instance.status()["map_entries"].clone(),
+        map_entries: instance.status().map_entries,
     })
 }
 
@@ -139,8 +139,8 @@ fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
     let mut instance = Instance::start_in(instance_dir, &args, &command);
     // Warm up: allocations that happen once (first reload, first scrape).
     for _ in 0..3 {
-        let (ok, answer) = instance.reload_wait();
-        ensure!(ok, "warm-up reload failed: {answer}");
+        let reload = instance.reload_wait();
+        ensure!(reload.ok(), "warm-up reload failed: {reload}");
     }
     let start = sample(&instance)?;
     println!("{server}: start {start:?}");
@@ -148,10 +148,10 @@ fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
     let began = Instant::now();
     let mut failed_reloads = 0;
     for i in 1..=reloads {
-        let (ok, answer) = instance.reload_wait();
-        if !ok {
+        let reload = instance.reload_wait();
+        if !reload.ok() {
             failed_reloads += 1;
-            eprintln!("{server}: reload {i} failed: {answer}");
+            eprintln!("{server}: reload {i} failed: {reload}");
         }
         if i % 100 == 0 {
             println!(
@@ -171,7 +171,7 @@ fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
             f.started, f.result
         );
     }
-    let last = instance.status()["last_reload"].clone();
+    let last = instance.status().last_reload;
     let stopped = instance.stop();
     let result = json!({
         "server": server,
@@ -187,7 +187,7 @@ fn soak_one(server: &str, reloads: usize, release: &Path) -> Result<Value> {
     });
     println!(
         "{server}: {reloads} reloads in {:.0}s, {} connections, {} failed; fds {} -> {}, \
-         RSS {} -> {} KiB, threads {} -> {}, map entries {} -> {}",
+         RSS {} -> {} KiB, threads {} -> {}, map entries {:?} -> {:?}",
         elapsed.as_secs_f64(),
         report.total(),
         failures.len(),

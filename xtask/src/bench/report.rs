@@ -24,6 +24,18 @@ pub struct Phases {
     pub total_ms: Option<f64>,
 }
 
+impl Phases {
+    /// The phases a reloader reload report gives (none without a report).
+    pub fn of(report: Option<&reloader::status::ReloadReport>) -> Self {
+        Self {
+            spawn_to_ready_ms: report.and_then(|r| r.spawn_to_ready_ms),
+            ready_to_cutover_ms: report.and_then(|r| r.ready_to_cutover_ms),
+            cutover_to_old_exited_ms: report.and_then(|r| r.cutover_to_old_exited_ms),
+            total_ms: report.and_then(|r| r.total_ms),
+        }
+    }
+}
+
 /// One reload as the orchestrator saw it (`CLOCK_MONOTONIC`, ns).
 #[derive(Clone, Debug, Serialize)]
 pub struct Reload {

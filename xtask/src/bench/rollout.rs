@@ -19,7 +19,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use reloader_tests::{instance::Instance, load::Load, privileged};
+use reloader::{
+    generation::State,
+    status::{RollbackReport, RolloutKind},
+};
+use reloader_tests::{
+    instance::{Instance, decode},
+    load::Load,
+    privileged,
+};
 use serde_json::{Value, json};
 
 use super::scenario::Bins;
@@ -64,7 +72,8 @@ fn measure(testserver: &Path, cycles: usize, round: Duration, rounds: usize) -> 
     Ok(result)
 }
 
-fn client(instance: &Instance, args: &[&str]) -> Result<Value> {
+/// Runs a client subcommand that must succeed; its stdout.
+fn client(instance: &Instance, args: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new(reloader_tests::instance::reloader_bin())
         .arg(args[0])
         .arg("--control-socket")
@@ -79,7 +88,7 @@ fn client(instance: &Instance, args: &[&str]) -> Result<Value> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    Ok(out.stdout)
 }
 
 fn rollback_latency(instance: &mut Instance, cycles: usize) -> Result<Value> {
@@ -87,26 +96,25 @@ fn rollback_latency(instance: &mut Instance, cycles: usize) -> Result<Value> {
     std::thread::sleep(Duration::from_millis(300));
     let mut samples = Vec::new();
     for _ in 0..cycles {
-        let (ok, answer) = instance.reload_wait();
-        ensure!(ok, "reload failed: {answer}");
-        let previous = answer["report"]["previous"]
-            .as_u64()
-            .context("no previous")?;
+        let reload = instance.reload_wait();
+        ensure!(reload.ok(), "reload failed: {reload}");
+        let previous = reload.done().previous.context("no previous")?;
         std::thread::sleep(Duration::from_millis(200));
         let requested = load.start.elapsed();
         let t0 = Instant::now();
-        let report = client(instance, &["rollback", "--json"])?;
+        let stdout = client(instance, &["rollback", "--json"])?;
         let cli = t0.elapsed();
-        ensure!(report["to"] == previous, "rolled back to {report}");
-        samples.push((requested, cli, report["map_update_us"].as_f64(), previous));
+        let report: RollbackReport = decode("`rollback --json`", &stdout);
+        ensure!(report.to == previous, "rolled back to {report:?}");
+        samples.push((requested, cli, Some(report.map_update_us), previous));
         // Let the rolled-back generation go before the next cycle.
-        let from = report["from"].as_u64().unwrap_or(0);
+        let from = report.from;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while instance.status()["generations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|g| g["generation"] == from && g["state"] != "exited")
+        while instance
+            .status()
+            .generations
+            .iter()
+            .any(|g| g.generation == from && g.state != State::Exited)
         {
             ensure!(Instant::now() < deadline, "generation {from} did not exit");
             std::thread::sleep(Duration::from_millis(20));
@@ -163,7 +171,7 @@ fn split_rate(instance: &mut Instance, round: Duration, rounds: usize) -> Result
         plain.push(rate(round)?);
         client(instance, &["reload", "--canary", "50%"])?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while instance.status()["rollout"]["kind"] != "canary" {
+        while instance.status().rollout.map(|r| r.kind) != Some(RolloutKind::Canary) {
             ensure!(Instant::now() < deadline, "the canary did not start");
             std::thread::sleep(Duration::from_millis(20));
         }

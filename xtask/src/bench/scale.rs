@@ -449,9 +449,9 @@ fn measure(bins: &Bins, listeners: usize, reloads: usize, samples: usize) -> Res
         let mut instance = start_instance(&addrs, &command, &[]);
         let pid = instance.pid();
         for _ in 0..WARMUP_RELOADS {
-            let (ok, answer) = instance.reload_wait();
-            if !ok {
-                bail!("a warm-up reload failed: {answer}");
+            let reload = instance.reload_wait();
+            if !reload.ok() {
+                bail!("a warm-up reload failed: {reload}");
             }
         }
         let cpu0 = cpu_ms(pid)?;
@@ -459,20 +459,14 @@ fn measure(bins: &Bins, listeners: usize, reloads: usize, samples: usize) -> Res
         let mut measured = Vec::new();
         for _ in 0..reloads {
             let start_ns = reloader_tests::loadgen::monotonic_ns();
-            let (succeeded, answer) = instance.reload_wait();
-            let report = &answer["report"];
-            let phase = |name: &str| report[name].as_f64();
+            let reload = instance.reload_wait();
+            let succeeded = reload.ok();
             measured.push(report::Reload {
                 start_ns,
                 end_ns: reloader_tests::loadgen::monotonic_ns(),
                 succeeded,
-                error: (!succeeded).then(|| answer.to_string()),
-                phases: report::Phases {
-                    spawn_to_ready_ms: phase("spawn_to_ready_ms"),
-                    ready_to_cutover_ms: phase("ready_to_cutover_ms"),
-                    cutover_to_old_exited_ms: phase("cutover_to_old_exited_ms"),
-                    total_ms: phase("total_ms"),
-                },
+                error: (!succeeded).then(|| reload.to_string()),
+                phases: report::Phases::of(reload.report()),
             });
         }
         let reloads_wall_s = t0.elapsed().as_secs_f64();

@@ -354,21 +354,15 @@ fn with_reloader(
     let mut instance = start_reloader(setup, &args);
     let result = under_load(bins, params, setup.dir.path(), |_| {
         let start_ns = monotonic_ns();
-        let (succeeded, answer) = instance.reload_wait();
+        let reload = instance.reload_wait();
         let end_ns = monotonic_ns();
-        let report = &answer["report"];
-        let phase = |name: &str| report[name].as_f64();
+        let succeeded = reload.ok();
         Ok(Reload {
             start_ns,
             end_ns,
             succeeded,
-            error: (!succeeded).then(|| answer.to_string()),
-            phases: Phases {
-                spawn_to_ready_ms: phase("spawn_to_ready_ms"),
-                ready_to_cutover_ms: phase("ready_to_cutover_ms"),
-                cutover_to_old_exited_ms: phase("cutover_to_old_exited_ms"),
-                total_ms: phase("total_ms"),
-            },
+            error: (!succeeded).then(|| reload.to_string()),
+            phases: Phases::of(reload.report()),
         })
     });
     if !instance.stop().success() {

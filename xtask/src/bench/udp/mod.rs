@@ -30,7 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use reloader::demo::load::monotonic_ns;
+use reloader::{demo::load::monotonic_ns, status::CounterStatus};
 use reloader_tests::{
     instance::{Instance, process_alive},
     udp::naive::Naive,
@@ -73,7 +73,7 @@ pub enum Generations {
     Reloader {
         instance: Instance,
         /// The eBPF counters of every generation seen, as last read.
-        counters: BTreeMap<u64, Value>,
+        counters: BTreeMap<u64, CounterStatus>,
     },
 }
 
@@ -86,13 +86,7 @@ impl Generations {
         let mut instance = Instance::spawn_with_env(tempfile::tempdir()?, args, &command, &env);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = instance.client(&["status", "--json"]);
-            if out.status.success()
-                && let Ok(status) = serde_json::from_slice::<Value>(&out.stdout)
-                && let Some(listeners) = status["listeners"].as_array()
-                && !listeners.is_empty()
-                && listeners.iter().all(|l| l["active_generation"].is_u64())
-            {
+            if instance.serving() {
                 instance.remember_pids();
                 return Ok(Self::Reloader {
                     instance,
@@ -115,19 +109,14 @@ impl Generations {
         match self {
             Self::Naive(naive) => naive.reload(),
             Self::Reloader { instance, .. } => {
-                let (ok, answer) = instance.reload_wait();
-                let report = &answer["report"];
-                if ok {
-                    report["generation"]
-                        .as_u64()
-                        .ok_or_else(|| format!("no generation in {answer}"))
+                let reload = instance.reload_wait();
+                if reload.ok() {
+                    Ok(reload.done().generation)
                 } else {
-                    Err(format!(
-                        "generation {} failed: {} {}",
-                        report["generation"],
-                        report["error"].as_str().unwrap_or(&answer.to_string()),
-                        report["stderr_tail"]
-                    ))
+                    let generation = reload
+                        .report()
+                        .map_or_else(|| "none".into(), |r| r.generation.to_string());
+                    Err(format!("generation {generation} failed: {}", reload.why()))
                 }
             }
         }
@@ -137,11 +126,8 @@ impl Generations {
     /// last few).
     fn read_counters(&mut self) {
         if let Self::Reloader { instance, counters } = self {
-            let status = instance.status();
-            for g in status["generations"].as_array().into_iter().flatten() {
-                if let Some(n) = g["generation"].as_u64() {
-                    counters.insert(n, g["counters"].clone());
-                }
+            for g in instance.status().generations {
+                counters.insert(g.generation, g.counters);
             }
         }
     }
@@ -189,15 +175,11 @@ impl Generations {
                         instance.log_text()
                     );
                 }
-                let mut sum = serde_json::Map::new();
+                let mut sum = CounterStatus::default();
                 for c in counters.values() {
-                    for (k, v) in c.as_object().into_iter().flatten() {
-                        let total = sum.get(k).and_then(Value::as_u64).unwrap_or(0)
-                            + v.as_u64().unwrap_or(0);
-                        sum.insert(k.clone(), total.into());
-                    }
+                    sum += *c;
                 }
-                Ok(Some(Value::Object(sum)))
+                Ok(Some(serde_json::to_value(sum)?))
             }
         }
     }

@@ -8,9 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reloader::{generation::State, steering::EntryCounts};
+use reloader::{control::Response, generation::State, steering::EntryCounts};
 use reloader_tests::{
-    instance::{Instance, Reload, StatusExt, process_alive, reload_wait},
+    instance::{Instance, Reload, StatusExt, decode, process_alive, reload_wait},
     load::{self, Load},
     privileged,
     wait::wait_for,
@@ -673,6 +673,96 @@ fn malformed_control_requests_get_an_error_and_change_nothing() {
     assert_eq!(status.reloads_succeeded, 0);
     assert_eq!(load::request(addr()).unwrap(), 1);
     assert!(instance.stop().success(), "and a stop request still works");
+}
+
+#[test]
+fn malformed_canary_requests_get_an_error_and_the_controller_keeps_answering() {
+    use std::io::{Read, Write};
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    // Before the protocol edge checked plans, `steps: []` panicked the
+    // controller while it held the state's lock: every later request got
+    // no answer, and the half-started generation was orphaned.
+    for (canary, says) in [
+        (r#"{"steps":[]}"#, "canary.steps is empty"),
+        (r#"{"steps":[0]}"#, "canary.steps[0] is 0"),
+        (r#"{"steps":[4000000000]}"#, "canary.steps[0] is 4000000000"),
+        (r#"{"steps":[50,10],"dwell_ms":1000}"#, "steps must grow"),
+        (
+            r#"{"steps":[1000],"dwell_ms":18446744073709551615}"#,
+            "canary.dwell_ms is 18446744073709551615",
+        ),
+    ] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&instance.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        writeln!(
+            stream,
+            r#"{{"request":"reload","wait":true,"canary":{canary}}}"#
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        let response: Response = decode("the answer to a malformed canary", answer.as_bytes());
+        match response {
+            Response::Error { message } => assert!(message.contains(says), "{canary}: {message}"),
+            other => panic!("{canary} was not refused: {other:?}"),
+        }
+    }
+    let status = instance.status();
+    assert_eq!(status.active_generation(), Some(1), "nothing started");
+    assert_eq!(status.generations.len(), 1, "no generation was begun");
+    let reload = instance.reload_wait();
+    assert_eq!(reload.done().generation, 2, "{reload}");
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn overlapping_reload_waits_name_the_generations_that_were_really_active() {
+    // Two `reload --wait` 30 ms apart: the second starts generation N+1
+    // while N-1 still settles, and N+1's cutover drains N, which could then
+    // exit before N-1 did. The first reload's barrier (N-1 exited) then
+    // found N ended and reported it as failed ("generation N exited with
+    // status 0 after the cutover; generation N-1 is still active") in 2 of
+    // about 55 tries, while N+1 served and N-1 had exited.
+    // To make that order the usual one, not a 1-in-30 race, the second
+    // reload's generation ignores the drain signal (it is killed at the
+    // drain timeout when the next round replaces it), so the generation
+    // the first reload replaces exits last.
+    privileged();
+    let (mut instance, mode_file) =
+        with_mode_file(&["--listen", ADDR, "--drain-timeout", "600ms"], None);
+    let socket = instance.socket.clone();
+    for round in 0..50 {
+        std::fs::write(&mode_file, "").unwrap();
+        let first = {
+            let socket = socket.clone();
+            std::thread::spawn(move || reload_wait(&socket, &[]))
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(&mode_file, "--ignore-drain").unwrap();
+        let second = reload_wait(&socket, &[]);
+        let first = first.join().unwrap();
+        for reload in [&first, &second] {
+            assert!(
+                reload.ok(),
+                "round {round}: a reload was reported failed: {reload}"
+            );
+        }
+        let (a, b) = (first.done().generation, second.done().generation);
+        assert!(b >= a, "round {round}: {a} then {b}");
+        assert_eq!(
+            instance.active_generation(),
+            Some(b),
+            "round {round}: the later reload's generation serves"
+        );
+    }
+    assert_eq!(instance.status().reloads_failed, 0);
+    // The last one ignores the drain signal: replace it, then stop.
+    std::fs::write(&mode_file, "").unwrap();
+    assert!(instance.reload_wait().ok());
+    assert!(instance.stop().success());
 }
 
 /// Measurements, not checks: connections that fail per reload under load

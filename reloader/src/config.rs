@@ -198,9 +198,64 @@ pub struct CanaryPlan {
     pub dwell_ms: Option<u64>,
 }
 
+/// Steps a canary plan may have at most.
+pub const MAX_CANARY_STEPS: usize = 16;
+/// How long one canary step may last at most (`--canary-for`).
+pub const MAX_CANARY_DWELL: Duration = Duration::from_secs(24 * 3600);
+/// How short one canary step may be at least.
+pub const MIN_CANARY_DWELL: Duration = Duration::from_millis(100);
+
 impl CanaryPlan {
     pub fn dwell(&self) -> Option<Duration> {
         self.dwell_ms.map(Duration::from_millis)
+    }
+
+    /// Checks a plan that arrived over the control socket as the command
+    /// line checks its flags: 1 to [`MAX_CANARY_STEPS`] steps, each a share
+    /// above 0 and below 100 %, growing; several steps need a dwell; a
+    /// dwell within [`MIN_CANARY_DWELL`]..=[`MAX_CANARY_DWELL`]. Says which
+    /// field is wrong and why.
+    pub fn check(&self) -> Result<(), String> {
+        let scale = crate::steering::WEIGHT_SCALE;
+        if self.steps.is_empty() {
+            return Err(
+                "canary.steps is empty: give at least one share (e.g. [1000] for 10%)".into(),
+            );
+        }
+        if self.steps.len() > MAX_CANARY_STEPS {
+            return Err(format!(
+                "canary.steps has {} steps: at most {MAX_CANARY_STEPS}",
+                self.steps.len()
+            ));
+        }
+        for (i, &weight) in self.steps.iter().enumerate() {
+            if weight == 0 || weight >= scale {
+                return Err(format!(
+                    "canary.steps[{i}] is {weight}: each share is in parts of {scale}, above 0 \
+                     and below {scale} (100%)"
+                ));
+            }
+            if i > 0 && weight <= self.steps[i - 1] {
+                return Err(format!(
+                    "canary.steps[{i}] is {weight}, not above the step before it ({}): steps \
+                     must grow",
+                    self.steps[i - 1]
+                ));
+            }
+        }
+        match self.dwell() {
+            None if self.steps.len() > 1 => Err(
+                "canary.dwell_ms is missing: several steps need a dwell (how long each lasts)"
+                    .into(),
+            ),
+            Some(dwell) if !(MIN_CANARY_DWELL..=MAX_CANARY_DWELL).contains(&dwell) => Err(format!(
+                "canary.dwell_ms is {}: between {} and {} ms",
+                dwell.as_millis(),
+                MIN_CANARY_DWELL.as_millis(),
+                MAX_CANARY_DWELL.as_millis()
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// A share in percent, for people.

@@ -106,9 +106,17 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
     if line.len() >= MAX_REQUEST {
         return Err(DecodeError::TooLarge);
     }
-    serde_json::from_slice(line).map_err(|e| DecodeError::Malformed {
+    let request: Request = serde_json::from_slice(line).map_err(|e| DecodeError::Malformed {
         reason: e.to_string(),
-    })
+    })?;
+    if let Request::Reload {
+        canary: Some(plan), ..
+    } = &request
+    {
+        plan.check()
+            .map_err(|reason| DecodeError::Malformed { reason })?;
+    }
+    Ok(request)
 }
 
 /// Encodes a message as one JSON line.
@@ -182,6 +190,44 @@ mod tests {
         ));
         let huge = vec![b' '; MAX_REQUEST];
         assert_eq!(decode_request(&huge), Err(DecodeError::TooLarge));
+    }
+
+    #[test]
+    fn malformed_canary_plans_are_refused_naming_the_field() {
+        // Each of these took the controller down or was shown as nonsense
+        // before the edge checked plans (steps [] panicked at the first
+        // step; [4000000000] showed as 40000000%).
+        for (canary, says) in [
+            (r#"{"steps":[]}"#, "canary.steps is empty"),
+            (r#"{"steps":[0]}"#, "canary.steps[0] is 0"),
+            (r#"{"steps":[4000000000]}"#, "canary.steps[0] is 4000000000"),
+            (r#"{"steps":[10000]}"#, "below 10000 (100%)"),
+            (
+                r#"{"steps":[5000,1000],"dwell_ms":1000}"#,
+                "canary.steps[1] is 1000, not above",
+            ),
+            (r#"{"steps":[100,1000]}"#, "canary.dwell_ms is missing"),
+            (
+                r#"{"steps":[1000],"dwell_ms":18446744073709551615}"#,
+                "canary.dwell_ms is 18446744073709551615",
+            ),
+            (r#"{"steps":[1000],"dwell_ms":0}"#, "canary.dwell_ms is 0"),
+            (
+                r#"{"steps":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17],"dwell_ms":1000}"#,
+                "at most 16",
+            ),
+        ] {
+            let line = format!(r#"{{"request":"reload","wait":true,"canary":{canary}}}"#);
+            match decode_request(line.as_bytes()) {
+                Err(DecodeError::Malformed { reason }) => {
+                    assert!(reason.contains(says), "{canary}: {reason}")
+                }
+                other => panic!("{canary} was accepted: {other:?}"),
+            }
+        }
+        let good =
+            r#"{"request":"reload","wait":true,"canary":{"steps":[100,1000],"dwell_ms":500}}"#;
+        assert!(decode_request(good.as_bytes()).is_ok());
     }
 
     proptest::proptest! {

@@ -196,3 +196,193 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
     line.pop();
     protocol::decode_request(&line).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The control server against a fake controller, unprivileged: bad
+    //! requests, the idle-connection eviction and the busy answer.
+
+    use std::{
+        path::PathBuf,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+        net::UnixStream,
+        sync::Notify,
+    };
+
+    use super::*;
+    use crate::{config::CanaryPlan, status::StatusReport};
+
+    /// Counts the requests it gets; a reload waits until `release`.
+    #[derive(Clone, Default)]
+    struct Fake {
+        calls: Arc<AtomicUsize>,
+        release: Arc<Notify>,
+    }
+
+    impl Controller for Fake {
+        async fn reload(&self, _: bool, _: Option<CanaryPlan>) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.release.notified().await;
+            Response::ReloadAccepted
+        }
+        async fn rollback(&self, _: bool) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Response::Error {
+                message: "nothing".into(),
+            }
+        }
+        async fn promote(&self) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Response::Error {
+                message: "nothing".into(),
+            }
+        }
+        fn stop(&self) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Response::Stopping
+        }
+        async fn status(&self) -> Option<StatusReport> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Some(StatusReport::default())
+        }
+    }
+
+    /// A server for `fake` on a socket in a fresh directory.
+    fn serving(fake: &Fake) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let task = tokio::spawn(serve(fake.clone(), listener));
+        (dir, path, task)
+    }
+
+    /// Sends `line` (a newline is added) and reads the one answer.
+    async fn ask(path: &PathBuf, line: &[u8]) -> Response {
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        stream.write_all(line).await.unwrap();
+        stream.write_all(b"\n").await.unwrap();
+        read_answer(stream).await
+    }
+
+    async fn read_answer(stream: UnixStream) -> Response {
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).await.unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_bad_request_gets_an_error_and_reaches_no_controller() {
+        let fake = Fake::default();
+        let (_dir, path, task) = serving(&fake);
+        for line in [
+            &br#"{"request":"explode"}"#[..],
+            br#"{"request":"reload"}"#,
+            br#"{"request":"status","extra":1}"#,
+            b"\xff\xfe",
+            b"",
+            br#"{"request":"reload","wait":true,"canary":{"steps":[]}}"#,
+            br#"{"request":"reload","wait":true,"canary":{"steps":[4000000000]}}"#,
+            br#"{"request":"reload","wait":true,"canary":{"steps":[5000,1000],"dwell_ms":9}}"#,
+            br#"{"request":"reload","wait":true,"canary":{"steps":[1000],"dwell_ms":18446744073709551615}}"#,
+        ] {
+            match ask(&path, line).await {
+                Response::Error { message } => assert!(
+                    message.starts_with("malformed request"),
+                    "{}: {message}",
+                    String::from_utf8_lossy(line)
+                ),
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(line)),
+            }
+        }
+        // Too large, then a connection that closes before its newline.
+        let mut stream = UnixStream::connect(&path).await.unwrap();
+        stream.write_all(&[b' '; MAX_REQUEST + 10]).await.unwrap();
+        match read_answer(stream).await {
+            Response::Error { message } => assert!(message.contains("larger than"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let mut stream = UnixStream::connect(&path).await.unwrap();
+        stream.write_all(br#"{"request":"status"}"#).await.unwrap();
+        stream.shutdown().await.unwrap();
+        match read_answer(stream).await {
+            Response::Error { message } => assert!(message.contains("truncated"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+        // And a good request still gets its answer.
+        assert!(matches!(
+            ask(&path, br#"{"request":"status"}"#).await,
+            Response::Status { .. }
+        ));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_connections_give_their_place_to_a_request() {
+        let fake = Fake::default();
+        let (_dir, path, task) = serving(&fake);
+        // Every place taken by a connection that sends nothing.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        tokio::task::yield_now().await;
+        match ask(&path, br#"{"request":"status"}"#).await {
+            Response::Status { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        // The oldest idle one was told why it lost its place.
+        match read_answer(idle.remove(0)).await {
+            Response::Error { message } => {
+                assert!(message.contains("sent no request"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_every_place_busy_a_newcomer_is_told_busy() {
+        let fake = Fake::default();
+        let (_dir, path, task) = serving(&fake);
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            stream
+                .write_all(b"{\"request\":\"reload\",\"wait\":true}\n")
+                .await
+                .unwrap();
+            waiting.push(stream);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while fake.calls.load(Ordering::SeqCst) < MAX_CLIENTS {
+            assert!(tokio::time::Instant::now() < deadline, "requests not taken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match ask(&path, br#"{"request":"status"}"#).await {
+            Response::Busy { message } => assert!(message.contains("busy"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        // Once they are answered, places are free again.
+        fake.release.notify_waiters();
+        for stream in waiting {
+            assert!(matches!(
+                read_answer(stream).await,
+                Response::ReloadAccepted
+            ));
+        }
+        assert!(matches!(
+            ask(&path, br#"{"request":"status"}"#).await,
+            Response::Status { .. }
+        ));
+        task.abort();
+    }
+}

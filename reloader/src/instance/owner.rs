@@ -291,6 +291,10 @@ impl<H: Host> Owner<H> {
     ) {
         let refused = if self.stopping.is_some() || self.state.is_stopping() {
             Some("the instance is stopping".to_owned())
+        } else if let Some(Err(why)) = canary.as_ref().map(CanaryPlan::check) {
+            // The protocol edge checks plans already; a plan from anywhere
+            // else must not reach the state unchecked either.
+            Some(why)
         } else if let Some(generation) = self.state.canary() {
             Some(crate::error::ReloadError::CanaryRunning { generation }.to_string())
         } else if canary.is_some() && self.state.active().is_none() {

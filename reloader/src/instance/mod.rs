@@ -20,12 +20,14 @@
 //! (`super::run` in `main`): they keep serving, and the next controller
 //! adopts them, as after a SIGKILL.
 
+mod commands;
 mod events;
 mod files;
 mod owner;
 mod reaper;
 mod recovery;
 mod startup;
+mod stop;
 mod watch;
 
 #[cfg(test)]

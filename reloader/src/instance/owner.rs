@@ -26,19 +26,19 @@ use crate::{
         self, CutOver, Finished, Host,
         scheduler::{Outcome, Scheduler, Start, Waiter, answer},
     },
-    state::{Activated, Client, Command, InstanceState, Owned, saved::Saved},
+    state::{Client, InstanceState, Owned, saved::Saved},
     status::{ReloadReport, RollbackReason, RollbackReport},
 };
 
 /// A reload under way.
-struct Running {
-    task: JoinHandle<Result<CutOver, ReloadReport>>,
-    waiters: Vec<Waiter>,
-    first_start: bool,
+pub(super) struct Running {
+    pub(super) task: JoinHandle<Result<CutOver, ReloadReport>>,
+    pub(super) waiters: Vec<Waiter>,
+    pub(super) first_start: bool,
 }
 
 /// What a task the owner started hands back when it ends.
-enum Done {
+pub(super) enum Done {
     /// A drain (or an adopted canary's) ended.
     Drained,
     /// A reload reached its barrier.
@@ -64,31 +64,31 @@ pub(super) enum Flow {
 
 /// The stop under way: every generation drains until `deadline`, then
 /// (once) is killed.
-struct Stopping {
-    deadline: tokio::time::Instant,
-    killed: bool,
+pub(super) struct Stopping {
+    pub(super) deadline: tokio::time::Instant,
+    pub(super) killed: bool,
 }
 
 /// The owner of one instance's state; see the module comment.
 pub struct Owner<H: Host> {
     pub(super) state: InstanceState,
-    host: Arc<H>,
-    client: Client,
-    owned: Owned,
-    events: mpsc::Receiver<Event>,
-    saved: Arc<Saved>,
-    saved_version: u64,
-    scheduler: Scheduler,
-    running: Option<Running>,
-    tasks: JoinSet<Done>,
-    first_start: bool,
+    pub(super) host: Arc<H>,
+    pub(super) client: Client,
+    pub(super) owned: Owned,
+    pub(super) events: mpsc::Receiver<Event>,
+    pub(super) saved: Arc<Saved>,
+    pub(super) saved_version: u64,
+    pub(super) scheduler: Scheduler,
+    pub(super) running: Option<Running>,
+    pub(super) tasks: JoinSet<Done>,
+    pub(super) first_start: bool,
     /// Why the instance's first generation did not start.
     pub(super) first_failure: Option<ReloadReport>,
     /// When a crashed generation is restarted.
-    restart_at: Option<tokio::time::Instant>,
-    stopping: Option<Stopping>,
+    pub(super) restart_at: Option<tokio::time::Instant>,
+    pub(super) stopping: Option<Stopping>,
     /// Whether every generation exited within its drain timeout at stop.
-    clean: bool,
+    pub(super) clean: bool,
 }
 
 impl<H: Host> Owner<H> {
@@ -233,7 +233,7 @@ impl<H: Host> Owner<H> {
 
     /// Publishes the state as it is now; the state file's content gets a
     /// new version when it changed.
-    fn publish(&mut self) {
+    pub(super) fn publish(&mut self) {
         let saved = self.state.saved();
         if saved != *self.saved {
             self.saved = Arc::new(saved);
@@ -326,7 +326,7 @@ impl<H: Host> Owner<H> {
     /// generation rolled back from. `only_from`: only if that generation is
     /// still the new one (a health verdict about a generation that was
     /// meanwhile replaced is stale).
-    fn roll_back(
+    pub(super) fn roll_back(
         &mut self,
         reason: RollbackReason,
         wait: bool,
@@ -487,164 +487,6 @@ impl<H: Host> Owner<H> {
         let delay = self.state.next_restart_delay();
         info!(delay = %crate::generation::human_duration(delay), "restarting after the backoff");
         self.restart_at = Some(tokio::time::Instant::now() + delay);
-    }
-
-    // ---- State commands.
-
-    /// Carries out one state command.
-    fn apply(&mut self, command: Command) {
-        match command {
-            Command::Begin {
-                config_sha256,
-                reply,
-            } => {
-                let begun = self.state.begin(Instant::now());
-                if let Ok(begun) = &begun {
-                    self.state.set_config_sha256(begun.number, config_sha256);
-                }
-                let _ = reply.send(begun);
-            }
-            Command::Spawned {
-                number,
-                process,
-                stderr,
-                reply,
-            } => {
-                let spawned = self.state.spawned(number, process, stderr);
-                // Published before the answer: the reload then waits for
-                // the state file to name this pid (`Client::persisted`).
-                self.publish();
-                let _ = reply.send(spawned);
-            }
-            Command::Register {
-                number,
-                found,
-                reply,
-            } => {
-                let _ = reply.send(self.state.register(number, found));
-            }
-            Command::AddProbe {
-                number,
-                listener,
-                port,
-                reply,
-            } => {
-                let _ = reply.send(self.state.add_probe(number, listener, port));
-            }
-            Command::RemoveProbe { listener, port } => self.state.remove_probe(listener, port),
-            Command::Activate {
-                number,
-                ready,
-                canary,
-                reply,
-            } => {
-                let cutover = match &canary {
-                    Some(plan) => self.state.start_canary(number, ready, plan),
-                    None => self.state.cut_over(number, ready),
-                };
-                let activated = cutover.map(|cutover| Activated {
-                    cutover,
-                    canary: self.state.canary() == Some(number),
-                });
-                let _ = reply.send(activated);
-            }
-            Command::Fail {
-                number,
-                error,
-                reply,
-            } => {
-                let _ = reply.send(self.state.fail(number, &error));
-            }
-            Command::DrainSignal { number, reply } => {
-                let _ = reply.send(self.state.drain_signal(number));
-            }
-            Command::Kill { number } => self.state.kill(number),
-            Command::Abandon { number, waited } => self.state.abandon(number, waited),
-            Command::Refresh {
-                number,
-                found,
-                listening,
-                reply,
-            } => {
-                let refreshed = self.state.refresh(number, found, &listening);
-                if let Ok(crate::state::Refreshed::Demoted { .. }) = &refreshed {
-                    self.spawn_drain(number);
-                }
-                let _ = reply.send(refreshed);
-            }
-            Command::ReleaseBridges { listening } => {
-                self.state.release_bridges(Some(&listening));
-            }
-            Command::HealthChecked { number, result } => {
-                if self.state.health_checked(number, result) {
-                    self.roll_back(RollbackReason::Health, false, None, Some(number));
-                }
-            }
-            Command::AdvanceCanary { number, now } => {
-                self.state.advance_canary(number, now);
-            }
-            Command::SampleRates { now } => self.state.sample_rates(now),
-            Command::Status { reply } => {
-                let _ = reply.send(self.state.status());
-            }
-        }
-    }
-
-    // ---- Stop.
-
-    /// Begins the stop: the reload under way is cancelled (its candidate
-    /// killed), requests still waiting are answered, every generation that
-    /// served is told to drain, the others are killed.
-    fn begin_stop(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        info!("stopping: draining every generation");
-        crate::notify::stopping();
-        if let Some(running) = self.running.take() {
-            running.task.abort();
-            answer(
-                running.waiters,
-                &Outcome::NotRun("the instance stopped before the reload completed".into()),
-            );
-        }
-        self.scheduler.refuse_all("the instance is stopping");
-        self.tasks.abort_all();
-        self.restart_at = None;
-        for (number, state) in self.state.begin_stop() {
-            if matches!(
-                state,
-                crate::generation::State::Active | crate::generation::State::Draining
-            ) {
-                self.state.drain_signal(number);
-            }
-        }
-        self.stopping = Some(Stopping {
-            deadline: tokio::time::Instant::now() + self.client.config().drain_timeout,
-            killed: false,
-        });
-    }
-
-    /// The stop's deadline passed: kill what still runs, and at the second
-    /// deadline give it up.
-    fn stop_deadline(&mut self) {
-        let Some(stopping) = &mut self.stopping else {
-            return;
-        };
-        let remaining: Vec<u64> = self.state.live().into_iter().map(|(n, _)| n).collect();
-        if stopping.killed {
-            for number in remaining {
-                self.state.abandon(number, reload::KILL_GRACE);
-            }
-            return;
-        }
-        warn!(generations = ?remaining, "drain timeout: killing");
-        for number in &remaining {
-            self.state.kill(*number);
-        }
-        stopping.killed = true;
-        stopping.deadline = tokio::time::Instant::now() + reload::KILL_GRACE;
-        self.clean = false;
     }
 }
 

@@ -14,7 +14,8 @@
 //!   holds; [`supervisor`]: spawning, reaping, pidfds.
 //! - [`generation`]: the generation state machine (pure); [`status`]: what
 //!   is reported; [`error`]: why a reload failed.
-//! - [`config`], [`cli`]: validated command line; [`logging`], [`notify`],
+//! - [`config`], [`cli`]: validated command line; [`listen`]: the managed
+//!   address type; [`logging`], [`notify`],
 //!   [`net`]: output, systemd, listening sockets; [`demo`].
 //! - [`digest`]: the config identity (`--config`); [`watch`]: reload on
 //!   change (`--watch`).
@@ -32,6 +33,7 @@ pub mod discovery;
 pub mod error;
 pub mod generation;
 pub mod instance;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod net;

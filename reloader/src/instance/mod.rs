@@ -63,7 +63,7 @@ const EVENT_QUEUE: usize = 256;
 pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     // Before anything starts: a --watch path another user controls is refused.
-    let watcher = crate::watch::Watcher::start(&config.watch).await?;
+    let watcher = crate::watch::Watcher::start(&config.changes.watch).await?;
     let config = Arc::new(config);
     let prepared = {
         let config = config.clone();
@@ -159,6 +159,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let watch_task = watcher.map(|w| tokio::spawn(watch::reload_on_change(w, events_tx.clone())));
     let tracker = tokio::spawn(reload::track(client.clone(), host, listened, steady));
     let health = config
+        .rollout
         .health
         .is_some()
         .then(|| tokio::spawn(reload::health::watch(client.clone())));

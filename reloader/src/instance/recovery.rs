@@ -225,7 +225,7 @@ pub fn load_steering(
     adopting: bool,
 ) -> anyhow::Result<Steering> {
     let options = Options {
-        force_select_only: config.force_select_only,
+        force_select_only: config.steering.force_select_only,
         ebpf_debug_logs: tracing::enabled!(target: "reloader::ebpf", tracing::Level::DEBUG),
         pin_dir: Some(paths.pins.clone()),
         limits,
@@ -234,7 +234,7 @@ pub fn load_steering(
             .iter()
             .any(|l| l.transport == steering::Transport::Udp)
         {
-            config.udp_flows
+            config.udp.flows
         } else {
             1
         },

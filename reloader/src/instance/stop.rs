@@ -40,7 +40,7 @@ impl<H: Host> Owner<H> {
             }
         }
         self.stopping = Some(Stopping {
-            deadline: tokio::time::Instant::now() + self.client.config().drain_timeout,
+            deadline: tokio::time::Instant::now() + self.client.config().drain.timeout,
             killed: false,
         });
     }

@@ -139,7 +139,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::parse_check;
+    use crate::cli::parse_check;
 
     /// The instance's reaper, for the children of these tests only (other
     /// tests of this binary reap their own): claimed ones are delivered.

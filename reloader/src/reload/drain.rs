@@ -23,17 +23,17 @@ const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 /// Drains generation `old`; returns when it has exited (or was given up).
 pub async fn drain(client: &Client, old: u64) {
     let config = client.config().clone();
-    settle(client, old, config.settle).await;
+    settle(client, old, config.drain.settle).await;
     udp_queues_read(client, old, UDP_QUEUE_WAIT).await;
     if !client.drain_signal(old).await {
         return;
     }
-    if wait_exit(client, old, config.drain_timeout).await {
+    if wait_exit(client, old, config.drain.timeout).await {
         return;
     }
     warn!(
         generation = old,
-        timeout = %human_duration(config.drain_timeout),
+        timeout = %human_duration(config.drain.timeout),
         "still running at the drain timeout: killing its process group"
     );
     client.kill(old).await;

@@ -13,7 +13,7 @@ use crate::state::Client;
 /// the owner each result (it rolls back a new generation that became
 /// unhealthy, in the same step). Runs until aborted.
 pub async fn watch(client: Client) {
-    let Some(health) = client.config().health.clone() else {
+    let Some(health) = client.config().rollout.health.clone() else {
         return;
     };
     let mut snapshots = client.subscribe();

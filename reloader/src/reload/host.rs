@@ -99,11 +99,11 @@ fn spawn(
     number: u64,
     notify_socket: Option<&Path>,
 ) -> Result<Spawned, ReloadError> {
-    let command = substitute_generation(&config.command, number);
+    let command = substitute_generation(&config.spawn.command, number);
     // Socket activation: this generation's listeners, opened here. Our
     // copies close right after the spawn; discovery then finds them in
     // the server like any others.
-    let passed: Vec<OwnedFd> = if config.pass_fds {
+    let passed: Vec<OwnedFd> = if config.spawn.pass_fds {
         config
             .listen
             .iter()

@@ -267,8 +267,8 @@ async fn start<H: Host>(
 ) -> Result<Instant, ReloadError> {
     let number = begun.number;
     let config = client.config().clone();
-    let deadline = t0 + config.ready_timeout;
-    let notify = if config.ready_notify {
+    let deadline = t0 + config.ready.timeout;
+    let notify = if config.ready.notify {
         Some(
             NotifySocket::bind(
                 config
@@ -303,7 +303,7 @@ async fn start<H: Host>(
     if let Some(notify) = &notify {
         notify.wait_ready(client, number, deadline).await?;
     }
-    if let Some(probe) = &config.ready_probe {
+    if let Some(probe) = &config.ready.probe {
         wait_for_probe(client, number, probe, deadline).await?;
     }
     Ok(Instant::now())
@@ -333,7 +333,7 @@ async fn discover<H: Host>(
             if Instant::now() >= deadline {
                 let config = client.config();
                 return Err(ReloadError::NotListening {
-                    timeout: config.ready_timeout,
+                    timeout: config.ready.timeout,
                     missing: config
                         .listen
                         .iter()

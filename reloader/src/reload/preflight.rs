@@ -25,10 +25,10 @@ use crate::{state::Client, status::ReloadReport};
 pub async fn run(client: &Client) -> Result<Option<String>, ReloadReport> {
     let t0 = Instant::now();
     let config = client.config().clone();
-    if let Some(command) = &config.check {
+    if let Some(command) = &config.changes.check {
         let snapshot = client.snapshot();
         let (next, previous) = (snapshot.next_generation, snapshot.active);
-        if let Err(error) = check::run(command, &config.name, next, config.ready_timeout).await {
+        if let Err(error) = check::run(command, &config.name, next, config.ready.timeout).await {
             warn!(generation = next, error = %crate::error_chain(&error), "reload refused by --check");
             let output = match &error {
                 crate::error::ReloadError::CheckFailed { output, .. } => output.clone(),
@@ -43,10 +43,10 @@ pub async fn run(client: &Client) -> Result<Option<String>, ReloadReport> {
             return Err(failed(report, &error, t0));
         }
     }
-    if config.config_files.is_empty() {
+    if config.changes.config_files.is_empty() {
         return Ok(None);
     }
-    let files = config.config_files.clone();
+    let files = config.changes.config_files.clone();
     let digest = tokio::task::spawn_blocking(move || crate::digest::config_sha256(&files)).await;
     match digest {
         Ok(Ok(digest)) => Ok(Some(digest)),

@@ -34,7 +34,7 @@ pub async fn wait_for_probe(
         };
         if Instant::now() >= deadline {
             return Err(ReloadError::ProbeFailed {
-                timeout: client.config().ready_timeout,
+                timeout: client.config().ready.timeout,
                 last,
             });
         }

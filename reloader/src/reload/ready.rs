@@ -41,7 +41,7 @@ impl NotifySocket {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ReloadError::NoReadyNotify {
-                    timeout: client.config().ready_timeout,
+                    timeout: client.config().ready.timeout,
                 });
             }
             tokio::select! {

@@ -26,10 +26,10 @@ impl InstanceState {
                 info!(
                     generation = number,
                     pid = process.pid(),
-                    signal = self.config.drain_signal.as_str(),
+                    signal = self.config.drain.signal.as_str(),
                     "draining"
                 );
-                process.signal(self.config.drain_signal);
+                process.signal(self.config.drain.signal);
                 let _ = self.generations.signalled(number, Instant::now());
                 if self.hold.is_some_and(|h| h.held == number) {
                     self.hold = None;

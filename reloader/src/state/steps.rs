@@ -28,7 +28,7 @@ impl InstanceState {
             return Err(NotNow::Canary { generation });
         }
         let draining = self.generations.draining().count() as u32;
-        if draining >= self.config.max_draining || self.generations.free_slot().is_none() {
+        if draining >= self.config.drain.max_draining || self.generations.free_slot().is_none() {
             return Err(NotNow::Busy { draining });
         }
         let previous = self.active();

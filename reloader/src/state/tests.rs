@@ -242,7 +242,7 @@ fn no_generation_begins_beyond_max_draining_or_while_stopping() {
 /// Two listeners, `--keep-previous 1m`.
 fn held_state() -> (InstanceState, FakeSteering) {
     let mut config = RunConfig::for_tests(&["127.0.0.1:8080", "127.0.0.1:8081"]);
-    config.keep_previous = Duration::from_secs(60);
+    config.rollout.keep_previous = Duration::from_secs(60);
     state_with(config)
 }
 
@@ -441,7 +441,7 @@ fn a_crashed_canary_is_rolled_back_and_a_crashed_active_promotes_the_canary() {
 #[test]
 fn timed_steps_wait_for_health_and_end_in_a_promotion() {
     let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
-    config.health = Some(crate::config::Health {
+    config.rollout.health = Some(crate::config::Health {
         probe: crate::config::Probe::Tcp {
             addr: "127.0.0.1:8080".parse().unwrap(),
             listener: 0,

@@ -18,68 +18,12 @@ mod keys;
 
 use std::os::fd::BorrowedFd;
 
-use std::net::SocketAddr;
-
 pub use ebpf::{ListenEvents, LogPump, Steering};
 pub use error::SteeringError;
 pub use keys::listener_key;
 pub use reloader_ebpf::{Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits};
 
-pub use crate::net::Transport;
-
-/// A managed address as steering sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ListenerSpec {
-    pub addr: SocketAddr,
-    pub transport: Transport,
-    pub mode: ListenerMode,
-}
-
-impl From<SocketAddr> for ListenerSpec {
-    /// A TCP listener.
-    fn from(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            transport: Transport::Tcp,
-            mode: ListenerMode::Tcp,
-        }
-    }
-}
-
-impl ListenerSpec {
-    /// A UDP listener with flow affinity (`udp://ADDR`) or stateless
-    /// (`udp://ADDR?mode=stateless`).
-    pub fn udp(addr: SocketAddr, stateless: bool) -> Self {
-        Self {
-            addr,
-            transport: Transport::Udp,
-            mode: if stateless {
-                ListenerMode::UdpStateless
-            } else {
-                ListenerMode::UdpFlows
-            },
-        }
-    }
-
-    /// (transport, address): what discovery matches sockets by.
-    pub fn key(&self) -> (Transport, SocketAddr) {
-        (self.transport, self.addr)
-    }
-}
-
-impl std::fmt::Display for ListenerSpec {
-    /// `IP:PORT` for TCP (as `--listen` takes it), `udp://IP:PORT` with
-    /// `?mode=stateless` when so.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.transport, self.mode) {
-            (Transport::Tcp, _) => write!(f, "{}", self.addr),
-            (Transport::Udp, ListenerMode::UdpStateless) => {
-                write!(f, "udp://{}?mode=stateless", self.addr)
-            }
-            (Transport::Udp, _) => write!(f, "udp://{}", self.addr),
-        }
-    }
-}
+pub use crate::listen::{ListenerSpec, Transport};
 
 /// Where a listener's new connections go: the active slot, and optionally
 /// a canary slot with its share (in parts of [`WEIGHT_SCALE`]).

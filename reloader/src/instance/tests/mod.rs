@@ -144,7 +144,7 @@ async fn a_stop_during_a_start_kills_the_candidate() {
 #[tokio::test(flavor = "current_thread")]
 async fn reload_promote_and_rollback_are_decided_in_one_place() {
     let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
-    config.keep_previous = Duration::from_secs(60);
+    config.rollout.keep_previous = Duration::from_secs(60);
     let h = Harness::start(config, FakeHost::new(1, |_| true));
     h.until("generation 1 is active", |s| s.active == Some(1))
         .await;

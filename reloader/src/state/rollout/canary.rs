@@ -197,7 +197,7 @@ impl InstanceState {
         if c.step_ends().is_none_or(|end| now < end) {
             return Advanced::Waiting;
         }
-        if self.config.health.is_some() {
+        if self.config.rollout.health.is_some() {
             let healthy = self
                 .health
                 .get(&number)

@@ -32,7 +32,12 @@ impl InstanceState {
     /// generation unhealthy (its `--health-failures`th failure in a row):
     /// time to roll back.
     pub fn health_checked(&mut self, number: u64, result: Result<(), String>) -> bool {
-        let threshold = self.config.health.as_ref().map_or(u32::MAX, |h| h.failures);
+        let threshold = self
+            .config
+            .rollout
+            .health
+            .as_ref()
+            .map_or(u32::MAX, |h| h.failures);
         let record = self.health.entry(number).or_default();
         record.checks += 1;
         match result {

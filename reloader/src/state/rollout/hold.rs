@@ -31,10 +31,10 @@ impl InstanceState {
         successor: u64,
         now: Instant,
     ) {
-        let keep = self.config.keep_previous;
+        let keep = self.config.rollout.keep_previous;
         self.hold = match previous {
             Some(held) if !keep.is_zero() => {
-                let hold_for = keep.max(self.config.settle);
+                let hold_for = keep.max(self.config.drain.settle);
                 let until = now + hold_for;
                 info!(
                     generation = held,

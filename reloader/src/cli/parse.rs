@@ -1,268 +1,17 @@
-//! Validated configuration of `reloader run`: everything a user can get
-//! wrong is checked here, before anything starts, and each error says how to
-//! fix it. Pure logic, no syscalls.
+//! The command line's value parsers (clap calls them, one flag value at a
+//! time): durations, signals, addresses, probes, canary steps, the
+//! `--check` command, paths, instance names. What depends on several flags
+//! is checked when [`super::RunArgs`] becomes a [`crate::config::RunConfig`].
 
 use std::{collections::HashSet, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use nix::sys::signal::Signal;
-use thiserror::Error;
+use reloader_ebpf::limits::MAX_LISTENERS;
 
-use crate::steering::{Limits, ListenerSpec, Transport, limits::MAX_LISTENERS};
-
-/// Old generations that may drain at once, at most: with the active
-/// generation and a candidate, 16 generations live per instance.
-pub const MAX_DRAINING: u32 = 14;
-/// Listening sockets one generation may hold per address, by default.
-pub const DEFAULT_SOCKETS_PER_LISTENER: u32 = 256;
-/// UDP flows the flow table holds, by default (least recently used ones
-/// are forgotten beyond that).
-pub const DEFAULT_UDP_FLOWS: u32 = 65_536;
-
-/// Errors in a `reloader run` command line.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// `--listen` is not `IP:PORT`.
-    #[error(
-        "--listen {value:?} is not an address: use IP:PORT (TCP), udp://IP:PORT (UDP, flows \
-         kept with their generation) or udp://IP:PORT?mode=stateless, e.g. 127.0.0.1:8080, \
-         [::]:443 or udp://0.0.0.0:53?mode=stateless"
-    )]
-    BadAddress { value: String },
-    /// Port 0 cannot be shared by generations.
-    #[error(
-        "--listen {addr}: port 0 picks a different port for every socket; name the port the server listens on"
-    )]
-    PortZero { addr: SocketAddr },
-    /// The same address twice.
-    #[error("--listen {listen} is given twice")]
-    DuplicateListen { listen: String },
-    /// No `--listen` at all.
-    #[error("at least one --listen ADDR is needed: the addresses the server listens on")]
-    NoListen,
-    /// Too many addresses for the steering maps.
-    #[error("{count} --listen addresses; at most {MAX_LISTENERS} are supported")]
-    TooManyListen { count: usize },
-    /// Empty command.
-    #[error(
-        "no server command: put it after `--`, e.g. `reloader run --listen 0.0.0.0:80 -- nginx -g 'daemon off;'`"
-    )]
-    EmptyCommand,
-    /// A duration that is zero or unreasonable.
-    #[error("{flag} {value}: {why}")]
-    BadDuration {
-        flag: &'static str,
-        value: String,
-        why: String,
-    },
-    /// A signal name we do not know.
-    #[error("{flag} {value:?} is not a signal name: use e.g. TERM, QUIT, USR1, INT, HUP")]
-    BadSignal { flag: &'static str, value: String },
-    /// `--max-draining` out of range.
-    #[error("--max-draining {value}: must be between 1 and {MAX_DRAINING}")]
-    BadMaxDraining { value: u32 },
-    /// A probe URL we cannot use.
-    #[error("{flag} {value:?}: {why}")]
-    BadProbe {
-        flag: &'static str,
-        value: String,
-        why: String,
-    },
-    /// A canary share we cannot use.
-    #[error(
-        "--canary {value:?}: {why}; give the share of new connections as a percentage, or \
-         ascending steps, e.g. 10% or 1%,10%,50%"
-    )]
-    BadCanary { value: String, why: String },
-    /// `--health-interval` or `--health-failures` without `--health-probe`.
-    #[error("{flag} needs --health-probe URL (what to send to each generation)")]
-    HealthWithoutProbe { flag: &'static str },
-    /// `--metrics` is not `IP:PORT`.
-    #[error("--metrics {value:?} is not an address: use IP:PORT, e.g. 127.0.0.1:9090")]
-    BadMetricsAddress { value: String },
-    /// `--check` cannot be split into words.
-    #[error(
-        "--check {value:?}: {why}; give the command as one string, quoted like in a shell, \
-         e.g. --check 'nginx -t -c /etc/nginx/nginx.conf' (no pipes or variables: use \
-         --check 'sh -c \"...\"' for those)"
-    )]
-    BadCheck { value: String, why: &'static str },
-    /// `--watch` or `--config` with an empty path.
-    #[error("{flag}: the path is empty")]
-    EmptyPath { flag: &'static str },
-    /// A bad instance name.
-    #[error(
-        "--name {value:?}: use letters, digits, '-', '_' and '.' (at most 64), not starting with '.'"
-    )]
-    BadName { value: String },
-}
-
-/// How readiness of a candidate generation is confirmed, beyond holding a
-/// listener for every address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Probe {
-    /// A TCP connect to `addr` must succeed.
-    Tcp { addr: SocketAddr, listener: usize },
-    /// `GET path` on `addr` must answer 2xx.
-    Http {
-        addr: SocketAddr,
-        host: String,
-        path: String,
-        listener: usize,
-    },
-    /// A DNS query for `name` (type A, no recursion) over UDP must get an
-    /// answer with rcode NOERROR.
-    Dns {
-        addr: SocketAddr,
-        name: String,
-        listener: usize,
-    },
-}
-
-impl Probe {
-    /// The managed listener the probe goes through.
-    pub fn listener(&self) -> usize {
-        match self {
-            Self::Tcp { listener, .. }
-            | Self::Http { listener, .. }
-            | Self::Dns { listener, .. } => *listener,
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        match self {
-            Self::Tcp { addr, .. } | Self::Http { addr, .. } | Self::Dns { addr, .. } => *addr,
-        }
-    }
-}
-
-/// Everything `reloader run` needs, validated.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub name: String,
-    pub listen: Vec<ListenerSpec>,
-    pub ready_timeout: Duration,
-    pub ready_probe: Option<Probe>,
-    pub drain_signal: Signal,
-    pub drain_timeout: Duration,
-    /// How long the old generation keeps running, receiving nothing new,
-    /// before it gets the drain signal (to read what it already accepted).
-    pub settle: Duration,
-    pub max_draining: u32,
-    pub control_socket: PathBuf,
-    pub command: Vec<String>,
-    pub force_select_only: bool,
-    /// Create each generation's listeners and pass them (socket activation).
-    pub pass_fds: bool,
-    /// Also wait for READY=1 on a per-generation NOTIFY_SOCKET.
-    pub ready_notify: bool,
-    /// Where to serve Prometheus metrics, if anywhere.
-    pub metrics: Option<SocketAddr>,
-    /// Listening sockets one generation may hold per address.
-    pub sockets_per_listener: u32,
-    /// Entries of the UDP flow table.
-    pub udp_flows: u32,
-    /// `--check`: run before every new generation is spawned.
-    pub check: Option<CheckCommand>,
-    /// `--watch`: reload when these change (absolute paths).
-    pub watch: Vec<PathBuf>,
-    /// `--config` (or the `--watch` paths): what a generation's config
-    /// digest covers (absolute paths).
-    pub config_files: Vec<PathBuf>,
-    /// How long the previous generation is kept, receiving nothing new but
-    /// not signalled, after a cutover (`reloader rollback` brings it back).
-    pub keep_previous: Duration,
-    /// Health checks of live generations while a rollback is possible.
-    pub health: Option<Health>,
-}
-
-/// `--health-probe`: sent periodically through each live generation's own
-/// listener while a generation is held or a canary runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Health {
-    pub probe: Probe,
-    pub interval: Duration,
-    /// Consecutive failures that make a generation unhealthy.
-    pub failures: u32,
-}
-
-/// What `reload --canary` asks for: the canary's share of new connections
-/// at each step (parts of [`crate::steering::WEIGHT_SCALE`], ascending),
-/// and how long each step lasts before the next (or the promotion) when
-/// healthy; without it, `reloader promote` and `reloader rollback` decide.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CanaryPlan {
-    pub steps: Vec<u32>,
-    /// Milliseconds per step (`--canary-for`).
-    #[serde(default)]
-    pub dwell_ms: Option<u64>,
-}
-
-/// Steps a canary plan may have at most.
-pub const MAX_CANARY_STEPS: usize = 16;
-/// How long one canary step may last at most (`--canary-for`).
-pub const MAX_CANARY_DWELL: Duration = Duration::from_secs(24 * 3600);
-/// How short one canary step may be at least.
-pub const MIN_CANARY_DWELL: Duration = Duration::from_millis(100);
-
-impl CanaryPlan {
-    pub fn dwell(&self) -> Option<Duration> {
-        self.dwell_ms.map(Duration::from_millis)
-    }
-
-    /// Checks a plan that arrived over the control socket as the command
-    /// line checks its flags: 1 to [`MAX_CANARY_STEPS`] steps, each a share
-    /// above 0 and below 100 %, growing; several steps need a dwell; a
-    /// dwell within [`MIN_CANARY_DWELL`]..=[`MAX_CANARY_DWELL`]. Says which
-    /// field is wrong and why.
-    pub fn check(&self) -> Result<(), String> {
-        let scale = crate::steering::WEIGHT_SCALE;
-        if self.steps.is_empty() {
-            return Err(
-                "canary.steps is empty: give at least one share (e.g. [1000] for 10%)".into(),
-            );
-        }
-        if self.steps.len() > MAX_CANARY_STEPS {
-            return Err(format!(
-                "canary.steps has {} steps: at most {MAX_CANARY_STEPS}",
-                self.steps.len()
-            ));
-        }
-        for (i, &weight) in self.steps.iter().enumerate() {
-            if weight == 0 || weight >= scale {
-                return Err(format!(
-                    "canary.steps[{i}] is {weight}: each share is in parts of {scale}, above 0 \
-                     and below {scale} (100%)"
-                ));
-            }
-            if i > 0 && weight <= self.steps[i - 1] {
-                return Err(format!(
-                    "canary.steps[{i}] is {weight}, not above the step before it ({}): steps \
-                     must grow",
-                    self.steps[i - 1]
-                ));
-            }
-        }
-        match self.dwell() {
-            None if self.steps.len() > 1 => Err(
-                "canary.dwell_ms is missing: several steps need a dwell (how long each lasts)"
-                    .into(),
-            ),
-            Some(dwell) if !(MIN_CANARY_DWELL..=MAX_CANARY_DWELL).contains(&dwell) => Err(format!(
-                "canary.dwell_ms is {}: between {} and {} ms",
-                dwell.as_millis(),
-                MIN_CANARY_DWELL.as_millis(),
-                MAX_CANARY_DWELL.as_millis()
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// A share in percent, for people.
-    pub fn percent(weight: u32) -> f64 {
-        f64::from(weight) * 100.0 / f64::from(crate::steering::WEIGHT_SCALE)
-    }
-}
+use crate::{
+    config::{CheckCommand, ConfigError, Probe},
+    listen::{ListenerSpec, Transport},
+};
 
 /// The weights of `--canary` (one value on the command line).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,7 +24,7 @@ pub fn parse_canary(value: &str) -> Result<CanarySteps, ConfigError> {
         value: value.to_owned(),
         why,
     };
-    let scale = f64::from(crate::steering::WEIGHT_SCALE);
+    let scale = f64::from(reloader_ebpf::WEIGHT_SCALE);
     let mut steps = Vec::new();
     for part in value.split(',') {
         let part = part.trim();
@@ -300,15 +49,6 @@ pub fn parse_canary(value: &str) -> Result<CanarySteps, ConfigError> {
         steps.push(weight);
     }
     Ok(CanarySteps(steps))
-}
-
-/// `--check CMD`: one shell-like string, split into words when parsed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckCommand {
-    /// As given, for messages.
-    pub text: String,
-    /// Its words; `{generation}` in them is replaced at each run.
-    pub argv: Vec<String>,
 }
 
 /// Splits a `--check` value into words the way a POSIX shell would (quotes
@@ -340,58 +80,6 @@ pub fn absolute_path(flag: &'static str, path: &std::path::Path) -> Result<PathB
     // path reads as `find` and `sha256sum` print it.
     let absolute = std::path::absolute(path).map_err(|_| ConfigError::EmptyPath { flag })?;
     Ok(absolute.components().collect())
-}
-
-impl RunConfig {
-    /// (transport, address) of each `--listen`: what discovery matches
-    /// sockets by.
-    pub fn listen_keys(&self) -> Vec<(Transport, SocketAddr)> {
-        self.listen.iter().map(ListenerSpec::key).collect()
-    }
-
-    /// How large the steering maps are for this configuration: a slot per
-    /// generation that can be live at once (the active one, a candidate,
-    /// and `--max-draining` old ones).
-    pub fn limits(&self) -> Limits {
-        Limits {
-            listeners: self.listen.len() as u32,
-            slots: self.max_draining + 2,
-            sockets_per_slot: self.sockets_per_listener,
-        }
-    }
-}
-
-impl RunConfig {
-    /// A configuration for unit tests: `listen`, short timeouts, no probe.
-    #[cfg(test)]
-    pub fn for_tests(listen: &[&str]) -> Self {
-        Self {
-            name: "test".into(),
-            listen: listen
-                .iter()
-                .map(|a| parse_listen_addr(a).expect("address"))
-                .collect(),
-            ready_timeout: Duration::from_millis(500),
-            ready_probe: None,
-            drain_signal: Signal::SIGTERM,
-            drain_timeout: Duration::from_secs(2),
-            settle: Duration::from_millis(10),
-            max_draining: 4,
-            control_socket: std::env::temp_dir().join("reloader-unit-test.sock"),
-            command: vec!["sleep".into(), "60".into()],
-            force_select_only: false,
-            pass_fds: false,
-            ready_notify: false,
-            metrics: None,
-            sockets_per_listener: 16,
-            udp_flows: 1024,
-            check: None,
-            watch: Vec::new(),
-            config_files: Vec::new(),
-            keep_previous: Duration::ZERO,
-            health: None,
-        }
-    }
 }
 
 /// `500ms`, `30s`, `2m` → Duration, checked against a sane range.
@@ -615,33 +303,10 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Where the control socket of instance `name` lives by default:
-/// `/run/reloader/NAME.sock` as root, `$XDG_RUNTIME_DIR/reloader/NAME.sock`
-/// otherwise.
-pub fn default_control_socket(name: &str) -> PathBuf {
-    let dir = if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/reloader")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(|d| PathBuf::from(d).join("reloader"))
-            .unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("reloader-{}", nix::unistd::geteuid()))
-            })
-    };
-    dir.join(format!("{name}.sock"))
-}
-
-/// Replaces `{generation}` in every argument.
-pub fn substitute_generation(command: &[String], generation: u64) -> Vec<String> {
-    command
-        .iter()
-        .map(|arg| arg.replace("{generation}", &generation.to_string()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::substitute_generation;
 
     fn listen(values: &[&str]) -> Result<Vec<ListenerSpec>, ConfigError> {
         parse_listen(&values.iter().map(|s| s.to_string()).collect::<Vec<_>>())

@@ -6,9 +6,13 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
 pub use crate::logging::LogFormat;
+mod parse;
+
+pub use parse::*;
+
 use crate::{
-    config::{self, ConfigError, RunConfig, duration_in},
-    steering::ListenerSpec,
+    config::{self, ConfigError, RunConfig},
+    listen::ListenerSpec,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -151,7 +155,7 @@ Then: `reloader reload --wait` (or SIGHUP), `reloader status`, `reloader stop`."
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
     /// Instance name (one controller per name).
-    #[arg(long, default_value = "default", value_parser = config::parse_name)]
+    #[arg(long, default_value = "default", value_parser = parse_name)]
     pub name: String,
     /// Control socket path [default: /run/reloader/NAME.sock as root,
     /// $XDG_RUNTIME_DIR/reloader/NAME.sock otherwise].
@@ -176,7 +180,7 @@ pub struct RunArgs {
     /// each): IP:PORT or tcp://IP:PORT for TCP; udp://IP:PORT for UDP with
     /// flows kept on their generation (QUIC), udp://IP:PORT?mode=stateless
     /// for UDP where every datagram goes to the newest generation (DNS).
-    #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen_addr)]
+    #[arg(long, value_name = "ADDR", required = true, value_parser = parse_listen_addr)]
     pub listen: Vec<ListenerSpec>,
     /// How long a new generation may take to listen on every address and
     /// pass its probe.
@@ -190,7 +194,7 @@ pub struct RunArgs {
     pub ready_probe: Option<String>,
     /// Signal that tells an old generation to finish its work and exit.
     #[arg(long, default_value = "TERM", value_name = "SIGNAL",
-          value_parser = config::signal_named("--drain-signal"))]
+          value_parser = signal_named("--drain-signal"))]
     pub drain_signal: Signal,
     /// How long an old generation may drain before its process group is killed.
     #[arg(long, default_value = "30s", value_name = "DURATION",
@@ -252,7 +256,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub health_failures: Option<u32>,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
-    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
     /// A pre-flight check run before every new generation is spawned (the
     /// first one too), e.g. 'nginx -t -c /etc/nginx/nginx.conf': one string,
@@ -260,7 +264,7 @@ pub struct RunArgs {
     /// `{generation}` replaced by the number the new generation will get.
     /// A non-zero exit (or no exit within --ready-timeout) fails the reload
     /// before anything is started; its last output lines are reported.
-    #[arg(long, value_name = "CMD", value_parser = config::parse_check)]
+    #[arg(long, value_name = "CMD", value_parser = parse_check)]
     pub check: Option<config::CheckCommand>,
     /// Reload when this file or directory changes (repeat for each):
     /// created, written and closed, renamed over, removed, or a symlink in
@@ -284,26 +288,26 @@ impl RunArgs {
     /// Checks what needs more than one flag, before anything starts.
     pub fn into_config(self) -> Result<RunConfig, ConfigError> {
         let control_socket = self.instance.socket()?;
-        config::check_listen(&self.listen)?;
+        check_listen(&self.listen)?;
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(ConfigError::EmptyCommand);
         }
         let ready_probe = self
             .ready_probe
             .as_deref()
-            .map(|p| config::parse_probe("--ready-probe", p, &self.listen))
+            .map(|p| parse_probe("--ready-probe", p, &self.listen))
             .transpose()?;
         let watch = self
             .watch
             .iter()
-            .map(|p| config::absolute_path("--watch", p))
+            .map(|p| absolute_path("--watch", p))
             .collect::<Result<Vec<_>, _>>()?;
         let config_files = if self.config_files.is_empty() {
             watch.clone()
         } else {
             self.config_files
                 .iter()
-                .map(|p| config::absolute_path("--config", p))
+                .map(|p| absolute_path("--config", p))
                 .collect::<Result<Vec<_>, _>>()?
         };
         let health = match (
@@ -312,7 +316,7 @@ impl RunArgs {
             self.health_failures,
         ) {
             (Some(probe), interval, failures) => Some(config::Health {
-                probe: config::parse_probe("--health-probe", probe, &self.listen)?,
+                probe: parse_probe("--health-probe", probe, &self.listen)?,
                 interval: interval.unwrap_or(Duration::from_secs(1)),
                 failures: failures.unwrap_or(3),
             }),
@@ -335,26 +339,40 @@ impl RunArgs {
         }
         Ok(RunConfig {
             name: self.instance.name,
-            ready_timeout: self.ready_timeout,
-            drain_timeout: self.drain_timeout,
-            settle: self.settle,
-            drain_signal: self.drain_signal,
-            max_draining: self.max_draining,
             listen: self.listen,
-            ready_probe,
             control_socket,
-            command: self.command,
-            force_select_only: self.force_select_only,
-            pass_fds: self.pass_fds,
-            ready_notify: self.ready == ReadyMode::Notify,
+            spawn: config::Spawn {
+                command: self.command,
+                pass_fds: self.pass_fds,
+            },
+            ready: config::Readiness {
+                timeout: self.ready_timeout,
+                probe: ready_probe,
+                notify: self.ready == ReadyMode::Notify,
+            },
+            drain: config::Drain {
+                signal: self.drain_signal,
+                timeout: self.drain_timeout,
+                settle: self.settle,
+                max_draining: self.max_draining,
+            },
+            rollout: config::Rollout {
+                keep_previous: self.keep_previous,
+                health,
+            },
+            steering: config::SteeringOptions {
+                force_select_only: self.force_select_only,
+                sockets_per_listener: self.max_sockets_per_listener,
+            },
+            udp: config::Udp {
+                flows: self.udp_flows,
+            },
+            changes: config::Changes {
+                check: self.check,
+                watch,
+                config_files,
+            },
             metrics: self.metrics,
-            sockets_per_listener: self.max_sockets_per_listener,
-            udp_flows: self.udp_flows,
-            check: self.check,
-            watch,
-            config_files,
-            keep_previous: self.keep_previous,
-            health,
         })
     }
 }
@@ -380,8 +398,8 @@ pub struct ReloadArgs {
     /// promote` or `reloader rollback`. Steps such as 1%,10%,50% need
     /// --canary-for. With --wait: returns when promoted (exit 0) or rolled
     /// back (exit 3).
-    #[arg(long, value_name = "PERCENT", value_parser = config::parse_canary)]
-    pub canary: Option<config::CanarySteps>,
+    #[arg(long, value_name = "PERCENT", value_parser = parse_canary)]
+    pub canary: Option<CanarySteps>,
     /// With --canary: how long each step lasts; after the last one, a
     /// canary that stayed healthy is promoted.
     #[arg(long, value_name = "DURATION", requires = "canary",
@@ -392,7 +410,7 @@ pub struct ReloadArgs {
 impl ReloadArgs {
     /// The canary plan asked for, checked.
     pub fn canary_plan(&self) -> Result<Option<config::CanaryPlan>, ConfigError> {
-        let Some(config::CanarySteps(steps)) = &self.canary else {
+        let Some(CanarySteps(steps)) = &self.canary else {
             return Ok(None);
         };
         if steps.len() > 1 && self.canary_for.is_none() {
@@ -493,9 +511,9 @@ mod tests {
         .unwrap();
         assert_eq!(config.name, "edge");
         assert_eq!(config.listen.len(), 2);
-        assert_eq!(config.drain_timeout, Duration::from_secs(120));
-        assert_eq!(config.command, vec!["nginx", "-g", "daemon off;"]);
-        assert!(config.ready_probe.is_some());
+        assert_eq!(config.drain.timeout, Duration::from_secs(120));
+        assert_eq!(config.spawn.command, vec!["nginx", "-g", "daemon off;"]);
+        assert!(config.ready.probe.is_some());
     }
 
     #[test]
@@ -508,13 +526,19 @@ mod tests {
             parse(&v).unwrap()
         };
         let c = with(&["--watch", "/etc/nginx", "--watch", "/etc/ssl/x.pem"]);
-        assert_eq!(c.config_files, c.watch);
-        assert_eq!(c.watch.len(), 2);
+        assert_eq!(c.changes.config_files, c.changes.watch);
+        assert_eq!(c.changes.watch.len(), 2);
         let c = with(&["--watch", "/etc/nginx", "--config", "/etc/nginx/nginx.conf"]);
-        assert_eq!(c.config_files, vec![PathBuf::from("/etc/nginx/nginx.conf")]);
+        assert_eq!(
+            c.changes.config_files,
+            vec![PathBuf::from("/etc/nginx/nginx.conf")]
+        );
         let c = with(&["--check", "nginx -t -g 'pid /run/{generation}.pid;'"]);
-        assert_eq!(c.check.unwrap().argv[3], "pid /run/{generation}.pid;");
-        assert!(with(&[]).config_files.is_empty() && with(&[]).check.is_none());
+        assert_eq!(
+            c.changes.check.unwrap().argv[3],
+            "pid /run/{generation}.pid;"
+        );
+        assert!(with(&[]).changes.config_files.is_empty() && with(&[]).changes.check.is_none());
     }
 
     #[test]

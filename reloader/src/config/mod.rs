@@ -1,0 +1,210 @@
+//! Validated configuration of `reloader run`, grouped by the part of the
+//! controller that uses it; everything a user can get wrong is checked
+//! before anything starts (the command line parses each flag; what needs
+//! several flags is checked when the configuration is built), and each
+//! error says how to fix it ([`ConfigError`]). Pure logic, no syscalls.
+
+mod error;
+mod plans;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+pub use error::ConfigError;
+use nix::sys::signal::Signal;
+pub use plans::{
+    CanaryPlan, CheckCommand, Health, MAX_CANARY_DWELL, MAX_CANARY_STEPS, MIN_CANARY_DWELL, Probe,
+};
+
+use reloader_ebpf::Limits;
+
+use crate::listen::{ListenerSpec, Transport};
+
+/// Old generations that may drain at once, at most: with the active
+/// generation and a candidate, 16 generations live per instance.
+pub const MAX_DRAINING: u32 = 14;
+/// Listening sockets one generation may hold per address, by default.
+pub const DEFAULT_SOCKETS_PER_LISTENER: u32 = 256;
+/// UDP flows the flow table holds, by default (least recently used ones
+/// are forgotten beyond that).
+pub const DEFAULT_UDP_FLOWS: u32 = 65_536;
+
+/// Everything `reloader run` needs, validated, grouped by the part of the
+/// controller that uses it (linkerd2-proxy's `Config { inbound, admin, … }`
+/// shape): each part is handed to its user.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub name: String,
+    pub listen: Vec<ListenerSpec>,
+    pub control_socket: PathBuf,
+    /// How generations are started.
+    pub spawn: Spawn,
+    /// When a new generation counts as ready.
+    pub ready: Readiness,
+    /// How old generations are told to finish, and how long they may take.
+    pub drain: Drain,
+    /// Rollback and canary: the hold, health checks.
+    pub rollout: Rollout,
+    /// The steering maps' sizes and program.
+    pub steering: SteeringOptions,
+    /// UDP listeners.
+    pub udp: Udp,
+    /// Config-aware reloads: `--check`, `--watch`, `--config`.
+    pub changes: Changes,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// How generations are started.
+#[derive(Clone, Debug)]
+pub struct Spawn {
+    /// The server command (`{generation}` is replaced).
+    pub command: Vec<String>,
+    /// Create each generation's listeners and pass them (socket activation).
+    pub pass_fds: bool,
+}
+
+/// When a new generation counts as ready.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    /// How long it may take to listen everywhere and pass its probe.
+    pub timeout: Duration,
+    /// `--ready-probe`, through its own listener.
+    pub probe: Option<Probe>,
+    /// Also wait for READY=1 on a per-generation NOTIFY_SOCKET.
+    pub notify: bool,
+}
+
+/// How old generations are told to finish.
+#[derive(Clone, Copy, Debug)]
+pub struct Drain {
+    pub signal: Signal,
+    /// Then its process group is killed.
+    pub timeout: Duration,
+    /// How long the old generation keeps running, receiving nothing new,
+    /// before it gets the drain signal (to read what it already accepted).
+    pub settle: Duration,
+    /// Old generations draining at once.
+    pub max_draining: u32,
+}
+
+/// Rollback and canary.
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    /// How long the previous generation is kept, receiving nothing new but
+    /// not signalled, after a cutover (`reloader rollback` brings it back).
+    pub keep_previous: Duration,
+    /// Health checks of live generations while a rollback is possible.
+    pub health: Option<Health>,
+}
+
+/// The steering maps and program.
+#[derive(Clone, Copy, Debug)]
+pub struct SteeringOptions {
+    /// Load the select-only program even where select-or-migrate works.
+    pub force_select_only: bool,
+    /// Listening sockets one generation may hold per address.
+    pub sockets_per_listener: u32,
+}
+
+/// UDP listeners.
+#[derive(Clone, Copy, Debug)]
+pub struct Udp {
+    /// Entries of the UDP flow table.
+    pub flows: u32,
+}
+
+/// Config-aware reloads.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// `--check`: run before every new generation is spawned.
+    pub check: Option<CheckCommand>,
+    /// `--watch`: reload when these change (absolute paths).
+    pub watch: Vec<PathBuf>,
+    /// `--config` (or the `--watch` paths): what a generation's config
+    /// digest covers (absolute paths).
+    pub config_files: Vec<PathBuf>,
+}
+
+impl RunConfig {
+    /// (transport, address) of each `--listen`: what discovery matches
+    /// sockets by.
+    pub fn listen_keys(&self) -> Vec<(Transport, SocketAddr)> {
+        self.listen.iter().map(ListenerSpec::key).collect()
+    }
+
+    /// How large the steering maps are for this configuration: a slot per
+    /// generation that can be live at once (the active one, a candidate,
+    /// and `--max-draining` old ones).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            listeners: self.listen.len() as u32,
+            slots: self.drain.max_draining + 2,
+            sockets_per_slot: self.steering.sockets_per_listener,
+        }
+    }
+}
+
+impl RunConfig {
+    /// A configuration for unit tests: `listen`, short timeouts, no probe.
+    #[cfg(test)]
+    pub fn for_tests(listen: &[&str]) -> Self {
+        Self {
+            name: "test".into(),
+            listen: listen
+                .iter()
+                .map(|a| ListenerSpec::from(a.parse::<SocketAddr>().expect("address")))
+                .collect(),
+            control_socket: std::env::temp_dir().join("reloader-unit-test.sock"),
+            spawn: Spawn {
+                command: vec!["sleep".into(), "60".into()],
+                pass_fds: false,
+            },
+            ready: Readiness {
+                timeout: Duration::from_millis(500),
+                probe: None,
+                notify: false,
+            },
+            drain: Drain {
+                signal: Signal::SIGTERM,
+                timeout: Duration::from_secs(2),
+                settle: Duration::from_millis(10),
+                max_draining: 4,
+            },
+            rollout: Rollout {
+                keep_previous: Duration::ZERO,
+                health: None,
+            },
+            steering: SteeringOptions {
+                force_select_only: false,
+                sockets_per_listener: 16,
+            },
+            udp: Udp { flows: 1024 },
+            changes: Changes::default(),
+            metrics: None,
+        }
+    }
+}
+
+/// Where the control socket of instance `name` lives by default:
+/// `/run/reloader/NAME.sock` as root, `$XDG_RUNTIME_DIR/reloader/NAME.sock`
+/// otherwise.
+pub fn default_control_socket(name: &str) -> PathBuf {
+    let dir = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/reloader")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("reloader"))
+            .unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("reloader-{}", nix::unistd::geteuid()))
+            })
+    };
+    dir.join(format!("{name}.sock"))
+}
+
+/// Replaces `{generation}` in every argument.
+pub fn substitute_generation(command: &[String], generation: u64) -> Vec<String> {
+    command
+        .iter()
+        .map(|arg| arg.replace("{generation}", &generation.to_string()))
+        .collect()
+}

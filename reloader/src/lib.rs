@@ -2,23 +2,41 @@
 //!
 //! Module map (README "How it works" has the picture); dependencies point
 //! down this list, never up (`cargo xtask modcycles` checks):
-//! - [`instance`]: one `reloader run` — boot, the run loop, recovery,
-//!   reaping, shutdown.
-//! - [`reload`]: one reload, step by step (the machine), its scheduler,
-//!   probes and drains.
-//! - [`state`]: the one owner of an instance's state, behind a handle.
-//! - [`control`], [`metrics`]: the control socket and Prometheus, each
-//!   seeing the instance through a narrow trait and snapshots.
+//! - [`instance`]: one `reloader run` — start-up and recovery, and the
+//!   **owner** (`instance::Owner`): the one task that holds the instance's
+//!   state by value. Everything else reaches the state through it: control
+//!   requests, signals and exits are its events; the reload, drains, the
+//!   listener tracker, health checks and status readers send it
+//!   `state::Command`s and read the `state::Snapshot` it publishes after
+//!   each step.
+//! - `reload`: one reload, step by step (the machine), its scheduler,
+//!   probes, drains and listener tracking, as tasks of the owner; what
+//!   they do to processes and the kernel goes through its `Host` trait
+//!   (blocking work on blocking threads; a fake in unit tests).
+//! - [`state`]: the instance's state (pure: no locks, no async, no
+//!   blocking calls), the commands its owner takes, the snapshot it
+//!   publishes, the state file's layout.
+//! - [`control`] and `metrics`: the control socket and Prometheus, each
+//!   seeing the instance through a narrow trait.
 //! - [`steering`]: the eBPF program and its maps (the only module that
 //!   talks to aya); [`discovery`]: which listening sockets a process tree
 //!   holds; [`supervisor`]: spawning, reaping, pidfds.
 //! - [`generation`]: the generation state machine (pure); [`status`]: what
-//!   is reported; [`error`]: why a reload failed.
-//! - [`config`], [`cli`]: validated command line; [`listen`]: the managed
-//!   address type; [`logging`], [`notify`],
-//!   [`net`]: output, systemd, listening sockets; [`demo`].
-//! - [`digest`]: the config identity (`--config`); [`watch`]: reload on
+//!   is reported (the JSON wire types); `error`: why a reload failed.
+//! - [`config`], [`cli`]: the validated command line, grouped by the part
+//!   that uses it; `listen`: the managed address type; [`logging`],
+//!   `notify`, [`net`]: output, systemd, listening sockets; [`demo`].
+//! - `digest`: the config identity (`--config`); `watch`: reload on
 //!   change (`--watch`).
+//!
+//! The public modules are the crate's surface for the binary (`cli`,
+//! `instance::run`, `control`'s client, `supervisor::exec_shim`), the
+//! privileged tests and xtask (`status` and `control` to read answers,
+//! `steering` to drive the maps directly, `discovery`, `net`, `demo`'s
+//! server and load, `state::saved` for the state file); the rest is
+//! `pub(crate)`. Blocking calls are listed in `clippy.toml`
+//! (`disallowed-methods`): only modules whose code runs on blocking
+//! threads allow them, each saying why.
 
 // Unit tests set up files and processes with blocking calls; the rule
 // (`clippy.toml`) is about the controller's runtime thread.
@@ -28,22 +46,22 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod digest;
+pub(crate) mod digest;
 pub mod discovery;
-pub mod error;
+pub(crate) mod error;
 pub mod generation;
 pub mod instance;
-pub mod listen;
+pub(crate) mod listen;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod net;
-pub mod notify;
-pub mod reload;
+pub(crate) mod notify;
+pub(crate) mod reload;
 pub mod state;
 pub mod status;
 pub mod steering;
 pub mod supervisor;
-pub mod watch;
+pub(crate) mod watch;
 
 /// Threads the controller's blocking pool may run at once (discovery
 /// scans, netlink dumps, the state file's fsync): bounded, so a stuck

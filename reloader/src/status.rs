@@ -6,6 +6,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::{FailureKind, ReloadFailure};
 use crate::generation::{State, human_duration};
 
 /// The whole instance.
@@ -388,7 +389,7 @@ pub struct ReloadReport {
     /// Why it did not succeed (`None` when it did): the kind, for scripts,
     /// and the generation active when that was decided.
     #[serde(default)]
-    pub failure: Option<crate::error::ReloadFailure>,
+    pub failure: Option<ReloadFailure>,
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -50,11 +50,6 @@ pub struct Finished {
 }
 
 impl CutOver {
-    /// The generation now active.
-    pub fn generation(&self) -> u64 {
-        self.report.generation
-    }
-
     /// Waits for a canary's verdict and for the old generation (if any)
     /// to drain: the barrier is reached once it has exited; at the cutover
     /// when it is held (`--keep-previous`: it is returned to be drained

@@ -81,6 +81,7 @@ impl Scheduler {
     }
 
     /// Whether a reload is wanted.
+    #[cfg(test)]
     pub fn is_pending(&self) -> bool {
         self.pending
     }

@@ -34,7 +34,8 @@ impl InstanceState {
     }
 
     /// What `status` reports, without accept-queue lengths (those need a
-    /// netlink dump: [`Handle::status`] adds them outside the lock).
+    /// netlink dump: [`super::Client::status`] adds them on a blocking
+    /// thread).
     pub fn status(&self) -> StatusReport {
         let now = Instant::now();
         // UDP flows per listener and slot (one walk of the flow table).

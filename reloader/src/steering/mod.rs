@@ -99,7 +99,8 @@ pub type Result<T, E = SteeringError> = std::result::Result<T, E>;
 
 /// The operations the controller performs on the steering maps once they
 /// are loaded and the listeners added. Each is one or a few map updates:
-/// cheap enough to run while the controller's state is locked.
+/// single bpf(2) calls that never sleep, made by the owner of the
+/// instance's state in its steps (a cutover is one such update).
 pub trait Steer: Send {
     /// Which program is loaded.
     fn mode(&self) -> Mode;

@@ -142,6 +142,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Keeper { socket } => {
+            supervisor::keeper::run(&socket)
+                .with_context(|| format!("the log keeper on {}", socket.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Exec {
             gate_fd,
             listen_fds,

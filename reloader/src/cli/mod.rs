@@ -87,6 +87,13 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// The log keeper: holds every generation's stderr so that it always
+    /// has a reader, also while no controller runs (`supervisor::keeper`).
+    #[command(name = "__keeper", hide = true)]
+    Keeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// The demo's built-in server (what `demo` runs as the managed child).
     #[command(name = "__serve", hide = true)]
     Serve {

@@ -85,7 +85,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         processes,
         hold,
         adopted_sockets,
+        keeper,
+        taken,
     } = prepared;
+    let keeper = keeper.map(Arc::new);
     let control = tokio::net::UnixListener::from_std(control)?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
@@ -127,8 +130,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         state.restore_hold(&hold);
     }
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    resume_logs(&config.name, &mut state, taken);
     let host = Arc::new(System {
         config: config.clone(),
+        keeper: keeper.clone(),
     });
     let snapshot = state.snapshot(Arc::new(state.saved()), 0);
     let link = Client::new(config.clone(), Recorder::default(), snapshot);
@@ -209,6 +214,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     // no socket, no lock.
     let socket = config.control_socket.clone();
     let _ = tokio::task::spawn_blocking(move || {
+        if let Some(keeper) = keeper {
+            keeper.exit();
+        }
         remove_files(&paths, &socket);
         drop(lock);
     })
@@ -221,6 +229,44 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     }
     info!(clean, "stopped");
     Ok(clean)
+}
+
+/// Forwards the stderr of adopted generations again, from the pipes the log
+/// keeper held while no controller ran; logs the lines it kept meanwhile and
+/// how many it dropped. Pipes of generations not adopted are closed.
+fn resume_logs(name: &str, state: &mut InstanceState, taken: Vec<supervisor::keeper::Taken>) {
+    let adopted: std::collections::BTreeSet<u64> =
+        state.live().into_iter().map(|(n, _)| n).collect();
+    for t in taken {
+        if !adopted.contains(&t.generation) {
+            continue;
+        }
+        for line in &t.lines {
+            crate::logging::server_line(name, t.generation, line);
+        }
+        if t.dropped > 0 {
+            warn!(
+                generation = t.generation,
+                dropped = t.dropped,
+                kept = t.lines.len(),
+                "stderr lines of the generation were dropped while no controller ran (the log \
+                 keeper keeps the last {} KiB)",
+                supervisor::keeper::KEEP_BYTES / 1024
+            );
+        } else if !t.lines.is_empty() {
+            info!(
+                generation = t.generation,
+                lines = t.lines.len(),
+                "forwarded the stderr lines the log keeper kept while no controller ran"
+            );
+        }
+        if let Some(pipe) = t.pipe {
+            match supervisor::forward_stderr(pipe, name.to_owned(), t.generation) {
+                Ok(tail) => state.resume_stderr(t.generation, tail),
+                Err(error) => warn!(generation = t.generation, %error, "cannot forward its stderr"),
+            }
+        }
+    }
 }
 
 /// Removes the state file, the pins and the control socket.

@@ -7,6 +7,7 @@
 use std::{collections::HashMap, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use anyhow::{Context, bail};
+use tracing::warn;
 
 use super::{files, recovery};
 use crate::{
@@ -14,7 +15,7 @@ use crate::{
     generation::{Generations, State},
     state::{RegisteredSocket, saved::SavedHold},
     steering::{Limits, Steering},
-    supervisor::Process,
+    supervisor::{Process, keeper},
 };
 
 /// What the blocking part of the start found and made.
@@ -37,6 +38,11 @@ pub struct Prepared {
     pub hold: Option<SavedHold>,
     /// The sockets of adopted generations that serve or may serve again.
     pub adopted_sockets: Vec<(u64, Vec<RegisteredSocket>)>,
+    /// The log keeper (`None`: it could not be started, said why).
+    pub keeper: Option<keeper::Link>,
+    /// What the keeper held for the previous controller: the stderr of
+    /// its generations, and the lines it kept meanwhile.
+    pub taken: Vec<keeper::Taken>,
 }
 
 /// The blocking part of the start (it reads `/proc`, the state file,
@@ -81,6 +87,7 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         .filter_map(|g| Some((g.number, g.pid?)))
         .map(|(number, pid)| (number, recovery::adopted_sockets(pid, &config.listen)))
         .collect();
+    let (keeper, taken) = start_keeper(config);
     Ok(Prepared {
         lock,
         paths,
@@ -95,7 +102,34 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         processes,
         hold,
         adopted_sockets,
+        keeper,
+        taken,
     })
+}
+
+/// Connects to the instance's log keeper (a previous controller's, if it
+/// still runs) or starts one, and takes back what it holds. Without one the
+/// instance runs, but servers' stderr does not outlive this controller.
+fn start_keeper(config: &RunConfig) -> (Option<keeper::Link>, Vec<keeper::Taken>) {
+    let path = config.control_socket.with_extension("keeper");
+    let link = std::env::current_exe().and_then(|exe| keeper::Link::connect_or_spawn(&path, &exe));
+    match link {
+        Ok(link) => match link.take() {
+            Ok(taken) => (Some(link), taken),
+            Err(error) => {
+                warn!(%error, "cannot take back what the log keeper holds");
+                (Some(link), Vec::new())
+            }
+        },
+        Err(error) => {
+            warn!(
+                %error,
+                "no log keeper: if this controller dies, a server writing to its stderr gets \
+                 EPIPE (many exit then)"
+            );
+            (None, Vec::new())
+        }
+    }
 }
 
 /// Binds the control socket (its directory was checked, and the instance

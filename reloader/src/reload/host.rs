@@ -24,6 +24,9 @@ use crate::{
 /// Spawns and inspects real processes for instance `config`.
 pub struct System {
     pub config: Arc<RunConfig>,
+    /// The log keeper every generation's stderr is handed to (none if it
+    /// could not be started: said at start).
+    pub keeper: Option<Arc<supervisor::keeper::Link>>,
 }
 
 impl Host for System {
@@ -32,9 +35,9 @@ impl Host for System {
         number: u64,
         notify_socket: Option<PathBuf>,
     ) -> Result<Spawned, ReloadError> {
-        let config = self.config.clone();
+        let (config, keeper) = (self.config.clone(), self.keeper.clone());
         blocking("spawn", move || {
-            spawn(&config, number, notify_socket.as_deref())
+            spawn(&config, number, notify_socket.as_deref(), keeper.as_deref())
         })
         .await
     }
@@ -98,6 +101,7 @@ fn spawn(
     config: &RunConfig,
     number: u64,
     notify_socket: Option<&Path>,
+    keeper: Option<&supervisor::keeper::Link>,
 ) -> Result<Spawned, ReloadError> {
     let command = substitute_generation(&config.spawn.command, number);
     // Socket activation: this generation's listeners, opened here. Our
@@ -128,6 +132,7 @@ fn spawn(
             .map(|(i, l)| (l.as_fd(), format!("listen{i}")))
             .collect(),
         notify_socket,
+        keeper,
     };
     supervisor::spawn(&command, number, &config.name, &extras).map_err(|source| {
         ReloadError::SpawnError {

@@ -204,6 +204,12 @@ impl InstanceState {
         self.sockets.insert(number, sockets);
     }
 
+    /// An adopted generation's stderr is forwarded again (the log keeper
+    /// held it while no controller ran).
+    pub fn resume_stderr(&mut self, number: u64, tail: crate::supervisor::StderrTail) {
+        self.stderr.insert(number, tail);
+    }
+
     /// Processes of live generations that are not our children (adopted):
     /// their exits must be watched by pidfd.
     pub fn adopted(&self) -> Vec<(u64, &Process)> {

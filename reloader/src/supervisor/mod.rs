@@ -11,6 +11,7 @@
 //! waited on (that would race with this).
 
 mod claim;
+pub mod keeper;
 mod process;
 mod spawn;
 mod stderr;
@@ -25,7 +26,7 @@ use nix::{
 };
 pub use process::{AdoptError, Process, exit_of, start_time};
 pub use spawn::{GODEBUG_MPTCP_OFF, Gate, SpawnExtras, Spawned, exec_shim, godebug, spawn};
-pub use stderr::StderrTail;
+pub use stderr::{StderrTail, forward as forward_stderr};
 use tracing::warn;
 
 /// Makes this process a child subreaper.

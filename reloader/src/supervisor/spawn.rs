@@ -14,7 +14,7 @@
 use std::{
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd},
+        fd::{AsRawFd, BorrowedFd, OwnedFd},
         unix::process::CommandExt,
     },
     process::{Command, Stdio},
@@ -30,6 +30,8 @@ pub struct SpawnExtras<'a> {
     pub listen_fds: Vec<(BorrowedFd<'a>, String)>,
     /// `NOTIFY_SOCKET` for the generation (`--ready notify`).
     pub notify_socket: Option<&'a std::path::Path>,
+    /// The log keeper, which gets a copy of the stderr pipe's read end.
+    pub keeper: Option<&'a super::keeper::Link>,
 }
 
 /// A spawned generation leader.
@@ -43,7 +45,7 @@ pub struct Spawned {
 
 /// The write end of a generation's start gate.
 #[derive(Debug)]
-pub struct Gate(Option<std::os::fd::OwnedFd>);
+pub struct Gate(Option<OwnedFd>);
 
 impl Gate {
     /// A gate that holds nothing back (unit tests' fake processes).
@@ -127,7 +129,13 @@ pub fn spawn(
     // Held by pidfd before anything can reap it: see `Process::child`.
     let process = Process::child(child.id())?;
     let stderr = match child.stderr.take() {
-        Some(stderr) => super::stderr::forward(stderr, name.to_owned(), generation)?,
+        Some(stderr) => {
+            let stderr = OwnedFd::from(stderr);
+            if let Some(keeper) = extras.keeper {
+                keeper.hold(generation, &stderr);
+            }
+            super::stderr::forward(stderr, name.to_owned(), generation)?
+        }
         None => StderrTail::default(),
     };
     // Dropping `child` neither waits nor kills: the reaper owns its exit.
@@ -196,7 +204,7 @@ fn place_fds(fds: &[i32], high: &mut [i32]) -> io::Result<()> {
 pub fn exec_shim(gate_fd: i32, count: usize, names: &str, command: &[String]) -> io::Error {
     use std::os::{fd::FromRawFd, unix::process::CommandExt as _};
     // SAFETY: the controller passed this descriptor to us, for us alone.
-    let gate = unsafe { std::os::fd::OwnedFd::from_raw_fd(gate_fd) };
+    let gate = unsafe { OwnedFd::from_raw_fd(gate_fd) };
     let mut byte = [0u8; 1];
     loop {
         match nix::unistd::read(&gate, &mut byte) {

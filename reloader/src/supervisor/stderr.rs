@@ -55,13 +55,14 @@ impl StderrTail {
     }
 }
 
-/// Reads `stderr` of generation `generation` until it closes.
+/// Reads `stderr` (the read end of generation `generation`'s stderr pipe)
+/// until it closes.
 pub fn forward(
-    stderr: std::process::ChildStderr,
+    stderr: std::os::fd::OwnedFd,
     instance: String,
     generation: u64,
 ) -> std::io::Result<StderrTail> {
-    let stderr = tokio::process::ChildStderr::from_std(stderr)?;
+    let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)?;
     let tail = StderrTail::default();
     let kept = tail.clone();
     tokio::spawn(async move {
@@ -100,7 +101,7 @@ mod tests {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let tail = forward(child.stderr.take().unwrap(), "t".into(), 1).unwrap();
+        let tail = forward(child.stderr.take().unwrap().into(), "t".into(), 1).unwrap();
         let lines = tail.lines(Duration::from_secs(5)).await;
         child.wait().unwrap();
         assert_eq!(lines.len(), TAIL_LINES);

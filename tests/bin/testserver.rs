@@ -87,6 +87,10 @@ struct Args {
     /// Write this many stderr lines per second (a chatty server).
     #[arg(long, default_value_t = 0)]
     chatty: u32,
+    /// Put SIGPIPE back to its default action, as a C server has it: a
+    /// write to a pipe without a reader kills the process.
+    #[arg(long)]
+    sigpipe_default: bool,
     /// File with extra flags for this start.
     #[arg(long)]
     mode_file: Option<std::path::PathBuf>,
@@ -138,6 +142,12 @@ fn main() {
             eprintln!("testserver: crashing as asked (--crash-after-ms)");
             std::process::exit(70);
         });
+    }
+    if args.sigpipe_default {
+        // SAFETY: restoring a signal's default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     if args.chatty > 0 {
         let per_tick = (args.chatty / 100).max(1);

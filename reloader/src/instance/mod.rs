@@ -194,6 +194,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         }
     };
 
+    // The keeper first: it is our child too (when this controller started
+    // it), and killed it would leave its socket behind.
+    if let Some(keeper) = keeper.clone() {
+        let _ = tokio::task::spawn_blocking(move || keeper.exit()).await;
+    }
     kill_reparented().await;
     for task in [
         Some(tracker),
@@ -214,9 +219,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     // no socket, no lock.
     let socket = config.control_socket.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        if let Some(keeper) = keeper {
-            keeper.exit();
-        }
         remove_files(&paths, &socket);
         drop(lock);
     })
@@ -275,6 +277,8 @@ fn remove_files(paths: &recovery::Paths, socket: &std::path::Path) {
     let _ = std::fs::remove_file(&paths.state);
     Steering::unpin(&paths.pins);
     let _ = std::fs::remove_file(socket);
+    // Gone already unless the keeper was killed before it could say so.
+    let _ = std::fs::remove_file(socket.with_extension("keeper"));
 }
 
 /// Takes over the generations a previous controller left running: a

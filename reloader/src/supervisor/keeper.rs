@@ -190,11 +190,18 @@ impl Link {
         }
     }
 
-    /// A clean stop: the keeper exits.
+    /// A clean stop: the keeper removes its socket and exits; returns once
+    /// it has closed the connection (at most 2 s).
     pub fn exit(&self) {
         let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(fd) = socket.take() {
-            let _ = send(&fd, &ToKeeper::Exit {}, None);
+        if let Some(fd) = socket.take()
+            && send(&fd, &ToKeeper::Exit {}, None).is_ok()
+        {
+            let timeout = nix::sys::time::TimeVal::new(2, 0);
+            let _ = nix::sys::socket::setsockopt(&fd, sockopt::ReceiveTimeout, &timeout);
+            let mut byte = [0u8; 1];
+            // EOF once the keeper has exited (or the timeout).
+            let _ = nix::sys::socket::recv(fd.as_raw_fd(), &mut byte, MsgFlags::empty());
         }
     }
 }

@@ -36,6 +36,17 @@ fn alternating_label(generation: u64) -> String {
     if generation % 2 == 1 { "2.6" } else { "2.11" }.to_owned()
 }
 
+/// As [`server`], with Caddy logging every request to its stderr (`log`).
+pub fn logging(addr: &str, which: Which) -> Server {
+    let mut server = server(addr, which);
+    let caddyfile = server.dir.path().join("Caddyfile");
+    let text = std::fs::read_to_string(&caddyfile).expect("Caddyfile");
+    let text = text.replacen("\trespond", "\tlog {\n\t\toutput stderr\n\t}\n\trespond", 1);
+    std::fs::write(&caddyfile, text).expect("Caddyfile");
+    server.name.push_str(" with log");
+    server
+}
+
 pub fn server(addr: &str, which: Which) -> Server {
     require(DEBIAN.as_ref(), "Caddy 2.6 (Debian's caddy)");
     require(

@@ -1,0 +1,199 @@
+//! Servers outlive their controller: a controller that dies (SIGKILL)
+//! takes no server down, a restarted one adopts them and forwards their
+//! logs again, recovery never destroys what still serves, a generation
+//! that stops listening is replaced, and one address has one owner.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use reloader_tests::{
+    instance::{Instance, process_alive},
+    load::{self, Load},
+    privileged,
+    servers::{self, caddy::Which},
+    wait::wait_for,
+};
+
+const ADDR: &str = "127.0.0.1:8080";
+
+fn addr() -> SocketAddr {
+    ADDR.parse().unwrap()
+}
+
+fn testserver() -> &'static str {
+    env!("CARGO_BIN_EXE_testserver")
+}
+
+fn kill_controller(instance: &mut Instance) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    instance.wait_exit(Duration::from_secs(5));
+}
+
+/// Caddy with `log` writes a line to its stderr for every request. Its
+/// stderr was a pipe only the controller read: after a SIGKILL of the
+/// controller the next line got EPIPE, Go exits on EPIPE to fd 2, and the
+/// port refused connections (904,528 failed requests in 6 s of load).
+#[test]
+fn a_logging_caddy_keeps_serving_after_the_controller_is_killed() {
+    privileged();
+    let server = servers::caddy::logging(ADDR, Which::Debian);
+    let mut args = vec!["--listen", ADDR];
+    args.extend(server.options.iter().map(String::as_str));
+    let command: Vec<&str> = server.command.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = server
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut instance =
+        Instance::spawn_with_env(tempfile::tempdir().unwrap(), &args, &command, &env);
+    instance.wait_active(Duration::from_secs(30));
+    let caddy = instance.generation(1).pid.expect("a pid");
+    let load = Load::start(addr(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    kill_controller(&mut instance);
+    // Every request is a log line on the dead controller's pipe.
+    std::thread::sleep(Duration::from_secs(3));
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(
+        report.total() > 100,
+        "too little load to prove anything: {}",
+        report.total()
+    );
+    assert!(process_alive(caddy), "Caddy died writing its log");
+    // A restarted controller adopts it and stops it cleanly.
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    assert_eq!(instance.active_generation(), Some(1));
+    assert!(instance.stop().success());
+}
+
+/// A server with SIGPIPE at its default action (as a C server has it) is
+/// killed by a write to a pipe without a reader.
+#[test]
+fn a_server_with_sigpipe_at_default_outlives_its_controller() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[
+            testserver(),
+            "--listen",
+            ADDR,
+            "--chatty",
+            "200",
+            "--sigpipe-default",
+        ],
+    );
+    let pid = instance.generation(1).pid.expect("a pid");
+    kill_controller(&mut instance);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        process_alive(pid),
+        "the server died writing to its stderr after the controller was killed"
+    );
+    assert_eq!(load::request(addr()).expect("still served"), 1);
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    assert!(instance.stop().success());
+}
+
+#[test]
+fn a_restarted_controller_forwards_the_servers_log_again() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--chatty", "100"],
+    );
+    let pid = instance.generation(1).pid.expect("a pid");
+    kill_controller(&mut instance);
+    let before = instance.log_text().len();
+    std::thread::sleep(Duration::from_secs(1));
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    assert_eq!(
+        instance.generation(1).pid,
+        Some(pid),
+        "the same server, adopted"
+    );
+    // The lines written while no controller ran are logged by the new
+    // one, and the server's later lines are forwarded as they come.
+    let since_restart = |text: &str| -> Vec<u64> {
+        text[before..]
+            .lines()
+            .filter(|l| l.contains("chatter line"))
+            .filter_map(|l| {
+                l.split("chatter line ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let kept = wait_for(
+        "the new controller to log what the keeper kept",
+        Duration::from_secs(10),
+        || {
+            let log = instance.log_text();
+            log[before..]
+                .contains("forwarded the stderr lines the log keeper kept")
+                .then(|| since_restart(&log))
+        },
+    );
+    assert!(
+        kept.len() >= 50,
+        "about 100 lines were written in the second without a controller: {}",
+        kept.len()
+    );
+    let first = *kept.iter().min().unwrap();
+    wait_for(
+        "lines written after the restart to be forwarded",
+        Duration::from_secs(10),
+        || {
+            let numbers = since_restart(&instance.log_text());
+            let newest = numbers.iter().max().copied().unwrap_or(0);
+            // Consecutive from the first kept line: none lost in between.
+            let distinct: std::collections::BTreeSet<u64> = numbers.into_iter().collect();
+            (newest > first + 300 && distinct.len() as u64 == newest - first + 1).then_some(())
+        },
+    );
+    assert!(instance.stop().success());
+    let keeper = instance.socket.with_extension("keeper");
+    assert!(!keeper.exists(), "a clean stop ends the log keeper");
+}
+
+/// Nothing of a stopped instance is left: its log keeper exits with it.
+#[test]
+fn a_clean_stop_ends_the_log_keeper() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let keeper = instance.socket.with_extension("keeper");
+    assert!(keeper.exists(), "a keeper runs beside the instance");
+    let started = Instant::now();
+    assert!(instance.stop().success());
+    assert!(!keeper.exists());
+    let stray: Vec<u32> = procfs::process::all_processes()
+        .unwrap()
+        .flatten()
+        .filter(|p| {
+            p.cmdline().is_ok_and(|c| {
+                c.iter().any(|a| a == "__keeper") && c.iter().any(|a| a == keeper.to_str().unwrap())
+            })
+        })
+        .map(|p| p.pid as u32)
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "keeper processes left {:?} after {:?}",
+        stray,
+        started.elapsed()
+    );
+}

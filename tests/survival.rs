@@ -197,3 +197,60 @@ fn a_clean_stop_ends_the_log_keeper() {
         started.elapsed()
     );
 }
+
+/// The recorded leader of the active generation died while no controller
+/// ran, but its workers still listen. A new controller used to call that
+/// "none of its generations serves any more", remove the state file and
+/// the pins, and then refuse to start because the port was still served.
+#[test]
+fn recovery_keeps_pins_while_a_worker_of_a_dead_leader_serves() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--workers", "2"],
+    );
+    let leader = instance.generation(1).pid.expect("a pid");
+    let workers: Vec<u32> = reloader::discovery::process_tree(leader)
+        .unwrap()
+        .into_iter()
+        .filter(|p| *p != leader)
+        .collect();
+    assert_eq!(workers.len(), 2, "two workers: {workers:?}");
+    let load = Load::start(addr(), 4);
+    kill_controller(&mut instance);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the leader to be gone", Duration::from_secs(5), || {
+        !process_alive(leader)
+    });
+    let state = reloader::state::saved::state_path(&instance.socket);
+    assert!(state.exists());
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    let adopted = instance.generation(1);
+    assert!(
+        workers.contains(&adopted.pid.expect("a pid")),
+        "adopted by a worker that holds its sockets: {adopted:?}"
+    );
+    let log = instance.log_text();
+    assert!(
+        !log.contains("cleaned up, starting fresh"),
+        "nothing serving was cleaned up:\n{log}"
+    );
+    // It is drained like any old generation: every worker is told.
+    let reload = instance.reload_wait();
+    assert_eq!(reload.done().generation, 2, "{reload}");
+    for worker in &workers {
+        wait_for(
+            format!("worker {worker} of the old generation to exit"),
+            Duration::from_secs(15),
+            || !process_alive(*worker),
+        );
+    }
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(instance.stop().success());
+}

@@ -94,7 +94,16 @@ pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> 
 /// this proof, not the first).
 fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
     if crate::supervisor::start_time(g.pid) != Some(g.start_time) {
-        return Verdict::Gone;
+        return orphaned_holder(config, g).map_or(Verdict::Gone, |(holder, start_time)| {
+            warn!(
+                generation = g.number,
+                leader = g.pid,
+                holder,
+                "the generation's leader is gone but a process of it still holds its sockets: \
+                 adopted by that process"
+            );
+            Verdict::Orphaned { holder, start_time }
+        });
     }
     let name = discovery::process_name(g.pid).unwrap_or_else(|| "?".into());
     let holds_recorded = !g.sockets.is_empty()
@@ -125,6 +134,28 @@ fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
          environment does not name it",
         g.pid, g.number
     ))
+}
+
+/// A process that still holds a socket recorded for generation `g` (whose
+/// leader is gone), with its start time: the lowest such pid. A socket's
+/// cookie names one socket object for the kernel's life, so holding one we
+/// registered proves the process is of that generation.
+fn orphaned_holder(config: &RunConfig, g: &SavedGeneration) -> Option<(u32, u64)> {
+    if g.sockets.is_empty() {
+        return None;
+    }
+    let mut holders: Vec<u32> = config
+        .listen
+        .iter()
+        .filter_map(|spec| discovery::holders_of(spec.transport, spec.addr).ok())
+        .flatten()
+        .filter(|(l, _)| g.sockets.contains(&l.cookie))
+        .filter_map(|(_, holder)| holder.map(|h| h.pid))
+        .collect();
+    holders.sort_unstable();
+    holders
+        .into_iter()
+        .find_map(|pid| Some((pid, crate::supervisor::start_time(pid)?)))
 }
 
 /// Process group leaders whose environment names instance `name` (what

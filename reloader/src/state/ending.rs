@@ -29,7 +29,15 @@ impl InstanceState {
                     signal = self.config.drain.signal.as_str(),
                     "draining"
                 );
-                process.signal(self.config.drain.signal);
+                if process.stands_in_for_leader() {
+                    // No leader forwards it to the workers: each gets it.
+                    self.outbox.push(super::Effect::SignalAdoptedGroup {
+                        process: process.clone(),
+                        signal: self.config.drain.signal,
+                    });
+                } else {
+                    process.signal(self.config.drain.signal);
+                }
                 let _ = self.generations.signalled(number, Instant::now());
                 if self.hold.is_some_and(|h| h.held == number) {
                     self.hold = None;

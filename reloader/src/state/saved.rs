@@ -191,7 +191,12 @@ pub enum Verdict {
     /// socket recorded for it (or, before it had any, its environment names
     /// this instance and generation).
     Ours,
-    /// Its process is gone (or the pid was reused: another start time).
+    /// Its leader is gone, but process `holder` (started at `start_time`)
+    /// still holds a socket recorded for it: its workers serve. Adopted by
+    /// that holder (the generation is never destroyed while it serves).
+    Orphaned { holder: u32, start_time: u64 },
+    /// Its process is gone (or the pid was reused: another start time), and
+    /// no process holds a socket recorded for it.
     Gone,
     /// A process runs with that pid and start time, but nothing proves it
     /// is ours: never adopted, never signalled. Says what it is.
@@ -230,6 +235,11 @@ pub fn recovery(saved: Option<&Saved>, verdict: impl Fn(&SavedGeneration) -> Ver
     for g in saved.generations.iter().filter(|g| g.state.is_live()) {
         match verdict(g) {
             Verdict::Ours => ours.push(g.clone()),
+            Verdict::Orphaned { holder, start_time } => ours.push(SavedGeneration {
+                pid: holder,
+                start_time,
+                ..g.clone()
+            }),
             Verdict::Gone => gone.push(g.clone()),
             Verdict::Unproven(what) => unproven.push((g.clone(), what)),
         }

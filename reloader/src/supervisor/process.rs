@@ -32,6 +32,10 @@ pub struct Process {
     pid: u32,
     pidfd: Arc<OwnedFd>,
     start_time: u64,
+    /// Its process group: its own pid for a generation's leader; for a
+    /// worker adopted in place of a leader that is gone, the group the
+    /// leader made (it lives on while a member does).
+    pgid: u32,
     /// Our child (we reap it, and killpg is safe until then).
     child: bool,
 }
@@ -65,6 +69,7 @@ impl Process {
             pid,
             pidfd,
             start_time,
+            pgid: pid,
             child: true,
         })
     }
@@ -85,6 +90,7 @@ impl Process {
                 pid,
                 pidfd: Arc::new(pidfd),
                 start_time: found,
+                pgid: group_of(pid).unwrap_or(pid),
                 child: false,
             }),
             Some(found) => Err(AdoptError::Reused {
@@ -148,6 +154,12 @@ impl Process {
         }
     }
 
+    /// Whether it stands for a generation whose leader is gone (a worker
+    /// adopted by the sockets it holds): its group was the leader's.
+    pub fn stands_in_for_leader(&self) -> bool {
+        self.pgid != self.pid
+    }
+
     /// Whether [`Self::signal_group`] walks `/proc` (an adopted process).
     pub fn signal_group_needs_proc(&self) -> bool {
         !self.child
@@ -194,14 +206,15 @@ impl Process {
     /// before its group was re-checked.
     #[allow(clippy::disallowed_methods)] // on a blocking thread: see signal_group
     fn group_members(&self) -> Vec<(u32, OwnedFd)> {
-        let leader = self.pid as i32;
+        let leader = self.pgid as i32;
+        let me = self.pid as i32;
         let Ok(all) = procfs::process::all_processes() else {
             return Vec::new();
         };
         all.flatten()
             .filter_map(|p| {
                 let stat = p.stat().ok()?;
-                if stat.pgrp != leader || stat.pid == leader {
+                if stat.pgrp != leader || stat.pid == me {
                     return None;
                 }
                 let fd = open(stat.pid as u32).ok()?;
@@ -274,6 +287,13 @@ fn send(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
     let signal = rustix::process::Signal::from_named_raw(signal as i32)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     pidfd_send_signal(pidfd.as_fd(), signal).map_err(io::Error::from)
+}
+
+/// The process group of `pid`.
+#[allow(clippy::disallowed_methods)] // one /proc read, at start-up (a blocking thread)
+fn group_of(pid: u32) -> Option<u32> {
+    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    u32::try_from(stat.pgrp).ok()
 }
 
 /// The start time of `pid` (`/proc/PID/stat` field 22, clock ticks since

@@ -1,11 +1,18 @@
 //! How the reports read to people: the one-line summaries of a reload, a
 //! rollback and a rollout (`reload --wait`, `rollback`, the controller's
-//! log) and the aligned table `reloader status` prints. Durations read like
-//! `1.2s` ([`human_duration`]).
+//! log) and the tables `reloader status` prints. Tables are laid out by
+//! comfy-table without borders, so they read as aligned columns whatever
+//! the widths of their cells; the layout never depends on the terminal.
+//! Durations read like `1.2s` ([`human_duration`]).
 
 use std::{fmt::Write as _, time::Duration};
 
-use super::{ReloadReport, ReloadResult, RollbackReport, RolloutKind, RolloutStatus, StatusReport};
+use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
+
+use super::{
+    GenerationStatus, ListenerStatus, ReloadReport, ReloadResult, RollbackReport, RolloutKind,
+    RolloutStatus, StatusReport,
+};
 use crate::generation::human_duration;
 
 impl RolloutStatus {
@@ -152,7 +159,8 @@ fn short_digest(digest: &str) -> &str {
 }
 
 impl StatusReport {
-    /// The aligned table `reloader status` prints.
+    /// What `reloader status` prints: the instance, its listeners and its
+    /// generations as tables, then the counts and what can be undone now.
     pub fn human(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -163,86 +171,12 @@ impl StatusReport {
             self.steering,
             human_duration(Duration::from_millis(self.uptime_ms))
         );
+        let _ = writeln!(out, "\n{}", listener_table(&self.listeners));
         let _ = writeln!(
             out,
-            "\nLISTENER                                       ACTIVE"
+            "\n{}",
+            generation_table(&self.generations, self.rollout.is_some())
         );
-        for l in &self.listeners {
-            let active = l
-                .active_generation
-                .map(|g| g.to_string())
-                .unwrap_or_else(|| "-".into());
-            let flows = l
-                .flow_table
-                .map(|t| format!("  (flow table {}/{})", t.flows, t.capacity))
-                .unwrap_or_default();
-            let bridged = if l.bridged > 0 {
-                format!("  (bridge held {})", l.bridged)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(out, "{:<46} {active}{flows}{bridged}", l.addr);
-        }
-        let _ = writeln!(
-            out,
-            "\n{:>4}  {:>8}  {:<9} {:>8}  {:>9} {:>9} {:>7} {:>9}  SOCKETS (inode:queue)",
-            "GEN", "PID", "STATE", "AGE", "STEERED", "MIGRATED", "PROBED", "FALLBACK"
-        );
-        for g in &self.generations {
-            let sockets: Vec<String> = g
-                .sockets
-                .iter()
-                .map(|s| {
-                    let queue = s
-                        .accept_queue
-                        .map(|q| q.to_string())
-                        .unwrap_or_else(|| "closed".into());
-                    format!("{} {}:{queue}", s.addr, s.inode)
-                })
-                .collect();
-            let pid = g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            let mut line = format!(
-                "{:>4}  {:>8}  {:<9} {:>8}  {:>9} {:>9} {:>7} {:>9}  {}",
-                g.generation,
-                pid,
-                g.state,
-                human_duration(Duration::from_millis(g.age_ms)),
-                g.counters.steered,
-                g.counters.migrated,
-                g.counters.probe_routed,
-                g.counters.fallback,
-                sockets.join(", ")
-            );
-            if g.counters.affinity > 0 || g.udp_flows > 0 {
-                let _ = write!(
-                    line,
-                    "  [udp: {} flows, {} datagrams kept with their flow]",
-                    g.udp_flows, g.counters.affinity
-                );
-            }
-            if let Some(weight) = g.weight_percent.filter(|_| self.rollout.is_some()) {
-                let rate = g
-                    .steered_per_second
-                    .map(|r| format!(", {r:.0} steered/s"))
-                    .unwrap_or_default();
-                let _ = write!(line, "  [{weight}% of new connections{rate}]");
-            }
-            if let Some(health) = g.health.as_ref().filter(|h| h.consecutive_failures > 0) {
-                let _ = write!(
-                    line,
-                    "  [health: {} failures in a row: {}]",
-                    health.consecutive_failures,
-                    health.last_error.as_deref().unwrap_or("?")
-                );
-            }
-            if let Some(outcome) = &g.outcome {
-                let _ = write!(line, "  ({outcome})");
-            }
-            if let Some(config) = &g.config_sha256 {
-                let _ = write!(line, "  config {}", short_digest(config));
-            }
-            let _ = writeln!(out, "{}", line.trim_end());
-        }
         let _ = writeln!(
             out,
             "\nreloads: {} succeeded, {} failed, {} rolled back; restarts: {}; drain kills: {}",
@@ -284,4 +218,176 @@ impl StatusReport {
         }
         out
     }
+}
+
+/// One row per listener: its address, the generation that gets its new
+/// connections, how full the UDP flow table is (UDP with flow affinity) and
+/// how many connections its bridge held.
+fn listener_table(listeners: &[ListenerStatus]) -> String {
+    const COLUMNS: [Column; 4] = [
+        Column::left("LISTENER"),
+        Column::left("ACTIVE"),
+        Column::right("FLOW TABLE").optional(),
+        Column::right("BRIDGE HELD").optional(),
+    ];
+    let rows = listeners.iter().map(|l| {
+        [
+            l.addr.clone(),
+            or_dash(l.active_generation),
+            l.flow_table
+                .map(|t| format!("{}/{}", t.flows, t.capacity))
+                .unwrap_or_default(),
+            if l.bridged > 0 {
+                l.bridged.to_string()
+            } else {
+                String::new()
+            },
+        ]
+    });
+    render(&COLUMNS, rows)
+}
+
+/// One row per generation: its process, state and age, what the program
+/// decided for it (summed over listeners), its sockets, its config digest
+/// and whatever else applies to it now.
+fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
+    const COLUMNS: [Column; 11] = [
+        Column::right("GEN"),
+        Column::right("PID"),
+        Column::left("STATE"),
+        Column::right("AGE"),
+        Column::right("STEERED"),
+        Column::right("MIGRATED"),
+        Column::right("PROBED"),
+        Column::right("FALLBACK"),
+        Column::left("SOCKETS (inode:queue)"),
+        Column::left("CONFIG").optional(),
+        Column::left("NOTES").optional(),
+    ];
+    let rows = generations.iter().map(|g| {
+        let sockets: Vec<String> = g
+            .sockets
+            .iter()
+            .map(|s| {
+                let queue = s
+                    .accept_queue
+                    .map(|q| q.to_string())
+                    .unwrap_or_else(|| "closed".into());
+                format!("{} {}:{queue}", s.addr, s.inode)
+            })
+            .collect();
+        [
+            g.generation.to_string(),
+            or_dash(g.pid),
+            g.state.to_string(),
+            human_duration(Duration::from_millis(g.age_ms)),
+            g.counters.steered.to_string(),
+            g.counters.migrated.to_string(),
+            g.counters.probe_routed.to_string(),
+            g.counters.fallback.to_string(),
+            sockets.join(", "),
+            g.config_sha256
+                .as_deref()
+                .map(short_digest)
+                .unwrap_or_default()
+                .to_owned(),
+            generation_notes(g, rollout),
+        ]
+    });
+    render(&COLUMNS, rows)
+}
+
+/// What applies to a generation beyond its columns: its UDP flows, its
+/// share of new connections while a rollback is possible, failing health
+/// checks, how it ended.
+fn generation_notes(g: &GenerationStatus, rollout: bool) -> String {
+    let mut notes = Vec::new();
+    if g.counters.affinity > 0 || g.udp_flows > 0 {
+        notes.push(format!(
+            "[udp: {} flows, {} datagrams kept with their flow]",
+            g.udp_flows, g.counters.affinity
+        ));
+    }
+    if let Some(weight) = g.weight_percent.filter(|_| rollout) {
+        let rate = g
+            .steered_per_second
+            .map(|r| format!(", {r:.0} steered/s"))
+            .unwrap_or_default();
+        notes.push(format!("[{weight}% of new connections{rate}]"));
+    }
+    if let Some(health) = g.health.as_ref().filter(|h| h.consecutive_failures > 0) {
+        notes.push(format!(
+            "[health: {} failures in a row: {}]",
+            health.consecutive_failures,
+            health.last_error.as_deref().unwrap_or("?")
+        ));
+    }
+    if let Some(outcome) = &g.outcome {
+        notes.push(format!("({outcome})"));
+    }
+    notes.join("  ")
+}
+
+fn or_dash(value: Option<impl ToString>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// A column of a status table.
+struct Column {
+    header: &'static str,
+    align: CellAlignment,
+    /// Left out when no row has anything in it.
+    optional: bool,
+}
+
+impl Column {
+    const fn left(header: &'static str) -> Self {
+        Self {
+            header,
+            align: CellAlignment::Left,
+            optional: false,
+        }
+    }
+
+    const fn right(header: &'static str) -> Self {
+        Self {
+            header,
+            align: CellAlignment::Right,
+            optional: false,
+        }
+    }
+
+    const fn optional(self) -> Self {
+        Self {
+            optional: true,
+            ..self
+        }
+    }
+}
+
+/// Lays `rows` out under `columns` without borders: two spaces between
+/// columns, none before the first, no trailing whitespace, no final newline.
+fn render<const N: usize>(
+    columns: &[Column; N],
+    rows: impl Iterator<Item = [String; N]>,
+) -> String {
+    let rows: Vec<[String; N]> = rows.collect();
+    let shown: Vec<usize> = (0..N)
+        .filter(|&i| !columns[i].optional || rows.iter().any(|row| !row[i].is_empty()))
+        .collect();
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(
+        shown
+            .iter()
+            .map(|&i| Cell::new(columns[i].header).set_alignment(columns[i].align)),
+    );
+    for row in &rows {
+        table.add_row(shown.iter().map(|&i| Cell::new(&row[i])));
+    }
+    let last = shown.len().saturating_sub(1);
+    for (n, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if n == last { 0 } else { 2 }));
+        column.set_cell_alignment(columns[shown[n]].align);
+    }
+    table.trim_fmt()
 }

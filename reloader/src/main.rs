@@ -1,10 +1,13 @@
 #![allow(clippy::disallowed_methods)] // the CLI: client commands block on the control socket without a runtime
-use std::{process::ExitCode, time::Duration};
+use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
-    cli::{Cli, Command},
+    cli::{
+        Cli, Command, DemoArgs, PromoteArgs, ReloadArgs, RollbackArgs, RunArgs, StatusArgs,
+        StopArgs,
+    },
     control::{self, Request, Response},
     instance, supervisor,
 };
@@ -26,173 +29,215 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs the subcommand; `Err` is printed by `main` and exits 1.
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => {
-            let config = args.into_config()?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .max_blocking_threads(reloader::MAX_BLOCKING_THREADS)
-                .build()
-                .context("failed to start the async runtime")?;
-            let clean = runtime.block_on(instance::run(config))?;
-            Ok(if clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
-        }
-        Command::Reload(args) => {
-            let socket = args.instance.socket()?;
-            let request = Request::Reload {
-                wait: args.wait,
-                canary: args.canary_plan()?,
-            };
-            let response = control::ask(&socket, &request, args.timeout)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&response)?);
-            }
-            match response {
-                Response::ReloadAccepted => {
-                    if !args.json {
-                        println!("reload requested");
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Response::ReloadDone { report } => {
-                    if !args.json {
-                        println!("{}", report.human());
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Response::ReloadFailed { report } => {
-                    if !args.json {
-                        eprintln!("{}", report.human());
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
-                Response::ReloadRolledBack { report } => {
-                    if !args.json {
-                        eprintln!("{}", report.human());
-                    }
-                    Ok(ExitCode::from(ROLLED_BACK))
-                }
-                other => unexpected(other),
-            }
-        }
-        Command::Rollback(args) => {
-            let socket = args.instance.socket()?;
-            let timeout = if args.wait {
-                args.timeout
-            } else {
-                Duration::from_secs(10)
-            };
-            match control::ask(&socket, &Request::Rollback { wait: args.wait }, timeout)? {
-                Response::RolledBack { report } => {
-                    if args.json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        println!("{}", report.human());
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => unexpected(other),
-            }
-        }
-        Command::Promote(args) => {
-            let socket = args.instance.socket()?;
-            match control::ask(&socket, &Request::Promote {}, Duration::from_secs(10))? {
-                response @ Response::Promoted { .. } if args.json => {
-                    println!("{}", serde_json::to_string_pretty(&response)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Response::Promoted {
-                    generation,
-                    previous,
-                } => {
-                    println!(
-                        "generation {generation} promoted: it gets every new connection; \
-                         generation {previous} gets none (it drains, or is held with \
-                         --keep-previous: `reloader status`)"
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => unexpected(other),
-            }
-        }
-        Command::Status(args) => {
-            let socket = args.instance.socket()?;
-            match control::ask(&socket, &Request::Status {}, Duration::from_secs(10))? {
-                Response::Status { status } => {
-                    if args.json {
-                        println!("{}", serde_json::to_string_pretty(&status)?);
-                    } else {
-                        print!("{}", status.human());
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => unexpected(other),
-            }
-        }
-        Command::Demo(args) => {
-            let clean = reloader::demo::run(&args.options())?;
-            Ok(if clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Keeper { socket } => {
-            supervisor::keeper::run(&socket)
-                .with_context(|| format!("the log keeper on {}", socket.display()))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(args) => run_cmd(args),
+        Command::Reload(args) => reload_cmd(args),
+        Command::Rollback(args) => rollback_cmd(args),
+        Command::Promote(args) => promote_cmd(args),
+        Command::Status(args) => status_cmd(args),
+        Command::Demo(args) => demo_cmd(args),
+        Command::Keeper { socket } => keeper_cmd(&socket),
         Command::Exec {
             gate_fd,
             listen_fds,
             fd_names,
             command,
-        } => {
-            let error = supervisor::exec_shim(gate_fd, listen_fds, &fd_names, &command);
-            bail!("failed to start {:?}: {error}", command[0]);
-        }
+        } => exec_cmd(gate_fd, listen_fds, &fd_names, &command),
         Command::Serve { listen } => reloader::demo::server::run(listen),
-        Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "reloader", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Stop(args) => {
-            let socket = args.instance.socket()?;
-            match control::ask(
-                &socket,
-                &Request::Stop {},
-                args.timeout.min(Duration::from_secs(10)),
-            )? {
-                Response::Stopping => {}
-                other => return unexpected(other),
-            }
-            // The controller removes its socket as its last step.
-            let deadline = std::time::Instant::now() + args.timeout;
-            while socket.exists() {
-                if std::time::Instant::now() > deadline {
-                    bail!(
-                        "instance {} is still stopping after {}",
-                        args.instance.name,
-                        humantime::format_duration(args.timeout)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            println!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Completions { shell } => completions_cmd(shell),
+        Command::Man => man_cmd(),
+        Command::Stop(args) => stop_cmd(args),
     }
+}
+
+/// `run`: the controller, in the foreground until it is stopped; exits 2
+/// when the stop was not clean (a generation outlived its drain timeout).
+fn run_cmd(args: RunArgs) -> Result<ExitCode> {
+    let config = args.into_config()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(reloader::MAX_BLOCKING_THREADS)
+        .build()
+        .context("failed to start the async runtime")?;
+    let clean = runtime.block_on(instance::run(config))?;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// `reload`: exits 1 when the new generation failed, [`ROLLED_BACK`] when
+/// it was rolled back.
+fn reload_cmd(args: ReloadArgs) -> Result<ExitCode> {
+    let socket = args.instance.socket()?;
+    let request = Request::Reload {
+        wait: args.wait,
+        canary: args.canary_plan()?,
+    };
+    let response = control::ask(&socket, &request, args.timeout)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    }
+    match response {
+        Response::ReloadAccepted => {
+            if !args.json {
+                println!("reload requested");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::ReloadDone { report } => {
+            if !args.json {
+                println!("{}", report.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::ReloadFailed { report } => {
+            if !args.json {
+                eprintln!("{}", report.human());
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Response::ReloadRolledBack { report } => {
+            if !args.json {
+                eprintln!("{}", report.human());
+            }
+            Ok(ExitCode::from(ROLLED_BACK))
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `rollback`: the held generation, or the one beside the canary, active
+/// again.
+fn rollback_cmd(args: RollbackArgs) -> Result<ExitCode> {
+    let socket = args.instance.socket()?;
+    let timeout = if args.wait {
+        args.timeout
+    } else {
+        Duration::from_secs(10)
+    };
+    match control::ask(&socket, &Request::Rollback { wait: args.wait }, timeout)? {
+        Response::RolledBack { report } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `promote`: every new connection to the canary.
+fn promote_cmd(args: PromoteArgs) -> Result<ExitCode> {
+    let socket = args.instance.socket()?;
+    match control::ask(&socket, &Request::Promote {}, Duration::from_secs(10))? {
+        response @ Response::Promoted { .. } if args.json => {
+            println!("{}", serde_json::to_string_pretty(&response)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Promoted {
+            generation,
+            previous,
+        } => {
+            println!(
+                "generation {generation} promoted: it gets every new connection; \
+                 generation {previous} gets none (it drains, or is held with \
+                 --keep-previous: `reloader status`)"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `status`: the tables, or the report as JSON.
+fn status_cmd(args: StatusArgs) -> Result<ExitCode> {
+    let socket = args.instance.socket()?;
+    match control::ask(&socket, &Request::Status {}, Duration::from_secs(10))? {
+        Response::Status { status } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `demo`: exits 1 when reloader failed a connection.
+fn demo_cmd(args: DemoArgs) -> Result<ExitCode> {
+    let clean = reloader::demo::run(&args.options())?;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `__keeper`: the log keeper, until it is told to exit or has nothing
+/// left to keep (no controller connected, no pipe open).
+fn keeper_cmd(socket: &Path) -> Result<ExitCode> {
+    supervisor::keeper::run(socket)
+        .with_context(|| format!("the log keeper on {}", socket.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `__exec`, every generation's start: returns only when the exec failed.
+fn exec_cmd(
+    gate_fd: i32,
+    listen_fds: usize,
+    fd_names: &str,
+    command: &[String],
+) -> Result<ExitCode> {
+    let error = supervisor::exec_shim(gate_fd, listen_fds, fd_names, command);
+    bail!("failed to start {:?}: {error}", command[0]);
+}
+
+fn completions_cmd(shell: clap_complete::Shell) -> Result<ExitCode> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "reloader", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn man_cmd() -> Result<ExitCode> {
+    let command = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `stop`: asks the controller to stop and waits until it removed its
+/// socket, at most `--timeout`.
+fn stop_cmd(args: StopArgs) -> Result<ExitCode> {
+    let socket = args.instance.socket()?;
+    match control::ask(
+        &socket,
+        &Request::Stop {},
+        args.timeout.min(Duration::from_secs(10)),
+    )? {
+        Response::Stopping => {}
+        other => return unexpected(other),
+    }
+    // The controller removes its socket as its last step.
+    let deadline = std::time::Instant::now() + args.timeout;
+    while socket.exists() {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "instance {} is still stopping after {}",
+                args.instance.name,
+                humantime::format_duration(args.timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn unexpected(response: Response) -> Result<ExitCode> {

@@ -1,0 +1,16 @@
+//! What `reloader status`, `reloader reload --wait` and `reloader rollback`
+//! report, and how it is shown to people. `wire` holds the reports as
+//! the controller answers them and `--json` prints them (for scripts:
+//! fields are only ever added); `human` renders them as tables and lines
+//! for people.
+
+mod human;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+pub use wire::{
+    CounterStatus, FailureKind, FlowTableStatus, GenerationStatus, HealthStatus, ListenerStatus,
+    ReloadFailure, ReloadReport, ReloadResult, RollbackCounts, RollbackReason, RollbackReport,
+    RolloutKind, RolloutStatus, SocketStatus, StatusReport,
+};

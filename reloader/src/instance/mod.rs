@@ -81,6 +81,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         log_pump,
         listen_events,
         control,
+        metrics,
         generations,
         processes,
         hold,
@@ -89,10 +90,29 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         taken,
     } = prepared;
     let keeper = keeper.map(Arc::new);
-    let control = tokio::net::UnixListener::from_std(control)?;
-    let metrics_listener = match config.metrics {
-        Some(addr) => Some(crate::metrics::bind(addr).await?),
-        None => None,
+    // Registering with the runtime cannot fail once it runs; should it,
+    // nothing the start made is left (and a keeper kept for adopted
+    // generations goes on keeping).
+    let registered = tokio::net::UnixListener::from_std(control).and_then(|control| {
+        let metrics = metrics.map(tokio::net::TcpListener::from_std).transpose()?;
+        Ok((control, metrics))
+    });
+    let (control, metrics_listener) = match registered {
+        Ok(registered) => registered,
+        Err(error) => {
+            let socket = config.control_socket.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(keeper) = keeper.filter(|_| !adopting) {
+                    keeper.exit();
+                }
+                if !adopting {
+                    remove_files(&paths, &socket);
+                }
+                drop(lock);
+            })
+            .await;
+            return Err(error).context("cannot serve the control socket");
+        }
     };
     if let Some(pump) = log_pump {
         tokio::spawn(pump_logs(pump));

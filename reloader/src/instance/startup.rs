@@ -4,7 +4,12 @@
 //! socket and the steering program; then, with the runtime, the state with
 //! whatever was adopted and the tasks that watch adopted generations.
 
-use std::{collections::HashMap, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context, bail};
 use tracing::warn;
@@ -32,6 +37,8 @@ pub struct Prepared {
     /// Listen events from the controller's cgroup, or why there are none.
     pub listen_events: Result<crate::steering::ListenEvents, String>,
     pub control: std::os::unix::net::UnixListener,
+    /// `--metrics`, bound.
+    pub metrics: Option<std::net::TcpListener>,
     pub generations: Generations,
     pub processes: HashMap<u64, Process>,
     /// The hold the previous controller recorded.
@@ -45,8 +52,32 @@ pub struct Prepared {
     pub taken: Vec<keeper::Taken>,
 }
 
+/// What a start made that a failed start removes again.
+#[derive(Default)]
+struct Made {
+    /// The control socket it bound.
+    control: Option<PathBuf>,
+    /// Pins it made (not a previous controller's, which adopted
+    /// generations still need).
+    pins: Option<PathBuf>,
+}
+
+impl Made {
+    #[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
+    fn undo(self) {
+        if let Some(socket) = self.control {
+            let _ = std::fs::remove_file(socket);
+        }
+        if let Some(pins) = self.pins {
+            Steering::unpin(&pins);
+        }
+    }
+}
+
 /// The blocking part of the start (it reads `/proc`, the state file,
-/// sock_diag; it loads the steering program).
+/// sock_diag; it loads the steering program). A start that fails removes
+/// what it made: nothing is left behind but what a previous controller
+/// left for its generations.
 #[allow(clippy::disallowed_methods)] // runs on a blocking thread (see `super::run`)
 pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
     let dir = config
@@ -55,6 +86,20 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         .context("the control socket path has no directory")?;
     files::secure_dir(dir)?;
     let lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
+    let mut made = Made::default();
+    let prepared = prepare_locked(config, lock, &mut made);
+    if prepared.is_err() {
+        made.undo();
+    }
+    prepared
+}
+
+/// [`prepare`], once the instance lock is held (`lock`, released on error).
+fn prepare_locked(
+    config: &Arc<RunConfig>,
+    lock: files::InstanceLock,
+    made: &mut Made,
+) -> anyhow::Result<Prepared> {
     let paths = recovery::Paths::of(config);
     let previous = recovery::look_back(config, &paths)?;
     let recovered = recovery::clean_up(&previous, &paths);
@@ -63,8 +108,20 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         recovery::check_addresses_free(&config.listen)?;
     }
     let control = bind_control_socket(&config.control_socket, &config.name)?;
+    made.control = Some(config.control_socket.clone());
+    let metrics = config
+        .metrics
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| anyhow::anyhow!("--metrics {addr}: cannot listen there: {e}"))
+        })
+        .transpose()?;
     let limits = recovery::limits(config, &previous);
     let mut steering = recovery::load_steering(config, &paths, limits, adopting)?;
+    if !adopting {
+        made.pins = Some(paths.pins.clone());
+    }
     let log_pump = steering.log_pump();
     let listen_events = own_cgroup()
         .map_err(|e| crate::error_chain(e.as_ref()))
@@ -98,6 +155,7 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         log_pump,
         listen_events,
         control,
+        metrics,
         generations,
         processes,
         hold,
@@ -164,7 +222,7 @@ fn bind_control_socket(
 /// The v2 hierarchy is wherever `cgroup2` is mounted (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on hybrid systems).
 #[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
-fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
+fn own_cgroup() -> anyhow::Result<PathBuf> {
     let me = procfs::process::Process::myself().context("read /proc/self")?;
     let path = me
         .cgroups()

@@ -3,13 +3,13 @@
 //! are parsed with httparse, bounded in size and time; accept errors back
 //! off.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::Recorder;
 use crate::status::StatusReport;
@@ -100,13 +100,4 @@ async fn answer<S: Source>(source: &S, mut stream: TcpStream) -> std::io::Result
         None => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
     };
     stream.write_all(response.as_bytes()).await
-}
-
-/// Binds the metrics address (before anything starts, so a taken port is
-/// an error the user sees at once).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        warn!(%addr, error = %e, "cannot serve metrics");
-        anyhow::anyhow!("--metrics {addr}: cannot listen there: {e}")
-    })
 }

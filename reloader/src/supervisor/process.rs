@@ -292,7 +292,10 @@ fn send(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
 /// The process group of `pid`.
 #[allow(clippy::disallowed_methods)] // one /proc read, at start-up (a blocking thread)
 fn group_of(pid: u32) -> Option<u32> {
-    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
     u32::try_from(stat.pgrp).ok()
 }
 

@@ -254,3 +254,76 @@ fn recovery_keeps_pins_while_a_worker_of_a_dead_leader_serves() {
     report.assert_no_failures();
     assert!(instance.stop().success());
 }
+
+/// While the first instance's server was still starting nothing listened
+/// on the address, and a second instance for it was accepted: both
+/// reported `active`, and whichever registered last got every connection.
+#[test]
+fn a_second_instance_is_refused_while_the_first_server_is_still_starting() {
+    privileged();
+    let first = Instance::spawn_in(
+        tempfile::tempdir().unwrap(),
+        &["--listen", ADDR, "--ready-timeout", "30s"],
+        &[testserver(), "--listen", ADDR, "--start-delay-ms", "4000"],
+    );
+    wait_for(
+        "the first instance to answer",
+        Duration::from_secs(10),
+        || first.try_status().is_some(),
+    );
+    assert!(first.active_generation().is_none(), "still starting");
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(reloader_tests::instance::reloader_bin())
+        .arg("run")
+        .arg("--name")
+        .arg("second")
+        .arg("--control-socket")
+        .arg(dir.path().join("second.sock"))
+        .args(["--listen", ADDR, "--", testserver(), "--listen", ADDR])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "127.0.0.1:8080 is already claimed by instance \"default\" (controller pid {})",
+            first.pid()
+        )),
+        "names the first instance and its pid: {stderr}"
+    );
+    // Nothing of the second one was left, and the first starts.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    first.wait_active(Duration::from_secs(30));
+    assert_eq!(load::request(addr()).unwrap(), 1);
+}
+
+/// Claims live in the network namespace, like the addresses: the same
+/// address in two namespaces is two addresses, and two instances.
+#[test]
+fn one_address_in_two_network_namespaces_is_two_claims() {
+    privileged();
+    let mut here = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let mut there = Instance::spawn_wrapped(
+        tempfile::tempdir().unwrap(),
+        &[
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ],
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+        &[],
+    );
+    there.wait_active(Duration::from_secs(30));
+    assert_eq!(here.active_generation(), Some(1));
+    assert_eq!(there.active_generation(), Some(1));
+    assert_eq!(
+        load::request(addr()).unwrap(),
+        1,
+        "this namespace's is served"
+    );
+    assert!(there.stop().success());
+    assert!(here.stop().success());
+}

@@ -136,7 +136,12 @@ impl Report {
 
 /// One connection: who answered a complete `200`, or what went wrong.
 pub fn answer(addr: SocketAddr) -> Result<Answer, String> {
-    let event = runtime().block_on(client::connection(addr, Duration::from_secs(5)));
+    answer_within(addr, Duration::from_secs(5))
+}
+
+/// As [`answer`], for a client that waits up to `timeout`.
+pub fn answer_within(addr: SocketAddr, timeout: Duration) -> Result<Answer, String> {
+    let event = runtime().block_on(client::connection(addr, timeout));
     match event.kind {
         Kind::Ok => Ok(event.answer),
         kind => Err(kind.name().to_owned()),

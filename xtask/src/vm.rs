@@ -121,7 +121,7 @@ const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
     ),
     (
         "launcher",
-        "a_bridge_gives_up_on_a_generation_that_stopped_listening_for_good",
+        "a_generation_that_stops_listening_is_replaced",
         BRIDGE,
     ),
     (

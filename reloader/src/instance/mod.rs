@@ -20,6 +20,7 @@
 //! (`super::run` in `main`): they keep serving, and the next controller
 //! adopts them, as after a SIGKILL.
 
+mod claims;
 mod commands;
 mod events;
 mod files;
@@ -73,6 +74,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     };
     let startup::Prepared {
         lock,
+        claims,
         paths,
         adopting,
         recovered,
@@ -171,6 +173,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         paths.state.clone(),
         persister_stop,
     ));
+    let claims = tokio::spawn(claims.answer(format!(
+        "instance {:?} (controller pid {})",
+        config.name,
+        std::process::id()
+    )));
     let signals = forward_signals(events_tx.clone())?;
     let control_task = tokio::spawn(crate::control::server::serve(
         events::Control {
@@ -223,6 +230,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     for task in [
         Some(tracker),
         Some(control_task),
+        Some(claims),
         metrics_task,
         watch_task,
         health,

@@ -167,6 +167,7 @@ impl<H: Host> Owner<H> {
     pub async fn run(mut self) -> (bool, Option<ReloadReport>) {
         loop {
             self.start_pending_reload();
+            let replace_at = self.replace_at();
             let flow = tokio::select! {
                 Some(command) = self.owned.commands.recv() => {
                     self.apply(command);
@@ -185,6 +186,10 @@ impl<H: Host> Owner<H> {
                         }
                         Err(_) => Flow::Continue,
                     }
+                }
+                () = sleep_until(replace_at) => {
+                    self.replace_not_listening();
+                    Flow::Continue
                 }
                 () = sleep_until(self.restart_at) => {
                     self.restart_at = None;
@@ -436,6 +441,11 @@ impl<H: Host> Owner<H> {
             active.map_or("none".into(), |g| g.to_string())
         ));
         answer(waiters, &Outcome::Reported(Box::new(report)));
+        if self.state.replacing_not_listening() {
+            // The bridges no longer hold on for it; the next look at the
+            // listeners tries again, after the backoff.
+            self.state.replacement_failed();
+        }
         if active.is_none() && !self.state.is_stopping() {
             self.schedule_restart();
         }
@@ -480,6 +490,33 @@ impl<H: Host> Owner<H> {
             }
         }
         Flow::Continue
+    }
+
+    /// When the active generation is to be replaced because it stopped
+    /// listening (never while stopping).
+    fn replace_at(&self) -> Option<tokio::time::Instant> {
+        if self.stopping.is_some() {
+            return None;
+        }
+        self.state.replace_not_listening_at().map(Into::into)
+    }
+
+    /// The active generation has not listened on a managed address for as
+    /// long as the bridges hold connections: a new generation is started in
+    /// its place under the crash policy (reinstating a previous one was
+    /// tried when it stopped listening); the bridges hold on meanwhile.
+    fn replace_not_listening(&mut self) {
+        let Some((generation, addr)) = self.state.replace_not_listening() else {
+            return;
+        };
+        warn!(
+            generation,
+            %addr,
+            "it has not listened on a managed address for {} while still running: starting a \
+             new generation in its place",
+            crate::generation::human_duration(crate::state::HOLD_LIMIT)
+        );
+        self.schedule_restart();
     }
 
     /// Asks for a reload after the restart backoff.

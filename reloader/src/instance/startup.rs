@@ -26,6 +26,8 @@ use crate::{
 /// What the blocking part of the start found and made.
 pub struct Prepared {
     pub lock: files::InstanceLock,
+    /// The claims of the managed addresses (see [`super::claims`]).
+    pub claims: super::claims::Claims,
     pub paths: recovery::Paths,
     /// A previous controller's generations are adopted.
     pub adopting: bool,
@@ -86,8 +88,9 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         .context("the control socket path has no directory")?;
     files::secure_dir(dir)?;
     let lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
+    let claims = super::claims::claim(&config.listen)?;
     let mut made = Made::default();
-    let prepared = prepare_locked(config, lock, &mut made);
+    let prepared = prepare_locked(config, lock, claims, &mut made);
     if prepared.is_err() {
         made.undo();
     }
@@ -98,6 +101,7 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
 fn prepare_locked(
     config: &Arc<RunConfig>,
     lock: files::InstanceLock,
+    claims: super::claims::Claims,
     made: &mut Made,
 ) -> anyhow::Result<Prepared> {
     let paths = recovery::Paths::of(config);
@@ -147,6 +151,7 @@ fn prepare_locked(
     let (keeper, taken) = start_keeper(config);
     Ok(Prepared {
         lock,
+        claims,
         paths,
         adopting,
         recovered,

@@ -21,7 +21,7 @@
 //! | `reloader_udp_flow_table_entries` | gauge | `listener` |
 //! | `reloader_udp_flow_table_capacity` | gauge | |
 //! | `reloader_connections_bridged_total` | counter | `listener` (held on the bridge while no generation listened) |
-//! | `reloader_child_restarts_total` | counter | |
+//! | `reloader_child_restarts_total` | counter | `reason` (`crash`, `stopped_listening`) |
 //! | `reloader_drain_kills_total` | counter | |
 //! | `reloader_log_lines_dropped_total` | counter | |
 //! | `reloader_rollbacks_total` | counter | `reason` = manual, crash, health |
@@ -404,11 +404,17 @@ impl Recorder {
             bridged,
         );
 
-        let restarts = Counter::<u64>::default();
-        restarts.inc_by(status.restarts);
+        let restarts = Family::<Labels, Counter>::default();
+        restarts
+            .get_or_create(&label("reason", "crash"))
+            .inc_by(status.restarts - status.restarts_stopped_listening);
+        restarts
+            .get_or_create(&label("reason", "stopped_listening"))
+            .inc_by(status.restarts_stopped_listening);
         registry.register(
             "child_restarts",
-            "Active generations that exited on their own and were replaced",
+            "Active generations replaced because they exited on their own (crash) or stopped \
+             listening on a managed address for 5s (stopped_listening)",
             restarts,
         );
         let kills = Counter::<u64>::default();

@@ -133,7 +133,9 @@ impl InstanceState {
             if !live {
                 let held = self.bridges.get_mut(&listener).expect("listed");
                 let since = *held.stuck_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= HOLD_LIMIT {
+                // A new generation is on its way: hold on for it.
+                let replacing = self.not_listening.is_some_and(|n| n.replacing);
+                if since.elapsed() >= HOLD_LIMIT && !replacing {
                     warn!(
                         %addr,
                         connections = queued,

@@ -278,6 +278,47 @@ impl InstanceState {
         })
     }
 
+    /// When the active generation, if it stopped listening and nothing
+    /// replaces it yet, is to be replaced: once it has not listened for
+    /// as long as the bridge holds connections.
+    pub fn replace_not_listening_at(&self) -> Option<Instant> {
+        let n = self.not_listening.filter(|n| !n.replacing)?;
+        (self.active() == Some(n.generation)).then_some(n.since + super::bridges::HOLD_LIMIT)
+    }
+
+    /// The active generation has not listened on a managed address for
+    /// [`super::bridges::HOLD_LIMIT`]: it is replaced by a new generation
+    /// (the caller starts it, under the crash policy's backoff), counted
+    /// as a restart, and the bridges hold new connections meanwhile.
+    /// Returns the generation and the address, or `None` if it listens
+    /// again (or another generation is active).
+    pub fn replace_not_listening(&mut self) -> Option<(u64, crate::listen::ListenerSpec)> {
+        let n = self.not_listening.as_mut().filter(|n| !n.replacing)?;
+        if self.generations.active().map(|g| g.number) != Some(n.generation) {
+            self.not_listening = None;
+            return None;
+        }
+        n.replacing = true;
+        self.stats.restarts += 1;
+        self.stats.restarts_stopped_listening += 1;
+        Some((n.generation, n.addr))
+    }
+
+    /// The reload that was to replace a generation that stopped listening
+    /// failed: the bridges no longer hold on for it.
+    pub fn replacement_failed(&mut self) {
+        if let Some(n) = self.not_listening.as_mut() {
+            n.replacing = false;
+            n.since = Instant::now();
+        }
+    }
+
+    /// Whether a generation is being started in place of one that stopped
+    /// listening (the bridges hold their connections for it).
+    pub fn replacing_not_listening(&self) -> bool {
+        self.not_listening.is_some_and(|n| n.replacing)
+    }
+
     /// The delay before the next restart after a crash or a failed
     /// restart (doubling from 100 ms to 10 s).
     pub fn next_restart_delay(&mut self) -> Duration {

@@ -29,6 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use bridges::HOLD_LIMIT;
 pub use client::{Activated, COMMAND_QUEUE, Client, Command, Owned};
 pub use rollout::{Advanced, CanaryPhase, CanaryVerdict, Hold, RolledBack};
 pub use snapshot::{GenerationView, Snapshot};
@@ -146,6 +147,8 @@ struct Stats {
     reloads_succeeded: u64,
     reloads_failed: u64,
     restarts: u64,
+    /// Of those, generations replaced because they stopped listening.
+    restarts_stopped_listening: u64,
     drain_kills: u64,
     reloads_rolled_back: u64,
     rollbacks: RollbackCounts,
@@ -194,6 +197,19 @@ pub struct InstanceState {
     no_bridge: BTreeSet<usize>,
     /// What the owner must hand to a blocking thread.
     outbox: Vec<Effect>,
+    /// The active generation has had no listener on a managed address
+    /// since then (no previous generation could take over).
+    not_listening: Option<NotListening>,
+}
+
+/// The active generation stopped listening on a managed address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotListening {
+    pub generation: u64,
+    pub since: Instant,
+    pub addr: crate::listen::ListenerSpec,
+    /// A generation is being started in its place: the bridges hold on.
+    pub replacing: bool,
 }
 
 impl InstanceState {
@@ -233,6 +249,7 @@ impl InstanceState {
             bridges: BTreeMap::new(),
             no_bridge: BTreeSet::new(),
             outbox: Vec::new(),
+            not_listening: None,
         }
     }
 

@@ -132,6 +132,7 @@ impl InstanceState {
             reloads_succeeded: self.stats.reloads_succeeded,
             reloads_failed: self.stats.reloads_failed,
             restarts: self.stats.restarts,
+            restarts_stopped_listening: self.stats.restarts_stopped_listening,
             drain_kills: self.stats.drain_kills,
             rollout: self.rollout_status(now),
             reloads_rolled_back: self.stats.reloads_rolled_back,

@@ -184,6 +184,7 @@ impl InstanceState {
             let _ = self.generations.transition(old, State::Draining, now, None);
         }
         self.hold_previous(previous.map(|p| p.0), number, now);
+        self.not_listening = None;
         self.release_bridges(None);
         Ok(cutover)
     }

@@ -112,9 +112,23 @@ impl InstanceState {
                         );
                         Refreshed::Demoted { lost, reinstated }
                     }
-                    None => Refreshed::LostListener { lost },
+                    None => {
+                        if self.not_listening.is_none_or(|n| n.generation != number) {
+                            self.not_listening = Some(super::NotListening {
+                                generation: number,
+                                since: Instant::now(),
+                                addr: lost,
+                                replacing: false,
+                            });
+                        }
+                        Refreshed::LostListener { lost }
+                    }
                 },
             );
+        }
+        if self.not_listening.is_some_and(|n| n.generation == number) {
+            // It listens everywhere again.
+            self.not_listening = None;
         }
         let before: BTreeSet<u64> = self
             .sockets(number)

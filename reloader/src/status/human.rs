@@ -177,9 +177,18 @@ impl StatusReport {
             "\n{}",
             generation_table(&self.generations, self.rollout.is_some())
         );
+        let stopped_listening = if self.restarts_stopped_listening > 0 {
+            format!(
+                " ({} of them had stopped listening)",
+                self.restarts_stopped_listening
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "\nreloads: {} succeeded, {} failed, {} rolled back; restarts: {}; drain kills: {}",
+            "\nreloads: {} succeeded, {} failed, {} rolled back; restarts: {}{stopped_listening}; \
+             drain kills: {}",
             self.reloads_succeeded,
             self.reloads_failed,
             self.reloads_rolled_back,

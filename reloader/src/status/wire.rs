@@ -24,8 +24,13 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadReport>,
     pub reloads_succeeded: u64,
     pub reloads_failed: u64,
-    /// Active generations that crashed and were replaced.
+    /// Active generations that crashed, or stopped listening, and were
+    /// replaced.
     pub restarts: u64,
+    /// Of those, the ones replaced because they stopped listening on a
+    /// managed address for 5 s while still running.
+    #[serde(default)]
+    pub restarts_stopped_listening: u64,
     /// Draining generations killed at the drain timeout.
     pub drain_kills: u64,
     /// Decisions for groups with no registered listener.

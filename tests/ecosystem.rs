@@ -87,7 +87,11 @@ fn metrics_are_served_and_agree_with_what_happened() {
         1.0
     );
     assert!(get(r#"reloader_reload_phase_seconds_sum{phase="total"}"#) > 0.0);
-    assert_eq!(get("reloader_child_restarts_total"), 0.0);
+    assert_eq!(get(r#"reloader_child_restarts_total{reason="crash"}"#), 0.0);
+    assert_eq!(
+        get(r#"reloader_child_restarts_total{reason="stopped_listening"}"#),
+        0.0
+    );
     assert_eq!(get("reloader_drain_kills_total"), 0.0);
 
     // No reload failed, so there is no failed series yet.

@@ -57,6 +57,7 @@ pub(crate) mod metrics;
 pub mod net;
 pub(crate) mod notify;
 pub(crate) mod reload;
+pub(crate) mod rundir;
 pub mod state;
 pub mod status;
 pub mod steering;

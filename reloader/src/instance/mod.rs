@@ -23,7 +23,6 @@
 mod claims;
 mod commands;
 mod events;
-mod files;
 mod owner;
 mod reaper;
 mod recovery;
@@ -102,13 +101,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let (control, metrics_listener) = match registered {
         Ok(registered) => registered,
         Err(error) => {
-            let socket = config.control_socket.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(keeper) = keeper.filter(|_| !adopting) {
                     keeper.exit();
                 }
                 if !adopting {
-                    remove_files(&paths, &socket);
+                    remove_files(&paths);
                 }
                 drop(lock);
             })
@@ -156,6 +154,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let host = Arc::new(System {
         config: config.clone(),
         keeper: keeper.clone(),
+        dir: paths.dir.clone(),
+        socket_name: config
+            .control_socket
+            .file_name()
+            .map(ToOwned::to_owned)
+            .unwrap_or_default(),
     });
     let snapshot = state.snapshot(Arc::new(state.saved()), 0);
     let link = Client::new(config.clone(), Recorder::default(), snapshot);
@@ -245,10 +249,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     let _ = persister.await;
     // After a stop nothing of the instance remains: no state file, no pins,
     // no socket, no lock.
-    let socket = config.control_socket.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        remove_files(&paths, &socket);
+        remove_files(&paths);
+        // The lock's file goes through the directory's descriptor: before
+        // the paths (and the descriptor) are dropped.
         drop(lock);
+        drop(paths);
     })
     .await;
     if let Some(report) = first_failure {
@@ -301,12 +307,12 @@ fn resume_logs(name: &str, state: &mut InstanceState, taken: Vec<supervisor::kee
 
 /// Removes the state file, the pins and the control socket.
 #[allow(clippy::disallowed_methods)] // on a blocking thread (see `run`)
-fn remove_files(paths: &recovery::Paths, socket: &std::path::Path) {
+fn remove_files(paths: &recovery::Paths) {
     let _ = std::fs::remove_file(&paths.state);
     Steering::unpin(&paths.pins);
-    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(&paths.control);
     // Gone already unless the keeper was killed before it could say so.
-    let _ = std::fs::remove_file(socket.with_extension("keeper"));
+    let _ = std::fs::remove_file(&paths.keeper);
 }
 
 /// Takes over the generations a previous controller left running: a

@@ -24,15 +24,27 @@ use crate::{
 
 /// Files and pins of an instance.
 pub struct Paths {
+    /// The runtime directory, open (every path below but `pins` goes
+    /// through it).
+    pub dir: std::sync::Arc<crate::rundir::RuntimeDir>,
     pub state: PathBuf,
+    pub control: PathBuf,
+    pub lock: PathBuf,
+    pub keeper: PathBuf,
     pub pins: PathBuf,
 }
 
 impl Paths {
-    pub fn of(config: &RunConfig) -> Self {
+    pub fn of(config: &RunConfig, dir: crate::rundir::RuntimeDir) -> Self {
+        let socket = &config.control_socket;
+        let name = |path: PathBuf| path.file_name().map(ToOwned::to_owned).unwrap_or_default();
         Self {
-            state: saved::state_path(&config.control_socket),
-            pins: saved::pin_dir(&config.name, &config.control_socket),
+            state: dir.path(name(saved::state_path(socket))),
+            control: dir.path(name(socket.clone())),
+            lock: dir.path(name(socket.with_extension("lock"))),
+            keeper: dir.path(name(socket.with_extension("keeper"))),
+            pins: saved::pin_dir(&config.name, socket),
+            dir: std::sync::Arc::new(dir),
         }
     }
 }
@@ -51,7 +63,8 @@ impl Previous {
 
 /// Reads the state file and decides what to do with it.
 pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> {
-    let saved = saved::load(&paths.state).map_err(|e| {
+    let shown = saved::state_path(&config.control_socket);
+    let saved = saved::load(&paths.state, &shown).map_err(|e| {
         let running = instance_processes(&config.name);
         if running.is_empty() {
             anyhow::anyhow!(
@@ -117,9 +130,16 @@ fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
     if holds_recorded {
         return Verdict::Ours;
     }
-    let environment_names_it = procfs::process::Process::new(g.pid as i32)
-        .and_then(|p| p.environ())
-        .is_ok_and(|env| {
+    // Only a process of the uid generations run as (the controller's) can
+    // be proven by what its environment says: anyone can set a variable.
+    let process = procfs::process::Process::new(g.pid as i32);
+    let same_uid = process
+        .as_ref()
+        .ok()
+        .and_then(|p| p.status().ok())
+        .is_some_and(|s| s.euid == nix::unistd::geteuid().as_raw());
+    let environment_names_it = same_uid
+        && process.and_then(|p| p.environ()).is_ok_and(|env| {
             env.get(std::ffi::OsStr::new("RELOADER_NAME"))
                 .is_some_and(|v| v == config.name.as_str())
                 && env
@@ -168,6 +188,11 @@ fn instance_processes(name: &str) -> Vec<(u32, String)> {
         .filter_map(|p| {
             let stat = p.stat().ok()?;
             if stat.pgrp != stat.pid || stat.state == 'Z' {
+                return None;
+            }
+            // Only processes of the uid generations run as are named: any
+            // user can set the variable.
+            if p.status().ok()?.euid != nix::unistd::geteuid().as_raw() {
                 return None;
             }
             let env = p.environ().ok()?;

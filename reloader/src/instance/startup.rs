@@ -14,10 +14,11 @@ use std::{
 use anyhow::{Context, bail};
 use tracing::warn;
 
-use super::{files, recovery};
+use super::recovery;
 use crate::{
     config::RunConfig,
     generation::{Generations, State},
+    rundir::{InstanceLock, RuntimeDir},
     state::{RegisteredSocket, saved::SavedHold},
     steering::{Limits, Steering},
     supervisor::{Process, keeper},
@@ -25,7 +26,7 @@ use crate::{
 
 /// What the blocking part of the start found and made.
 pub struct Prepared {
-    pub lock: files::InstanceLock,
+    pub lock: InstanceLock,
     /// The claims of the managed addresses (see [`super::claims`]).
     pub claims: super::claims::Claims,
     pub paths: recovery::Paths,
@@ -62,6 +63,9 @@ struct Made {
     /// Pins it made (not a previous controller's, which adopted
     /// generations still need).
     pins: Option<PathBuf>,
+    /// The runtime directory the paths above go through, kept open until
+    /// they are removed.
+    dir: Option<Arc<RuntimeDir>>,
 }
 
 impl Made {
@@ -73,6 +77,7 @@ impl Made {
         if let Some(pins) = self.pins {
             Steering::unpin(&pins);
         }
+        drop(self.dir);
     }
 }
 
@@ -86,11 +91,14 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         .control_socket
         .parent()
         .context("the control socket path has no directory")?;
-    files::secure_dir(dir)?;
-    let lock = files::InstanceLock::take(&config.control_socket, &config.name)?;
+    let paths = recovery::Paths::of(config, RuntimeDir::open(dir)?);
+    let lock = InstanceLock::take(&paths.lock, &config.name)?;
     let claims = super::claims::claim(&config.listen)?;
-    let mut made = Made::default();
-    let prepared = prepare_locked(config, lock, claims, &mut made);
+    let mut made = Made {
+        dir: Some(paths.dir.clone()),
+        ..Made::default()
+    };
+    let prepared = prepare_locked(config, paths, lock, claims, &mut made);
     if prepared.is_err() {
         made.undo();
     }
@@ -100,19 +108,19 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
 /// [`prepare`], once the instance lock is held (`lock`, released on error).
 fn prepare_locked(
     config: &Arc<RunConfig>,
-    lock: files::InstanceLock,
+    paths: recovery::Paths,
+    lock: InstanceLock,
     claims: super::claims::Claims,
     made: &mut Made,
 ) -> anyhow::Result<Prepared> {
-    let paths = recovery::Paths::of(config);
     let previous = recovery::look_back(config, &paths)?;
     let recovered = recovery::clean_up(&previous, &paths);
     let adopting = previous.adopting();
     if !adopting {
         recovery::check_addresses_free(&config.listen)?;
     }
-    let control = bind_control_socket(&config.control_socket, &config.name)?;
-    made.control = Some(config.control_socket.clone());
+    let control = bind_control_socket(&paths.control, &config.control_socket, &config.name)?;
+    made.control = Some(paths.control.clone());
     let metrics = config
         .metrics
         .map(|addr| {
@@ -148,7 +156,7 @@ fn prepare_locked(
         .filter_map(|g| Some((g.number, g.pid?)))
         .map(|(number, pid)| (number, recovery::adopted_sockets(pid, &config.listen)))
         .collect();
-    let (keeper, taken) = start_keeper(config);
+    let (keeper, taken) = start_keeper(&paths);
     Ok(Prepared {
         lock,
         claims,
@@ -173,9 +181,9 @@ fn prepare_locked(
 /// Connects to the instance's log keeper (a previous controller's, if it
 /// still runs) or starts one, and takes back what it holds. Without one the
 /// instance runs, but servers' stderr does not outlive this controller.
-fn start_keeper(config: &RunConfig) -> (Option<keeper::Link>, Vec<keeper::Taken>) {
-    let path = config.control_socket.with_extension("keeper");
-    let link = std::env::current_exe().and_then(|exe| keeper::Link::connect_or_spawn(&path, &exe));
+fn start_keeper(paths: &recovery::Paths) -> (Option<keeper::Link>, Vec<keeper::Taken>) {
+    let link = std::env::current_exe()
+        .and_then(|exe| keeper::Link::connect_or_spawn(&paths.keeper, &exe, paths.dir.raw_fd()));
     match link {
         Ok(link) => match link.take() {
             Ok(taken) => (Some(link), taken),
@@ -201,6 +209,7 @@ fn start_keeper(config: &RunConfig) -> (Option<keeper::Link>, Vec<keeper::Taken>
 #[allow(clippy::disallowed_methods)] // runs on a blocking thread (see `prepare`)
 fn bind_control_socket(
     path: &Path,
+    named: &Path,
     name: &str,
 ) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::net::{UnixListener, UnixStream};
@@ -209,16 +218,16 @@ fn bind_control_socket(
             bail!(
                 "instance {name:?} is already running (its control socket {} answers): stop it \
                  with `reloader stop --name {name}`, or choose another --name",
-                path.display()
+                named.display()
             );
         }
         std::fs::remove_file(path)
-            .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
+            .with_context(|| format!("failed to remove stale socket {}", named.display()))?;
     }
     let listener = UnixListener::bind(path)
-        .with_context(|| format!("failed to bind control socket {}", path.display()))?;
+        .with_context(|| format!("failed to bind control socket {}", named.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("failed to chmod {}", path.display()))?;
+        .with_context(|| format!("failed to chmod {}", named.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

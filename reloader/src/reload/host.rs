@@ -27,6 +27,10 @@ pub struct System {
     /// The log keeper every generation's stderr is handed to (none if it
     /// could not be started: said at start).
     pub keeper: Option<Arc<supervisor::keeper::Link>>,
+    /// The runtime directory (notify sockets go there).
+    pub dir: Arc<crate::rundir::RuntimeDir>,
+    /// The control socket's file name, which notify sockets are named after.
+    pub socket_name: std::ffi::OsString,
 }
 
 impl Host for System {
@@ -40,6 +44,11 @@ impl Host for System {
             spawn(&config, number, notify_socket.as_deref(), keeper.as_deref())
         })
         .await
+    }
+
+    fn notify_paths(&self, number: u64) -> (PathBuf, PathBuf) {
+        let name = PathBuf::from(&self.socket_name).with_extension(format!("gen{number}.notify"));
+        (self.dir.path(&name), self.dir.named(&name))
     }
 
     async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {

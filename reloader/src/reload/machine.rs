@@ -264,14 +264,8 @@ async fn start<H: Host>(
     let config = client.config().clone();
     let deadline = t0 + config.ready.timeout;
     let notify = if config.ready.notify {
-        Some(
-            NotifySocket::bind(
-                config
-                    .control_socket
-                    .with_extension(format!("gen{number}.notify")),
-            )
-            .await?,
-        )
+        let (bind, named) = host.notify_paths(number);
+        Some(NotifySocket::bind(bind, named).await?)
     } else {
         None
     };

@@ -92,6 +92,10 @@ pub trait Host: Send + Sync + 'static {
         notify_socket: Option<PathBuf>,
     ) -> impl Future<Output = Result<Spawned, ReloadError>> + Send;
 
+    /// Where generation `number`'s notify socket is bound, and the path its
+    /// server is told (`--ready notify`).
+    fn notify_paths(&self, number: u64) -> (PathBuf, PathBuf);
+
     /// Which listening sockets the tree of `pid` holds (slow: runs on a
     /// blocking thread).
     fn scan(&self, pid: u32) -> impl Future<Output = Result<Scan, ReloadError>> + Send;

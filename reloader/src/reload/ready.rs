@@ -8,22 +8,31 @@ use crate::{error::ReloadError, state::Client};
 
 /// A generation's notify socket; the file is removed on drop.
 pub struct NotifySocket {
+    /// Its path as the server is told it (`NOTIFY_SOCKET`).
     pub path: PathBuf,
+    /// The path it was bound at (through the runtime directory's
+    /// descriptor).
+    bound: PathBuf,
     socket: tokio::net::UnixDatagram,
 }
 
 impl NotifySocket {
-    pub async fn bind(path: PathBuf) -> Result<Self, ReloadError> {
-        let stale = path.clone();
+    /// Binds at `bound`, announced to the server as `path`.
+    pub async fn bind(bound: PathBuf, path: PathBuf) -> Result<Self, ReloadError> {
+        let stale = bound.clone();
         #[allow(clippy::disallowed_methods)] // on a blocking thread
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(stale)).await;
-        let socket = tokio::net::UnixDatagram::bind(&path).map_err(|source| {
+        let socket = tokio::net::UnixDatagram::bind(&bound).map_err(|source| {
             ReloadError::NotifySocketError {
                 path: path.display().to_string(),
                 source,
             }
         })?;
-        Ok(Self { path, socket })
+        Ok(Self {
+            path,
+            bound,
+            socket,
+        })
     }
 
     /// Waits for a datagram with a `READY=1` line, while generation `number`
@@ -65,7 +74,7 @@ impl NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        let path = std::mem::take(&mut self.path);
+        let path = std::mem::take(&mut self.bound);
         // On a blocking thread while a runtime runs (always, but in tests
         // that drop one outside it).
         #[allow(clippy::disallowed_methods)] // on a blocking thread, or without a runtime

@@ -101,6 +101,68 @@ pub struct Saved {
 }
 
 impl Saved {
+    /// Checks what no well-written state file lacks; names the field that
+    /// is wrong. (The file is read back as root and decides which processes
+    /// are adopted and signalled: a duplicate generation once made a stop
+    /// wait its whole drain timeout, a duplicate slot a spurious crash
+    /// restart.)
+    pub fn check(&self) -> Result<(), String> {
+        if self.limits.slots == 0 || self.limits.listeners == 0 {
+            return Err(format!(
+                "limits is {:?}: the maps have no slot or no listener",
+                self.limits
+            ));
+        }
+        if self.listen.is_empty() || self.listen.len() > self.limits.listeners as usize {
+            return Err(format!(
+                "listen has {} addresses for maps of {} listeners",
+                self.listen.len(),
+                self.limits.listeners
+            ));
+        }
+        let mut numbers = std::collections::BTreeSet::new();
+        let mut slots = std::collections::BTreeMap::new();
+        for (i, g) in self.generations.iter().enumerate() {
+            if !numbers.insert(g.number) {
+                return Err(format!(
+                    "generations[{i}].number is {}, recorded twice",
+                    g.number
+                ));
+            }
+            if g.number >= self.next_generation {
+                return Err(format!(
+                    "generations[{i}].number is {}, not below next_generation {}",
+                    g.number, self.next_generation
+                ));
+            }
+            if g.slot >= self.limits.slots {
+                return Err(format!(
+                    "generations[{i}].slot is {}, but the maps have {} slots",
+                    g.slot, self.limits.slots
+                ));
+            }
+            if g.pid == 0 {
+                return Err(format!("generations[{i}].pid is 0"));
+            }
+            if g.state.is_live()
+                && let Some(other) = slots.insert(g.slot, g.number)
+            {
+                return Err(format!(
+                    "generations[{i}].slot is {}, the slot of live generation {other} too",
+                    g.slot
+                ));
+            }
+        }
+        if let Some(hold) = self.hold {
+            for (field, number) in [("hold.held", hold.held), ("hold.successor", hold.successor)] {
+                if !numbers.contains(&number) {
+                    return Err(format!("{field} is {number}, a generation not recorded"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(
         listen: Vec<String>,
         limits: Limits,
@@ -155,9 +217,11 @@ pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Reads the state file, if there is one. A file that cannot be read is
-/// reported as an error (it is left in place for the user to look at).
-pub fn load(path: &Path) -> Result<Option<Saved>, String> {
+/// Reads the state file, if there is one (`shown`: its path for messages).
+/// A file that cannot be read, or does not hold what a controller writes
+/// ([`Saved::check`]), is reported as an error, naming what is wrong; it is
+/// left in place for the user to look at.
+pub fn load(path: &Path, shown: &Path) -> Result<Option<Saved>, String> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let read = std::fs::OpenOptions::new()
         .read(true)
@@ -170,17 +234,23 @@ pub fn load(path: &Path) -> Result<Option<Saved>, String> {
     let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(format!("cannot read {}: {e}", shown.display())),
     };
     let saved: Saved = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not a reloader state file: {e}", path.display()))?;
+        .map_err(|e| format!("{} is not a reloader state file: {e}", shown.display()))?;
     if saved.version != VERSION {
         return Err(format!(
             "{} has format version {}, this reloader writes {VERSION}",
-            path.display(),
+            shown.display(),
             saved.version
         ));
     }
+    saved.check().map_err(|why| {
+        format!(
+            "{} is invalid: {why} (nothing was deleted)",
+            shown.display()
+        )
+    })?;
     Ok(Some(saved))
 }
 
@@ -354,14 +424,14 @@ mod tests {
     fn state_files_round_trip_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.state.json");
-        assert_eq!(load(&path).unwrap(), None);
+        assert_eq!(load(&path, &path).unwrap(), None);
         let s = saved(vec![generation(8, 80, State::Active)]);
         save(&path, &s).unwrap();
-        assert_eq!(load(&path).unwrap(), Some(s));
+        assert_eq!(load(&path, &path).unwrap(), Some(s));
         assert!(!path.with_extension("json.tmp").exists());
         std::fs::write(&path, b"{garbage").unwrap();
         assert!(
-            load(&path)
+            load(&path, &path)
                 .unwrap_err()
                 .contains("not a reloader state file")
         );
@@ -378,9 +448,53 @@ mod tests {
             .unwrap()
             .remove("config_sha256");
         std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
-        let read = load(&path).unwrap().unwrap();
+        let read = load(&path, &path).unwrap().unwrap();
         assert_eq!(read.generations[0].config_sha256, None);
         assert_eq!(read.generations[0].number, 8);
+    }
+
+    #[test]
+    fn invalid_state_files_are_refused_naming_the_field() {
+        let ok = saved(vec![
+            generation(2, 70, State::Draining),
+            generation(3, 80, State::Active),
+        ]);
+        assert_eq!(ok.check(), Ok(()));
+        let mut duplicate = ok.clone();
+        duplicate.generations[0].number = 3;
+        let mut same_slot = ok.clone();
+        same_slot.generations[0].slot = same_slot.generations[1].slot;
+        let mut slot_99 = ok.clone();
+        slot_99.generations[1].slot = 99;
+        let mut pid_0 = ok.clone();
+        pid_0.generations[1].pid = 0;
+        let mut hold = ok.clone();
+        hold.hold = Some(SavedHold {
+            held: 5,
+            successor: 3,
+            until_unix_ms: 0,
+        });
+        for (bad, says) in [
+            (duplicate, "generations[1].number is 3, recorded twice"),
+            (
+                same_slot,
+                "generations[1].slot is 3, the slot of live generation 2 too",
+            ),
+            (
+                slot_99,
+                "generations[1].slot is 99, but the maps have 6 slots",
+            ),
+            (pid_0, "generations[1].pid is 0"),
+            (hold, "hold.held is 5, a generation not recorded"),
+        ] {
+            assert_eq!(bad.check(), Err(says.to_owned()));
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.state.json");
+            save(&path, &bad).unwrap();
+            let error = load(&path, Path::new("/shown")).unwrap_err();
+            assert!(error.starts_with("/shown is invalid: "), "{error}");
+            assert!(path.exists(), "nothing deleted");
+        }
     }
 
     #[test]

@@ -107,6 +107,15 @@ impl Target {
             if let Some(real_dir) = real.parent() {
                 check_dir(path, real_dir)?;
             }
+            // And the file itself: whoever can write it can make reloader
+            // reload (and decide what the new generation runs with).
+            if let Some(why) = unsafe_file(&real) {
+                return Err(WatchError::UnsafePath {
+                    path: path.to_owned(),
+                    dir: real,
+                    why,
+                });
+            }
             Self::File {
                 path: path.to_owned(),
                 dir: dir.to_owned(),
@@ -186,6 +195,30 @@ fn check_dir(path: &Path, dir: &Path) -> Result<(), WatchError> {
         }
     }
     Ok(())
+}
+
+/// Why another user could change the file `path`, if they could.
+pub fn unsafe_file(path: &Path) -> Option<String> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Some("not readable".into());
+    };
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Some(format!("owned by uid {}", meta.uid()));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Some(format!(
+            "writable by every user (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    if meta.mode() & 0o020 != 0 && meta.gid() != 0 && meta.gid() != gid {
+        return Some(format!("writable by group {}", meta.gid()));
+    }
+    None
 }
 
 /// Why another user could change what is in `dir`, if they could.

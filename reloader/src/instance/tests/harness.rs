@@ -89,6 +89,14 @@ impl Host for FakeHost {
         })
     }
 
+    fn notify_paths(&self, number: u64) -> (PathBuf, PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "reloader-unit-{}-{number}.notify",
+            std::process::id()
+        ));
+        (path.clone(), path)
+    }
+
     async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
         if !self.scan_takes.is_zero() {
             let takes = self.scan_takes;

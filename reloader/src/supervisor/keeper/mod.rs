@@ -113,12 +113,14 @@ pub struct Link {
 
 impl Link {
     /// Connects to the keeper at `path`, starting one (`exe __keeper`) if
-    /// none answers there.
-    pub fn connect_or_spawn(path: &Path, exe: &Path) -> io::Result<Self> {
+    /// none answers there. `path` may reach its directory through
+    /// descriptor `dir_fd` (`/proc/self/fd/N/…`): the keeper inherits it at
+    /// the same number.
+    pub fn connect_or_spawn(path: &Path, exe: &Path, dir_fd: RawFd) -> io::Result<Self> {
         let socket = match connect_to(path) {
             Ok(socket) => socket,
             Err(_) => {
-                spawn_keeper(path, exe)?;
+                spawn_keeper(path, exe, dir_fd)?;
                 let deadline = Instant::now() + Duration::from_secs(5);
                 loop {
                     match connect_to(path) {
@@ -234,7 +236,7 @@ fn connect_to(path: &Path) -> io::Result<OwnedFd> {
 
 /// Starts `exe __keeper --socket PATH` in a session of its own (so that
 /// neither a terminal's signals nor the controller's death reach it).
-fn spawn_keeper(path: &Path, exe: &Path) -> io::Result<()> {
+fn spawn_keeper(path: &Path, exe: &Path, dir_fd: RawFd) -> io::Result<()> {
     #[allow(clippy::disallowed_methods)] // a blocking thread (start-up)
     let _ = std::fs::remove_file(path);
     let mut command = std::process::Command::new(exe);
@@ -244,10 +246,14 @@ fn spawn_keeper(path: &Path, exe: &Path) -> io::Result<()> {
         .arg(path)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: setsid and fcntl are async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::unistd::setsid()?;
+            // Kept across exec, at the same number (see `connect_or_spawn`).
+            if libc::fcntl(dir_fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }

@@ -1,25 +1,90 @@
-//! The instance's files beside its control socket — `NAME.lock`,
-//! `NAME.state.json`, the socket itself, per-generation notify sockets —
-//! and the directory that holds them.
+//! The instance's runtime directory — the control socket's, holding
+//! `NAME.lock`, `NAME.state.json`, `NAME.keeper`, per-generation notify
+//! sockets and the socket itself — proven ours, then opened once.
 //!
 //! reloader runs as root and trusts what it reads back from that directory
 //! (which generations to adopt, which pids to signal), so before any file is
 //! touched the directory is proven to be ours: a real directory (not a
-//! symlink), owned by our uid, not writable by group or others. A missing
-//! one is created with mode 0700. Another user's `/tmp/reloader-UID` (or a
-//! symlink planted there) is refused with a message that says what to do.
-//! Files are opened without following symlinks.
+//! symlink), owned by our uid, not writable by group or others; and every
+//! directory above it, as named and as resolved, owned by root or by us and
+//! writable by nobody else, but for a root-owned sticky directory such as
+//! `/tmp`. A missing one is created with mode 0700. Another user's
+//! `/tmp/reloader-UID` (or a symlink planted there) is refused with a
+//! message that says what to do.
+//!
+//! Then it is opened once ([`RuntimeDir`]), and every file in it is reached
+//! through that descriptor (`/proc/self/fd/N/NAME`): an ancestor swapped for
+//! a symlink after the checks cannot redirect a later write of a root-owned
+//! file into another user's directory. Files are opened without following
+//! symlinks.
 
-#![allow(clippy::disallowed_methods)] // start-up and clean-up, on blocking threads only (`startup::prepare`)
+#![allow(clippy::disallowed_methods)] // start-up and clean-up, on blocking threads only (`instance::startup`)
 
 use std::{
+    ffi::OsStr,
     fs::{DirBuilder, File, OpenOptions},
     io::{Read, Seek, Write},
-    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, bail};
+
+/// The instance's directory, open for the controller's life.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    fd: OwnedFd,
+    /// Its path as named (for messages, and for clients and servers, which
+    /// reach it by path).
+    real: PathBuf,
+}
+
+impl RuntimeDir {
+    /// Proves `dir` ours ([`secure_dir`]) and opens it; the descriptor is
+    /// checked to be the directory that was proven.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        secure_dir(dir)?;
+        let checked = std::fs::symlink_metadata(dir)
+            .with_context(|| format!("failed to look at {}", dir.display()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+            .with_context(|| format!("failed to open {}", dir.display()))?;
+        let opened = file.metadata()?;
+        if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+            bail!(
+                "{} changed while it was checked: another process is replacing it; refusing",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            fd: file.into(),
+            real: dir.to_owned(),
+        })
+    }
+
+    /// `name` in it, reached through the descriptor (see the module
+    /// comment): for every file operation of the controller.
+    pub fn path(&self, name: impl AsRef<OsStr>) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name.as_ref())
+    }
+
+    /// `name` in it, by its path as named: for other processes (a server's
+    /// `NOTIFY_SOCKET`) and for messages.
+    pub fn named(&self, name: impl AsRef<OsStr>) -> PathBuf {
+        self.real.join(name.as_ref())
+    }
+
+    /// The descriptor's number (a child that inherits it at the same
+    /// number reaches the directory through the same `/proc/self/fd` path).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
 
 /// Makes sure `dir` exists and is ours alone (see the module comment).
 pub fn secure_dir(dir: &Path) -> anyhow::Result<()> {
@@ -68,6 +133,25 @@ pub fn secure_dir(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // And above it: whoever can rename an ancestor can put another
+    // directory in its place (as named, and as symlinks resolve it).
+    let resolved = std::fs::canonicalize(dir)
+        .with_context(|| format!("failed to resolve {}", dir.display()))?;
+    for chain in [dir, resolved.as_path()] {
+        for ancestor in chain.ancestors().skip(1) {
+            if let Some(why) = crate::watch::unsafe_dir(ancestor, false) {
+                bail!(
+                    "refusing the runtime directory {}: {} above it is {why}, so another user \
+                     could replace it with a directory of their own and have reloader (root) \
+                     write its state there. Use a directory whose every ancestor only root or \
+                     you can change (the default /run/reloader as root), or fix the ancestor's \
+                     owner and mode",
+                    dir.display(),
+                    ancestor.display()
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -100,8 +184,8 @@ impl InstanceLock {
     /// The file is removed at a clean exit; so that a controller starting
     /// meanwhile cannot hold a lock on a file that is gone, a lock counts
     /// only if the path still names the locked file afterwards.
-    pub fn take(socket: &Path, name: &str) -> anyhow::Result<Self> {
-        let path = socket.with_extension("lock");
+    pub fn take(path: &Path, name: &str) -> anyhow::Result<Self> {
+        let path = path.to_owned();
         for _ in 0..10 {
             let file = open_nofollow(&path)
                 .with_context(|| format!("failed to open the instance lock {}", path.display()))?;
@@ -198,14 +282,16 @@ mod tests {
     fn the_lock_is_exclusive_and_its_file_removed_at_release() {
         let base = tempfile::tempdir().unwrap();
         let socket = base.path().join("x.sock");
-        let lock = InstanceLock::take(&socket, "x").unwrap();
-        let error = InstanceLock::take(&socket, "x").unwrap_err().to_string();
+        let lock = InstanceLock::take(&socket.with_extension("lock"), "x").unwrap();
+        let error = InstanceLock::take(&socket.with_extension("lock"), "x")
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains(&format!("controller pid {}", std::process::id())),
             "{error}"
         );
         drop(lock);
         assert!(!socket.with_extension("lock").exists());
-        drop(InstanceLock::take(&socket, "x").unwrap());
+        drop(InstanceLock::take(&socket.with_extension("lock"), "x").unwrap());
     }
 }

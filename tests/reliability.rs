@@ -704,6 +704,8 @@ fn a_corrupt_state_file_with_live_servers_names_them_and_says_what_to_do() {
     );
     assert!(log.contains("kill -TERM"), "says what to do: {log}");
     assert!(reloader_tests::process::alive(server), "left serving");
+    // A failed restart leaves no socket of the dead controller behind.
+    assert!(!instance.socket.exists(), "{}", instance.socket.display());
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(server as i32),
         nix::sys::signal::Signal::SIGKILL,

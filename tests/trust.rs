@@ -224,3 +224,143 @@ fn no_socket_file_is_left_after_a_failed_unprivileged_start() {
     // And nothing listens or answers for it.
     assert!(load::answer_within(addr(), Duration::from_millis(500)).is_err());
 }
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// A `stop` whose client gave up (the controller was stopped: SIGSTOP)
+/// used to be carried out later, when the controller resumed, after the
+/// client had reported failure.
+#[test]
+fn a_stop_its_client_gave_up_on_is_not_carried_out() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    signal(instance.pid(), nix::sys::signal::Signal::SIGSTOP);
+    let out = instance.client(&["stop", "--timeout", "1s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    signal(instance.pid(), nix::sys::signal::Signal::SIGCONT);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the stop was not carried out"), "{stderr}");
+    // Resumed, it reads the late stop and refuses it: it keeps serving.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(instance.active_generation(), Some(1));
+    assert_eq!(load::request(addr()).unwrap(), 1);
+    assert!(instance.stop().success());
+}
+
+/// `reload` without `--wait` only needs to hear that the request was
+/// taken; against a controller that does not read (SIGSTOP) it waited its
+/// whole 60 s `--timeout`.
+#[test]
+fn reload_without_wait_gives_up_within_seconds() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    signal(instance.pid(), nix::sys::signal::Signal::SIGSTOP);
+    let started = std::time::Instant::now();
+    let out = instance.client(&["reload"]);
+    let waited = started.elapsed();
+    signal(instance.pid(), nix::sys::signal::Signal::SIGCONT);
+    assert!(!out.status.success());
+    assert!(
+        waited < Duration::from_secs(30),
+        "gave up after {waited:?}, not the 60 s --timeout of --wait"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("within 5s"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(instance.stop().success());
+}
+
+/// `rollback` while a reload with `--keep-previous` was still starting its
+/// generation said "run with --keep-previous".
+#[test]
+fn rollback_during_a_reload_says_a_reload_is_in_progress() {
+    privileged();
+    let (mut instance, mode_file) = Instance::with_mode_file(
+        testserver(),
+        ADDR,
+        &["--listen", ADDR, "--keep-previous", "1m"],
+        None,
+    );
+    std::fs::write(&mode_file, "--start-delay-ms 3000").unwrap();
+    let socket = instance.socket.clone();
+    let reload = std::thread::spawn(move || reloader_tests::instance::reload_wait(&socket, &[]));
+    reloader_tests::wait::wait_for("generation 2 to start", Duration::from_secs(10), || {
+        instance
+            .status()
+            .generations
+            .iter()
+            .any(|g| g.generation == 2)
+    });
+    let out = instance.client(&["rollback"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("a reload is in progress (generation 2 is starting)"),
+        "{stderr}"
+    );
+    assert!(reload.join().unwrap().ok());
+    assert!(instance.stop().success());
+}
+
+/// A server flooding its stderr faster than the controller's own stderr
+/// is read: lines are dropped (the controller never waits), and that is
+/// said in the log as well as counted. 30,436 of 102,400 lines were
+/// dropped before with no log line.
+#[test]
+fn dropped_log_lines_are_said_and_counted() {
+    use std::io::Read;
+    privileged();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("c.sock");
+    let mut controller = Command::new(reloader_bin())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&socket)
+        .args(["--listen", ADDR, "--", testserver(), "--listen", ADDR])
+        .args(["--chatty", "20000"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A reader slower than the flood: 4 KiB every 20 ms.
+    let mut stderr = controller.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(25);
+        while std::time::Instant::now() < deadline {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&all);
+            if text.contains("log lines dropped") {
+                return text.into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let text = reader.join().unwrap();
+    let status = Command::new(reloader_bin())
+        .args(["status", "--json", "--control-socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let status: reloader::status::StatusReport =
+        reloader_tests::instance::decode("`status --json`", &status.stdout);
+    let _ = Command::new(reloader_bin())
+        .args(["stop", "--control-socket"])
+        .arg(&socket)
+        .output();
+    let _ = controller.wait();
+    assert!(
+        text.contains("log lines dropped"),
+        "the drops were said in the log"
+    );
+    assert!(status.log_lines_dropped > 0, "and counted: {status:?}");
+}

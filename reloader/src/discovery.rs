@@ -90,10 +90,7 @@ pub enum DiscoveryError {
         source: procfs::ProcError,
     },
     /// `pidfd_open` or `pidfd_getfd` failed.
-    #[error(
-        "failed to copy fd {fd} of pid {pid} ({call}): reloader needs root or CAP_SYS_PTRACE, \
-         and Linux >= 5.6"
-    )]
+    #[error("failed to copy fd {fd} of pid {pid} ({call}): {}", copy_hint(source))]
     CopyError {
         pid: u32,
         fd: RawFd,
@@ -346,4 +343,23 @@ pub fn holders_of(
             (l, holder)
         })
         .collect())
+}
+
+/// What to do about a failed `pidfd_open`/`pidfd_getfd`, by its errno.
+fn copy_hint(error: &io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => format!(
+            "the controller's file descriptor limit is reached ({error}): raise it (`ulimit -n`, \
+             systemd `LimitNOFILE=`); reloader holds a pidfd per generation and copies every \
+             listening socket it registers"
+        ),
+        Some(libc::EPERM | libc::EACCES) => {
+            format!("{error}: reloader needs root or CAP_SYS_PTRACE to copy a server's sockets")
+        }
+        Some(libc::ENOSYS) => format!("{error}: pidfd_getfd needs Linux >= 5.6"),
+        Some(libc::ESRCH | libc::EBADF) => {
+            format!("{error}: the process exited or closed it meanwhile")
+        }
+        _ => error.to_string(),
+    }
 }

@@ -295,7 +295,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "not ready within 2.0s: no listening socket for 127.0.0.1:8081 in its process tree \
+            "not ready within 2s: no listening socket for 127.0.0.1:8081 in its process tree \
              (it listens on 0.0.0.0:8081)"
         );
         let io = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);

@@ -351,16 +351,24 @@ impl Generations {
 
 /// Formats a duration for people: `850µs`, `12.3ms`, `1.2s`, `3m05s`.
 pub fn human_duration(d: Duration) -> String {
+    // One decimal at most, none when it is 0: `10s`, `1.2s`, `250ms`.
+    fn short(value: f64, unit: &str) -> String {
+        let text = format!("{value:.1}");
+        format!("{}{unit}", text.strip_suffix(".0").unwrap_or(&text))
+    }
     let micros = d.as_micros();
     if micros < 1_000 {
         format!("{micros}µs")
     } else if micros < 1_000_000 {
-        format!("{:.1}ms", micros as f64 / 1_000.0)
+        short(micros as f64 / 1_000.0, "ms")
     } else if d.as_secs() < 60 {
-        format!("{:.1}s", d.as_secs_f64())
+        short(d.as_secs_f64(), "s")
     } else {
         let s = d.as_secs();
-        format!("{}m{:02}s", s / 60, s % 60)
+        match s % 60 {
+            0 => format!("{}m", s / 60),
+            rest => format!("{}m{rest}s", s / 60),
+        }
     }
 }
 
@@ -474,6 +482,11 @@ mod tests {
         assert_eq!(human_duration(Duration::from_micros(850)), "850µs");
         assert_eq!(human_duration(Duration::from_micros(12_340)), "12.3ms");
         assert_eq!(human_duration(Duration::from_millis(1_200)), "1.2s");
-        assert_eq!(human_duration(Duration::from_secs(185)), "3m05s");
+        assert_eq!(human_duration(Duration::from_secs(185)), "3m5s");
+        assert_eq!(human_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(human_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        // What a client's remaining timeout looked like (9s 999ms 999us 620ns).
+        assert_eq!(human_duration(Duration::from_nanos(9_999_999_620)), "10s");
     }
 }

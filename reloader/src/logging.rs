@@ -5,7 +5,14 @@
 //! stall the controller: when its buffer is full, lines are dropped and
 //! counted ([`dropped_lines`], shown by `status` and a metric).
 
-use std::{io::Write, sync::OnceLock};
+use std::{
+    io::Write,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -24,7 +31,14 @@ struct Sink {
     writer: NonBlocking,
     dropped: ErrorCounter,
     format: LogFormat,
+    /// Dropped lines already said, and when (ms since the sink began).
+    reported: AtomicU64,
+    reported_at_ms: AtomicU64,
+    began: Instant,
 }
+
+/// How often, at most, dropped lines are said.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
@@ -57,6 +71,9 @@ pub fn init(format: LogFormat) -> Option<WorkerGuard> {
         writer,
         dropped,
         format,
+        reported: AtomicU64::new(0),
+        reported_at_ms: AtomicU64::new(0),
+        began: Instant::now(),
     });
     Some(guard)
 }
@@ -80,6 +97,38 @@ pub fn server_line(instance: &str, generation: u64, line: &str) {
     text.push('\n');
     // One write is one buffered message: never blocks, never interleaves.
     let _ = sink.writer.clone().write(text.as_bytes());
+    report_dropped(sink);
+}
+
+/// Says (at most every [`REPORT_EVERY`]) how many lines were dropped since
+/// it last said so. The message may be dropped too while the buffer is
+/// still full; a later one then says the sum.
+fn report_dropped(sink: &Sink) {
+    let dropped = sink.dropped.dropped_lines() as u64;
+    let reported = sink.reported.load(Ordering::Relaxed);
+    if dropped <= reported {
+        return;
+    }
+    let now = sink.began.elapsed().as_millis() as u64;
+    let last = sink.reported_at_ms.load(Ordering::Relaxed);
+    if reported > 0 && now.saturating_sub(last) < REPORT_EVERY.as_millis() as u64 {
+        return;
+    }
+    if sink
+        .reported
+        .compare_exchange(reported, dropped, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    sink.reported_at_ms.store(now, Ordering::Relaxed);
+    tracing::warn!(
+        dropped = dropped - reported,
+        total = dropped,
+        "log lines dropped: the controller's stderr is not read as fast as the servers write \
+         (reloader never waits for it); `reloader status` and the metric \
+         reloader_log_lines_dropped_total count them"
+    );
 }
 
 /// Lines (log records and server output) dropped because stderr was not

@@ -15,6 +15,8 @@ use reloader::{
 /// `reload --wait`'s exit status when the new generation was rolled back
 /// (1: it failed to start or crashed).
 const ROLLED_BACK: u8 = 3;
+/// How long `reload` without `--wait` waits to hear the request was taken.
+const NO_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -77,7 +79,14 @@ fn reload_cmd(args: ReloadArgs) -> Result<ExitCode> {
         wait: args.wait,
         canary: args.canary_plan()?,
     };
-    let response = control::ask(&socket, &request, args.timeout)?;
+    // Without --wait the answer is only "accepted": a controller that does
+    // not give it within seconds is not reading its socket.
+    let timeout = if args.wait {
+        args.timeout
+    } else {
+        args.timeout.min(NO_WAIT_TIMEOUT)
+    };
+    let response = control::ask(&socket, &request, timeout)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
     }
@@ -216,13 +225,30 @@ fn man_cmd() -> Result<ExitCode> {
 /// socket, at most `--timeout`.
 fn stop_cmd(args: StopArgs) -> Result<ExitCode> {
     let socket = args.instance.socket()?;
-    match control::ask(
+    // The request carries when this client gives up: a controller that
+    // reads it later (it was stopped, or overloaded) does not carry it out,
+    // so a stop reported as failed here never happens behind its back.
+    let asked = args.timeout.min(Duration::from_secs(10));
+    let deadline_unix_ms = (std::time::SystemTime::now() + asked)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    // Beyond the deadline, time for an answer to a stop carried out at
+    // its last moment.
+    let answer = control::ask(
         &socket,
-        &Request::Stop {},
-        args.timeout.min(Duration::from_secs(10)),
-    )? {
-        Response::Stopping => {}
-        other => return unexpected(other),
+        &Request::Stop {
+            deadline_unix_ms: Some(deadline_unix_ms),
+        },
+        asked + Duration::from_secs(2),
+    );
+    match answer {
+        Ok(Response::Stopping) => {}
+        Ok(other) => return unexpected(other),
+        Err(error @ control::ClientError::TimedOut { .. }) => bail!(
+            "{error}; the stop was not carried out (it reached the controller too late or not \
+             at all, and a late stop is refused)"
+        ),
+        Err(error) => return Err(error.into()),
     }
     // The controller removes its socket as its last step.
     let deadline = std::time::Instant::now() + args.timeout;
@@ -231,7 +257,7 @@ fn stop_cmd(args: StopArgs) -> Result<ExitCode> {
             bail!(
                 "instance {} is still stopping after {}",
                 args.instance.name,
-                humantime::format_duration(args.timeout)
+                reloader::generation::human_duration(args.timeout)
             );
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -99,13 +99,13 @@ pub fn parse_duration(
     if duration < min {
         return Err(bad(format!(
             "must be at least {}",
-            humantime::format_duration(min)
+            crate::generation::human_duration(min)
         )));
     }
     if duration > max {
         return Err(bad(format!(
             "must be at most {}",
-            humantime::format_duration(max)
+            crate::generation::human_duration(max)
         )));
     }
     Ok(duration)

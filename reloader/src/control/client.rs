@@ -33,7 +33,7 @@ pub enum ClientError {
         "no answer from the controller at {path} within {}: it is still working on it (a first \
          start or a reload whose new generation is slow to become ready, or a drain); see \
          `reloader status`, or give more --timeout",
-        humantime::format_duration(*timeout)
+        crate::generation::human_duration(*timeout)
     )]
     TimedOut { path: String, timeout: Duration },
     /// The exchange failed.

@@ -40,8 +40,14 @@ pub enum Request {
     /// The instance's state. (Empty struct variants, not unit ones: serde
     /// applies `deny_unknown_fields` only to those.)
     Status {},
-    /// Drain every generation and exit.
-    Stop {},
+    /// Drain every generation and exit. With a deadline (wall-clock
+    /// milliseconds since the epoch: the client's, on this host), a stop
+    /// that reaches the controller after it is not carried out: its client
+    /// has given up and said so.
+    Stop {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_unix_ms: Option<u64>,
+    },
 }
 
 /// What the controller answers.
@@ -152,7 +158,9 @@ mod tests {
             Request::Rollback { wait: true },
             Request::Promote {},
             Request::Status {},
-            Request::Stop {},
+            Request::Stop {
+                deadline_unix_ms: None,
+            },
         ] {
             let line = encode(&request);
             assert_eq!(line.last(), Some(&b'\n'));
@@ -258,7 +266,7 @@ mod tests {
                 ("reload", "wait", "true") => Some(Request::Reload { wait: true, canary: None }),
                 ("reload", "wait", "false") => Some(Request::Reload { wait: false, canary: None }),
                 ("status", "", _) => Some(Request::Status {}),
-                ("stop", "", _) => Some(Request::Stop {}),
+                ("stop", "", _) => Some(Request::Stop { deadline_unix_ms: None }),
                 _ => None,
             };
             proptest::prop_assert_eq!(decode_request(body.as_bytes()).ok(), expected);

@@ -165,7 +165,13 @@ async fn serve_client<C: Controller>(
                 message: "the instance is stopping".into(),
             },
         },
-        Ok(Request::Stop {}) => controller.stop(),
+        Ok(Request::Stop { deadline_unix_ms }) if past(deadline_unix_ms) => Response::Error {
+            message: "this stop reached the controller after its client had given up waiting \
+                      (the controller was not reading its socket: stopped, or overloaded); it \
+                      was not carried out"
+                .into(),
+        },
+        Ok(Request::Stop { .. }) => controller.stop(),
         Ok(Request::Reload { wait, canary }) => controller.reload(wait, canary).await,
         Ok(Request::Rollback { wait }) => controller.rollback(wait).await,
         Ok(Request::Promote {}) => controller.promote().await,
@@ -173,6 +179,14 @@ async fn serve_client<C: Controller>(
     };
     write.write_all(&protocol::encode(&response)).await?;
     write.shutdown().await
+}
+
+/// Whether a request's deadline has passed.
+fn past(deadline_unix_ms: Option<u64>) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    deadline_unix_ms.is_some_and(|deadline| now > deadline)
 }
 
 /// Reads one request line within [`MAX_REQUEST`] bytes and

@@ -273,7 +273,13 @@ async fn reloader_phase(options: &DemoOptions, addr: SocketAddr) -> Result<Outco
     let elapsed = start.elapsed();
     let socket_for_stop = socket.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        control::ask(&socket_for_stop, &Request::Stop {}, Duration::from_secs(10))
+        control::ask(
+            &socket_for_stop,
+            &Request::Stop {
+                deadline_unix_ms: None,
+            },
+            Duration::from_secs(10),
+        )
     })
     .await?;
     let _ = tokio::task::spawn_blocking(move || controller.wait()).await?;

@@ -354,7 +354,26 @@ impl<H: Host> Owner<H> {
         let done = match self.state.rollback(reason) {
             Ok(done) => done,
             Err(error) => {
-                let message = crate::error_chain(&error);
+                let starting = self.state.live().into_iter().find(|(_, state)| {
+                    matches!(
+                        state,
+                        crate::generation::State::Starting | crate::generation::State::Ready
+                    )
+                });
+                let message = match (&error, starting) {
+                    // What `--keep-previous` would hold is not held yet:
+                    // the reload that replaces it has not cut over.
+                    (crate::error::RolloutError::NothingToRollBack { .. }, Some((n, _)))
+                        if self.running.is_some() =>
+                    {
+                        format!(
+                            "a reload is in progress (generation {n} is starting): nothing is \
+                             held to roll back to until it has cut over; `reloader reload \
+                             --wait` returns then"
+                        )
+                    }
+                    _ => crate::error_chain(&error),
+                };
                 if reason != RollbackReason::Manual {
                     warn!(%reason, "no rollback: {message}");
                 }

@@ -232,13 +232,18 @@ pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
             }
             Steering::unpin(&paths.pins);
             let _ = std::fs::remove_file(&paths.state);
+            let ended = list(&ours.iter().chain(gone).cloned().collect::<Vec<_>>(), |g| {
+                g.number.to_string()
+            });
             let mut text = format!(
                 "a previous controller (pid {}) left state behind, but none of its generations \
-                 serves any more (generations {}): cleaned up, starting fresh",
+                 serves any more{}: cleaned up, starting fresh",
                 previous.saved.as_ref().map_or(0, |s| s.controller_pid),
-                list(&ours.iter().chain(gone).cloned().collect::<Vec<_>>(), |g| g
-                    .number
-                    .to_string())
+                if ended.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (generations {ended})")
+                }
             );
             text.push_str(&unproven_text(unproven));
             warn!("{text}");

@@ -93,6 +93,14 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
         .context("the control socket path has no directory")?;
     let paths = recovery::Paths::of(config, RuntimeDir::open(dir)?);
     let lock = InstanceLock::take(&paths.lock, &config.name)?;
+    // With the lock held no other controller of this instance runs: a
+    // control socket left here is a dead one's, and goes now (not only if
+    // this start gets as far as binding its own).
+    if std::fs::symlink_metadata(&paths.control).is_ok()
+        && std::os::unix::net::UnixStream::connect(&paths.control).is_err()
+    {
+        let _ = std::fs::remove_file(&paths.control);
+    }
     let claims = super::claims::claim(&config.listen)?;
     let mut made = Made {
         dir: Some(paths.dir.clone()),

@@ -327,3 +327,26 @@ fn one_address_in_two_network_namespaces_is_two_claims() {
     assert!(there.stop().success());
     assert!(here.stop().success());
 }
+
+/// After an adoption the bridge used to open only when the tracker next
+/// registered sockets (for a generation that changes nothing: never), so a
+/// connection arriving while the adopted generation had no listener was
+/// refused. It opens as the controller starts.
+#[test]
+fn an_adopted_instance_has_its_bridge_at_once() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    if instance.status().steering != reloader::steering::Mode::SelectOrMigrate {
+        panic!("the bridge needs select-or-migrate steering (Linux >= 5.14)");
+    }
+    kill_controller(&mut instance);
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    let status = instance.status();
+    assert!(
+        status.listeners[0].bridge,
+        "the bridge is open right after the adoption: {:?}",
+        status.listeners[0]
+    );
+    assert!(instance.stop().success());
+}

@@ -51,7 +51,7 @@ use crate::{
     metrics::Recorder,
     reload::{self, System},
     state::{Client, InstanceState},
-    steering::{Steering, Transport},
+    steering::Steering,
     supervisor,
 };
 
@@ -87,6 +87,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         processes,
         hold,
         adopted_sockets,
+        bridge_templates,
         keeper,
         taken,
     } = prepared;
@@ -131,8 +132,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
             false
         }
     };
-    // UDP sockets do not listen: new ones are found by polling.
-    let steady = if events && config.listen.iter().all(|l| l.transport == Transport::Tcp) {
+    // With events, the steady look is a backstop, also with UDP listeners
+    // (a UDP socket does not `listen()`: one a live worker opens late is
+    // registered at the next event — a holder's exit, a cutover — or at
+    // the backstop; UDP servers open theirs before they are ready).
+    let steady = if events {
         reload::IDLE_INTERVAL
     } else {
         reload::TRACK_INTERVAL
@@ -149,6 +153,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     if let Some(hold) = hold {
         state.restore_hold(&hold);
     }
+    // The bridges at once, not at the tracker's next registration: a
+    // connection that finds the adopted generation without a listener
+    // waits on one from the first moment.
+    state.open_bridges(bridge_templates);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     resume_logs(&config.name, &mut state, taken);
     let host = Arc::new(System {

@@ -377,6 +377,23 @@ pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap
     (generations, processes)
 }
 
+/// A copy of one socket per managed address an adopted generation holds
+/// (`None` where none could be copied): the template of each address's
+/// bridge listener, which a restarted controller opens at once.
+pub fn bridge_templates(
+    sockets: &[RegisteredSocket],
+    addresses: usize,
+) -> Vec<Option<std::os::fd::OwnedFd>> {
+    (0..addresses)
+        .map(|i| {
+            sockets
+                .iter()
+                .filter(|s| s.listener == i)
+                .find_map(|s| discovery::copy_fd(s.holder.pid, s.holder.fd).ok())
+        })
+        .collect()
+}
+
 /// The sockets an adopted active generation holds (for `status`).
 pub fn adopted_sockets(pid: u32, listen: &[ListenerSpec]) -> Vec<RegisteredSocket> {
     let keys: Vec<_> = listen.iter().map(ListenerSpec::key).collect();

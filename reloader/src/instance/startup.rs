@@ -48,6 +48,9 @@ pub struct Prepared {
     pub hold: Option<SavedHold>,
     /// The sockets of adopted generations that serve or may serve again.
     pub adopted_sockets: Vec<(u64, Vec<RegisteredSocket>)>,
+    /// Per managed address, a copy of one of the adopted active
+    /// generation's sockets: the bridges' templates.
+    pub bridge_templates: Vec<Option<std::os::fd::OwnedFd>>,
     /// The log keeper (`None`: it could not be started, said why).
     pub keeper: Option<keeper::Link>,
     /// What the keeper held for the previous controller: the stderr of
@@ -163,7 +166,16 @@ fn prepare_locked(
         })
         .filter_map(|g| Some((g.number, g.pid?)))
         .map(|(number, pid)| (number, recovery::adopted_sockets(pid, &config.listen)))
-        .collect();
+        .collect::<Vec<_>>();
+    let active = generations
+        .live()
+        .find(|g| g.state == State::Active)
+        .map(|g| g.number);
+    let bridge_templates = adopted_sockets
+        .iter()
+        .find(|(number, _)| Some(*number) == active)
+        .map(|(_, sockets)| recovery::bridge_templates(sockets, config.listen.len()))
+        .unwrap_or_default();
     let (keeper, taken) = start_keeper(&paths);
     Ok(Prepared {
         lock,
@@ -181,6 +193,7 @@ fn prepare_locked(
         processes,
         hold,
         adopted_sockets,
+        bridge_templates,
         keeper,
         taken,
     })

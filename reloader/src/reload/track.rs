@@ -25,9 +25,10 @@
 //! closed one is noticed as its process exits, and an idle controller does
 //! not wake: with events and TCP listeners only, the steady-state look is
 //! a backstop every [`IDLE_INTERVAL`] (for a listener a live process
-//! closes while no connection arrives). UDP sockets (no `listen`) and a
-//! controller without cgroup v2 are looked at every [`TRACK_INTERVAL`],
-//! and so is an instance whose active generation lost a listener.
+//! closes while no connection arrives, or a UDP socket a live worker opens
+//! late: UDP sockets do not `listen`). A controller without cgroup v2 is
+//! looked at every [`TRACK_INTERVAL`], and so is an instance whose active
+//! generation lost a listener.
 //!
 //! Why not the listener's own close as an event (`BPF_SOCK_OPS_STATE_CB_FLAG`
 //! set at `listen`): the callback runs while the closing listener can still

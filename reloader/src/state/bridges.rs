@@ -92,6 +92,18 @@ impl InstanceState {
         }
     }
 
+    /// Opens the bridges of an adopted instance, each shaped like its
+    /// template (a copy of the adopted active generation's socket on that
+    /// address; `None`: none could be copied, the bridge opens at the next
+    /// registration).
+    pub fn open_bridges(&mut self, templates: Vec<Option<std::os::fd::OwnedFd>>) {
+        for (listener, template) in templates.into_iter().enumerate() {
+            if let Some(template) = template {
+                self.open_bridge(listener, template.as_fd());
+            }
+        }
+    }
+
     /// Looks at every bridge: one that holds connections while the active
     /// generation has a registered socket on its address that is still
     /// listening (its inode in `listening`; `None`: found listening just

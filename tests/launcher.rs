@@ -1111,3 +1111,49 @@ fn udp_flows_stay_with_their_generation_until_it_exits() {
     );
     assert!(instance.stop().success());
 }
+
+/// A server that daemonizes — nginx without `daemon off;`: the process
+/// reloader starts forks the master into the background and exits 0 — was
+/// refused ("exited with status 0 before it was ready: it probably
+/// daemonized"). With a cgroup per generation its daemon is still in the
+/// generation: readiness, the drain signal (to the cgroup's root process,
+/// the master) and the exit follow the cgroup. Without cgroups it is still
+/// refused, as before.
+#[test]
+fn nginx_that_daemonizes_is_followed_through_its_cgroup() {
+    privileged();
+    let nginx = reloader_tests::nginx::Nginx::daemonizing(ADDR, 10);
+    let command = nginx.command();
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut instance = Instance::start_in(
+        nginx.dir,
+        &[
+            "--listen",
+            ADDR,
+            "--drain-signal",
+            "QUIT",
+            "--drain-timeout",
+            "10s",
+        ],
+        &command,
+    );
+    let first = instance.generation(1);
+    let cgroup = first.cgroup.clone().expect("a cgroup per generation");
+    assert!(
+        !process_alive(first.pid.expect("a pid")),
+        "the process started exited: nginx daemonized"
+    );
+    let report = reload_under_load(&mut instance, 5, 4);
+    report.assert_no_failures();
+    assert!(
+        !std::path::Path::new(&cgroup).exists(),
+        "generation 1 exited: its cgroup was emptied and removed"
+    );
+    let last = instance.generation(6).cgroup.expect("a cgroup");
+    assert!(instance.stop().success());
+    assert!(!std::path::Path::new(&last).exists());
+    assert!(
+        std::net::TcpStream::connect(addr()).is_err(),
+        "nothing left listening"
+    );
+}

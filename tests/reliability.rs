@@ -711,3 +711,166 @@ fn a_corrupt_state_file_with_live_servers_names_them_and_says_what_to_do() {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+// ---- A cgroup per generation.
+
+/// The processes of generation `g`'s cgroup.
+fn cgroup_members(cgroup: &str) -> Vec<u32> {
+    std::fs::read_to_string(std::path::Path::new(cgroup).join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A server whose listener escapes into a `setsid()` daemon (its own
+/// session and process group): after a controller restart (adoption), a
+/// reload and `stop`, the daemon still listened on the managed port; `stop`
+/// said clean, and the next `reloader run` was refused. Its generation's
+/// cgroup holds it: it is killed at the drain timeout like the rest. On a
+/// kernel without `cgroup.kill` (before 5.14: the VM's 5.10) the kill goes
+/// to each member instead, and this test checks which way it went.
+#[test]
+fn a_setsid_daemon_of_a_generation_is_killed_at_its_drain_timeout_also_after_adoption() {
+    privileged();
+    let script = format!(
+        "setsid {} --listen {ADDR} --ignore-drain & exec sleep 600",
+        testserver()
+    );
+    let mut instance = Instance::start(
+        &["--listen", ADDR, "--drain-timeout", "2s"],
+        &["sh", "-c", &script],
+    );
+    let first = instance.generation(1);
+    let leader = first.pid.expect("a pid");
+    let cgroup = first.cgroup.clone().expect("generation 1 has a cgroup");
+    let daemon = wait_for("the daemon in the cgroup", Duration::from_secs(5), || {
+        cgroup_members(&cgroup).into_iter().find(|p| *p != leader)
+    });
+    let pgid = procfs::process::Process::new(daemon as i32)
+        .unwrap()
+        .stat()
+        .unwrap()
+        .pgrp;
+    assert_ne!(pgid as u32, leader, "the daemon left its process group");
+    // The controller dies and a new one adopts generation 1.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    instance.wait_exit(Duration::from_secs(5));
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    assert_eq!(instance.generation(1).cgroup.as_deref(), Some(&*cgroup));
+    // The reload drains it: its leader exits on TERM, the daemon ignores
+    // it and is killed with its cgroup at the drain timeout.
+    let reload = instance.reload_wait();
+    assert_eq!(reload.done().generation, 2, "{reload}");
+    assert!(
+        !process_alive(daemon),
+        "the daemon was killed with its cgroup"
+    );
+    assert!(
+        !std::path::Path::new(&cgroup).exists(),
+        "the empty cgroup was removed"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            load::request(addr()).unwrap(),
+            2,
+            "only generation 2 answers"
+        );
+    }
+    let log = instance.log_text();
+    if reloader_tests::kernel_at_least(5, 14) {
+        assert!(log.contains("killed through cgroup.kill"), "{log}");
+    } else {
+        assert!(
+            log.contains("cgroup.kill is missing (Linux < 5.14): SIGKILL to each member"),
+            "{log}"
+        );
+    }
+    let second = instance.generation(2).cgroup.expect("a cgroup");
+    // Generation 2's daemon ignores the drain signal too: the stop kills it.
+    let stopped = instance.stop();
+    assert!(
+        stopped.code() == Some(0) || stopped.code() == Some(2),
+        "{stopped}"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr()).is_err(),
+        "nothing listens after the stop"
+    );
+    let instance_dir = std::path::Path::new(&second).parent().unwrap();
+    assert!(
+        !instance_dir.exists(),
+        "no cgroup of the instance is left: {}",
+        instance_dir.display()
+    );
+}
+
+/// The reload's barrier (the old generation has exited) waited for the
+/// old generation's leader only: a process it left behind — here one that
+/// outlives it by 2 s after leaving its process group — was not waited
+/// for. The generation has exited when its cgroup is empty.
+#[test]
+fn a_generation_is_exited_when_its_cgroup_is_empty_not_when_its_leader_exits() {
+    privileged();
+    let script = format!(
+        "{} --listen {ADDR} & trap 'kill $!; setsid sleep 2 & exit 0' TERM; wait",
+        testserver()
+    );
+    let mut instance = Instance::start(&["--listen", ADDR], &["sh", "-c", &script]);
+    assert!(instance.generation(1).cgroup.is_some());
+    let reload = instance.reload_wait();
+    let report = reload.done();
+    let waited = report.cutover_to_old_exited_ms.expect("measured");
+    assert!(
+        waited >= 1800.0,
+        "the barrier waited for the lingering process (2 s), not only the leader: {waited} ms"
+    );
+    assert_eq!(
+        instance.status().find_generation(1).map(|g| g.state),
+        Some(State::Exited)
+    );
+    assert!(instance.stop().success());
+}
+
+/// cgroup v2 is read-only here (a container without a delegated cgroup):
+/// reloader says once what is missing and how to fix it, and runs as it
+/// did before cgroups (generations are process groups and trees).
+#[test]
+fn without_a_writable_cgroup_the_instance_runs_and_says_why() {
+    privileged();
+    let mount = reloader_tests::cgroup2_mount().expect("cgroup2 is mounted");
+    let script = format!(
+        r#"mount -o remount,bind,ro {} && exec "$@""#,
+        mount.display()
+    );
+    let mut instance = Instance::spawn_wrapped(
+        tempfile::tempdir().unwrap(),
+        &in_private_mount_namespace(&script),
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+        &[],
+    );
+    instance.wait_active(Duration::from_secs(20));
+    let status = instance.status();
+    let why = status
+        .cgroup_unavailable
+        .clone()
+        .expect("status says why there are no cgroups");
+    assert!(why.contains("Delegate=yes"), "says how to fix it: {why}");
+    assert!(status.generations.iter().all(|g| g.cgroup.is_none()));
+    let reload = instance.reload_wait();
+    assert!(reload.ok(), "reloads work without cgroups: {reload}");
+    assert_eq!(load::request(addr()).unwrap(), 2);
+    let log = instance.log_text();
+    assert_eq!(
+        log.matches("no cgroup per generation").count(),
+        1,
+        "said once: {log}"
+    );
+    assert!(instance.stop().success());
+}

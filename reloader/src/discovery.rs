@@ -254,9 +254,17 @@ pub struct Found {
 /// Finds the sockets for `wanted` (transport, address) held by the tree of
 /// `root`.
 pub fn find(root: u32, wanted: &[(Transport, SocketAddr)]) -> Result<Found, DiscoveryError> {
-    let listening = listeners()?;
     let tree = process_tree(root)?;
-    let holders = socket_holders(&tree);
+    find_among(&tree, wanted)
+}
+
+/// As [`find`], among the processes `pids` (a generation's cgroup).
+pub fn find_among(
+    pids: &[u32],
+    wanted: &[(Transport, SocketAddr)],
+) -> Result<Found, DiscoveryError> {
+    let listening = listeners()?;
+    let holders = socket_holders(pids);
     let per_address = wanted
         .iter()
         .map(|(transport, addr)| {

@@ -42,6 +42,7 @@
 // (`clippy.toml`) is about the controller's runtime thread.
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
+pub(crate) mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;

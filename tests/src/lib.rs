@@ -44,6 +44,25 @@ pub fn expected_steering_mode() -> reloader::steering::Mode {
     }
 }
 
+/// Whether the running kernel is at least `major.minor` (procfs reads
+/// `/proc/sys/kernel/osrelease`).
+pub fn kernel_at_least(major: u8, minor: u8) -> bool {
+    let version = procfs::sys::kernel::Version::current().expect("kernel version");
+    (version.major, version.minor) >= (major, minor)
+}
+
+/// Where cgroup2 is mounted here (`/sys/fs/cgroup/unified` on a hybrid
+/// host, `/sys/fs/cgroup` in the test VM), if it is.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    procfs::process::Process::myself()
+        .ok()?
+        .mountinfo()
+        .ok()?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+}
+
 /// Sets `IFF_UP` on `lo` of the current network namespace.
 fn loopback_up() {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket for ioctl");

@@ -19,6 +19,16 @@ impl Nginx {
     /// (`worker_shutdown_timeout 1s;`) and in every generation's `http`
     /// block (`keepalive_requests 100;`).
     pub fn with_directives(addr: &str, generations: u64, main: &str, http: &str) -> Self {
+        Self::configured(addr, generations, "daemon off;\n", main, http)
+    }
+
+    /// As [`Nginx::new`], for an nginx that daemonizes (no `daemon off;`:
+    /// the process started forks its master into the background and exits).
+    pub fn daemonizing(addr: &str, generations: u64) -> Self {
+        Self::configured(addr, generations, "", "", "")
+    }
+
+    fn configured(addr: &str, generations: u64, daemon: &str, main: &str, http: &str) -> Self {
         assert!(
             Path::new("/usr/sbin/nginx").exists(),
             "nginx is not installed: run `cargo xtask test` (it installs nginx-light)"
@@ -28,7 +38,7 @@ impl Nginx {
         std::fs::write(
             dir.path().join("nginx.conf"),
             format!(
-                "daemon off;\nmaster_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
+                "{daemon}master_process on;\nworker_processes 2;\nerror_log stderr notice;\n\
                  {main}events {{ worker_connections 1024; }}\n"
             ),
         )

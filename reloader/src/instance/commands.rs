@@ -28,8 +28,12 @@ impl<H: Host> Owner<H> {
                 number,
                 process,
                 stderr,
+                cgroup,
                 reply,
             } => {
+                if let Some(dir) = cgroup {
+                    self.state.set_cgroup(number, dir);
+                }
                 let spawned = self.state.spawned(number, process, stderr);
                 // Published before the answer: the reload then waits for
                 // the state file to name this pid (`Client::persisted`).

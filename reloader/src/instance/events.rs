@@ -39,6 +39,8 @@ pub enum Event {
     ChildExited,
     /// An adopted generation's leader exited (its pidfd said so).
     AdoptedExited { pid: u32 },
+    /// A generation's cgroup gained processes, or lost its last one.
+    CgroupChanged { generation: u64, populated: bool },
 }
 
 /// The control server's view of the instance: requests go to the run loop

@@ -85,6 +85,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         metrics,
         generations,
         processes,
+        leaderless,
+        cgroups,
         hold,
         adopted_sockets,
         bridge_templates,
@@ -153,6 +155,38 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     if let Some(hold) = hold {
         state.restore_hold(&hold);
     }
+    // A cgroup per generation, or why not (said once, here and in status).
+    let (cgroups, cgroup_watch) = match cgroups {
+        Ok(cgroups) => match crate::cgroup::Watch::new() {
+            Ok((watch, inotify)) => {
+                let cgroups = Arc::new(cgroups);
+                for (number, _) in state.live() {
+                    let dir = cgroups.generation(number);
+                    if watch.add(number, &dir).is_ok() {
+                        state.set_cgroup(number, dir);
+                    }
+                }
+                for number in leaderless {
+                    state.adopted_leaderless(number);
+                }
+                (Some((cgroups, watch)), Some(inotify))
+            }
+            Err(error) => {
+                let why = format!("cannot watch cgroups (inotify: {error})");
+                warn!("no cgroup per generation: {why}");
+                state.set_cgroup_unavailable(why);
+                (None, None)
+            }
+        },
+        Err(why) => {
+            warn!(
+                "no cgroup per generation (reloader runs without: generations are process groups \
+                 and trees): {why}"
+            );
+            state.set_cgroup_unavailable(why.0);
+            (None, None)
+        }
+    };
     // The bridges at once, not at the tracker's next registration: a
     // connection that finds the adopted generation without a listener
     // waits on one from the first moment.
@@ -163,6 +197,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         config: config.clone(),
         keeper: keeper.clone(),
         dir: paths.dir.clone(),
+        cgroups: cgroups.clone(),
         socket_name: config
             .control_socket
             .file_name()
@@ -191,6 +226,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         std::process::id()
     )));
     let signals = forward_signals(events_tx.clone())?;
+    let cgroup_task = match (cgroup_watch, &cgroups) {
+        (Some(inotify), Some((_, watch))) => Some(tokio::spawn(watch_cgroups(
+            inotify,
+            watch.clone(),
+            events_tx.clone(),
+        ))),
+        _ => None,
+    };
     let control_task = tokio::spawn(crate::control::server::serve(
         events::Control {
             events: events_tx.clone(),
@@ -243,6 +286,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         Some(tracker),
         Some(control_task),
         Some(claims),
+        cgroup_task,
         metrics_task,
         watch_task,
         health,
@@ -259,6 +303,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     // no socket, no lock.
     let _ = tokio::task::spawn_blocking(move || {
         remove_files(&paths);
+        if let Some((cgroups, _)) = cgroups {
+            cgroups.remove();
+        }
         // The lock's file goes through the directory's descriptor: before
         // the paths (and the descriptor) are dropped.
         drop(lock);
@@ -451,6 +498,53 @@ async fn kill_reparented() {
     });
     let _ = done.await;
     info!("every process of the instance has exited");
+}
+
+/// Tells the owner whenever a generation's cgroup gains or loses its last
+/// process (inotify on `cgroup.events`: no polling).
+async fn watch_cgroups(
+    inotify: inotify::Inotify,
+    watch: crate::cgroup::Watch,
+    events: mpsc::Sender<Event>,
+) {
+    // SAFETY: the AsyncFd owns the inotify, whose fd stays open and the
+    // same for as long as it is registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let descriptors: Vec<inotify::WatchDescriptor> =
+            match guard.try_io(|i| i.get_mut().read_events(&mut buffer)) {
+                Ok(Ok(read)) => read.map(|e| e.wd).collect(),
+                Ok(Err(_)) | Err(_) => continue,
+            };
+        for descriptor in descriptors {
+            let Some((generation, dir)) = watch.which(&descriptor) else {
+                continue;
+            };
+            let populated =
+                tokio::task::spawn_blocking(move || crate::cgroup::populated(&dir)).await;
+            // A cgroup that is gone (removed) has no process.
+            let populated = matches!(populated, Ok(Ok(true)));
+            if events
+                .send(Event::CgroupChanged {
+                    generation,
+                    populated,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 /// Wakes the tracker whenever the programs report a new listener or a

@@ -208,7 +208,10 @@ impl<H: Host> Owner<H> {
             }
             self.carry_out_effects();
             self.publish();
-            if self.stopping.is_some() && self.state.live().is_empty() {
+            if self.stopping.is_some()
+                && self.state.live().is_empty()
+                && self.state.members_left().is_empty()
+            {
                 break;
             }
         }
@@ -283,6 +286,10 @@ impl<H: Host> Owner<H> {
             Event::Stop => return Flow::Stop,
             Event::ChildExited => self.reap_children(),
             Event::AdoptedExited { pid } => self.adopted_exited(pid),
+            Event::CgroupChanged {
+                generation,
+                populated,
+            } => self.cgroup_changed(generation, populated),
         }
         Flow::Continue
     }

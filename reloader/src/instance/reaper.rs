@@ -34,6 +34,13 @@ impl<H: Host> Owner<H> {
         }
     }
 
+    /// A generation's cgroup gained processes or lost its last one: a
+    /// leaderless generation whose cgroup emptied has ended.
+    pub(super) fn cgroup_changed(&mut self, generation: u64, populated: bool) {
+        let effect = self.state.cgroup_changed(generation, populated);
+        self.after_exit(effect);
+    }
+
     /// Records the exit of an adopted generation's leader.
     pub(super) fn adopted_exited(&mut self, pid: u32) {
         let effect = self.state.exited(pid, ADOPTED_EXIT);

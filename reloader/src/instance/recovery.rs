@@ -62,7 +62,11 @@ impl Previous {
 }
 
 /// Reads the state file and decides what to do with it.
-pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> {
+pub fn look_back(
+    config: &RunConfig,
+    paths: &Paths,
+    cgroups: Option<&crate::cgroup::Instance>,
+) -> anyhow::Result<Previous> {
     let shown = saved::state_path(&config.control_socket);
     let saved = saved::load(&paths.state, &shown).map_err(|e| {
         let running = instance_processes(&config.name);
@@ -84,7 +88,7 @@ pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> 
             )
         }
     })?;
-    let recovery = saved::recovery(saved.as_ref(), |g| prove(config, g));
+    let recovery = saved::recovery(saved.as_ref(), |g| prove(config, g, cgroups));
     if let (Recovery::Adopt { live, .. }, Some(saved)) = (&recovery, &saved)
         && saved.listen != listen_texts(config)
     {
@@ -105,8 +109,25 @@ pub fn look_back(config: &RunConfig, paths: &Paths) -> anyhow::Result<Previous> 
 /// instance and generation (what the controller spawned it with; servers
 /// that rewrite their environment area, like nginx's process title, lose
 /// this proof, not the first).
-fn prove(config: &RunConfig, g: &SavedGeneration) -> Verdict {
+fn prove(
+    config: &RunConfig,
+    g: &SavedGeneration,
+    cgroups: Option<&crate::cgroup::Instance>,
+) -> Verdict {
     if crate::supervisor::start_time(g.pid) != Some(g.start_time) {
+        // Its processes are in its cgroup, which only root (or we) can
+        // move processes into: membership is proof.
+        if let Some(cgroups) = cgroups
+            && crate::cgroup::populated(&cgroups.generation(g.number)).unwrap_or(false)
+        {
+            warn!(
+                generation = g.number,
+                leader = g.pid,
+                "the generation's leader is gone but its cgroup still has processes: adopted \
+                 through its cgroup"
+            );
+            return Verdict::InCgroup;
+        }
         return orphaned_holder(config, g).map_or(Verdict::Gone, |(holder, start_time)| {
             warn!(
                 generation = g.number,
@@ -353,9 +374,22 @@ pub fn limits(config: &RunConfig, previous: &Previous) -> Limits {
 
 /// The generations to start with: adopted ones (with their processes, held
 /// by pidfd), numbering continued after the previous controller's.
-pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap<u64, Process>) {
+/// Adopted generations: their records, the processes of those whose
+/// leader runs, and those adopted through their cgroup alone (leader gone).
+pub struct Adopted {
+    pub generations: Generations,
+    pub processes: HashMap<u64, Process>,
+    pub leaderless: Vec<u64>,
+}
+
+pub fn generations(
+    previous: &Previous,
+    limits: Limits,
+    cgroups: Option<&crate::cgroup::Instance>,
+) -> Adopted {
     let next = previous.saved.as_ref().map_or(1, |s| s.next_generation);
     let mut processes = HashMap::new();
+    let mut leaderless = Vec::new();
     let mut live = Vec::new();
     let mut digests = Vec::new();
     if let Recovery::Adopt { live: found, .. } = &previous.recovery {
@@ -363,18 +397,31 @@ pub fn generations(previous: &Previous, limits: Limits) -> (Generations, HashMap
             match Process::adopt(g.pid, g.start_time) {
                 Ok(process) => {
                     processes.insert(g.number, process);
-                    live.push((g.number, g.slot, g.pid, g.state));
-                    digests.push((g.number, g.config_sha256.clone()));
                 }
-                Err(error) => warn!(generation = g.number, %error, "not adopted"),
+                Err(error) => {
+                    let in_cgroup = cgroups.is_some_and(|c| {
+                        crate::cgroup::populated(&c.generation(g.number)).unwrap_or(false)
+                    });
+                    if !in_cgroup {
+                        warn!(generation = g.number, %error, "not adopted");
+                        continue;
+                    }
+                    leaderless.push(g.number);
+                }
             }
+            live.push((g.number, g.slot, g.pid, g.state));
+            digests.push((g.number, g.config_sha256.clone()));
         }
     }
     let mut generations = Generations::restore(limits.slots, HISTORY, next, live, Instant::now());
     for (number, digest) in digests {
         let _ = generations.set_config_sha256(number, digest);
     }
-    (generations, processes)
+    Adopted {
+        generations,
+        processes,
+        leaderless,
+    }
 }
 
 /// A copy of one socket per managed address an adopted generation holds
@@ -394,10 +441,35 @@ pub fn bridge_templates(
         .collect()
 }
 
-/// The sockets an adopted active generation holds (for `status`).
-pub fn adopted_sockets(pid: u32, listen: &[ListenerSpec]) -> Vec<RegisteredSocket> {
+/// Empties and removes the cgroups of generations not in `keep`.
+pub fn sweep_cgroups(cgroups: &crate::cgroup::Instance, keep: &std::collections::BTreeSet<u64>) {
+    for (number, dir) in cgroups.existing() {
+        if keep.contains(&number) {
+            continue;
+        }
+        if crate::cgroup::populated(&dir).unwrap_or(false) {
+            warn!(
+                generation = number,
+                cgroup = %dir.display(),
+                "a cgroup of this instance has processes no recorded generation accounts for: \
+                 killing them"
+            );
+            crate::cgroup::kill(&dir, cgroups.mount());
+            let deadline = Instant::now() + std::time::Duration::from_secs(2);
+            while crate::cgroup::populated(&dir).unwrap_or(false) && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        if let Err(error) = crate::cgroup::remove(&dir) {
+            warn!(cgroup = %dir.display(), %error, "cannot remove a stale cgroup");
+        }
+    }
+}
+
+/// The sockets an adopted generation's processes `pids` hold.
+pub fn adopted_sockets(pids: &[u32], listen: &[ListenerSpec]) -> Vec<RegisteredSocket> {
     let keys: Vec<_> = listen.iter().map(ListenerSpec::key).collect();
-    match discovery::find(pid, &keys) {
+    match discovery::find_among(pids, &keys) {
         Ok(found) => found
             .per_address
             .into_iter()

@@ -44,6 +44,10 @@ pub struct Prepared {
     pub metrics: Option<std::net::TcpListener>,
     pub generations: Generations,
     pub processes: HashMap<u64, Process>,
+    /// Adopted generations whose leader is gone (their cgroup lives on).
+    pub leaderless: Vec<u64>,
+    /// The instance's cgroups, or why there are none.
+    pub cgroups: Result<crate::cgroup::Instance, crate::cgroup::Unavailable>,
     /// The hold the previous controller recorded.
     pub hold: Option<SavedHold>,
     /// The sockets of adopted generations that serve or may serve again.
@@ -124,7 +128,14 @@ fn prepare_locked(
     claims: super::claims::Claims,
     made: &mut Made,
 ) -> anyhow::Result<Prepared> {
-    let previous = recovery::look_back(config, &paths)?;
+    // The controller's own cgroup v2 (where the listen notifier attaches),
+    // then the instance's below it (the controller may move into a leaf).
+    let base = crate::cgroup::own();
+    let cgroups = base
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| crate::cgroup::prepare(&config.name, &config.control_socket));
+    let previous = recovery::look_back(config, &paths, cgroups.as_ref().ok())?;
     let recovered = recovery::clean_up(&previous, &paths);
     let adopting = previous.adopting();
     if !adopting {
@@ -146,14 +157,22 @@ fn prepare_locked(
         made.pins = Some(paths.pins.clone());
     }
     let log_pump = steering.log_pump();
-    let listen_events = own_cgroup()
-        .map_err(|e| crate::error_chain(e.as_ref()))
-        .and_then(|cgroup| {
-            steering
-                .listen_events(&cgroup)
-                .map_err(|e| crate::error_chain(&e))
-        });
-    let (generations, processes) = recovery::generations(&previous, limits);
+    let listen_events = base.map_err(|e| e.to_string()).and_then(|(cgroup, _)| {
+        steering
+            .listen_events(&cgroup)
+            .map_err(|e| crate::error_chain(&e))
+    });
+    let recovery::Adopted {
+        generations,
+        processes,
+        leaderless,
+    } = recovery::generations(&previous, limits, cgroups.as_ref().ok());
+    // Cgroups of generations not adopted (stale, or a candidate the state
+    // file never named) are emptied and removed.
+    if let Ok(cgroups) = &cgroups {
+        let keep: std::collections::BTreeSet<u64> = generations.live().map(|g| g.number).collect();
+        recovery::sweep_cgroups(cgroups, &keep);
+    }
     let hold = previous.saved.as_ref().and_then(|s| s.hold);
     // A held generation can be made active again: its sockets are needed
     // to check it still listens everywhere.
@@ -165,7 +184,13 @@ fn prepare_locked(
             _ => false,
         })
         .filter_map(|g| Some((g.number, g.pid?)))
-        .map(|(number, pid)| (number, recovery::adopted_sockets(pid, &config.listen)))
+        .map(|(number, pid)| {
+            let pids = match &cgroups {
+                Ok(cgroups) => crate::cgroup::members(&cgroups.generation(number)),
+                Err(_) => crate::discovery::process_tree(pid).unwrap_or_default(),
+            };
+            (number, recovery::adopted_sockets(&pids, &config.listen))
+        })
         .collect::<Vec<_>>();
     let active = generations
         .live()
@@ -191,6 +216,8 @@ fn prepare_locked(
         metrics,
         generations,
         processes,
+        leaderless,
+        cgroups,
         hold,
         adopted_sockets,
         bridge_templates,
@@ -251,35 +278,4 @@ fn bind_control_socket(
         .with_context(|| format!("failed to chmod {}", named.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-/// The controller's cgroup (v2): servers it spawns are in it or below.
-/// The v2 hierarchy is wherever `cgroup2` is mounted (`/sys/fs/cgroup`, or
-/// `/sys/fs/cgroup/unified` on hybrid systems).
-#[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
-fn own_cgroup() -> anyhow::Result<PathBuf> {
-    let me = procfs::process::Process::myself().context("read /proc/self")?;
-    let path = me
-        .cgroups()
-        .context("read /proc/self/cgroup")?
-        .into_iter()
-        .find(|c| c.hierarchy == 0)
-        .map(|c| c.pathname)
-        .context("no cgroup v2 entry in /proc/self/cgroup")?;
-    let root = me
-        .mountinfo()
-        .context("read /proc/self/mountinfo")?
-        .into_iter()
-        .find(|m| m.fs_type == "cgroup2")
-        .map(|m| m.mount_point)
-        .context("cgroup v2 is not mounted")?;
-    let dir = root.join(path.trim_start_matches('/'));
-    let visible = dir.join("cgroup.procs").exists();
-    if !visible {
-        anyhow::bail!(
-            "the controller's cgroup {} is not visible here",
-            dir.display()
-        );
-    }
-    Ok(dir)
 }

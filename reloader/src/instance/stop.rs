@@ -56,12 +56,14 @@ impl<H: Host> Owner<H> {
             for number in remaining {
                 self.state.abandon(number, reload::KILL_GRACE);
             }
+            self.state.abandon_members_left();
             return;
         }
         warn!(generations = ?remaining, "drain timeout: killing");
         for number in &remaining {
             self.state.kill(*number);
         }
+        self.state.kill_members_left();
         stopping.killed = true;
         stopping.deadline = tokio::time::Instant::now() + reload::KILL_GRACE;
         self.clean = false;

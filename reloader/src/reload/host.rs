@@ -31,6 +31,9 @@ pub struct System {
     pub dir: Arc<crate::rundir::RuntimeDir>,
     /// The control socket's file name, which notify sockets are named after.
     pub socket_name: std::ffi::OsString,
+    /// The instance's cgroups, and the watch on its generations' ones
+    /// (`None`: no writable cgroup v2, said at start).
+    pub cgroups: Option<(Arc<crate::cgroup::Instance>, crate::cgroup::Watch)>,
 }
 
 impl Host for System {
@@ -40,8 +43,34 @@ impl Host for System {
         notify_socket: Option<PathBuf>,
     ) -> Result<Spawned, ReloadError> {
         let (config, keeper) = (self.config.clone(), self.keeper.clone());
+        let cgroups = self.cgroups.clone();
         blocking("spawn", move || {
-            spawn(&config, number, notify_socket.as_deref(), keeper.as_deref())
+            let mut spawned = spawn(&config, number, notify_socket.as_deref(), keeper.as_deref())?;
+            if let Some((cgroups, watch)) = &cgroups {
+                // Before the gate opens: none of the server's code runs
+                // outside its cgroup.
+                let pid = spawned.process.pid();
+                let entered = cgroups.enter(number, pid).and_then(|dir| {
+                    watch.add(number, &dir)?;
+                    Ok(dir)
+                });
+                match entered {
+                    Ok(dir) => spawned.cgroup = Some(dir),
+                    Err(source) => {
+                        spawned
+                            .process
+                            .signal_group(nix::sys::signal::Signal::SIGKILL);
+                        return Err(ReloadError::SpawnError {
+                            command: format!(
+                                "moving generation {number} into its cgroup {}",
+                                cgroups.generation(number).display()
+                            ),
+                            source,
+                        });
+                    }
+                }
+            }
+            Ok(spawned)
         })
         .await
     }
@@ -51,9 +80,9 @@ impl Host for System {
         (self.dir.path(&name), self.dir.named(&name))
     }
 
-    async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
+    async fn scan(&self, of: super::Members) -> Result<Scan, ReloadError> {
         let listen = self.config.listen_keys();
-        blocking("discovery", move || scan(pid, &listen)).await
+        blocking("discovery", move || scan(&of, &listen)).await
     }
 
     async fn listening(&self) -> Result<BTreeSet<u64>, ReloadError> {
@@ -70,11 +99,27 @@ impl Host for System {
     }
 
     fn carry_out(&self, effects: Vec<Effect>) -> impl Future<Output = ()> + Send + 'static {
+        let cgroups = self.cgroups.clone();
         let done = tokio::task::spawn_blocking(move || {
             for effect in effects {
-                match effect {
-                    Effect::SignalAdoptedGroup { process, signal } => {
+                match (effect, &cgroups) {
+                    (Effect::SignalAdoptedGroup { process, signal }, _) => {
                         process.signal_group(signal);
+                    }
+                    (Effect::KillCgroup { dir }, Some((instance, _))) => {
+                        crate::cgroup::kill(&dir, instance.mount());
+                    }
+                    (Effect::SignalCgroupRoots { dir, signal }, Some((instance, _))) => {
+                        crate::cgroup::signal_roots(&dir, instance.mount(), signal);
+                    }
+                    (Effect::RemoveCgroup { number, dir }, Some((_, watch))) => {
+                        watch.forget(number);
+                        if let Err(error) = crate::cgroup::remove(&dir) {
+                            tracing::debug!(cgroup = %dir.display(), %error, "not removed yet");
+                        }
+                    }
+                    (effect, None) => {
+                        tracing::warn!(?effect, "a cgroup effect without cgroups");
                     }
                 }
             }
@@ -163,8 +208,12 @@ fn listening_now(listen: &[(Transport, SocketAddr)]) -> Result<BTreeSet<u64>, Re
         .collect())
 }
 
-fn scan(pid: u32, listen: &[(Transport, SocketAddr)]) -> Result<Scan, ReloadError> {
-    let found = discovery::find(pid, listen).map_err(|source| ReloadError::DiscoveryError {
+fn scan(of: &super::Members, listen: &[(Transport, SocketAddr)]) -> Result<Scan, ReloadError> {
+    let found = match &of.cgroup {
+        Some(dir) => discovery::find_among(&crate::cgroup::members(dir), listen),
+        None => discovery::find(of.pid, listen),
+    }
+    .map_err(|source| ReloadError::DiscoveryError {
         source: Box::new(source),
     })?;
     Ok(Scan {

@@ -14,7 +14,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Host, Scan, drain::drain, probe::wait_for_probe, ready::NotifySocket};
+use super::{Host, Members, Scan, drain::drain, probe::wait_for_probe, ready::NotifySocket};
 use crate::{
     config::CanaryPlan,
     error::{FailureKind, ReloadError, ReloadFailure},
@@ -273,11 +273,15 @@ async fn start<H: Host>(
         process,
         stderr,
         gate,
+        cgroup,
     } = host
         .spawn(number, notify.as_ref().map(|n| n.path.clone()))
         .await?;
-    let pid = process.pid();
-    client.spawned(number, process, stderr).await?;
+    let members = Members {
+        pid: process.pid(),
+        cgroup: cgroup.clone(),
+    };
+    client.spawned(number, process, stderr, cgroup).await?;
     // The server starts only once the state file names it: a controller
     // killed before this leaves no server a successor does not know.
     client.persisted().await;
@@ -286,7 +290,7 @@ async fn start<H: Host>(
         source,
     })?;
 
-    let scan = discover(client, host, number, pid, deadline).await?;
+    let scan = discover(client, host, number, members, deadline).await?;
     let found = host.copy(scan).await?;
     client.register(number, found).await?;
     if let Some(notify) = &notify {
@@ -303,14 +307,14 @@ async fn discover<H: Host>(
     client: &Client,
     host: &H,
     number: u64,
-    pid: u32,
+    members: Members,
     deadline: Instant,
 ) -> Result<Scan, ReloadError> {
     let mut snapshots = client.subscribe();
     let mut previous: Option<BTreeSet<u64>> = None;
     loop {
         snapshots.borrow_and_update().check_alive(number)?;
-        let scan = host.scan(pid).await?;
+        let scan = host.scan(members.clone()).await?;
         if scan.complete() {
             let inodes = scan.inodes();
             if previous.as_ref() == Some(&inodes) {

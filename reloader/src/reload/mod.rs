@@ -53,6 +53,15 @@ use crate::{
     supervisor::Spawned,
 };
 
+/// Where a generation's processes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Members {
+    /// Its leader (recorded: it may have exited).
+    pub pid: u32,
+    /// Its cgroup, if it has one: then every process in it.
+    pub cgroup: Option<PathBuf>,
+}
+
 /// One look at a generation's process tree.
 #[derive(Debug, Default)]
 pub struct Scan {
@@ -96,9 +105,10 @@ pub trait Host: Send + Sync + 'static {
     /// server is told (`--ready notify`).
     fn notify_paths(&self, number: u64) -> (PathBuf, PathBuf);
 
-    /// Which listening sockets the tree of `pid` holds (slow: runs on a
-    /// blocking thread).
-    fn scan(&self, pid: u32) -> impl Future<Output = Result<Scan, ReloadError>> + Send;
+    /// Which listening sockets a generation holds: every process of its
+    /// cgroup, or without one the process tree of its leader (slow: runs on
+    /// a blocking thread).
+    fn scan(&self, of: Members) -> impl Future<Output = Result<Scan, ReloadError>> + Send;
 
     /// Copies the sockets of `scan` into this process.
     fn copy(

@@ -165,7 +165,11 @@ async fn look<H: Host>(
     let mut claimed = BTreeSet::new();
     let mut changed = false;
     for t in tracked {
-        let scan = match host.scan(t.pid).await {
+        let members = super::Members {
+            pid: t.pid,
+            cgroup: t.cgroup.clone(),
+        };
+        let scan = match host.scan(members).await {
             Ok(scan) => scan,
             Err(error) => {
                 warn!(generation = t.number, error = %crate::error_chain(&error), "cannot rescan");

@@ -50,6 +50,8 @@ pub enum Command {
         number: u64,
         process: Process,
         stderr: StderrTail,
+        /// Its cgroup, if it has one.
+        cgroup: Option<std::path::PathBuf>,
         reply: oneshot::Sender<Result<(), ReloadError>>,
     },
     /// Step 4: register the sockets found, per address.
@@ -231,11 +233,13 @@ impl Client {
         number: u64,
         process: Process,
         stderr: StderrTail,
+        cgroup: Option<std::path::PathBuf>,
     ) -> Result<(), ReloadError> {
         self.ask(|reply| Command::Spawned {
             number,
             process,
             stderr,
+            cgroup,
             reply,
         })
         .await

@@ -21,6 +21,25 @@ impl InstanceState {
             .generations
             .get(number)
             .is_some_and(|g| g.state == State::Draining);
+        if draining && self.is_leaderless(number) {
+            // No leader to tell: the processes its cgroup grew from are.
+            if let Some(dir) = self.cgroup(number).cloned() {
+                info!(
+                    generation = number,
+                    signal = self.config.drain.signal.as_str(),
+                    "draining (its leader is gone: the roots of its cgroup get the signal)"
+                );
+                self.outbox.push(super::Effect::SignalCgroupRoots {
+                    dir,
+                    signal: self.config.drain.signal,
+                });
+                let _ = self.generations.signalled(number, Instant::now());
+                if self.hold.is_some_and(|h| h.held == number) {
+                    self.hold = None;
+                }
+                return true;
+            }
+        }
         match self.processes.get(&number) {
             Some(process) if draining => {
                 info!(
@@ -48,14 +67,16 @@ impl InstanceState {
         }
     }
 
-    /// Kills generation `number`'s process group (drain timeout).
+    /// Kills generation `number`'s processes (drain timeout): its cgroup,
+    /// or its process group without one. Also a generation whose leader
+    /// exited but whose cgroup still has processes.
     pub fn kill(&mut self, number: u64) {
-        if self.processes.contains_key(&number)
-            && self
-                .generations
-                .get(number)
-                .is_some_and(|g| g.state.is_live())
-        {
+        let live = self
+            .generations
+            .get(number)
+            .is_some_and(|g| g.state.is_live());
+        let reachable = self.processes.contains_key(&number) || self.cgroups.contains_key(&number);
+        if reachable && (live || self.members_left.contains(&number)) {
             self.kill_group(number);
             self.stats.drain_kills += 1;
         }
@@ -94,11 +115,35 @@ impl InstanceState {
     /// zombie, so its group id is still its own) or an adopted process
     /// whose pidfd said so. Whatever remains of its group is killed.
     pub fn exited(&mut self, pid: u32, how: &str) -> ExitEffect {
-        let Some((number, state)) = self.generations.by_pid(pid).map(|g| (g.number, g.state))
+        let Some(number) = self
+            .generations
+            .by_pid(pid)
+            .filter(|g| !self.leaderless.contains(&g.number))
+            .map(|g| g.number)
         else {
             return ExitEffect::None;
         };
-        self.kill_group(number);
+        if self.daemonized(number, how) {
+            return ExitEffect::None;
+        }
+        self.exited_as(number, pid, how)
+    }
+
+    /// Generation `number` ended (its leader `pid` exited, or its cgroup
+    /// emptied): `how` says how.
+    pub(super) fn exited_as(&mut self, number: u64, pid: u32, how: &str) -> ExitEffect {
+        let Some(state) = self.generations.get(number).map(|g| g.state) else {
+            return ExitEffect::None;
+        };
+        // A draining generation whose leader exited may still finish its
+        // connections in other processes of its cgroup: it has exited once
+        // the cgroup is empty, or is killed at its drain timeout. Any other
+        // leader's exit is an end (a failed start, a crash): what is left
+        // of it goes now.
+        let finishing = state == State::Draining && self.cgroups.contains_key(&number);
+        if !finishing {
+            self.kill_group(number);
+        }
         match state {
             State::Starting | State::Ready => {
                 warn!(generation = number, pid, "{how} before it was ready");
@@ -339,6 +384,7 @@ impl InstanceState {
         }
         self.ended_counters.insert(number, counters);
         self.processes.remove(&number);
+        self.cgroup_after_end(number);
         if self
             .hold
             .is_some_and(|h| h.held == number || h.successor == number)

@@ -12,6 +12,7 @@
 //! in its outbox ([`Effect`]) for the owner to hand over.
 
 mod bridges;
+mod cgroups;
 mod client;
 mod ending;
 mod identity;
@@ -25,6 +26,7 @@ mod tracking;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     os::fd::OwnedFd,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -85,6 +87,16 @@ pub enum Effect {
         process: Process,
         signal: nix::sys::signal::Signal,
     },
+    /// Kill every process of a generation's cgroup.
+    KillCgroup { dir: PathBuf },
+    /// Signal the processes a generation's cgroup grew from (its leader is
+    /// gone): [`crate::cgroup::roots`].
+    SignalCgroupRoots {
+        dir: PathBuf,
+        signal: nix::sys::signal::Signal,
+    },
+    /// Remove an empty generation's cgroup.
+    RemoveCgroup { number: u64, dir: PathBuf },
 }
 
 /// A generation that was just begun.
@@ -200,6 +212,19 @@ pub struct InstanceState {
     /// The active generation has had no listener on a managed address
     /// since then (no previous generation could take over).
     not_listening: Option<NotListening>,
+    /// Generations' cgroups (see [`crate::cgroup`]), where there are.
+    cgroups: HashMap<u64, PathBuf>,
+    /// Whether each cgroup has a process, as last reported.
+    populated: HashMap<u64, bool>,
+    /// Generations that ended (their leader exited) while their cgroup
+    /// still had members: they count as exited only once it is empty.
+    members_left: BTreeSet<u64>,
+    /// Live generations whose leader is gone while their cgroup lives on
+    /// (a server that daemonized; an adopted one whose leader died): they
+    /// end when their cgroup empties, and are signalled through it.
+    leaderless: BTreeSet<u64>,
+    /// Why generations get no cgroups, if they do not.
+    cgroup_unavailable: Option<String>,
 }
 
 /// The active generation stopped listening on a managed address.
@@ -250,6 +275,11 @@ impl InstanceState {
             no_bridge: BTreeSet::new(),
             outbox: Vec::new(),
             not_listening: None,
+            cgroups: HashMap::new(),
+            populated: HashMap::new(),
+            members_left: BTreeSet::new(),
+            leaderless: BTreeSet::new(),
+            cgroup_unavailable: None,
         }
     }
 
@@ -258,10 +288,15 @@ impl InstanceState {
         std::mem::take(&mut self.outbox)
     }
 
-    /// Kills what is left of generation `number`'s process group: at once
+    /// Kills what is left of generation `number`: its whole cgroup where it
+    /// has one (through the outbox); otherwise its process group, at once
     /// for our own child (one `killpg`, safe while it is unreaped), through
     /// the outbox for an adopted one.
     pub(super) fn kill_group(&mut self, number: u64) {
+        if let Some(dir) = self.cgroups.get(&number) {
+            self.outbox.push(Effect::KillCgroup { dir: dir.clone() });
+            return;
+        }
         let Some(process) = self.processes.get(&number) else {
             return;
         };

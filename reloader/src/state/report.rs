@@ -118,6 +118,7 @@ impl InstanceState {
                     weight_percent: self.weight_percent(g.number),
                     steered_per_second: self.steered_per_second(g.number),
                     health: self.health_status(g.number),
+                    cgroup: self.cgroup(g.number).map(|d| d.display().to_string()),
                 }
             })
             .collect();
@@ -145,6 +146,7 @@ impl InstanceState {
             map_entries: self.steering.entry_counts().unwrap_or_default(),
             recovered: self.recovered.clone(),
             log_lines_dropped: crate::logging::dropped_lines(),
+            cgroup_unavailable: self.cgroup_unavailable().map(ToOwned::to_owned),
             server_environment: vec![
                 "RELOADER_GENERATION=<generation>".into(),
                 format!("RELOADER_NAME={}", self.config.name),

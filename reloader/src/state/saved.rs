@@ -265,6 +265,9 @@ pub enum Verdict {
     /// still holds a socket recorded for it: its workers serve. Adopted by
     /// that holder (the generation is never destroyed while it serves).
     Orphaned { holder: u32, start_time: u64 },
+    /// Its leader is gone, but its cgroup still has processes: adopted
+    /// through its cgroup (membership is proof).
+    InCgroup,
     /// Its process is gone (or the pid was reused: another start time), and
     /// no process holds a socket recorded for it.
     Gone,
@@ -304,7 +307,7 @@ pub fn recovery(saved: Option<&Saved>, verdict: impl Fn(&SavedGeneration) -> Ver
     let (mut ours, mut gone, mut unproven) = (Vec::new(), Vec::new(), Vec::new());
     for g in saved.generations.iter().filter(|g| g.state.is_live()) {
         match verdict(g) {
-            Verdict::Ours => ours.push(g.clone()),
+            Verdict::Ours | Verdict::InCgroup => ours.push(g.clone()),
             Verdict::Orphaned { holder, start_time } => ours.push(SavedGeneration {
                 pid: holder,
                 start_time,

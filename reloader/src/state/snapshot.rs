@@ -54,6 +54,8 @@ pub struct Snapshot {
     pub registered: BTreeSet<u64>,
     /// A bridge holds connections no generation can take yet.
     pub bridge_waiting: bool,
+    /// Generations that ended with processes left in their cgroup.
+    members_left: BTreeSet<u64>,
     /// Generations to health-check now (empty: no rollback is possible).
     pub health_targets: Vec<u64>,
     /// The state file's content, and a version that grows whenever it
@@ -73,9 +75,11 @@ impl Snapshot {
         self.generation(number).is_some_and(|g| g.state == state)
     }
 
-    /// Whether generation `number` has ended (or was never known).
+    /// Whether generation `number` has ended (or was never known), and no
+    /// process of it is left in its cgroup.
     pub fn ended(&self, number: u64) -> bool {
         self.generation(number).is_none_or(|g| !g.state.is_live())
+            && !self.members_left.contains(&number)
     }
 
     /// Live generations (number, state), oldest first.
@@ -175,6 +179,7 @@ impl InstanceState {
             tracked: self.tracked(),
             registered: self.registered_inodes(),
             bridge_waiting: self.bridge_waiting(),
+            members_left: self.members_left().clone(),
             health_targets: self.health_targets(),
             saved,
             saved_version,

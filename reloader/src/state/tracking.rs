@@ -16,6 +16,8 @@ use crate::{error::ReloadError, generation::State, steering::ListenerSpec};
 pub struct Tracked {
     pub number: u64,
     pub pid: u32,
+    /// Its cgroup, if it has one (its processes are those in it).
+    pub cgroup: Option<std::path::PathBuf>,
     /// The inodes registered for it now.
     pub inodes: BTreeSet<u64>,
     /// The processes that hold them (a server's workers).
@@ -53,6 +55,7 @@ impl InstanceState {
                 Some(Tracked {
                     number: g.number,
                     pid: g.pid?,
+                    cgroup: self.cgroup(g.number).cloned(),
                     inodes: self
                         .sockets(g.number)
                         .iter()

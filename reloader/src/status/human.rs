@@ -198,6 +198,21 @@ impl StatusReport {
         if let Some(rollout) = &self.rollout {
             let _ = writeln!(out, "{}", rollout.human());
         }
+        // Every live generation's cgroup is DIR/gen-N: say DIR once.
+        let cgroups = self
+            .generations
+            .iter()
+            .find_map(|g| g.cgroup.as_deref())
+            .and_then(|c| std::path::Path::new(c).parent());
+        match (cgroups, &self.cgroup_unavailable) {
+            (Some(dir), _) => {
+                let _ = writeln!(out, "cgroups: {}/gen-N", dir.display());
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "no cgroup per generation: {why}");
+            }
+            (None, None) => {}
+        }
         let r = &self.rollbacks;
         if r.manual + r.crash + r.health > 0 {
             let _ = writeln!(

@@ -75,6 +75,7 @@ fn generation(n: u64, state: State) -> GenerationStatus {
         weight_percent: None,
         steered_per_second: None,
         health: None,
+        cgroup: None,
     }
 }
 

@@ -46,6 +46,9 @@ pub struct StatusReport {
     /// the controller's stderr was not read fast enough.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// Why generations have no cgroup, if they have none (`None`: they do).
+    #[serde(default)]
+    pub cgroup_unavailable: Option<String>,
     /// A rollback that is possible now: a held previous generation or a
     /// canary.
     #[serde(default)]
@@ -130,6 +133,11 @@ pub struct GenerationStatus {
     /// Its health checks (`--health-probe`), while it is checked.
     #[serde(default)]
     pub health: Option<HealthStatus>,
+    /// Its cgroup (the directory in the cgroup v2 hierarchy), which holds
+    /// every process of it; `None` without cgroups (the instance's
+    /// `cgroup_unavailable` says why) or once it is removed.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 /// Health checks of one generation.

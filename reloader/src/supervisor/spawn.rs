@@ -41,6 +41,9 @@ pub struct Spawned {
     pub stderr: StderrTail,
     /// Starts the server; see the module comment.
     pub gate: Gate,
+    /// The generation's cgroup, which the leader entered before the gate
+    /// opens (`None` without cgroups).
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// The write end of a generation's start gate.
@@ -145,6 +148,7 @@ pub fn spawn(
         process,
         stderr,
         gate: Gate(Some(gate_write)),
+        cgroup: None,
     })
 }
 

@@ -86,6 +86,7 @@ impl Host for FakeHost {
             process: Process::child(pid).expect("pidfd"),
             stderr: StderrTail::default(),
             gate: Gate::none(),
+            cgroup: None,
         })
     }
 
@@ -97,7 +98,8 @@ impl Host for FakeHost {
         (path.clone(), path)
     }
 
-    async fn scan(&self, pid: u32) -> Result<Scan, ReloadError> {
+    async fn scan(&self, of: crate::reload::Members) -> Result<Scan, ReloadError> {
+        let pid = of.pid;
         if !self.scan_takes.is_zero() {
             let takes = self.scan_takes;
             #[allow(clippy::disallowed_methods)] // a blocking thread, as the real walk

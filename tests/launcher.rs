@@ -750,12 +750,13 @@ fn overlapping_reload_waits_name_the_generations_that_were_really_active() {
                 "round {round}: a reload was reported failed: {reload}"
             );
         }
+        // Which of the two clients reached the controller first is up to
+        // the scheduler: the later generation of the two serves.
         let (a, b) = (first.done().generation, second.done().generation);
-        assert!(b >= a, "round {round}: {a} then {b}");
         assert_eq!(
             instance.active_generation(),
-            Some(b),
-            "round {round}: the later reload's generation serves"
+            Some(a.max(b)),
+            "round {round}: the later reload's generation serves ({a}, {b})"
         );
     }
     assert_eq!(instance.status().reloads_failed, 0);
@@ -1138,7 +1139,12 @@ fn nginx_that_daemonizes_is_followed_through_its_cgroup() {
         &command,
     );
     let first = instance.generation(1);
-    let cgroup = first.cgroup.clone().expect("a cgroup per generation");
+    let cgroup = first.cgroup.clone().unwrap_or_else(|| {
+        panic!(
+            "a cgroup per generation: {first:?}\n{}",
+            instance.log_text()
+        )
+    });
     assert!(
         !process_alive(first.pid.expect("a pid")),
         "the process started exited: nginx daemonized"

@@ -55,16 +55,21 @@ impl InstanceState {
         self.leaderless.contains(&number)
     }
 
-    /// The leader of starting generation `number` exited with status 0
-    /// while its cgroup still has processes: it daemonized. Returns whether
-    /// that is so (then it keeps starting; readiness and its end follow its
-    /// cgroup).
+    /// The leader of generation `number` exited with status 0 while its
+    /// cgroup still has processes: it daemonized. Returns whether that is
+    /// so (then it goes on: its readiness and its end follow its cgroup).
+    /// A daemonizing server may exit only after its listeners were found
+    /// (nginx opens them before it forks its master): the generation may be
+    /// ready or active already. (A draining one's leader exit is its
+    /// finishing, not this.)
     pub(super) fn daemonized(&mut self, number: u64, how: &str) -> bool {
-        let starting = self
-            .generations
-            .get(number)
-            .is_some_and(|g| matches!(g.state, State::Starting));
-        if !starting
+        let serving = self.generations.get(number).is_some_and(|g| {
+            matches!(
+                g.state,
+                State::Starting | State::Ready | State::Active | State::Canary
+            )
+        });
+        if !serving
             || !how.starts_with("exited with status 0")
             || !self.cgroups.contains_key(&number)
             || !self.populated.get(&number).copied().unwrap_or(false)

@@ -141,10 +141,16 @@ fn rollback_cmd(args: RollbackArgs) -> Result<ExitCode> {
     }
 }
 
-/// `promote`: every new connection to the canary.
+/// `promote`: every new connection to the canary; with `--wait`, returns
+/// once the generation beside it has exited.
 fn promote_cmd(args: PromoteArgs) -> Result<ExitCode> {
     let socket = args.instance.socket()?;
-    match control::ask(&socket, &Request::Promote {}, Duration::from_secs(10))? {
+    let timeout = if args.wait {
+        args.timeout
+    } else {
+        Duration::from_secs(10)
+    };
+    match control::ask(&socket, &Request::Promote { wait: args.wait }, timeout)? {
         response @ Response::Promoted { .. } if args.json => {
             println!("{}", serde_json::to_string_pretty(&response)?);
             Ok(ExitCode::SUCCESS)
@@ -152,12 +158,25 @@ fn promote_cmd(args: PromoteArgs) -> Result<ExitCode> {
         Response::Promoted {
             generation,
             previous,
+            previous_exited_ms,
+            held_ms,
         } => {
-            println!(
-                "generation {generation} promoted: it gets every new connection; \
-                 generation {previous} gets none (it drains, or is held with \
-                 --keep-previous: `reloader status`)"
-            );
+            let then = match (previous_exited_ms, held_ms) {
+                (Some(ms), _) => format!(
+                    "generation {previous} exited {} after the promotion",
+                    reloader::generation::human_duration(Duration::from_secs_f64(ms / 1000.0))
+                ),
+                (None, Some(ms)) => format!(
+                    "generation {previous} is held for {} (`reloader rollback` makes it active \
+                     again), then drains",
+                    reloader::generation::human_duration(Duration::from_secs_f64(ms / 1000.0))
+                ),
+                (None, None) => format!(
+                    "generation {previous} gets none (it drains, or is held with \
+                     --keep-previous: `reloader status`)"
+                ),
+            };
+            println!("generation {generation} promoted: it gets every new connection; {then}");
             Ok(ExitCode::SUCCESS)
         }
         other => unexpected(other),

@@ -457,6 +457,14 @@ pub struct RollbackArgs {
 pub struct PromoteArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Return once the generation beside the canary has exited (at once
+    /// when it is held with --keep-previous).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

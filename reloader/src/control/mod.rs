@@ -26,8 +26,9 @@ pub trait Controller: Clone + Send + Sync + 'static {
     /// Requests a rollback; with `wait`, answers once the generation rolled
     /// back from has exited.
     fn rollback(&self, wait: bool) -> impl Future<Output = Response> + Send;
-    /// Promotes the canary.
-    fn promote(&self) -> impl Future<Output = Response> + Send;
+    /// Promotes the canary; with `wait`, answers once the generation
+    /// beside it has exited (at once when it is held).
+    fn promote(&self, wait: bool) -> impl Future<Output = Response> + Send;
     /// Requests a stop.
     fn stop(&self) -> Response;
     /// The instance's status (`None` once its owner has stopped).

@@ -194,6 +194,7 @@ pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<Strin
     ]
 }
 
+pub mod http;
 pub mod instance;
 pub mod keepalive;
 pub mod load;

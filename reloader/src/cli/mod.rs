@@ -265,6 +265,13 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
+    /// Serve the probes on http://ADDR: /healthz (200 while the controller
+    /// answers) and /readyz (200 while the active generation listens on
+    /// every --listen address; 503 during the first start and the stop),
+    /// e.g. 0.0.0.0:9478 for a kubelet. The --metrics address serves them
+    /// too.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub health: Option<SocketAddr>,
     /// A pre-flight check run before every new generation is spawned (the
     /// first one too), e.g. 'nginx -t -c /etc/nginx/nginx.conf': one string,
     /// split into words like a shell would (no variables or pipes),
@@ -380,6 +387,8 @@ impl RunArgs {
                 config_files,
             },
             metrics: self.metrics,
+            // One listener serves both when they are the same address.
+            health: self.health.filter(|h| Some(*h) != self.metrics),
         })
     }
 }

@@ -5,8 +5,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
     cli::{
-        Cli, Command, DemoArgs, PromoteArgs, ReloadArgs, RollbackArgs, RunArgs, StatusArgs,
-        StopArgs,
+        Cli, Command, DemoArgs, ListArgs, PromoteArgs, ReloadArgs, RollbackArgs, RunArgs,
+        StatusArgs, StopArgs,
     },
     control::{self, Request, Response},
     instance, supervisor,
@@ -39,6 +39,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => rollback_cmd(args),
         Command::Promote(args) => promote_cmd(args),
         Command::Status(args) => status_cmd(args),
+        Command::List(args) => list_cmd(args),
         Command::Demo(args) => demo_cmd(args),
         Command::Keeper { socket } => keeper_cmd(&socket),
         Command::Exec {
@@ -197,6 +198,20 @@ fn status_cmd(args: StatusArgs) -> Result<ExitCode> {
         }
         other => unexpected(other),
     }
+}
+
+/// `list`: every instance that answers, from the default socket
+/// directories and `--dir`.
+fn list_cmd(args: ListArgs) -> Result<ExitCode> {
+    let mut dirs = control::list::default_directories();
+    dirs.extend(args.dir);
+    let listing = control::list::list(&control::list::sockets(&dirs), args.timeout);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+    } else {
+        print!("{}", listing.human());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `demo`: exits 1 when reloader failed a connection.

@@ -1,4 +1,4 @@
-//! The command line: `reloader run | reload | status | stop`.
+//! The command line: `reloader run | reload | status | stop | list | …`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -62,6 +62,9 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Show an instance's generations, listeners and counters.
     Status(StatusArgs),
+    /// List the instances on this host you can reach: name, controller
+    /// pid, listeners, active generation.
+    List(ListArgs),
     /// Drain every generation of an instance and stop it.
     Stop(StopArgs),
     /// See reloader work: reload a built-in server every second under load.
@@ -483,6 +486,21 @@ pub struct PromoteArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Print JSON (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Also look for control sockets (`*.sock`) in DIR (repeat for each):
+    /// instances started with --control-socket elsewhere.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Vec<PathBuf>,
+    /// How long each instance may take to answer.
+    #[arg(long, default_value = "1s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 10, Duration::from_secs(60)))]
+    pub timeout: Duration,
     /// Print JSON (stable field names, for scripts).
     #[arg(long)]
     pub json: bool,

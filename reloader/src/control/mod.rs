@@ -1,9 +1,11 @@
 //! Control of a running instance over its Unix socket: the protocol
 //! ([`protocol`]), the controller's server ([`server`]) and the CLI's
-//! client ([`client`]). The server sees the instance only through the
-//! [`Controller`] trait, which the instance implements.
+//! client ([`client`]), and finding the instances of a host ([`list`]).
+//! The server sees the instance only through the [`Controller`] trait,
+//! which the instance implements.
 
 pub mod client;
+pub mod list;
 pub mod protocol;
 pub mod server;
 

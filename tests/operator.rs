@@ -1,13 +1,15 @@
-//! The probes a kubelet asks (`reloader run --health ADDR`, and on the
-//! `--metrics` address): `/healthz` while the controller answers,
-//! `/readyz` while the active generation listens on every managed address.
-//! Real binary, real kernel, own network namespace.
+//! What operators and their tools ask of running instances: the probes a
+//! kubelet asks (`reloader run --health ADDR`, and on the `--metrics`
+//! address: `/healthz` while the controller answers, `/readyz` while the
+//! active generation listens on every managed address), and `reloader
+//! list`. Real binary, real kernel, own network namespace.
 
 use std::time::Duration;
 
+use reloader::control::list::Listing;
 use reloader_tests::{
     http::{Answer, get},
-    instance::Instance,
+    instance::{Instance, decode, reloader_bin},
     privileged,
     wait::wait_for,
 };
@@ -156,5 +158,89 @@ fn readyz_is_503_while_the_active_generation_does_not_listen() {
         replaced.body.contains("generation 2 is active"),
         "{replaced:?}\n{}",
         instance.log_text()
+    );
+}
+
+/// `reloader list` finds an instance whose socket is where `reloader run`
+/// puts it by default and one in a directory given with `--dir`, each with
+/// its name, controller pid, listeners and active generation, and skips a
+/// stale socket (its controller is gone) naming it.
+#[test]
+fn list_shows_the_instances_that_answer_and_skips_stale_sockets() {
+    privileged();
+    const OTHER: &str = "127.0.0.1:8081";
+    let name = format!("list-test-{}", std::process::id());
+    let named = Instance::start_named(
+        &name,
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+    );
+    let mut elsewhere = Instance::start(
+        &["--name", "elsewhere", "--listen", OTHER],
+        &[testserver(), "--listen", OTHER],
+    );
+    elsewhere.reload_wait().done();
+    let stale = named.socket.with_file_name(format!("{name}-stale.sock"));
+    let _ = std::fs::remove_file(&stale);
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket"));
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _stale = Remove(stale.clone());
+
+    let list = |args: &[&str]| -> (Listing, String) {
+        let out = std::process::Command::new(reloader_bin())
+            .arg("list")
+            .args(args)
+            .output()
+            .expect("run reloader list");
+        assert!(out.status.success(), "{out:?}");
+        let human = std::process::Command::new(reloader_bin())
+            .arg("list")
+            .args(args.iter().filter(|a| **a != "--json"))
+            .output()
+            .expect("run reloader list");
+        (
+            decode("`list --json`", &out.stdout),
+            String::from_utf8_lossy(&human.stdout).into_owned(),
+        )
+    };
+    let dir = elsewhere.dir.path().display().to_string();
+    let (listing, human) = list(&["--json", "--dir", &dir]);
+    let found = |n: &str| listing.instances.iter().find(|i| i.name == n).cloned();
+    let first = found(&name).unwrap_or_else(|| panic!("{name} is not listed: {listing:#?}"));
+    assert_eq!(first.pid, named.pid());
+    assert_eq!(first.listeners, vec![ADDR.to_owned()]);
+    assert_eq!(first.active_generation, Some(1));
+    assert_eq!(first.live_generations, 1);
+    let second = found("elsewhere").unwrap_or_else(|| panic!("{listing:#?}"));
+    assert_eq!(
+        (second.pid, second.active_generation),
+        (elsewhere.pid(), Some(2))
+    );
+    assert_eq!(second.listeners, vec![OTHER.to_owned()]);
+    assert!(listing.stale.contains(&stale), "{listing:#?}");
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains(ADDR)),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("skipped {}: stale", stale.display())),
+        "{human}"
+    );
+    // Without --dir, only the default directories are looked in.
+    let (listing, _) = list(&["--json"]);
+    assert!(
+        listing.instances.iter().any(|i| i.name == name),
+        "{listing:#?}"
+    );
+    assert!(
+        !listing.instances.iter().any(|i| i.name == "elsewhere"),
+        "{listing:#?}"
     );
 }

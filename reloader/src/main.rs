@@ -5,8 +5,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
     cli::{
-        Cli, Command, DemoArgs, ListArgs, PromoteArgs, ReloadArgs, RollbackArgs, RunArgs,
-        StatusArgs, StopArgs,
+        Cli, Command, DemoArgs, FleetCommand, ListArgs, PrometheusArgs, PromoteArgs, ReloadArgs,
+        RollbackArgs, RunArgs, StatusArgs, StopArgs,
     },
     control::{self, Request, Response},
     instance, supervisor,
@@ -40,6 +40,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Promote(args) => promote_cmd(args),
         Command::Status(args) => status_cmd(args),
         Command::List(args) => list_cmd(args),
+        Command::Fleet(args) => fleet_cmd(args.command),
         Command::Demo(args) => demo_cmd(args),
         Command::Keeper { socket } => keeper_cmd(&socket),
         Command::Exec {
@@ -212,6 +213,73 @@ fn list_cmd(args: ListArgs) -> Result<ExitCode> {
         print!("{}", listing.human());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `fleet wait`: 0 when every instance serves the config, 1 at the
+/// timeout, 2 when Prometheus could not be asked at the last attempt;
+/// `fleet status`: the table.
+fn fleet_cmd(command: FleetCommand) -> Result<ExitCode> {
+    use reloader::fleet;
+    let (prometheus, report) = match command {
+        FleetCommand::Wait(args) => {
+            let client = prometheus_client(&args.prometheus)?;
+            let how = fleet::Wait {
+                config: args.config,
+                expect: args.expect as usize,
+                timeout: args.timeout,
+                interval: args.interval,
+            };
+            let report = fleet::wait(&client, &args.prometheus.selector, &how);
+            (args.prometheus, report)
+        }
+        FleetCommand::Status(args) => {
+            let client = prometheus_client(&args.prometheus)?;
+            let instances = fleet::survey(&client, &args.prometheus.selector)?;
+            let report = fleet::judge(instances, args.config.as_deref(), 1);
+            (args.prometheus, report)
+        }
+    };
+    if prometheus.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(match (&report.config_sha256, report.done, &report.error) {
+        (None, _, _) | (_, true, _) => ExitCode::SUCCESS,
+        (_, false, Some(_)) => ExitCode::from(2),
+        (_, false, None) => ExitCode::FAILURE,
+    })
+}
+
+/// The Prometheus client `args` describe, secrets read from their files
+/// or the environment.
+fn prometheus_client(args: &PrometheusArgs) -> Result<reloader::fleet::Prometheus> {
+    use reloader::fleet::{Auth, Connection, Prometheus, read_secret};
+    let auth = match &args.user {
+        Some(user) => Auth::Basic {
+            user: user.clone(),
+            password: read_secret(
+                "--password-file",
+                args.password_file.as_deref(),
+                "RELOADER_PROMETHEUS_PASSWORD",
+            )?
+            .context("--user needs a password: --password-file or RELOADER_PROMETHEUS_PASSWORD")?,
+        },
+        None => match read_secret(
+            "--bearer-token-file",
+            args.bearer_token_file.as_deref(),
+            "RELOADER_PROMETHEUS_TOKEN",
+        )? {
+            Some(token) => Auth::Bearer { token },
+            None => Auth::None,
+        },
+    };
+    Ok(Prometheus::new(&Connection {
+        url: args.prometheus.clone(),
+        auth,
+        ca_file: args.ca_file.clone(),
+        timeout: args.request_timeout,
+    })?)
 }
 
 /// `demo`: exits 1 when reloader failed a connection.

@@ -25,7 +25,9 @@ pub fn get(addr: &str, path: &str) -> Result<Answer, String> {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut response = String::new();
     stream

@@ -201,6 +201,7 @@ pub mod load;
 pub mod loadgen;
 pub mod nginx;
 pub mod process;
+pub mod prometheus;
 pub mod servers;
 pub mod udp;
 pub mod udp_load;

@@ -381,7 +381,7 @@ impl Column {
         }
     }
 
-    const fn optional(self) -> Self {
+    pub(crate) const fn optional(self) -> Self {
         Self {
             optional: true,
             ..self

@@ -2,9 +2,12 @@
 //! second) and three reloader instances in the test's network namespace:
 //! `reloader fleet wait` waits while one instance lags, succeeds once it
 //! reloads, fails at its timeout naming the laggard, and counts a pending
-//! canary as not done; `fleet status` over TLS with basic auth.
+//! canary as not done; `fleet status` over TLS with basic auth. And the
+//! contrib alert rules and Grafana dashboard: checked with promtool, and
+//! every metric they query exported by a test instance.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -321,4 +324,289 @@ fn fleet_asks_prometheus_over_tls_with_basic_auth() {
         anonymous.contains("HTTP 401") && anonymous.contains("--password-file"),
         "without a password: {anonymous}"
     );
+}
+
+/// Metrics the contrib rules and dashboard query that this version does
+/// not export yet, and why; each is checked to be absent, so that the
+/// list is shortened when one appears.
+const NOT_YET_EXPORTED: &[(&str, &str)] = &[(
+    "reloader_drain_evictions_total",
+    "draining generations evicted early (issue 25)",
+)];
+
+/// `contrib/` in the checkout.
+fn contrib() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib")
+}
+
+/// The `reloader_…` metric names a PromQL expression (or a Grafana
+/// `label_values(…)` query) reads: identifiers outside quoted strings.
+/// Label names never start with `reloader_`.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut unquoted = String::new();
+    let mut quote = None;
+    let mut escaped = false;
+    for c in expr.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None if matches!(c, '"' | '\'' | '`') => quote = Some(c),
+            None => unquoted.push(c),
+        }
+    }
+    unquoted
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("reloader_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `expr` and templating query of the Grafana dashboard.
+fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr" | "definition", serde_json::Value::String(q)) => out.push(q.clone()),
+                    _ => dashboard_queries(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(values) => {
+            for value in values {
+                dashboard_queries(value, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sample names of an OpenMetrics text (`name{labels} value`).
+fn sample_names(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// What `/api/v1/rules` answers, as far as read here.
+#[derive(serde::Deserialize)]
+struct RulesAnswer {
+    data: RuleGroups,
+}
+#[derive(serde::Deserialize)]
+struct RuleGroups {
+    groups: Vec<RuleGroup>,
+}
+#[derive(serde::Deserialize)]
+struct RuleGroup {
+    rules: Vec<Rule>,
+}
+#[derive(serde::Deserialize)]
+struct Rule {
+    name: String,
+    query: String,
+    health: String,
+    #[serde(rename = "lastError", default)]
+    last_error: String,
+}
+
+#[test]
+fn metrics_in_finds_metric_names_outside_strings() {
+    assert_eq!(
+        metrics_in(
+            r#"count by (job, config_sha256) (reloader_active_config_info{job=~"reloader_x"}) unless on (job) topk(1, reloader_generations)"#
+        ),
+        ["reloader_active_config_info", "reloader_generations"]
+    );
+    assert_eq!(
+        metrics_in("label_values(reloader_active_generation{job=~\"$job\"}, instance)"),
+        ["reloader_active_generation"]
+    );
+}
+
+/// The contrib alert rules pass `promtool check rules` and their own
+/// `promtool test rules`, load and evaluate without error in a real
+/// Prometheus, and, like every query of the Grafana dashboard (each also
+/// run against that Prometheus), read only metrics a test instance's
+/// `/metrics` exports once the events they count happened (a reload, a
+/// hold, a canary, a reload refused by `--check`); the ones this version
+/// does not export yet are listed in [`NOT_YET_EXPORTED`].
+#[test]
+fn contrib_rules_and_dashboard_query_metrics_reloader_exports() {
+    privileged();
+    let rules = contrib().join("prometheus/reloader.rules.yml");
+    let promtool = |args: &[&str]| {
+        let out = Command::new(reloader_tests::prometheus::PROMTOOL)
+            .args(args)
+            .current_dir(contrib().join("prometheus"))
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    promtool(&["check", "rules", "reloader.rules.yml"]);
+    promtool(&["test", "rules", "reloader.rules.test.yml"]);
+
+    // A test instance that goes through the events the metrics count.
+    const TCP: &str = "127.0.0.1:8081";
+    const UDP: &str = "127.0.0.1:8053";
+    const METRICS: &str = "127.0.0.1:9101";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("app.conf");
+    std::fs::write(&config, "v1\n").expect("config");
+    let refuse = dir.path().join("refuse");
+    let check = format!("test ! -e {}", refuse.display());
+    let udp = format!("udp://{UDP}?mode=flows");
+    let mut instance = Instance::start(
+        &[
+            "--name",
+            "contrib",
+            "--listen",
+            TCP,
+            "--listen",
+            &udp,
+            "--metrics",
+            METRICS,
+            "--config",
+            &config.display().to_string(),
+            "--check",
+            &check,
+            "--keep-previous",
+            "60s",
+            "--settle",
+            "0s",
+        ],
+        &[testserver(), "--listen", TCP, "--udp", UDP],
+    );
+    let mut exported = BTreeSet::new();
+    let mut scrape = |what: &str| {
+        let answer = reloader_tests::http::get(METRICS, "/metrics").expect("a scrape");
+        assert_eq!(answer.code, 200, "{what}: {answer:?}");
+        exported.extend(sample_names(&answer.body));
+    };
+    scrape("after the start");
+    instance.reload_wait().done();
+    scrape("during the hold");
+    let out = instance.client(&["reload", "--canary", "10%,50%", "--canary-for", "60s"]);
+    assert!(out.status.success(), "{out:?}");
+    instance.wait_status("the canary runs", Duration::from_secs(30), |s| {
+        s.generations.iter().any(|g| g.steered_per_second.is_some())
+    });
+    scrape("during the canary");
+    let out = instance.client(&["promote"]);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&refuse, "").expect("refuse the next reload");
+    assert!(instance.reload_wait().failed().check_failed);
+    scrape("after a refused reload");
+
+    // Prometheus loads the rules and evaluates them against the instance.
+    let prometheus = Prometheus::start(
+        PROMETHEUS,
+        &[METRICS],
+        Options {
+            rule_files: vec![rules],
+            ..Options::default()
+        },
+    );
+    let loaded: Vec<Rule> = wait_for(
+        "every rule evaluated without error",
+        Duration::from_secs(30),
+        || {
+            let answer = reloader_tests::http::get(PROMETHEUS, "/api/v1/rules")?;
+            let answer: RulesAnswer =
+                serde_json::from_str(&answer.body).map_err(|e| e.to_string())?;
+            let rules: Vec<Rule> = answer
+                .data
+                .groups
+                .into_iter()
+                .flat_map(|g| g.rules)
+                .collect();
+            if !rules.is_empty() && rules.iter().all(|r| r.health == "ok") {
+                Ok(rules)
+            } else {
+                Err(rules
+                    .iter()
+                    .map(|r| format!("{}: {} {}", r.name, r.health, r.last_error))
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            }
+        },
+    );
+    let mut queries: Vec<(String, String)> = loaded
+        .into_iter()
+        .map(|r| (format!("rule {}", r.name), r.query))
+        .collect();
+    assert!(queries.iter().all(|(_, q)| !q.is_empty()));
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(contrib().join("grafana/reloader-dashboard.json"))
+            .expect("read the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut panel_queries = Vec::new();
+    dashboard_queries(&dashboard, &mut panel_queries);
+    assert!(panel_queries.len() > 20, "{panel_queries:?}");
+    let client = reloader::fleet::Prometheus::new(&reloader::fleet::Connection {
+        url: prometheus.url.clone(),
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .expect("a Prometheus client");
+    for query in &panel_queries {
+        // Grafana's variables and label_values() made plain PromQL.
+        let promql = query
+            .replace("$__rate_interval", "1m")
+            .replace("$job", ".*")
+            .replace("$instance", ".*");
+        let promql = match promql.strip_prefix("label_values(") {
+            Some(rest) => rest
+                .rsplit_once(',')
+                .expect("label_values(X, label)")
+                .0
+                .to_owned(),
+            None => promql,
+        };
+        if let Err(error) = client.query(&promql) {
+            panic!("the dashboard's query {query:?} does not run: {error}");
+        }
+        queries.push(("the dashboard".into(), query.clone()));
+    }
+
+    let pending: BTreeSet<&str> = NOT_YET_EXPORTED.iter().map(|(m, _)| *m).collect();
+    let mut missing = Vec::new();
+    for (whose, query) in &queries {
+        let metrics = metrics_in(query);
+        assert!(
+            !metrics.is_empty(),
+            "{whose} reads no reloader metric: {query}"
+        );
+        for metric in metrics {
+            if !exported.contains(&metric) && !pending.contains(metric.as_str()) {
+                missing.push(format!("{metric} ({whose}: {query})"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "queried but not exported by a test instance:\n{}\nexported: {exported:?}",
+        missing.join("\n")
+    );
+    for (metric, why) in NOT_YET_EXPORTED {
+        assert!(
+            !exported.contains(*metric),
+            "{metric} is exported now ({why}): remove it from NOT_YET_EXPORTED"
+        );
+    }
 }

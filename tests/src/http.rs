@@ -1,5 +1,6 @@
-//! A plain HTTP/1.1 `GET` for the controller's own endpoints (`/metrics`,
-//! `/healthz`, `/readyz`): one request per connection, the whole answer
+//! A plain HTTP `GET` for the controller's own endpoints (`/metrics`,
+//! `/healthz`, `/readyz`) and Prometheus's: one HTTP/1.0 request per
+//! connection (so no chunked answer and no keep-alive), the whole answer
 //! read until the server closes it.
 
 use std::{
@@ -25,9 +26,7 @@ pub fn get(addr: &str, path: &str) -> Result<Answer, String> {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut response = String::new();
     stream

@@ -550,3 +550,62 @@ fn a_restarted_controller_keeps_the_hold_and_the_canary() {
     );
     assert!(instance.stop().success());
 }
+
+/// `promote --wait` returns once the generation beside the canary has
+/// exited, as `rollback --wait` does: here that generation ignores its
+/// drain signal, so the answer comes at the drain timeout (2 s), after
+/// its process group was killed. Without the wait, `promote` returned at
+/// once while it still ran.
+#[test]
+fn promote_wait_returns_once_the_generation_beside_the_canary_exited() {
+    privileged();
+    let mut server = testserver_command();
+    server.push("--ignore-drain".into());
+    let args = ["--listen", ADDR, "--settle", "0s", "--drain-timeout", "2s"];
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    let instance = Instance::start(&args, &server);
+    let (code, text) = client(&instance, &["reload", "--canary", "50%"]);
+    assert_eq!(code, 0, "{text}");
+    let status = wait_status(&instance, "the canary runs", |s| {
+        s.rollout.as_ref().map(|r| r.kind) == Some(RolloutKind::Canary)
+    });
+    let canary = status.rollout.as_ref().expect("the canary").generation;
+    let previous_pid = pid_of(&status, 1);
+
+    let t0 = std::time::Instant::now();
+    let out = instance.client(&["promote", "--wait", "--json", "--timeout", "30s"]);
+    let waited = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: reloader::control::Response = decode("`promote --wait --json`", &out.stdout);
+    let reloader::control::Response::Promoted {
+        generation,
+        previous,
+        previous_exited_ms,
+        held_ms,
+    } = answer
+    else {
+        panic!("promote answered {answer:?}");
+    };
+    assert_eq!((generation, previous, held_ms), (canary, 1, None));
+    assert!(
+        !process_alive(previous_pid),
+        "generation 1 (pid {previous_pid}) still runs after `promote --wait` returned"
+    );
+    let exited = previous_exited_ms.expect("how long generation 1 took to exit");
+    assert!(
+        exited >= 1900.0 && waited >= Duration::from_millis(1900),
+        "generation 1 ignores its drain signal: it exits at the 2s drain timeout, not after \
+         {exited}ms (the command took {waited:?})"
+    );
+    assert_eq!(
+        state_of(&instance.status(), 1),
+        Some(State::Exited),
+        "{}",
+        instance.log_text()
+    );
+    assert_eq!(instance.active_generation(), Some(canary));
+}

@@ -28,6 +28,8 @@
 //!   `notify`, [`net`]: output, systemd, listening sockets; [`demo`].
 //! - `digest`: the config identity (`--config`); `watch`: reload on
 //!   change (`--watch`).
+//! - [`fleet`]: `reloader fleet`, the CLI's questions to Prometheus about
+//!   every replica (blocking; no part of the controller).
 //!
 //! The public modules are the crate's surface for the binary (`cli`,
 //! `instance::run`, `control`'s client, `supervisor::exec_shim`), the
@@ -50,6 +52,7 @@ pub mod demo;
 pub(crate) mod digest;
 pub mod discovery;
 pub(crate) mod error;
+pub mod fleet;
 pub mod generation;
 pub mod instance;
 pub(crate) mod listen;

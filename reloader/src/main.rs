@@ -5,8 +5,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
     cli::{
-        Cli, Command, DemoArgs, PromoteArgs, ReloadArgs, RollbackArgs, RunArgs, StatusArgs,
-        StopArgs,
+        Cli, Command, DemoArgs, FleetCommand, ListArgs, PrometheusArgs, PromoteArgs, ReloadArgs,
+        RollbackArgs, RunArgs, StatusArgs, StopArgs,
     },
     control::{self, Request, Response},
     instance, supervisor,
@@ -39,6 +39,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => rollback_cmd(args),
         Command::Promote(args) => promote_cmd(args),
         Command::Status(args) => status_cmd(args),
+        Command::List(args) => list_cmd(args),
+        Command::Fleet(args) => fleet_cmd(args.command),
         Command::Demo(args) => demo_cmd(args),
         Command::Keeper { socket } => keeper_cmd(&socket),
         Command::Exec {
@@ -141,10 +143,16 @@ fn rollback_cmd(args: RollbackArgs) -> Result<ExitCode> {
     }
 }
 
-/// `promote`: every new connection to the canary.
+/// `promote`: every new connection to the canary; with `--wait`, returns
+/// once the generation beside it has exited.
 fn promote_cmd(args: PromoteArgs) -> Result<ExitCode> {
     let socket = args.instance.socket()?;
-    match control::ask(&socket, &Request::Promote {}, Duration::from_secs(10))? {
+    let timeout = if args.wait {
+        args.timeout
+    } else {
+        Duration::from_secs(10)
+    };
+    match control::ask(&socket, &Request::Promote { wait: args.wait }, timeout)? {
         response @ Response::Promoted { .. } if args.json => {
             println!("{}", serde_json::to_string_pretty(&response)?);
             Ok(ExitCode::SUCCESS)
@@ -152,12 +160,25 @@ fn promote_cmd(args: PromoteArgs) -> Result<ExitCode> {
         Response::Promoted {
             generation,
             previous,
+            previous_exited_ms,
+            held_ms,
         } => {
-            println!(
-                "generation {generation} promoted: it gets every new connection; \
-                 generation {previous} gets none (it drains, or is held with \
-                 --keep-previous: `reloader status`)"
-            );
+            let then = match (previous_exited_ms, held_ms) {
+                (Some(ms), _) => format!(
+                    "generation {previous} exited {} after the promotion",
+                    reloader::generation::human_duration(Duration::from_secs_f64(ms / 1000.0))
+                ),
+                (None, Some(ms)) => format!(
+                    "generation {previous} is held for {} (`reloader rollback` makes it active \
+                     again), then drains",
+                    reloader::generation::human_duration(Duration::from_secs_f64(ms / 1000.0))
+                ),
+                (None, None) => format!(
+                    "generation {previous} gets none (it drains, or is held with \
+                     --keep-previous: `reloader status`)"
+                ),
+            };
+            println!("generation {generation} promoted: it gets every new connection; {then}");
             Ok(ExitCode::SUCCESS)
         }
         other => unexpected(other),
@@ -178,6 +199,87 @@ fn status_cmd(args: StatusArgs) -> Result<ExitCode> {
         }
         other => unexpected(other),
     }
+}
+
+/// `list`: every instance that answers, from the default socket
+/// directories and `--dir`.
+fn list_cmd(args: ListArgs) -> Result<ExitCode> {
+    let mut dirs = control::list::default_directories();
+    dirs.extend(args.dir);
+    let listing = control::list::list(&control::list::sockets(&dirs), args.timeout);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+    } else {
+        print!("{}", listing.human());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `fleet wait`: 0 when every instance serves the config, 1 at the
+/// timeout, 2 when Prometheus could not be asked at the last attempt;
+/// `fleet status`: the table.
+fn fleet_cmd(command: FleetCommand) -> Result<ExitCode> {
+    use reloader::fleet;
+    let (prometheus, report) = match command {
+        FleetCommand::Wait(args) => {
+            let client = prometheus_client(&args.prometheus)?;
+            let how = fleet::Wait {
+                config: args.config,
+                expect: args.expect as usize,
+                timeout: args.timeout,
+                interval: args.interval,
+            };
+            let report = fleet::wait(&client, &args.prometheus.selector, &how);
+            (args.prometheus, report)
+        }
+        FleetCommand::Status(args) => {
+            let client = prometheus_client(&args.prometheus)?;
+            let instances = fleet::survey(&client, &args.prometheus.selector)?;
+            let report = fleet::judge(instances, args.config.as_deref(), 1);
+            (args.prometheus, report)
+        }
+    };
+    if prometheus.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(match (&report.config_sha256, report.done, &report.error) {
+        (None, _, _) | (_, true, _) => ExitCode::SUCCESS,
+        (_, false, Some(_)) => ExitCode::from(2),
+        (_, false, None) => ExitCode::FAILURE,
+    })
+}
+
+/// The Prometheus client `args` describe, secrets read from their files
+/// or the environment.
+fn prometheus_client(args: &PrometheusArgs) -> Result<reloader::fleet::Prometheus> {
+    use reloader::fleet::{Auth, Connection, Prometheus, read_secret};
+    let auth = match &args.user {
+        Some(user) => Auth::Basic {
+            user: user.clone(),
+            password: read_secret(
+                "--password-file",
+                args.password_file.as_deref(),
+                "RELOADER_PROMETHEUS_PASSWORD",
+            )?
+            .context("--user needs a password: --password-file or RELOADER_PROMETHEUS_PASSWORD")?,
+        },
+        None => match read_secret(
+            "--bearer-token-file",
+            args.bearer_token_file.as_deref(),
+            "RELOADER_PROMETHEUS_TOKEN",
+        )? {
+            Some(token) => Auth::Bearer { token },
+            None => Auth::None,
+        },
+    };
+    Ok(Prometheus::new(&Connection {
+        url: args.prometheus.clone(),
+        auth,
+        ca_file: args.ca_file.clone(),
+        timeout: args.request_timeout,
+    })?)
 }
 
 /// `demo`: exits 1 when reloader failed a connection.

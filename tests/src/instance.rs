@@ -119,6 +119,20 @@ impl Instance {
         Self::spawn_wrapped_with(dir, wrapper, args, server, env, true)
     }
 
+    /// As [`Instance::start`], named `name` and with its control socket
+    /// where `reloader run` puts it by default (`/run/reloader/NAME.sock`
+    /// as root): where `reloader list` looks without being told.
+    pub fn start_named(name: &str, args: &[&str], server: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = reloader::config::default_control_socket(name);
+        let mut named = vec!["--name", name];
+        named.extend_from_slice(args);
+        let mut instance = Self::spawn_at(dir, Some(socket), &[], &named, server, &[], true);
+        instance.remember_pids();
+        instance.wait_active(Duration::from_secs(30));
+        instance
+    }
+
     fn spawn_wrapped_with(
         dir: tempfile::TempDir,
         wrapper: &[&str],
@@ -127,7 +141,22 @@ impl Instance {
         env: &[(&str, &str)],
         start: bool,
     ) -> Self {
-        let socket = dir.path().join("control.sock");
+        Self::spawn_at(dir, None, wrapper, args, server, env, start)
+    }
+
+    /// Starts the controller with its control socket at `socket`, passed
+    /// as `--control-socket`, or in `dir` when none is given.
+    fn spawn_at(
+        dir: tempfile::TempDir,
+        default_socket: Option<PathBuf>,
+        wrapper: &[&str],
+        args: &[&str],
+        server: &[&str],
+        env: &[(&str, &str)],
+        start: bool,
+    ) -> Self {
+        let pass_socket = default_socket.is_none();
+        let socket = default_socket.unwrap_or_else(|| dir.path().join("control.sock"));
         let log = dir.path().join("reloader.log");
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -137,13 +166,11 @@ impl Instance {
             }
             None => Command::new(reloader_bin()),
         };
-        command
-            .arg("run")
-            .arg("--control-socket")
-            .arg(&socket)
-            .args(args)
-            .arg("--")
-            .args(server);
+        command.arg("run");
+        if pass_socket {
+            command.arg("--control-socket").arg(&socket);
+        }
+        command.args(args).arg("--").args(server);
         let mut instance = Self {
             child: None,
             command: std::iter::once(command.get_program().to_owned())

@@ -194,12 +194,14 @@ pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<Strin
     ]
 }
 
+pub mod http;
 pub mod instance;
 pub mod keepalive;
 pub mod load;
 pub mod loadgen;
 pub mod nginx;
 pub mod process;
+pub mod prometheus;
 pub mod servers;
 pub mod udp;
 pub mod udp_load;

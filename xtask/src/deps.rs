@@ -44,6 +44,18 @@ const APT: &[(&str, &str)] = &[
         "Knot DNS 3.2 (one SO_REUSEPORT UDP socket per UDP worker) for the udp suite",
     ),
     ("dnsperf", "dnsperf 2.10, the DNS load of the udp suite"),
+    (
+        "prometheus",
+        "Prometheus 2.42 and promtool: the fleet suite's real Prometheus, the contrib rules' checks",
+    ),
+    (
+        "apache2-utils",
+        "htpasswd (bcrypt) for the fleet suite's Prometheus behind basic auth",
+    ),
+    (
+        "openssl",
+        "a CA and a server certificate for the fleet suite's Prometheus behind TLS",
+    ),
 ];
 
 /// The services those packages install.
@@ -56,6 +68,7 @@ const SERVICES: &[&str] = &[
     "unbound",
     "unbound-resolvconf",
     "knot",
+    "prometheus",
 ];
 
 /// PyPI packages installed into [`venv`]: (requirement, distribution, why).

@@ -105,6 +105,10 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
         "the servers and clients it runs (unbound, Knot, dnsperf, Caddy, Python with aioquic) are \
          not in the initramfs",
     ),
+    (
+        "fleet",
+        "Prometheus, promtool, openssl and htpasswd are not in the initramfs",
+    ),
 ];
 
 /// Tests that need the select-or-migrate program (Linux >= 5.14), with the

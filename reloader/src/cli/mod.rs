@@ -1,4 +1,4 @@
-//! The command line: `reloader run | reload | status | stop`.
+//! The command line: `reloader run | reload | status | stop | list | …`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -62,6 +62,12 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Show an instance's generations, listeners and counters.
     Status(StatusArgs),
+    /// List the instances on this host you can reach: name, controller
+    /// pid, listeners, active generation.
+    List(ListArgs),
+    /// Ask Prometheus which config every replica serves; wait until all
+    /// serve one (the fleet barrier).
+    Fleet(FleetArgs),
     /// Drain every generation of an instance and stop it.
     Stop(StopArgs),
     /// See reloader work: reload a built-in server every second under load.
@@ -265,6 +271,13 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
+    /// Serve the probes on http://ADDR: /healthz (200 while the controller
+    /// answers) and /readyz (200 while the active generation listens on
+    /// every --listen address; 503 during the first start and the stop),
+    /// e.g. 0.0.0.0:9478 for a kubelet. The --metrics address serves them
+    /// too.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub health: Option<SocketAddr>,
     /// A pre-flight check run before every new generation is spawned (the
     /// first one too), e.g. 'nginx -t -c /etc/nginx/nginx.conf': one string,
     /// split into words like a shell would (no variables or pipes),
@@ -380,6 +393,8 @@ impl RunArgs {
                 config_files,
             },
             metrics: self.metrics,
+            // One listener serves both when they are the same address.
+            health: self.health.filter(|h| Some(*h) != self.metrics),
         })
     }
 }
@@ -457,6 +472,14 @@ pub struct RollbackArgs {
 pub struct PromoteArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Return once the generation beside the canary has exited (at once
+    /// when it is held with --keep-previous).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -466,6 +489,106 @@ pub struct PromoteArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Print JSON (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Also look for control sockets (`*.sock`) in DIR (repeat for each):
+    /// instances started with --control-socket elsewhere.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Vec<PathBuf>,
+    /// How long each instance may take to answer.
+    #[arg(long, default_value = "1s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 10, Duration::from_secs(60)))]
+    pub timeout: Duration,
+    /// Print JSON (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Wait until every reloader instance Prometheus scrapes (at least
+    /// --expect) has config SHA256 active with no canary pending. Exits 0
+    /// then; 1 at --timeout, listing each instance and what it serves; 2
+    /// when Prometheus could not be asked at the last attempt.
+    Wait(FleetWaitArgs),
+    /// Print each reloader instance Prometheus scrapes and what it serves.
+    Status(FleetStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetWaitArgs {
+    #[command(flatten)]
+    pub prometheus: PrometheusArgs,
+    /// The config digest every instance must serve (what `reloader status`
+    /// shows; README "Config identity" computes it with sha256sum).
+    #[arg(long, value_name = "SHA256", value_parser = parse_sha256)]
+    pub config: String,
+    /// Instances there must be at least (a wrong --selector, or replicas
+    /// Prometheus has not discovered yet, must not pass the barrier).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub expect: u32,
+    /// Give up after this long.
+    #[arg(long, default_value = "5m", value_name = "DURATION",
+          value_parser = duration_in("--timeout", Duration::ZERO, HOUR * 24))]
+    pub timeout: Duration,
+    /// Time between two looks (Prometheus sees a change at its next
+    /// scrape anyway).
+    #[arg(long, default_value = "2s", value_name = "DURATION",
+          value_parser = duration_in("--interval", MS * 100, Duration::from_secs(600)))]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetStatusArgs {
+    #[command(flatten)]
+    pub prometheus: PrometheusArgs,
+    /// Also say, per instance, why it does not serve this config digest.
+    #[arg(long, value_name = "SHA256", value_parser = parse_sha256)]
+    pub config: Option<String>,
+}
+
+/// Which Prometheus to ask, and how.
+#[derive(Debug, Args)]
+pub struct PrometheusArgs {
+    /// Prometheus's base URL, e.g. http://prometheus:9090 (its HTTP API
+    /// /api/v1/query is asked).
+    #[arg(long, value_name = "URL", env = "RELOADER_PROMETHEUS_URL")]
+    pub prometheus: String,
+    /// Target label matchers the instances must have, e.g.
+    /// 'job="edge",env="prod"'.
+    #[arg(long, value_name = "LABELS", default_value = "",
+          value_parser = |v: &str| crate::fleet::Selector::parse(v))]
+    pub selector: crate::fleet::Selector,
+    /// Basic auth user; the password comes from --password-file or
+    /// RELOADER_PROMETHEUS_PASSWORD.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// A file holding the basic auth password (one line).
+    #[arg(long, value_name = "PATH", requires = "user")]
+    pub password_file: Option<PathBuf>,
+    /// A file holding a bearer token (one line); or RELOADER_PROMETHEUS_TOKEN.
+    #[arg(long, value_name = "PATH", conflicts_with = "user")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Trust only the CA certificates in this PEM file for an https://
+    /// Prometheus (default: Mozilla's root certificates).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// How long one request may take.
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = duration_in("--request-timeout", MS * 100, Duration::from_secs(600)))]
+    pub request_timeout: Duration,
     /// Print JSON (stable field names, for scripts).
     #[arg(long)]
     pub json: bool,

@@ -195,6 +195,20 @@ pub fn signal_named(
 }
 
 /// A clap value parser for `--metrics`.
+/// A config digest: 64 hex digits (sha256), as `reloader status` and
+/// `sha256sum` print it.
+pub fn parse_sha256(value: &str) -> Result<String, String> {
+    let digest = value.trim().to_ascii_lowercase();
+    if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(digest)
+    } else {
+        Err(format!(
+            "{value:?} is not a sha256 digest (64 hex digits, as `reloader status` shows the \
+             active config's)"
+        ))
+    }
+}
+
 pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| ConfigError::BadMetricsAddress {
         value: value.to_owned(),

@@ -50,8 +50,11 @@ pub struct RunConfig {
     pub udp: Udp,
     /// Config-aware reloads: `--check`, `--watch`, `--config`.
     pub changes: Changes,
-    /// Where to serve Prometheus metrics, if anywhere.
+    /// Where to serve Prometheus metrics, if anywhere (the probes too).
     pub metrics: Option<SocketAddr>,
+    /// Where to serve the probes `/healthz` and `/readyz` alone (`--health`;
+    /// `None` when it is the metrics address, which serves them anyway).
+    pub health: Option<SocketAddr>,
 }
 
 /// How generations are started.
@@ -181,6 +184,7 @@ impl RunConfig {
             udp: Udp { flows: 1024 },
             changes: Changes::default(),
             metrics: None,
+            health: None,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Control of a running instance over its Unix socket: the protocol
 //! ([`protocol`]), the controller's server ([`server`]) and the CLI's
-//! client ([`client`]). The server sees the instance only through the
-//! [`Controller`] trait, which the instance implements.
+//! client ([`client`]), and finding the instances of a host ([`list`]).
+//! The server sees the instance only through the [`Controller`] trait,
+//! which the instance implements.
 
 pub mod client;
+pub mod list;
 pub mod protocol;
 pub mod server;
 
@@ -26,8 +28,9 @@ pub trait Controller: Clone + Send + Sync + 'static {
     /// Requests a rollback; with `wait`, answers once the generation rolled
     /// back from has exited.
     fn rollback(&self, wait: bool) -> impl Future<Output = Response> + Send;
-    /// Promotes the canary.
-    fn promote(&self) -> impl Future<Output = Response> + Send;
+    /// Promotes the canary; with `wait`, answers once the generation
+    /// beside it has exited (at once when it is held).
+    fn promote(&self, wait: bool) -> impl Future<Output = Response> + Send;
     /// Requests a stop.
     fn stop(&self) -> Response;
     /// The instance's status (`None` once its owner has stopped).

@@ -35,8 +35,13 @@ pub enum Request {
     /// canary; with `wait`, answer once the generation rolled back from
     /// has exited.
     Rollback { wait: bool },
-    /// Send every new connection to the canary.
-    Promote {},
+    /// Send every new connection to the canary; with `wait`, answer once
+    /// the generation beside it has exited (at once when it is held).
+    Promote {
+        /// Absent in requests of older clients: no wait.
+        #[serde(default)]
+        wait: bool,
+    },
     /// The instance's state. (Empty struct variants, not unit ones: serde
     /// applies `deny_unknown_fields` only to those.)
     Status {},
@@ -76,6 +81,13 @@ pub enum Response {
     Promoted {
         generation: u64,
         previous: u64,
+        /// With `wait`: from the promotion until `previous` exited.
+        #[serde(default)]
+        previous_exited_ms: Option<f64>,
+        /// With `wait`, when `previous` is held (`--keep-previous`): how
+        /// much longer it is kept before it drains.
+        #[serde(default)]
+        held_ms: Option<f64>,
     },
     Status {
         status: Box<StatusReport>,
@@ -156,7 +168,8 @@ mod tests {
                 }),
             },
             Request::Rollback { wait: true },
-            Request::Promote {},
+            Request::Promote { wait: false },
+            Request::Promote { wait: true },
             Request::Status {},
             Request::Stop {
                 deadline_unix_ms: None,
@@ -166,6 +179,16 @@ mod tests {
             assert_eq!(line.last(), Some(&b'\n'));
             assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), request);
         }
+    }
+
+    /// A client from before `promote --wait` sends no `wait`: it is asked
+    /// not to wait.
+    #[test]
+    fn a_promote_without_wait_reads_as_no_wait() {
+        assert_eq!(
+            decode_request(br#"{"request":"promote"}"#).unwrap(),
+            Request::Promote { wait: false }
+        );
     }
 
     #[test]

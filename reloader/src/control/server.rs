@@ -174,7 +174,7 @@ async fn serve_client<C: Controller>(
         Ok(Request::Stop { .. }) => controller.stop(),
         Ok(Request::Reload { wait, canary }) => controller.reload(wait, canary).await,
         Ok(Request::Rollback { wait }) => controller.rollback(wait).await,
-        Ok(Request::Promote {}) => controller.promote().await,
+        Ok(Request::Promote { wait }) => controller.promote(wait).await,
         Err(message) => Response::Error { message },
     };
     write.write_all(&protocol::encode(&response)).await?;
@@ -252,7 +252,7 @@ mod tests {
                 message: "nothing".into(),
             }
         }
-        async fn promote(&self) -> Response {
+        async fn promote(&self, _: bool) -> Response {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Response::Error {
                 message: "nothing".into(),

@@ -31,8 +31,12 @@ pub enum Event {
         wait: bool,
         reply: oneshot::Sender<Response>,
     },
-    /// `reloader promote`.
-    Promote { reply: oneshot::Sender<Response> },
+    /// `reloader promote`: answered (after the generation beside the
+    /// canary exited, with `wait`).
+    Promote {
+        wait: bool,
+        reply: oneshot::Sender<Response>,
+    },
     /// `reloader stop`, `SIGTERM`, `SIGINT`.
     Stop,
     /// `SIGCHLD`: children to reap.
@@ -92,9 +96,9 @@ impl Controller for Control {
         .await
     }
 
-    async fn promote(&self) -> Response {
+    async fn promote(&self, wait: bool) -> Response {
         self.ask(
-            |reply| Event::Promote { reply },
+            |reply| Event::Promote { wait, reply },
             "the instance stopped before the promotion",
         )
         .await

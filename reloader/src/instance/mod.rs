@@ -48,7 +48,7 @@ use tracing::{info, warn};
 use crate::{
     config::RunConfig,
     generation::State,
-    metrics::Recorder,
+    metrics::{Endpoints, Recorder},
     reload::{self, System},
     state::{Client, InstanceState},
     steering::Steering,
@@ -83,6 +83,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         listen_events,
         control,
         metrics,
+        health,
         generations,
         processes,
         leaderless,
@@ -99,9 +100,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     // generations goes on keeping).
     let registered = tokio::net::UnixListener::from_std(control).and_then(|control| {
         let metrics = metrics.map(tokio::net::TcpListener::from_std).transpose()?;
-        Ok((control, metrics))
+        let health = health.map(tokio::net::TcpListener::from_std).transpose()?;
+        Ok((control, metrics, health))
     });
-    let (control, metrics_listener) = match registered {
+    let (control, metrics_listener, health_listener) = match registered {
         Ok(registered) => registered,
         Err(error) => {
             let _ = tokio::task::spawn_blocking(move || {
@@ -241,8 +243,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         },
         control,
     ));
-    let metrics_task = metrics_listener
-        .map(|listener| tokio::spawn(crate::metrics::serve(client.clone(), listener)));
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            client.clone(),
+            listener,
+            Endpoints::MetricsAndProbes,
+        ))
+    });
+    let probes_task = health_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            client.clone(),
+            listener,
+            Endpoints::Probes,
+        ))
+    });
     let watch_task = watcher.map(|w| tokio::spawn(watch::reload_on_change(w, events_tx.clone())));
     let tracker = tokio::spawn(reload::track(client.clone(), host, listened, steady));
     let health = config
@@ -288,6 +302,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         Some(claims),
         cgroup_task,
         metrics_task,
+        probes_task,
         watch_task,
         health,
     ]

@@ -52,6 +52,13 @@ pub(super) enum Done {
         reply: oneshot::Sender<Response>,
         report: RollbackReport,
     },
+    /// The generation beside a promoted canary exited (`promote --wait`).
+    Promoted {
+        reply: oneshot::Sender<Response>,
+        generation: u64,
+        previous: u64,
+        exited_ms: f64,
+    },
 }
 
 /// How the loop goes on after an input.
@@ -271,18 +278,7 @@ impl<H: Host> Owner<H> {
             Event::Rollback { wait, reply } => {
                 self.roll_back(RollbackReason::Manual, wait, Some(reply), None);
             }
-            Event::Promote { reply } => {
-                let response = match self.state.promote() {
-                    Ok((generation, previous)) => Response::Promoted {
-                        generation,
-                        previous,
-                    },
-                    Err(error) => Response::Error {
-                        message: crate::error_chain(&error),
-                    },
-                };
-                let _ = reply.send(response);
-            }
+            Event::Promote { wait, reply } => self.promote(wait, reply),
             Event::Stop => return Flow::Stop,
             Event::ChildExited => self.reap_children(),
             Event::AdoptedExited { pid } => self.adopted_exited(pid),
@@ -426,6 +422,52 @@ impl<H: Host> Owner<H> {
         });
     }
 
+    /// Promotes the canary (see [`InstanceState::promote`]). With `wait`,
+    /// answers once the generation beside it has exited (the reload's own
+    /// task drains it); at once when that one is held (`--keep-previous`:
+    /// `reload --wait` returns at the cutover then too), saying for how
+    /// long.
+    fn promote(&mut self, wait: bool, reply: oneshot::Sender<Response>) {
+        let (generation, previous) = match self.state.promote() {
+            Ok(promoted) => promoted,
+            Err(error) => {
+                let _ = reply.send(Response::Error {
+                    message: crate::error_chain(&error),
+                });
+                return;
+            }
+        };
+        let promoted = |previous_exited_ms, held_ms| Response::Promoted {
+            generation,
+            previous,
+            previous_exited_ms,
+            held_ms,
+        };
+        if !wait {
+            let _ = reply.send(promoted(None, None));
+            return;
+        }
+        if let Some(until) = self.state.hold_until(previous) {
+            let held = until.saturating_duration_since(Instant::now());
+            let _ = reply.send(promoted(None, Some(held.as_secs_f64() * 1000.0)));
+            return;
+        }
+        let mut snapshots = self.client.subscribe();
+        self.tasks.spawn(async move {
+            let t0 = Instant::now();
+            // Bounded by the drain: its timeout, then SIGKILL, then the
+            // slot is given up; a stop aborts this task (the client is
+            // told the instance stopped).
+            let _ = snapshots.wait_for(|s| s.ended(previous)).await;
+            Done::Promoted {
+                reply,
+                generation,
+                previous,
+                exited_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            }
+        });
+    }
+
     // ---- Reloads.
 
     /// The reload task ended: it cut over (the rest runs as a task of its
@@ -513,6 +555,19 @@ impl<H: Host> Owner<H> {
             }
             Done::RolledBack { reply, report } => {
                 let _ = reply.send(Response::RolledBack { report });
+            }
+            Done::Promoted {
+                reply,
+                generation,
+                previous,
+                exited_ms,
+            } => {
+                let _ = reply.send(Response::Promoted {
+                    generation,
+                    previous,
+                    previous_exited_ms: Some(exited_ms),
+                    held_ms: None,
+                });
             }
         }
         Flow::Continue

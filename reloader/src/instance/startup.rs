@@ -42,6 +42,8 @@ pub struct Prepared {
     pub control: std::os::unix::net::UnixListener,
     /// `--metrics`, bound.
     pub metrics: Option<std::net::TcpListener>,
+    /// `--health`, bound.
+    pub health: Option<std::net::TcpListener>,
     pub generations: Generations,
     pub processes: HashMap<u64, Process>,
     /// Adopted generations whose leader is gone (their cgroup lives on).
@@ -145,11 +147,11 @@ fn prepare_locked(
     made.control = Some(paths.control.clone());
     let metrics = config
         .metrics
-        .map(|addr| {
-            std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|e| anyhow::anyhow!("--metrics {addr}: cannot listen there: {e}"))
-        })
+        .map(|addr| bind_http("--metrics", addr))
+        .transpose()?;
+    let health = config
+        .health
+        .map(|addr| bind_http("--health", addr))
         .transpose()?;
     let limits = recovery::limits(config, &previous);
     let mut steering = recovery::load_steering(config, &paths, limits, adopting)?;
@@ -214,6 +216,7 @@ fn prepare_locked(
         listen_events,
         control,
         metrics,
+        health,
         generations,
         processes,
         leaderless,
@@ -278,4 +281,11 @@ fn bind_control_socket(
         .with_context(|| format!("failed to chmod {}", named.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// A listener for the HTTP endpoints of `flag` (`--metrics`, `--health`).
+fn bind_http(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| anyhow::anyhow!("{flag} {addr}: cannot listen there: {e}"))
 }

@@ -53,7 +53,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-pub use server::{Source, serve};
+pub use server::{Endpoints, Source, serve};
 
 use crate::{
     generation::State,

@@ -352,6 +352,14 @@ impl Client {
         self.tell(Command::SampleRates { now }).await;
     }
 
+    /// Whether the owner answers a status request within `within` (what
+    /// `/healthz` reports): false once it has stopped, or while it is
+    /// stuck.
+    pub async fn answers(&self, within: std::time::Duration) -> bool {
+        let asked = self.ask(|reply| Command::Status { reply });
+        matches!(tokio::time::timeout(within, asked).await, Ok(Some(_)))
+    }
+
     /// The instance's status, with each registered socket's accept-queue
     /// length read from the kernel on a blocking thread. `None` once the
     /// owner has stopped.
@@ -374,6 +382,14 @@ impl Client {
 impl crate::metrics::Source for Client {
     async fn status(&self) -> Option<StatusReport> {
         Client::status(self).await
+    }
+
+    async fn answers(&self, within: std::time::Duration) -> bool {
+        Client::answers(self, within).await
+    }
+
+    fn readiness(&self) -> crate::status::Readiness {
+        self.snapshot().readiness()
     }
 
     fn recorder(&self) -> &Recorder {

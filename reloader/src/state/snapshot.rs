@@ -12,7 +12,10 @@ use std::{
 };
 
 use super::{CanaryPhase, InstanceState, Tracked, saved::Saved};
-use crate::{error::ReloadError, generation::State, steering::ListenerMode};
+use crate::{
+    error::ReloadError, generation::State, listen::ListenerSpec, status::Readiness,
+    steering::ListenerMode,
+};
 
 /// One generation as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +61,9 @@ pub struct Snapshot {
     members_left: BTreeSet<u64>,
     /// Generations to health-check now (empty: no rollback is possible).
     pub health_targets: Vec<u64>,
+    /// Managed addresses the active generation does not listen on now
+    /// (every one while none is active).
+    pub unserved: Vec<ListenerSpec>,
     /// The state file's content, and a version that grows whenever it
     /// changes.
     pub saved: Arc<Saved>,
@@ -65,6 +71,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Whether the instance serves every managed address now.
+    pub fn readiness(&self) -> Readiness {
+        match (self.stopping, self.active, self.unserved.first()) {
+            (true, _, _) => Readiness::Stopping,
+            (false, None, _) => Readiness::NoneActive,
+            (false, Some(generation), Some(addr)) => Readiness::NotListening {
+                generation,
+                addr: *addr,
+            },
+            (false, Some(generation), None) => Readiness::Ready { generation },
+        }
+    }
+
     /// Generation `number`, if it is known.
     pub fn generation(&self, number: u64) -> Option<&GenerationView> {
         self.generations.get(&number)
@@ -181,8 +200,31 @@ impl InstanceState {
             bridge_waiting: self.bridge_waiting(),
             members_left: self.members_left().clone(),
             health_targets: self.health_targets(),
+            unserved: self.unserved(),
             saved,
             saved_version,
         }
+    }
+
+    /// Managed addresses the active generation does not listen on: none
+    /// of its registered sockets is for them, or it stopped listening
+    /// there (its sockets stay registered until it listens again or is
+    /// replaced). Every address while no generation is active.
+    fn unserved(&self) -> Vec<ListenerSpec> {
+        let Some(active) = self.active() else {
+            return self.config.listen.clone();
+        };
+        let held: BTreeSet<usize> = self.sockets(active).iter().map(|s| s.listener).collect();
+        let lost = self
+            .not_listening
+            .filter(|n| n.generation == active)
+            .map(|n| n.addr);
+        self.config
+            .listen
+            .iter()
+            .enumerate()
+            .filter(|(i, spec)| !held.contains(i) || lost == Some(**spec))
+            .map(|(_, spec)| *spec)
+            .collect()
     }
 }

@@ -357,7 +357,7 @@ fn or_dash(value: Option<impl ToString>) -> String {
 }
 
 /// A column of a status table.
-struct Column {
+pub(crate) struct Column {
     header: &'static str,
     align: CellAlignment,
     /// Left out when no row has anything in it.
@@ -365,7 +365,7 @@ struct Column {
 }
 
 impl Column {
-    const fn left(header: &'static str) -> Self {
+    pub(crate) const fn left(header: &'static str) -> Self {
         Self {
             header,
             align: CellAlignment::Left,
@@ -373,7 +373,7 @@ impl Column {
         }
     }
 
-    const fn right(header: &'static str) -> Self {
+    pub(crate) const fn right(header: &'static str) -> Self {
         Self {
             header,
             align: CellAlignment::Right,
@@ -381,7 +381,7 @@ impl Column {
         }
     }
 
-    const fn optional(self) -> Self {
+    pub(crate) const fn optional(self) -> Self {
         Self {
             optional: true,
             ..self
@@ -391,7 +391,7 @@ impl Column {
 
 /// Lays `rows` out under `columns` without borders: two spaces between
 /// columns, none before the first, no trailing whitespace, no final newline.
-fn render<const N: usize>(
+pub(crate) fn render<const N: usize>(
     columns: &[Column; N],
     rows: impl Iterator<Item = [String; N]>,
 ) -> String {

@@ -150,7 +150,7 @@ async fn reload_promote_and_rollback_are_decided_in_one_place() {
         .await;
 
     // Nothing to promote; a rollback during the hold brings 1 back.
-    match h.ask(|reply| Event::Promote { reply }).await {
+    match h.ask(|reply| Event::Promote { wait: true, reply }).await {
         Response::Error { message } => assert!(message.contains("no canary runs"), "{message}"),
         other => panic!("{other:?}"),
     }
@@ -201,16 +201,71 @@ async fn reload_promote_and_rollback_are_decided_in_one_place() {
             other => panic!("{other:?}"),
         }
     }
-    match h.ask(|reply| Event::Promote { reply }).await {
+    // With `wait`, a held generation is not waited for (it is kept for
+    // a rollback): the answer says for how long instead.
+    match h.ask(|reply| Event::Promote { wait: true, reply }).await {
         Response::Promoted {
             generation,
             previous,
-        } => assert_eq!((generation, previous), (3, 1)),
+            previous_exited_ms,
+            held_ms,
+        } => {
+            assert_eq!((generation, previous), (3, 1));
+            assert!(previous_exited_ms.is_none() && held_ms.is_some_and(|ms| ms > 50_000.0));
+        }
         other => panic!("{other:?}"),
     }
     let promoted = report(canary.await.unwrap());
     assert_eq!(promoted.result, ReloadResult::Succeeded, "{promoted:?}");
     assert_eq!(h.client.snapshot().active, Some(3));
+    h.stop().await;
+}
+
+/// `promote --wait` answers once the generation beside the canary has
+/// exited, as `rollback --wait` does for the one rolled back from.
+#[tokio::test(flavor = "current_thread")]
+async fn promote_with_wait_answers_once_the_previous_generation_exited() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let h = Harness::start(config, FakeHost::new(1, |_| true));
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    let plan = CanaryPlan {
+        steps: vec![500],
+        dwell_ms: None,
+    };
+    let canary = {
+        let events = h.events.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            let reload = Event::Reload {
+                wait: true,
+                canary: Some(plan),
+                reply: Some(reply),
+            };
+            events.send(reload).await.unwrap();
+            answer.await.unwrap()
+        })
+    };
+    h.until("generation 2 is a canary", |s| s.canary == Some(2))
+        .await;
+    match h.ask(|reply| Event::Promote { wait: true, reply }).await {
+        Response::Promoted {
+            generation,
+            previous,
+            previous_exited_ms,
+            held_ms,
+        } => {
+            assert_eq!((generation, previous), (2, 1));
+            assert!(previous_exited_ms.is_some() && held_ms.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.client.snapshot().ended(1),
+        "answered before generation 1 exited"
+    );
+    let promoted = report(canary.await.unwrap());
+    assert_eq!(promoted.result, ReloadResult::Succeeded, "{promoted:?}");
     h.stop().await;
 }
 
@@ -226,7 +281,11 @@ async fn status_and_metrics_answer_while_a_process_walk_is_slow() {
     .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let metrics = tokio::spawn(crate::metrics::serve(h.client.clone(), listener));
+    let metrics = tokio::spawn(crate::metrics::serve(
+        h.client.clone(),
+        listener,
+        crate::metrics::Endpoints::MetricsAndProbes,
+    ));
     // The candidate's first scan takes 2 s; meanwhile the owner answers.
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -257,15 +316,85 @@ async fn status_and_metrics_answer_while_a_process_walk_is_slow() {
 
 /// `GET /metrics` from `addr`.
 async fn scrape(addr: std::net::SocketAddr) -> String {
+    get(addr, "/metrics").await
+}
+
+/// `GET path` from `addr`: the whole response, head and body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
     body
+}
+
+/// The probes: `/readyz` is 503 while the first generation starts (its
+/// scan is slow here) and once the stop began, 200 while it is active;
+/// `/healthz` is 200 throughout, each answered at once; the probes'
+/// own address serves no metrics.
+#[tokio::test(flavor = "current_thread")]
+async fn probes_follow_the_first_start_and_the_stop_without_waiting() {
+    let config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    let mut host = FakeHost::new(1, |_| true);
+    host.scan_takes = Duration::from_secs(1);
+    let h = Harness::start(config, host);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let probes = tokio::spawn(crate::metrics::serve(
+        h.client.clone(),
+        listener,
+        crate::metrics::Endpoints::Probes,
+    ));
+    let quick = |t0: Instant, what: &str| {
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "{what} took {:?}",
+            t0.elapsed()
+        )
+    };
+    let t0 = Instant::now();
+    let ready = get(addr, "/readyz").await;
+    quick(t0, "/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("no generation is active"),
+        "{ready}"
+    );
+    let t0 = Instant::now();
+    let healthy = get(addr, "/healthz").await;
+    quick(t0, "/healthz");
+    assert!(healthy.starts_with("HTTP/1.1 200"), "{healthy}");
+    let metrics = get(addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 404"), "{metrics}");
+
+    h.until("generation 1 is active", |s| s.active == Some(1))
+        .await;
+    let ready = get(addr, "/readyz?verbose").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("generation 1 is active"),
+        "{ready}"
+    );
+
+    h.events.send(Event::Stop).await.unwrap();
+    h.until("the stop began", |s| s.stopping).await;
+    let ready = get(addr, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("stopping"),
+        "{ready}"
+    );
+    let (clean, _) = tokio::time::timeout(Duration::from_secs(10), h.owner)
+        .await
+        .expect("stopped in time")
+        .expect("no panic");
+    assert!(clean);
+    // The owner is gone: it cannot answer.
+    let healthy = get(addr, "/healthz").await;
+    assert!(healthy.starts_with("HTTP/1.1 503"), "{healthy}");
+    h.reaper.abort();
+    probes.abort();
 }
 
 #[tokio::test(flavor = "current_thread")]

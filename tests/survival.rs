@@ -231,10 +231,24 @@ fn recovery_keeps_pins_while_a_worker_of_a_dead_leader_serves() {
     instance.respawn();
     instance.wait_active(Duration::from_secs(30));
     let adopted = instance.generation(1);
-    assert!(
-        workers.contains(&adopted.pid.expect("a pid")),
-        "adopted by a worker that holds its sockets: {adopted:?}"
-    );
+    match &adopted.cgroup {
+        // Adopted through its cgroup: it has no leader, and its workers are
+        // the cgroup's members.
+        Some(dir) => {
+            assert_eq!(adopted.pid, None, "no leader: {adopted:?}");
+            let members = std::fs::read_to_string(format!("{dir}/cgroup.procs")).unwrap();
+            for worker in &workers {
+                assert!(
+                    members.lines().any(|l| l == worker.to_string()),
+                    "worker {worker} in {dir}: {members}"
+                );
+            }
+        }
+        None => assert!(
+            workers.contains(&adopted.pid.expect("a pid")),
+            "adopted by a worker that holds its sockets: {adopted:?}"
+        ),
+    }
     let log = instance.log_text();
     assert!(
         !log.contains("cleaned up, starting fresh"),

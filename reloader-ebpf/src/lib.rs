@@ -46,6 +46,12 @@
 //!   generation listens again, and its queue migrates there.
 //! - [`map::BRIDGED`]: per-CPU `u64`, index listener: connections the
 //!   program sent to the bridge.
+//! - [`map::MIGRATED`]: LRU `u64 -> u32`: the socket cookie of each
+//!   connection the program migrated (a closing listener's queue, or the
+//!   bridge's) and the epoch of the slot it went to ([`BRIDGE_EPOCH`] for
+//!   the bridge). An accepted socket keeps the cgroup of the listener that
+//!   completed its handshake, so a migrated one is counted by this record,
+//!   not by its cgroup (`reloader::holdings`).
 //!
 //! `BRIDGES` and `BRIDGED` are never pinned: a bridge lives as long as the
 //! controller that made it.
@@ -62,7 +68,13 @@ pub mod limits {
     pub const MAX_SOCKETS_PER_SLOT: u32 = 1024;
     /// Concurrent probe routes.
     pub const MAX_PROBES: u32 = 256;
+    /// Migrated connections remembered (least recently written forgotten
+    /// first; userspace forgets those that closed whenever it counts).
+    pub const MIGRATED: u32 = 16_384;
 }
+
+/// The epoch `MIGRATED` records for a connection migrated to a bridge.
+pub const BRIDGE_EPOCH: u32 = u32::MAX;
 
 /// How many populated entries of a slot the program tries before it gives
 /// up and lets the kernel choose (entries vanish when their socket closes).
@@ -118,6 +130,7 @@ pub mod map {
     pub const LISTEN_EVENTS: &str = "LISTEN_EVENTS";
     pub const BRIDGES: &str = "BRIDGES";
     pub const BRIDGED: &str = "BRIDGED";
+    pub const MIGRATED: &str = "MIGRATED";
 }
 
 /// Globals of the object, set at load time.

@@ -55,14 +55,14 @@ mod steer {
     use aya_ebpf::{
         Global,
         bindings::{BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_hdr_start_off, bpf_sock, sk_action::SK_PASS},
-        helpers::bpf_skb_load_bytes_relative,
+        helpers::{bpf_get_socket_cookie, bpf_skb_load_bytes_relative},
         macros::{map, sk_reuseport, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, RingBuf},
         programs::{SkReuseportContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use reloader_ebpf::{
-        Counters, Flow, FlowKey, Limits, ListenEvent, ListenerKey, ListenerState,
+        BRIDGE_EPOCH, Counters, Flow, FlowKey, Limits, ListenEvent, ListenerKey, ListenerState,
         MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget, SlotState, WEIGHT_SCALE,
         counter_index, limits, socket_index,
     };
@@ -106,6 +106,9 @@ mod steer {
 
     #[map]
     static BRIDGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map]
+    static MIGRATED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(limits::MIGRATED, 0);
 
     #[derive(Clone, Copy)]
     enum Outcome {
@@ -179,7 +182,15 @@ mod steer {
                 }
             }
         };
-        steer(&ctx, &key, migrating.is_some())
+        // The migrating connection's cookie (the one sock_diag reports for
+        // it), so userspace can tell where it went. `get_socket_cookie`
+        // takes any socket pointer in this program type (5.14+: the same
+        // release as `migrating_sk`).
+        let migrating = migrating.map(|child| {
+            // SAFETY: a valid, non-NULL socket pointer (checked above).
+            unsafe { bpf_get_socket_cookie(child.sock as *mut c_void) }
+        });
+        steer(&ctx, &key, migrating)
     }
 
     /// The bound address of `sk` as the listener key stores it.
@@ -214,11 +225,13 @@ mod steer {
             port: u32::from(dst),
             ..ListenerKey::default()
         };
-        steer(&ctx, &key, false)
+        steer(&ctx, &key, None)
     }
 
+    /// `migrating`: the cookie of the connection being migrated, on the
+    /// migrate path.
     #[inline(always)]
-    fn steer(ctx: &SkReuseportContext, key: &ListenerKey, migrating: bool) -> u32 {
+    fn steer(ctx: &SkReuseportContext, key: &ListenerKey, migrating: Option<u64>) -> u32 {
         let limits = limits();
         // SAFETY: map values are plain integers; the kernel keeps them alive
         // for the duration of the program.
@@ -237,13 +250,17 @@ mod steer {
         }
 
         let mut slot = state.active_slot;
-        let mut outcome = if migrating {
+        let mut outcome = if migrating.is_some() {
             Outcome::Migrated
         } else {
             Outcome::Steered
         };
         let mut flow = None;
-        let ports = if migrating { None } else { ports(ctx) };
+        let ports = if migrating.is_some() {
+            None
+        } else {
+            ports(ctx)
+        };
         if let Some((src, _)) = ports {
             let probe = ProbeKey {
                 listener,
@@ -280,6 +297,7 @@ mod steer {
         }
         if slot == NO_SLOT || slot >= limits.slots {
             if bridge(ctx, key, listener, outcome) {
+                record_migration(migrating, Some(BRIDGE_EPOCH));
                 return SK_PASS;
             }
             debug!(ctx, "listener {}: no slot, kernel selects", listener);
@@ -291,9 +309,11 @@ mod steer {
             if let (Some(key), Some(epoch)) = (&flow, epoch(&limits, listener, slot)) {
                 let _ = FLOWS.insert(key, &Flow { slot, epoch }, 0);
             }
+            record_migration(migrating, epoch(&limits, listener, slot));
             return SK_PASS;
         }
         if bridge(ctx, key, listener, outcome) {
+            record_migration(migrating, Some(BRIDGE_EPOCH));
             return SK_PASS;
         }
         debug!(
@@ -302,6 +322,16 @@ mod steer {
         );
         count_slot(&limits, listener, slot, Outcome::Fallback);
         SK_PASS
+    }
+
+    /// Remembers where a migrated connection went (`MIGRATED`). A full map
+    /// forgets the least recently written record, and a lost record costs
+    /// only the count of one connection in `status`.
+    #[inline(always)]
+    fn record_migration(cookie: Option<u64>, epoch: Option<u32>) {
+        if let (Some(cookie), Some(epoch)) = (cookie, epoch) {
+            let _ = MIGRATED.insert(&cookie, &epoch, 0);
+        }
     }
 
     /// Sends a TCP connection (new or migrating, not a probe's) whose slot

@@ -120,6 +120,86 @@ pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
 const UDP_UNCONNECTED: u8 = 7;
 
 fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryError> {
+    let states = match transport {
+        Transport::Tcp => StateFlags::LISTEN,
+        Transport::Udp => StateFlags::all(),
+    };
+    let mut found = Vec::new();
+    diag(family, transport, states, |response| {
+        let h = &response.header;
+        if transport == Transport::Tcp || h.state == UDP_UNCONNECTED {
+            found.push(Listener {
+                inode: u64::from(h.inode),
+                cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                transport,
+                addr: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
+                accept_queue: h.recv_queue,
+                backlog: h.send_queue,
+            });
+        }
+    })?;
+    Ok(found)
+}
+
+/// An established TCP connection of this network namespace, as the
+/// connection-counting of `status` needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub cookie: u64,
+    /// Its local address (a managed address's port, for a server's side).
+    pub local: SocketAddr,
+    /// The cgroup (v2 id) its socket was created in: the listener's it was
+    /// accepted from.
+    pub cgroup_id: Option<u64>,
+}
+
+/// `INET_DIAG_CGROUP_ID`: the socket's cgroup v2 id (Linux >= 5.7; sent
+/// with every answer, not asked for).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+/// The established TCP connections of this network namespace whose local
+/// port is one of `ports` (one sock_diag dump per address family).
+pub fn established(ports: &[u16]) -> Result<Vec<Connection>, DiscoveryError> {
+    let mut found = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        diag(
+            family,
+            Transport::Tcp,
+            StateFlags::ESTABLISHED,
+            |response| {
+                let id = &response.header.socket_id;
+                if !ports.contains(&id.source_port) {
+                    return;
+                }
+                let cgroup_id = response.nlas.iter().find_map(|nla| match nla {
+                    netlink_packet_sock_diag::inet::nlas::Nla::Other(other)
+                        if netlink_packet_core::Nla::kind(other) == INET_DIAG_CGROUP_ID =>
+                    {
+                        let mut value = [0u8; 8];
+                        netlink_packet_core::Nla::emit_value(other, &mut value);
+                        Some(u64::from_ne_bytes(value))
+                    }
+                    _ => None,
+                });
+                found.push(Connection {
+                    cookie: u64::from_ne_bytes(id.cookie),
+                    local: SocketAddr::new(id.source_address, id.source_port),
+                    cgroup_id,
+                });
+            },
+        )?;
+    }
+    Ok(found)
+}
+
+/// One sock_diag dump of `family`/`transport` sockets in `states`; `each`
+/// sees every answer.
+fn diag(
+    family: u8,
+    transport: Transport,
+    states: StateFlags,
+    mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponse),
+) -> Result<(), DiscoveryError> {
     let netlink = |source| DiscoveryError::NetlinkError { source };
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink)?;
     socket.bind_auto().map_err(netlink)?;
@@ -141,10 +221,7 @@ fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryErro
                 Transport::Udp => IPPROTO_UDP,
             },
             extensions: ExtensionFlags::empty(),
-            states: match transport {
-                Transport::Tcp => StateFlags::LISTEN,
-                Transport::Udp => StateFlags::all(),
-            },
+            states,
             socket_id,
         })
         .into(),
@@ -154,7 +231,6 @@ fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryErro
     request.serialize(&mut buf);
     socket.send(&buf, 0).map_err(netlink)?;
 
-    let mut found = Vec::new();
     let mut receive = vec![0u8; 64 * 1024];
     loop {
         let size = socket.recv(&mut &mut receive[..], 0).map_err(netlink)?;
@@ -167,22 +243,9 @@ fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryErro
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let h = &response.header;
-                    if transport == Transport::Tcp || h.state == UDP_UNCONNECTED {
-                        found.push(Listener {
-                            inode: u64::from(h.inode),
-                            cookie: u64::from_ne_bytes(h.socket_id.cookie),
-                            transport,
-                            addr: SocketAddr::new(
-                                h.socket_id.source_address,
-                                h.socket_id.source_port,
-                            ),
-                            accept_queue: h.recv_queue,
-                            backlog: h.send_queue,
-                        });
-                    }
+                    each(&response);
                 }
-                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(error) => {
                     let source = error.to_io();
                     if source.raw_os_error() == Some(libc::ENOENT) {

@@ -54,6 +54,7 @@ pub mod discovery;
 pub(crate) mod error;
 pub mod fleet;
 pub mod generation;
+pub(crate) mod holdings;
 pub mod instance;
 pub(crate) mod listen;
 pub mod logging;

@@ -71,6 +71,17 @@ struct Args {
     /// unbound and Knot on SIGTERM).
     #[arg(long)]
     udp_close_on_drain: bool,
+    /// Keep connections that send no request open until their clients
+    /// close them, also while draining (long-lived connections).
+    #[arg(long)]
+    hold_connections: bool,
+    /// On SIGUSR1, stop accepting (listeners stay open: new connections
+    /// queue until the drain closes them, and migrate).
+    #[arg(long)]
+    pause_accept_on_usr1: bool,
+    /// Allocate and touch this many MiB at start (and keep them).
+    #[arg(long, default_value_t = 0)]
+    allocate_mib: usize,
     /// Drain signal name.
     #[arg(long, default_value = "SIGTERM")]
     drain_signal: String,
@@ -111,6 +122,14 @@ fn main() {
         "testserver gen {generation} pid {} starting",
         std::process::id()
     );
+    if args.allocate_mib > 0 {
+        let mut memory = vec![0u8; args.allocate_mib << 20];
+        for page in memory.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&memory);
+        std::mem::forget(memory);
+    }
     if args.exit_on_start {
         eprintln!("testserver: exiting on start as asked (--exit-on-start)");
         std::process::exit(3);
@@ -121,6 +140,11 @@ fn main() {
     mask.add(drain);
     mask.thread_block().expect("block drain signal");
 
+    if args.pause_accept_on_usr1 {
+        let mut usr1 = SigSet::empty();
+        usr1.add(Signal::SIGUSR1);
+        usr1.thread_block().expect("block SIGUSR1");
+    }
     if args.fail_on_usr2 {
         let mut usr2 = SigSet::empty();
         usr2.add(Signal::SIGUSR2);
@@ -288,6 +312,8 @@ fn serve(listeners: Vec<TcpListener>, udp: Vec<UdpSocket>, args: &Args, mask: Si
         fail_on: args.fail_on_usr2.then_some(Signal::SIGUSR2),
         udp_reply_delay: Duration::from_millis(args.udp_reply_delay_ms),
         udp_close_on_drain: args.udp_close_on_drain,
+        hold_connections: args.hold_connections,
+        pause_accept_on: args.pause_accept_on_usr1.then_some(Signal::SIGUSR1),
     };
     server::serve(listeners, udp, &behaviour, mask)
 }

@@ -46,6 +46,15 @@ pub struct Behaviour {
     /// On drain, close UDP sockets at once instead of answering what is
     /// queued first (what unbound and Knot do on SIGTERM).
     pub udp_close_on_drain: bool,
+    /// Keep a connection that sends no request open until its client
+    /// closes it, also while draining (tests: long-lived connections, as a
+    /// WebSocket or gRPC stream holds them).
+    pub hold_connections: bool,
+    /// On this signal (blocked by the caller in every thread), stop
+    /// accepting but keep the listeners open, so new connections queue in
+    /// them until the drain closes them (tests: connections a closing
+    /// listener migrates).
+    pub pause_accept_on: Option<Signal>,
 }
 
 impl Default for Behaviour {
@@ -57,6 +66,8 @@ impl Default for Behaviour {
             fail_on: None,
             udp_reply_delay: Duration::ZERO,
             udp_close_on_drain: false,
+            hold_connections: false,
+            pause_accept_on: None,
         }
     }
 }
@@ -114,6 +125,17 @@ pub fn serve(
             failing.store(true, Ordering::SeqCst);
         });
     }
+    let paused = Arc::new(AtomicBool::new(false));
+    if let Some(signal) = behaviour.pause_accept_on {
+        let paused = paused.clone();
+        thread::spawn(move || {
+            let mut set = SigSet::empty();
+            set.add(signal);
+            let _ = set.wait();
+            paused.store(true, Ordering::SeqCst);
+        });
+    }
+    let mut said_paused = false;
     let generation = std::env::var("RELOADER_GENERATION").unwrap_or_else(|_| "0".into());
     let body: Arc<str> = format!("gen={generation} pid={}\n", std::process::id()).into();
     let udp_threads: Vec<_> = udp
@@ -139,6 +161,14 @@ pub fn serve(
             }
             eprintln!("server: failing as asked (exit status 70)");
             std::process::exit(70);
+        }
+        if paused.load(Ordering::SeqCst) {
+            if !said_paused {
+                eprintln!("server: accepting paused; new connections queue");
+                said_paused = true;
+            }
+            thread::sleep(Duration::from_millis(5));
+            continue;
         }
         // SAFETY: a valid pollfd array of the given length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
@@ -170,7 +200,12 @@ pub fn serve(
     // Stop listening first: queued connections migrate to the new
     // generation (or are reset without steering), then finish the rest.
     drop(listeners);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now()
+        + if behaviour.hold_connections {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_secs(30)
+        };
     while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(5));
     }
@@ -250,7 +285,7 @@ fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, behaviour: &
                 {
                     return;
                 }
-                if started.elapsed() > Duration::from_secs(10) {
+                if started.elapsed() > Duration::from_secs(10) && !behaviour.hold_connections {
                     return;
                 }
             }

@@ -207,7 +207,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
             .unwrap_or_default(),
     });
     let snapshot = state.snapshot(Arc::new(state.saved()), 0);
-    let link = Client::new(config.clone(), Recorder::default(), snapshot);
+    let (client, owned) = Client::new(config.clone(), Recorder::default(), snapshot);
+    let link = (client.counting_migrations(state.migration_log()), owned);
     let mut owner = Owner::new(state, host.clone(), link, events_rx, !adopting);
     let client = owner.client().clone();
     if adopting {

@@ -32,6 +32,10 @@
 //! | `reloader_rollout_remaining_seconds` | gauge | `kind` = hold, canary (until the hold ends or the next step) |
 //! | `reloader_reload_check_failures_total` | counter | |
 //! | `reloader_generation_info` | gauge (1) | `generation`, `config_sha256` |
+//! | `reloader_generation_connections` | gauge | `generation` (established TCP connections on the managed addresses) |
+//! | `reloader_generation_memory_bytes` | gauge | `generation` (its cgroup's `memory.current`) |
+//! | `reloader_generation_cpu_seconds_total` | counter | `generation` (its cgroup's `cpu.stat`) |
+//! | `reloader_generation_processes` | gauge | `generation` (processes in its cgroup) |
 //! | `reloader_active_config_info` | gauge (1) | `config_sha256` |
 //! | `reloader_config_last_reload_successful` | gauge (0/1) | |
 //! | `reloader_config_last_reload_success_timestamp_seconds` | gauge | |
@@ -200,6 +204,49 @@ impl Recorder {
     }
 
     /// Rollback and canary: counts by reason, weights, what is held.
+    /// What each live generation holds (where it is known).
+    fn encode_holdings(registry: &mut Registry, status: &StatusReport) {
+        let connections = Family::<Labels, Gauge>::default();
+        let memory = Family::<Labels, Gauge>::default();
+        let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        let processes = Family::<Labels, Gauge>::default();
+        for g in status.generations.iter().filter(|g| g.state.is_live()) {
+            let l = label("generation", g.generation);
+            if let Some(n) = g.connections {
+                connections.get_or_create(&l).set(n as i64);
+            }
+            if let Some(bytes) = g.memory_bytes {
+                memory.get_or_create(&l).set(bytes as i64);
+            }
+            if let Some(seconds) = g.cpu_seconds {
+                cpu.get_or_create(&l).inc_by(seconds);
+            }
+            if let Some(n) = g.processes {
+                processes.get_or_create(&l).set(n as i64);
+            }
+        }
+        registry.register(
+            "generation_connections",
+            "Established TCP connections each generation holds on the managed addresses",
+            connections,
+        );
+        registry.register(
+            "generation_memory_bytes",
+            "Memory of each generation's cgroup (memory.current)",
+            memory,
+        );
+        registry.register(
+            "generation_cpu_seconds",
+            "CPU time each generation's processes used (its cgroup's cpu.stat)",
+            cpu,
+        );
+        registry.register(
+            "generation_processes",
+            "Processes in each generation's cgroup",
+            processes,
+        );
+    }
+
     fn encode_rollout(&self, registry: &mut Registry, status: &StatusReport) {
         use crate::status::{RollbackReason, RolloutKind};
         let rollbacks = Family::<Labels, Counter>::default();
@@ -313,6 +360,7 @@ impl Recorder {
             "Generations known, by state (ended ones: the recent history)",
             generations,
         );
+        Self::encode_holdings(&mut registry, status);
 
         let active = Gauge::<i64>::default();
         active.set(

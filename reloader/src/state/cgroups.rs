@@ -25,6 +25,12 @@ impl InstanceState {
         self.cgroup_unavailable = Some(why);
     }
 
+    /// Where the steering program migrated connections to, for counting
+    /// each generation's connections off the owner's thread.
+    pub fn migration_log(&self) -> Option<crate::steering::MigrationLog> {
+        self.steering.migration_log()
+    }
+
     /// Generation `number`'s cgroup (for status).
     pub(super) fn cgroup(&self, number: u64) -> Option<&PathBuf> {
         self.cgroups.get(&number)

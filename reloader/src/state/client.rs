@@ -141,6 +141,9 @@ pub struct Client {
     persisted: watch::Receiver<u64>,
     config: Arc<RunConfig>,
     recorder: Recorder,
+    /// Where the steering program migrated connections to (what `status`
+    /// counts them by).
+    migrations: Option<crate::steering::MigrationLog>,
 }
 
 /// The owner's ends of a [`Client`].
@@ -166,6 +169,7 @@ impl Client {
                 persisted: persisted_rx,
                 config,
                 recorder,
+                migrations: None,
             },
             Owned {
                 commands,
@@ -173,6 +177,12 @@ impl Client {
                 persisted: Some(persisted),
             },
         )
+    }
+
+    /// Counts migrated connections by `log` in [`Client::status`].
+    pub fn counting_migrations(mut self, log: Option<crate::steering::MigrationLog>) -> Self {
+        self.migrations = log;
+        self
     }
 
     /// The instance's configuration (fixed for its life).
@@ -364,18 +374,25 @@ impl Client {
     /// length read from the kernel on a blocking thread. `None` once the
     /// owner has stopped.
     pub async fn status(&self) -> Option<StatusReport> {
-        let mut report = self.ask(|reply| Command::Status { reply }).await?;
-        let queues = tokio::task::spawn_blocking(crate::discovery::listeners).await;
-        if let Ok(Ok(listening)) = queues {
-            let by_inode: std::collections::HashMap<u64, u32> = listening
-                .into_iter()
-                .map(|l| (l.inode, l.accept_queue))
-                .collect();
-            for socket in report.generations.iter_mut().flat_map(|g| &mut g.sockets) {
-                socket.accept_queue = by_inode.get(&socket.inode).copied();
+        let report = self.ask(|reply| Command::Status { reply }).await?;
+        // What only the kernel knows now, read on a blocking thread.
+        let migrations = self.migrations.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut report = report;
+            if let Ok(listening) = crate::discovery::listeners() {
+                let by_inode: std::collections::HashMap<u64, u32> = listening
+                    .into_iter()
+                    .map(|l| (l.inode, l.accept_queue))
+                    .collect();
+                for socket in report.generations.iter_mut().flat_map(|g| &mut g.sockets) {
+                    socket.accept_queue = by_inode.get(&socket.inode).copied();
+                }
             }
-        }
-        Some(report)
+            crate::holdings::observe(&mut report, migrations.as_ref());
+            report
+        })
+        .await
+        .ok()
     }
 }
 

@@ -99,7 +99,13 @@ impl InstanceState {
                 let end = g.timeline.ended.unwrap_or(now);
                 GenerationStatus {
                     generation: g.number,
-                    pid: g.pid,
+                    // A leader that is gone (daemonized, or died while the
+                    // generation lives on in its cgroup) is no pid to show.
+                    pid: if self.is_leaderless(g.number) {
+                        None
+                    } else {
+                        g.pid
+                    },
                     state: g.state,
                     age_ms: end.saturating_duration_since(spawned).as_millis() as u64,
                     slot: g.slot,
@@ -119,6 +125,11 @@ impl InstanceState {
                     steered_per_second: self.steered_per_second(g.number),
                     health: self.health_status(g.number),
                     cgroup: self.cgroup(g.number).map(|d| d.display().to_string()),
+                    connections: None,
+                    memory_bytes: None,
+                    cpu_seconds: None,
+                    processes: None,
+                    unavailable: std::collections::BTreeMap::new(),
                 }
             })
             .collect();

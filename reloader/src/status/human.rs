@@ -275,11 +275,15 @@ fn listener_table(listeners: &[ListenerStatus]) -> String {
 /// decided for it (summed over listeners), its sockets, its config digest
 /// and whatever else applies to it now.
 fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
-    const COLUMNS: [Column; 11] = [
+    const COLUMNS: [Column; 15] = [
         Column::right("GEN"),
         Column::right("PID"),
         Column::left("STATE"),
         Column::right("AGE"),
+        Column::right("CONNS").optional(),
+        Column::right("MEM").optional(),
+        Column::right("CPU").optional(),
+        Column::right("PROCS").optional(),
         Column::right("STEERED"),
         Column::right("MIGRATED"),
         Column::right("PROBED"),
@@ -305,6 +309,12 @@ fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
             or_dash(g.pid),
             g.state.to_string(),
             human_duration(Duration::from_millis(g.age_ms)),
+            g.connections.map(|n| n.to_string()).unwrap_or_default(),
+            g.memory_bytes.map(human_bytes).unwrap_or_default(),
+            g.cpu_seconds
+                .map(|s| human_duration(Duration::from_secs_f64(s)))
+                .unwrap_or_default(),
+            g.processes.map(|n| n.to_string()).unwrap_or_default(),
             g.counters.steered.to_string(),
             g.counters.migrated.to_string(),
             g.counters.probe_routed.to_string(),
@@ -350,6 +360,26 @@ fn generation_notes(g: &GenerationStatus, rollout: bool) -> String {
         notes.push(format!("({outcome})"));
     }
     notes.join("  ")
+}
+
+/// `12.3MiB`, `512KiB`, `900B`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    format!(
+        "{}{}",
+        text.strip_suffix(".0").unwrap_or(&text),
+        UNITS[unit]
+    )
 }
 
 fn or_dash(value: Option<impl ToString>) -> String {

@@ -138,6 +138,23 @@ pub struct GenerationStatus {
     /// `cgroup_unavailable` says why) or once it is removed.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Its established TCP connections on the managed addresses now (for a
+    /// draining generation: how many remain). `None` where unavailable
+    /// (`unavailable` says why).
+    #[serde(default)]
+    pub connections: Option<u64>,
+    /// Its cgroup's memory (`memory.current`), bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// CPU time its processes used (`cpu.stat`), seconds.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    /// Processes in its cgroup.
+    #[serde(default)]
+    pub processes: Option<u64>,
+    /// Why a field above is `None`, by field name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unavailable: std::collections::BTreeMap<String, String>,
 }
 
 /// Health checks of one generation.

@@ -18,10 +18,12 @@ mod keys;
 
 use std::os::fd::BorrowedFd;
 
-pub use ebpf::{ListenEvents, LogPump, Steering};
+pub use ebpf::{ListenEvents, LogPump, MigrationLog, Steering};
 pub use error::SteeringError;
 pub use keys::listener_key;
-pub use reloader_ebpf::{Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits};
+pub use reloader_ebpf::{
+    BRIDGE_EPOCH, Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits,
+};
 
 pub use crate::listen::{ListenerSpec, Transport};
 
@@ -192,4 +194,10 @@ pub trait Steer: Send {
 
     /// Connections the program sent to `listener`'s bridge.
     fn bridged(&self, listener: u32) -> Result<u64>;
+
+    /// Where the program migrated connections to, readable on another
+    /// thread (`None`: not known, as in unit tests' fakes).
+    fn migration_log(&self) -> Option<MigrationLog> {
+        None
+    }
 }

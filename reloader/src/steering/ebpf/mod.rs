@@ -27,7 +27,7 @@ mod steer;
 
 use std::{
     collections::HashMap as StdHashMap,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
 use aya::{
@@ -66,6 +66,9 @@ pub struct Steering {
     counters: PerCpuArray<MapData, Counters>,
     bridges: ReusePortSockArray<MapData>,
     bridged: PerCpuArray<MapData, u64>,
+    /// `MIGRATED`, read and trimmed by [`MigrationLog`]s on blocking
+    /// threads.
+    migrated: std::sync::Arc<std::os::fd::OwnedFd>,
     listeners: StdHashMap<u32, ListenerSpec>,
     flow_capacity: u32,
     /// What each (listener, slot) entry holds: the socket's cookie.
@@ -154,6 +157,29 @@ impl Steering {
             counters: take_map(&mut ebpf, map::COUNTERS)?,
             bridges: take_map(&mut ebpf, map::BRIDGES)?,
             bridged: take_map(&mut ebpf, map::BRIDGED)?,
+            migrated: {
+                let map = ebpf
+                    .take_map(map::MIGRATED)
+                    .ok_or(SteeringError::MapNotFound {
+                        name: map::MIGRATED,
+                    })?;
+                let fd = match &map {
+                    aya::maps::Map::LruHashMap(data) => data.fd().as_fd().try_clone_to_owned(),
+                    _ => {
+                        return Err(SteeringError::MapNotFound {
+                            name: map::MIGRATED,
+                        });
+                    }
+                };
+                std::sync::Arc::new(fd.map_err(|source| SteeringError::MapError {
+                    map: map::MIGRATED,
+                    operation: "dup",
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "fcntl",
+                        io_error: source,
+                    }),
+                })?)
+            },
             ebpf,
             mode,
             program_name,
@@ -166,6 +192,12 @@ impl Steering {
         };
         info!(%mode, ?limits, reused_pinned_maps = reused, "steering program loaded");
         Ok(steering)
+    }
+
+    /// A handle on the migrated-connection records, for counting on a
+    /// blocking thread.
+    pub fn migration_log(&self) -> MigrationLog {
+        MigrationLog(self.migrated.clone())
     }
 
     /// Whether the maps were a previous controller's (pinned, reused).
@@ -185,6 +217,47 @@ impl Steering {
             fd: socket.as_raw_fd(),
             source,
         })
+    }
+}
+
+/// Where the program migrated connections to: `MIGRATED`, whose records
+/// the program writes and whoever counts connections reads and trims.
+#[derive(Clone, Debug)]
+pub struct MigrationLog(std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl MigrationLog {
+    fn map(&self) -> Result<HashMap<MapData, u64, u32>> {
+        let error = map_error(map::MIGRATED, "open");
+        let fd = self.0.try_clone().map_err(|source| {
+            error(MapError::SyscallError(aya::sys::SyscallError {
+                call: "fcntl",
+                io_error: source,
+            }))
+        })?;
+        let data = MapData::from_fd(fd).map_err(&error)?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(error)
+    }
+
+    /// Every record: a migrated connection's socket cookie and the epoch
+    /// of the slot it went to ([`reloader_ebpf::BRIDGE_EPOCH`]: a bridge).
+    /// Walks the map: one or two bpf(2) calls per record.
+    pub fn read(&self) -> Result<StdHashMap<u64, u32>> {
+        let map = self.map()?;
+        map.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_error(map::MIGRATED, "read"))
+    }
+
+    /// Forgets the records of `cookies` (connections that closed).
+    pub fn forget(&self, cookies: impl IntoIterator<Item = u64>) -> Result<()> {
+        let mut map = self.map()?;
+        for cookie in cookies {
+            match map.remove(&cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(map_error(map::MIGRATED, "remove")(error)),
+            }
+        }
+        Ok(())
     }
 }
 

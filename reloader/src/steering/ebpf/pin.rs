@@ -20,7 +20,7 @@ use crate::steering::{Result, SteeringError};
 
 /// The maps a restarted controller needs: all of them but aya-log's and the
 /// listen notifier's (its link dies with the controller).
-const PINNED: [&str; 7] = [
+const PINNED: [&str; 8] = [
     map::LISTENER_KEYS,
     map::LISTENERS,
     map::SLOT_SOCKETS,
@@ -28,6 +28,7 @@ const PINNED: [&str; 7] = [
     map::PROBES,
     map::FLOWS,
     map::COUNTERS,
+    map::MIGRATED,
 ];
 
 /// Mounts bpffs if needed, creates `dir` and pins every map of [`PINNED`]

@@ -236,6 +236,10 @@ impl Steer for Steering {
         Ok(per_slot)
     }
 
+    fn migration_log(&self) -> Option<crate::steering::MigrationLog> {
+        Some(Steering::migration_log(self))
+    }
+
     fn flow_capacity(&self) -> u64 {
         u64::from(self.flow_capacity)
     }

@@ -220,9 +220,18 @@ pub struct RunArgs {
           value_parser = duration_in("--settle", Duration::ZERO, MS * 60_000))]
     pub settle: Duration,
     /// Old generations allowed to drain at once; a reload beyond that waits
-    /// until one has exited.
+    /// until one has exited (or, with --drain-evict, evicts the oldest).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub max_draining: u32,
+    /// A reload beyond --max-draining evicts the oldest draining generation
+    /// (drain signal now, killed a second later) instead of waiting.
+    #[arg(long)]
+    pub drain_evict: bool,
+    /// When the draining generations together use more memory than this
+    /// (their cgroups' memory.current), the oldest is evicted. Needs the
+    /// memory controller in the generations' cgroup v2.
+    #[arg(long, value_name = "SIZE", value_parser = size_named("--max-draining-memory"))]
+    pub max_draining_memory: Option<u64>,
     /// Use the select-only steering program even where select-or-migrate
     /// works (connections queued in a closing listener are then reset).
     #[arg(long, hide = true)]
@@ -375,6 +384,8 @@ impl RunArgs {
                 timeout: self.drain_timeout,
                 settle: self.settle,
                 max_draining: self.max_draining,
+                evict: self.drain_evict,
+                max_memory: self.max_draining_memory,
             },
             rollout: config::Rollout {
                 keep_previous: self.keep_previous,

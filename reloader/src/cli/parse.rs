@@ -187,6 +187,43 @@ pub fn duration_in(
     move |value| parse_duration(flag, value, min, max)
 }
 
+/// A size: bytes, or a number with a binary unit (`K`, `M`, `G`, `T`,
+/// also written `KiB`, `MB`… — all powers of 1024, as cgroup limits and
+/// systemd's `MemoryMax=` read them).
+pub fn parse_size(flag: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let bad = |why: &str| ConfigError::BadSize {
+        flag,
+        value: value.to_owned(),
+        why: why.to_owned(),
+    };
+    let text = value.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad("not a number"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad("unknown unit")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(bad("must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A clap value parser for a size flag.
+pub fn size_named(
+    flag: &'static str,
+) -> impl Fn(&str) -> Result<u64, ConfigError> + Clone + Send + Sync + 'static {
+    move |value| parse_size(flag, value)
+}
+
 /// A clap value parser for a signal flag.
 pub fn signal_named(
     flag: &'static str,
@@ -324,6 +361,20 @@ mod tests {
 
     fn listen(values: &[&str]) -> Result<Vec<ListenerSpec>, ConfigError> {
         parse_listen(&values.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn sizes_are_bytes_or_binary_units() {
+        let size = |v| parse_size("--max-draining-memory", v);
+        assert_eq!(size("4096"), Ok(4096));
+        assert_eq!(size("512M"), Ok(512 << 20));
+        assert_eq!(size("2GiB"), Ok(2 << 30));
+        assert_eq!(size("1.5g"), Ok(3 << 29));
+        assert_eq!(size(" 64 KiB "), Ok(64 << 10));
+        for bad in ["", "M", "12 apples", "0", "0.1"] {
+            let error = size(bad).unwrap_err().to_string();
+            assert!(error.contains("--max-draining-memory"), "{error}");
+        }
     }
 
     #[test]

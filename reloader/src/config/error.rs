@@ -47,6 +47,13 @@ pub enum ConfigError {
     /// A signal name we do not know.
     #[error("{flag} {value:?} is not a signal name: use e.g. TERM, QUIT, USR1, INT, HUP")]
     BadSignal { flag: &'static str, value: String },
+    /// A size that is not one.
+    #[error("{flag} {value:?}: {why} (a size: bytes, or with a unit, e.g. 512M, 2G, 1.5GiB)")]
+    BadSize {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
     /// `--max-draining` out of range.
     #[error("--max-draining {value}: must be between 1 and {MAX_DRAINING}")]
     BadMaxDraining { value: u32 },

@@ -88,7 +88,18 @@ pub struct Drain {
     pub settle: Duration,
     /// Old generations draining at once.
     pub max_draining: u32,
+    /// Beyond `max_draining`, a reload evicts the oldest draining
+    /// generation instead of waiting (`--drain-evict`).
+    pub evict: bool,
+    /// What the draining generations may use together before the oldest
+    /// is evicted (`--max-draining-memory`, bytes).
+    pub max_memory: Option<u64>,
 }
+
+/// Slots beyond `--max-draining` + 2 with `--drain-evict`: evicted
+/// generations still run for their grace, and a reload must not wait for
+/// their slots.
+pub const EVICTING_SLOTS: u32 = 2;
 
 /// Rollback and canary.
 #[derive(Clone, Debug)]
@@ -141,7 +152,13 @@ impl RunConfig {
     pub fn limits(&self) -> Limits {
         Limits {
             listeners: self.listen.len() as u32,
-            slots: self.drain.max_draining + 2,
+            slots: self.drain.max_draining
+                + 2
+                + if self.drain.evict || self.drain.max_memory.is_some() {
+                    EVICTING_SLOTS
+                } else {
+                    0
+                },
             sockets_per_slot: self.steering.sockets_per_listener,
         }
     }
@@ -172,6 +189,8 @@ impl RunConfig {
                 timeout: Duration::from_secs(2),
                 settle: Duration::from_millis(10),
                 max_draining: 4,
+                evict: false,
+                max_memory: None,
             },
             rollout: Rollout {
                 keep_previous: Duration::ZERO,

@@ -21,6 +21,9 @@ impl<H: Host> Owner<H> {
                 let begun = self.state.begin(Instant::now());
                 if let Ok(begun) = &begun {
                     self.state.set_config_sha256(begun.number, config_sha256);
+                    if let Some(evicted) = begun.evicted {
+                        self.spawn_eviction(evicted);
+                    }
                 }
                 let _ = reply.send(begun);
             }
@@ -83,6 +86,12 @@ impl<H: Host> Owner<H> {
                 let _ = reply.send(self.state.drain_signal(number));
             }
             Command::Kill { number } => self.state.kill(number),
+            Command::KillEvicted { number } => self.state.kill_evicted(number),
+            Command::OverMemory { usage } => {
+                if let Some(evicted) = self.state.over_memory(&usage) {
+                    self.spawn_eviction(evicted);
+                }
+            }
             Command::Abandon { number, waited } => self.state.abandon(number, waited),
             Command::Refresh {
                 number,

@@ -265,6 +265,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         .health
         .is_some()
         .then(|| tokio::spawn(reload::health::watch(client.clone())));
+    let memory_budget = config
+        .drain
+        .max_memory
+        .is_some()
+        .then(|| tokio::spawn(reload::memory_budget(client.clone())));
     info!(
         name = %config.name,
         socket = %config.control_socket.display(),
@@ -306,6 +311,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         probes_task,
         watch_task,
         health,
+        memory_budget,
     ]
     .into_iter()
     .flatten()

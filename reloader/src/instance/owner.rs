@@ -160,6 +160,16 @@ impl<H: Host> Owner<H> {
         });
     }
 
+    /// Finishes the eviction of generation `number` (its grace, then the
+    /// kill).
+    pub fn spawn_eviction(&mut self, number: u64) {
+        let client = self.client.clone();
+        self.tasks.spawn(async move {
+            reload::evicted(&client, number).await;
+            Done::Drained
+        });
+    }
+
     /// Waits for adopted canary `number`'s verdict.
     pub fn spawn_adopted_canary(&mut self, number: u64, previous: u64) {
         let client = self.client.clone();

@@ -122,6 +122,30 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
     prepared
 }
 
+/// `--max-draining-memory` reads each generation's `memory.current`: the
+/// memory controller must be available below the controller's cgroup
+/// (`base`), or the budget could never be kept. Refused before anything is
+/// made.
+fn memory_controller(base: Result<&Path, &crate::cgroup::Unavailable>) -> anyhow::Result<()> {
+    let base = base.map_err(|why| {
+        anyhow::anyhow!(
+            "--max-draining-memory needs a cgroup v2 per generation, and there is none: {why}"
+        )
+    })?;
+    let controllers = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        anyhow::bail!(
+            "--max-draining-memory needs the memory controller in cgroup v2, and {} offers only \
+             [{}]: on a hybrid host it is held by cgroup v1 (boot with \
+             systemd.unified_cgroup_hierarchy=1); under systemd give the unit Delegate=yes; or \
+             run without --max-draining-memory",
+            base.display(),
+            controllers.trim()
+        );
+    }
+    Ok(())
+}
+
 /// [`prepare`], once the instance lock is held (`lock`, released on error).
 fn prepare_locked(
     config: &Arc<RunConfig>,
@@ -133,6 +157,9 @@ fn prepare_locked(
     // The controller's own cgroup v2 (where the listen notifier attaches),
     // then the instance's below it (the controller may move into a leaf).
     let base = crate::cgroup::own();
+    if config.drain.max_memory.is_some() {
+        memory_controller(base.as_ref().map(|(dir, _)| dir.as_path()))?;
+    }
     let cgroups = base
         .as_ref()
         .map_err(Clone::clone)

@@ -23,6 +23,7 @@
 //! | `reloader_connections_bridged_total` | counter | `listener` (held on the bridge while no generation listened) |
 //! | `reloader_child_restarts_total` | counter | `reason` (`crash`, `stopped_listening`) |
 //! | `reloader_drain_kills_total` | counter | |
+//! | `reloader_drain_evictions_total` | counter | `reason`: `memory`, `count` |
 //! | `reloader_log_lines_dropped_total` | counter | |
 //! | `reloader_rollbacks_total` | counter | `reason` = manual, crash, health |
 //! | `reloader_generation_weight` | gauge | `generation` (share of new connections, 0–1) |
@@ -471,6 +472,18 @@ impl Recorder {
             "drain_kills",
             "Draining generations killed at the drain timeout",
             kills,
+        );
+        let evictions = Family::<Labels, Counter>::default();
+        for reason in ["memory", "count"] {
+            evictions
+                .get_or_create(&label("reason", reason))
+                .inc_by(status.drain_evictions.get(reason).copied().unwrap_or(0));
+        }
+        registry.register(
+            "drain_evictions",
+            "Draining generations evicted before their drain timeout: over \
+             --max-draining-memory (memory) or beyond --max-draining with --drain-evict (count)",
+            evictions,
         );
 
         let dropped = Counter::<u64>::default();

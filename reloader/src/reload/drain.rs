@@ -42,6 +42,54 @@ pub async fn drain(client: &Client, old: u64) {
     }
 }
 
+/// Finishes the eviction of generation `number` (`state::evict`): waits
+/// [`EVICT_GRACE`](crate::state::EVICT_GRACE) for it to exit on its drain
+/// signal, then kills its cgroup.
+pub async fn evicted(client: &Client, number: u64) {
+    if wait_exit(client, number, crate::state::EVICT_GRACE).await {
+        return;
+    }
+    client.kill_evicted(number).await;
+    if !wait_exit(client, number, KILL_GRACE).await {
+        client.abandon(number, KILL_GRACE).await;
+    }
+}
+
+/// How often the draining generations' memory is read while any drains
+/// (`--max-draining-memory`).
+const MEMORY_SAMPLE: Duration = Duration::from_secs(1);
+
+/// `--max-draining-memory`: while generations drain, reads their cgroups'
+/// `memory.current` every [`MEMORY_SAMPLE`] and tells the owner, which
+/// evicts the oldest when they are over the budget. While none drains it
+/// waits for the next snapshot: an idle controller does not wake up.
+pub async fn memory_budget(client: Client) {
+    let mut snapshots = client.subscribe();
+    loop {
+        let draining = snapshots.borrow_and_update().draining_cgroups();
+        if draining.is_empty() {
+            if snapshots.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let usage = tokio::task::spawn_blocking(move || {
+            draining
+                .into_iter()
+                .filter_map(|(number, dir)| {
+                    #[allow(clippy::disallowed_methods)] // on a blocking thread
+                    let text = std::fs::read_to_string(dir.join("memory.current")).ok()?;
+                    Some((number, text.trim().parse().ok()?))
+                })
+                .collect::<Vec<(u64, u64)>>()
+        })
+        .await
+        .unwrap_or_default();
+        client.over_memory(usage).await;
+        tokio::time::sleep(MEMORY_SAMPLE).await;
+    }
+}
+
 /// Lets `old` run for `settle` while it drains (it receives nothing new),
 /// or for as long as it is held (`--keep-previous`: the hold ends at its
 /// deadline, or early when a later cutover holds another generation);

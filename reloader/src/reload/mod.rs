@@ -41,7 +41,7 @@ mod track;
 
 use std::{future::Future, path::PathBuf};
 
-pub use drain::{KILL_GRACE, drain};
+pub use drain::{KILL_GRACE, drain, evicted, memory_budget};
 pub use host::System;
 pub use machine::{CutOver, Finished, adopted_canary, run};
 pub use track::{IDLE_INTERVAL, TRACK_INTERVAL, track};

@@ -95,6 +95,15 @@ pub enum Command {
     Kill {
         number: u64,
     },
+    /// An evicted generation's grace is over: kill it.
+    KillEvicted {
+        number: u64,
+    },
+    /// The draining generations' memory now (generation, bytes):
+    /// `--max-draining-memory` may evict the oldest.
+    OverMemory {
+        usage: Vec<(u64, u64)>,
+    },
     /// It did not exit after SIGKILL: free its slot.
     Abandon {
         number: u64,
@@ -324,6 +333,14 @@ impl Client {
 
     pub async fn kill(&self, number: u64) {
         self.tell(Command::Kill { number }).await;
+    }
+
+    pub async fn kill_evicted(&self, number: u64) {
+        self.tell(Command::KillEvicted { number }).await;
+    }
+
+    pub async fn over_memory(&self, usage: Vec<(u64, u64)>) {
+        self.tell(Command::OverMemory { usage }).await;
     }
 
     pub async fn abandon(&self, number: u64, waited: std::time::Duration) {

@@ -21,6 +21,14 @@ impl InstanceState {
             .generations
             .get(number)
             .is_some_and(|g| g.state == State::Draining);
+        let signalled = self
+            .generations
+            .get(number)
+            .is_some_and(|g| g.timeline.signalled.is_some());
+        if draining && signalled && self.evicting.contains_key(&number) {
+            // Its eviction signalled it already.
+            return true;
+        }
         if draining && self.is_leaderless(number) {
             // No leader to tell: the processes its cgroup grew from are.
             if let Some(dir) = self.cgroup(number).cloned() {
@@ -404,6 +412,7 @@ impl InstanceState {
         self.reinstated.retain(|n, _| known(n));
         self.stderr.retain(|n, _| known(n));
         self.early_exits.retain(|n, _| known(n));
+        self.evicting.retain(|n, _| known(n));
         self.sockets.retain(|n, _| known(n));
         self.canary_verdicts.retain(|n, _| known(n));
         let live = |n: &u64| self.generations.get(*n).is_some_and(|g| g.state.is_live());

@@ -15,6 +15,7 @@ mod bridges;
 mod cgroups;
 mod client;
 mod ending;
+mod evict;
 mod identity;
 mod report;
 mod rollout;
@@ -33,6 +34,7 @@ use std::{
 
 pub use bridges::HOLD_LIMIT;
 pub use client::{Activated, COMMAND_QUEUE, Client, Command, Owned};
+pub use evict::{EVICT_GRACE, EvictReason};
 pub use rollout::{Advanced, CanaryPhase, CanaryVerdict, Hold, RolledBack};
 pub use snapshot::{GenerationView, Snapshot};
 pub use tracking::{Refreshed, Tracked};
@@ -106,6 +108,9 @@ pub struct Begun {
     pub slot: u32,
     /// The active generation it will replace.
     pub previous: Option<u64>,
+    /// The draining generation evicted to make room (`--drain-evict`):
+    /// killed after [`EVICT_GRACE`].
+    pub evicted: Option<u64>,
 }
 
 /// Why a generation cannot begin now.
@@ -154,7 +159,7 @@ struct Reinstated {
 }
 
 /// Counts shown by `status` and the metrics.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Stats {
     reloads_succeeded: u64,
     reloads_failed: u64,
@@ -162,6 +167,8 @@ struct Stats {
     /// Of those, generations replaced because they stopped listening.
     restarts_stopped_listening: u64,
     drain_kills: u64,
+    /// Draining generations evicted, by why.
+    drain_evictions: BTreeMap<EvictReason, u64>,
     reloads_rolled_back: u64,
     rollbacks: RollbackCounts,
     /// Connections bridges held and handed to a generation.
@@ -225,6 +232,8 @@ pub struct InstanceState {
     leaderless: BTreeSet<u64>,
     /// Why generations get no cgroups, if they do not.
     cgroup_unavailable: Option<String>,
+    /// Draining generations evicted (see [`evict`]), while they are known.
+    evicting: BTreeMap<u64, EvictReason>,
 }
 
 /// The active generation stopped listening on a managed address.
@@ -280,6 +289,7 @@ impl InstanceState {
             members_left: BTreeSet::new(),
             leaderless: BTreeSet::new(),
             cgroup_unavailable: None,
+            evicting: BTreeMap::new(),
         }
     }
 

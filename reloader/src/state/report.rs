@@ -130,6 +130,7 @@ impl InstanceState {
                     cpu_seconds: None,
                     processes: None,
                     unavailable: std::collections::BTreeMap::new(),
+                    evicted: self.evicting(g.number).map(|r| r.as_str().to_owned()),
                 }
             })
             .collect();
@@ -146,6 +147,12 @@ impl InstanceState {
             restarts: self.stats.restarts,
             restarts_stopped_listening: self.stats.restarts_stopped_listening,
             drain_kills: self.stats.drain_kills,
+            drain_evictions: self
+                .stats
+                .drain_evictions
+                .iter()
+                .map(|(reason, n)| (reason.as_str().to_owned(), *n))
+                .collect(),
             rollout: self.rollout_status(now),
             reloads_rolled_back: self.stats.reloads_rolled_back,
             rollbacks: self.stats.rollbacks,

@@ -29,6 +29,10 @@ pub struct GenerationView {
     /// Inodes of its sockets on stateless UDP listeners (their queues are
     /// read before it is told to drain).
     pub stateless_udp: BTreeSet<u64>,
+    /// Its cgroup, where it has one.
+    pub cgroup: Option<std::path::PathBuf>,
+    /// It is being evicted (`--drain-evict`, `--max-draining-memory`).
+    pub evicting: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +75,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The cgroups of the draining generations not being evicted, oldest
+    /// first (what `--max-draining-memory` reads).
+    pub fn draining_cgroups(&self) -> Vec<(u64, std::path::PathBuf)> {
+        self.generations
+            .iter()
+            .filter(|(_, g)| g.state == State::Draining && !g.evicting)
+            .filter_map(|(&n, g)| Some((n, g.cgroup.clone()?)))
+            .collect()
+    }
+
     /// Whether the instance serves every managed address now.
     pub fn readiness(&self) -> Readiness {
         match (self.stopping, self.active, self.unserved.first()) {
@@ -176,6 +190,8 @@ impl InstanceState {
                     signalled: g.timeline.signalled.is_some(),
                     ended,
                     stateless_udp,
+                    cgroup: self.cgroup(g.number).cloned(),
+                    evicting: self.evicting(g.number).is_some(),
                 };
                 (g.number, view)
             })

@@ -27,7 +27,23 @@ impl InstanceState {
         if let Some(generation) = self.canary() {
             return Err(NotNow::Canary { generation });
         }
-        let draining = self.generations.draining().count() as u32;
+        let unevicted = self.draining_unevicted();
+        let mut draining = unevicted.len() as u32;
+        let mut evicted = None;
+        if draining >= self.config.drain.max_draining
+            && self.config.drain.evict
+            && self.generations.free_slot().is_some()
+        {
+            let oldest = unevicted[0];
+            let why = format!(
+                "a reload beyond --max-draining {} with --drain-evict",
+                self.config.drain.max_draining
+            );
+            if self.evict(oldest, super::EvictReason::Count, &why) {
+                evicted = Some(oldest);
+                draining -= 1;
+            }
+        }
         if draining >= self.config.drain.max_draining || self.generations.free_slot().is_none() {
             return Err(NotNow::Busy { draining });
         }
@@ -46,6 +62,7 @@ impl InstanceState {
             number,
             slot,
             previous,
+            evicted,
         })
     }
 

@@ -237,6 +237,71 @@ fn no_generation_begins_beyond_max_draining_or_while_stopping() {
     }
 }
 
+#[test]
+fn with_drain_evict_a_reload_beyond_max_draining_evicts_the_oldest_at_once() {
+    let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    config.drain.max_draining = 2;
+    config.drain.evict = true;
+    let (mut state, _fake) = state_with(config);
+    // Generation 3 active, 1 and 2 draining (not yet signalled: settling).
+    let mut children: Vec<Child> = (0..3).map(|_| activate(&mut state).2).collect();
+    let begun = state.begin(Instant::now()).expect("no waiting for a slot");
+    assert_eq!((begun.number, begun.evicted), (4, Some(1)));
+    assert_eq!(state.evicting(1), Some(EvictReason::Count));
+    assert_eq!(state.evicting(2), None);
+    let one = state.generations.get(1).unwrap();
+    assert!(one.timeline.signalled.is_some(), "signalled at once");
+    // Its drain task's later signal is not a second one.
+    assert!(state.drain_signal(1));
+    let status = state.status();
+    assert_eq!(status.drain_evictions.get("count"), Some(&1));
+    let one = status
+        .generations
+        .iter()
+        .find(|g| g.generation == 1)
+        .unwrap();
+    assert_eq!(one.evicted.as_deref(), Some("count"));
+    // Without --drain-evict the same reload would have waited.
+    let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    config.drain.max_draining = 2;
+    let (mut waiting, _fake) = state_with(config);
+    let mut others: Vec<Child> = (0..3).map(|_| activate(&mut waiting).2).collect();
+    assert_eq!(
+        waiting.begin(Instant::now()),
+        Err(NotNow::Busy { draining: 2 })
+    );
+    for child in children.iter_mut().chain(others.iter_mut()) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn over_the_memory_budget_the_oldest_draining_generation_is_evicted_one_at_a_time() {
+    let mut config = RunConfig::for_tests(&["127.0.0.1:8080"]);
+    config.drain.max_memory = Some(100 << 20);
+    let (mut state, _fake) = state_with(config);
+    let mut children: Vec<Child> = (0..3).map(|_| activate(&mut state).2).collect();
+    // 1 and 2 drain: 60 MiB together is within the budget.
+    assert_eq!(state.over_memory(&[(1, 30 << 20), (2, 30 << 20)]), None);
+    // 120 MiB is over: the oldest goes; the active one's memory never counts.
+    assert_eq!(
+        state.over_memory(&[(1, 60 << 20), (2, 60 << 20), (3, 500 << 20)]),
+        Some(1)
+    );
+    assert_eq!(state.evicting(1), Some(EvictReason::Memory));
+    // Still over while 1 has not exited: nothing more until it has.
+    assert_eq!(state.over_memory(&[(2, 120 << 20)]), None);
+    let mut one = children.remove(0);
+    exit(&mut state, &mut one, "killed by SIGKILL");
+    assert_eq!(state.over_memory(&[(2, 120 << 20)]), Some(2));
+    assert_eq!(state.status().drain_evictions.get("memory"), Some(&2));
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 // ---- Rollback and canary.
 
 /// Two listeners, `--keep-previous 1m`.

@@ -188,12 +188,22 @@ impl StatusReport {
         let _ = writeln!(
             out,
             "\nreloads: {} succeeded, {} failed, {} rolled back; restarts: {}{stopped_listening}; \
-             drain kills: {}",
+             drain kills: {}{}",
             self.reloads_succeeded,
             self.reloads_failed,
             self.reloads_rolled_back,
             self.restarts,
-            self.drain_kills
+            self.drain_kills,
+            if self.drain_evictions.is_empty() {
+                String::new()
+            } else {
+                let by: Vec<String> = self
+                    .drain_evictions
+                    .iter()
+                    .map(|(reason, n)| format!("{n} by {reason}"))
+                    .collect();
+                format!("; drain evictions: {}", by.join(", "))
+            }
         );
         if let Some(rollout) = &self.rollout {
             let _ = writeln!(out, "{}", rollout.human());
@@ -356,6 +366,9 @@ fn generation_notes(g: &GenerationStatus, rollout: bool) -> String {
             health.last_error.as_deref().unwrap_or("?")
         ));
     }
+    if let Some(reason) = &g.evicted {
+        notes.push(format!("[evicted: {reason}]"));
+    }
     if let Some(outcome) = &g.outcome {
         notes.push(format!("({outcome})"));
     }
@@ -363,7 +376,7 @@ fn generation_notes(g: &GenerationStatus, rollout: bool) -> String {
 }
 
 /// `12.3MiB`, `512KiB`, `900B`.
-fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if bytes < 1024 {
         return format!("{bytes}B");

@@ -10,6 +10,7 @@ mod readiness;
 mod tests;
 mod wire;
 
+pub use human::human_bytes;
 pub(crate) use human::{Column, render};
 pub use readiness::Readiness;
 pub use wire::{

@@ -76,6 +76,7 @@ fn generation(n: u64, state: State) -> GenerationStatus {
         steered_per_second: None,
         health: None,
         cgroup: None,
+        evicted: None,
         connections: None,
         memory_bytes: None,
         cpu_seconds: None,

@@ -33,6 +33,10 @@ pub struct StatusReport {
     pub restarts_stopped_listening: u64,
     /// Draining generations killed at the drain timeout.
     pub drain_kills: u64,
+    /// Draining generations evicted before their drain timeout, by reason
+    /// (`memory`, `count`).
+    #[serde(default)]
+    pub drain_evictions: std::collections::BTreeMap<String, u64>,
     /// Decisions for groups with no registered listener.
     pub unmanaged_fallback: u64,
     /// What this controller took over (or cleaned up) from a previous one
@@ -155,6 +159,10 @@ pub struct GenerationStatus {
     /// Why a field above is `None`, by field name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unavailable: std::collections::BTreeMap<String, String>,
+    /// Why it is being (or was) evicted while it drained: `memory`
+    /// (`--max-draining-memory`) or `count` (`--drain-evict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<String>,
 }
 
 /// Health checks of one generation.

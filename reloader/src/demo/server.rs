@@ -264,7 +264,10 @@ fn dns_noerror(query: &[u8]) -> Vec<u8> {
 
 fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, behaviour: &Behaviour) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(10)));
+    // Held connections wait for their client without waking: thousands of
+    // them must cost nothing while idle.
+    let timeout = (!behaviour.hold_connections).then(|| Duration::from_millis(10));
+    let _ = stream.set_read_timeout(timeout);
     let started = Instant::now();
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];

@@ -132,6 +132,7 @@ fn memory_controller(base: Result<&Path, &crate::cgroup::Unavailable>) -> anyhow
             "--max-draining-memory needs a cgroup v2 per generation, and there is none: {why}"
         )
     })?;
+    #[allow(clippy::disallowed_methods)] // part of `prepare`, on a blocking thread
     let controllers = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
     if !controllers.split_whitespace().any(|c| c == "memory") {
         anyhow::bail!(

@@ -17,6 +17,7 @@
 //! not in the keep-alive section, where servers close connections
 //! themselves).
 
+mod holdings;
 mod keepalive;
 mod micro;
 mod plot;
@@ -68,6 +69,14 @@ pub struct BenchArgs {
     /// remedies (20 reloads per scenario; about 10 minutes).
     #[arg(long, conflicts_with = "scale")]
     keepalive: bool,
+    /// Run the holdings section only: the controller's CPU per `status` and
+    /// per `/metrics` scrape with 0 and with --held connections held by two
+    /// generations (about a minute).
+    #[arg(long, conflicts_with_all = ["udp", "keepalive", "scale", "rollout"])]
+    holdings: bool,
+    /// --holdings: established connections the generations hold.
+    #[arg(long, default_value_t = 10_000)]
+    held: usize,
     /// Run the scale section only: reload phases, controller CPU, discovery,
     /// status and metrics, steering overhead and memory for 1, 16, 64 and
     /// 256 listeners (about 5 minutes).
@@ -150,13 +159,15 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
             .map(Server::parse)
             .collect::<Result<_>>()?,
     };
-    if !args.scale {
+    if !args.scale && !args.holdings {
         for server in &servers {
             server.check_installed()?;
         }
     }
     let section = if args.keepalive {
         "keepalive"
+    } else if args.holdings {
+        "holdings"
     } else if args.scale {
         "scale"
     } else {
@@ -225,6 +236,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     if args.keepalive {
         keepalive::section(&servers, &bins, &params, &json_path, &machine, started)?;
         return check_sysctl(&host_migrate_req);
+    }
+    if args.holdings {
+        return holdings::section(&bins, args.held, args.quick, &json_path, &machine, started);
     }
     if args.scale {
         let options = scale::Options {

@@ -141,57 +141,6 @@ fn dump(family: u8, transport: Transport) -> Result<Vec<Listener>, DiscoveryErro
     Ok(found)
 }
 
-/// An established TCP connection of this network namespace, as the
-/// connection-counting of `status` needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Connection {
-    pub cookie: u64,
-    /// Its local address (a managed address's port, for a server's side).
-    pub local: SocketAddr,
-    /// The cgroup (v2 id) its socket was created in: the listener's it was
-    /// accepted from.
-    pub cgroup_id: Option<u64>,
-}
-
-/// `INET_DIAG_CGROUP_ID`: the socket's cgroup v2 id (Linux >= 5.7; sent
-/// with every answer, not asked for).
-const INET_DIAG_CGROUP_ID: u16 = 21;
-
-/// The established TCP connections of this network namespace whose local
-/// port is one of `ports` (one sock_diag dump per address family).
-pub fn established(ports: &[u16]) -> Result<Vec<Connection>, DiscoveryError> {
-    let mut found = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        diag(
-            family,
-            Transport::Tcp,
-            StateFlags::ESTABLISHED,
-            |response| {
-                let id = &response.header.socket_id;
-                if !ports.contains(&id.source_port) {
-                    return;
-                }
-                let cgroup_id = response.nlas.iter().find_map(|nla| match nla {
-                    netlink_packet_sock_diag::inet::nlas::Nla::Other(other)
-                        if netlink_packet_core::Nla::kind(other) == INET_DIAG_CGROUP_ID =>
-                    {
-                        let mut value = [0u8; 8];
-                        netlink_packet_core::Nla::emit_value(other, &mut value);
-                        Some(u64::from_ne_bytes(value))
-                    }
-                    _ => None,
-                });
-                found.push(Connection {
-                    cookie: u64::from_ne_bytes(id.cookie),
-                    local: SocketAddr::new(id.source_address, id.source_port),
-                    cgroup_id,
-                });
-            },
-        )?;
-    }
-    Ok(found)
-}
-
 /// One sock_diag dump of `family`/`transport` sockets in `states`; `each`
 /// sees every answer.
 fn diag(

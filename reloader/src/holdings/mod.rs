@@ -42,8 +42,11 @@ use std::{
 
 use tracing::debug;
 
+mod dump;
+
+pub use dump::Connection;
+
 use crate::{
-    discovery::{self, Connection},
     net::Transport,
     status::StatusReport,
     steering::{BRIDGE_EPOCH, MigrationLog},
@@ -180,7 +183,7 @@ fn count_connections(
         None => HashMap::new(),
     };
     let ports: Vec<u16> = managed.iter().map(SocketAddr::port).collect();
-    let connections: Vec<Connection> = discovery::established(&ports)
+    let connections: Vec<Connection> = dump::established(&ports)
         .map_err(|e| crate::error_chain(&e))?
         .into_iter()
         .filter(|c| {

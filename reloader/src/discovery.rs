@@ -100,6 +100,20 @@ pub enum DiscoveryError {
     },
 }
 
+impl DiscoveryError {
+    /// Whether a process or descriptor found by a scan was gone by the time
+    /// it was copied: a server that daemonizes, or re-execs, moves its
+    /// sockets between processes while it starts. Scanning again finds the
+    /// holder of now.
+    pub fn vanished(&self) -> bool {
+        matches!(
+            self,
+            Self::CopyError { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::EBADF))
+        )
+    }
+}
+
 /// Every TCP socket in state LISTEN in this network namespace.
 pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
     let mut all = Vec::new();

@@ -131,6 +131,12 @@ pub enum ReloadError {
 }
 
 impl ReloadError {
+    /// Whether copying found sockets failed because their holder exited or
+    /// closed them after the scan (see [`DiscoveryError::vanished`]).
+    pub fn holder_vanished(&self) -> bool {
+        matches!(self, Self::DiscoveryError { source } if source.vanished())
+    }
+
     /// Whether `--check` refused the reload (counted apart in the metrics).
     pub fn is_check_failure(&self) -> bool {
         matches!(

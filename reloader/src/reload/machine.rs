@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Host, Members, Scan, drain::drain, probe::wait_for_probe, ready::NotifySocket};
 use crate::{
@@ -290,8 +290,19 @@ async fn start<H: Host>(
         source,
     })?;
 
-    let scan = discover(client, host, number, members, deadline).await?;
-    let found = host.copy(scan).await?;
+    // A daemonizing server's first process holds the sockets when the
+    // scan sees them and exits a moment later (nginx without
+    // `daemon off;`, seen in CI): the copy then fails with ESRCH, and a
+    // new scan finds the daemon holding the same sockets.
+    let found = loop {
+        let scan = discover(client, host, number, members.clone(), deadline).await?;
+        match host.copy(scan).await {
+            Err(error) if error.holder_vanished() && Instant::now() < deadline => {
+                debug!(generation = number, error = %crate::error_chain(&error), "a holder went away: scanning again");
+            }
+            found => break found?,
+        }
+    };
     client.register(number, found).await?;
     if let Some(notify) = &notify {
         notify.wait_ready(client, number, deadline).await?;

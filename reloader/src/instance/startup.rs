@@ -35,6 +35,8 @@ pub struct Prepared {
     pub recovered: Option<String>,
     pub limits: Limits,
     pub steering: Steering,
+    /// The steering maps are pinned (else a successor cannot adopt).
+    pub pinned: bool,
     /// The eBPF log pump (with debug logs on).
     pub log_pump: Option<crate::steering::LogPump>,
     /// Listen events from the controller's cgroup, or why there are none.
@@ -186,6 +188,7 @@ fn prepare_locked(
     if !adopting {
         made.pins = Some(paths.pins.clone());
     }
+    let pinned = Steering::pinned_in(&paths.pins);
     let log_pump = steering.log_pump();
     let listen_events = base.map_err(|e| e.to_string()).and_then(|(cgroup, _)| {
         steering
@@ -240,6 +243,7 @@ fn prepare_locked(
         recovered,
         limits,
         steering,
+        pinned,
         log_pump,
         listen_events,
         control,

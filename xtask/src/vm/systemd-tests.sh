@@ -146,8 +146,25 @@ delegate_gives_reloader_its_cgroup() {
     cgroup=$(systemctl show -P ControlGroup "$UNIT")
     dir=/sys/fs/cgroup$cgroup
     echo "unit cgroup $cgroup: controllers '$(cat "$dir/cgroup.controllers")'"
-    # The controller runs in the unit's cgroup itself.
-    grep -qx "0::$cgroup" "/proc/$(main_pid)/cgroup" || { fail "the controller is not in $cgroup"; return 1; }
+    # reloader arranges the subtree: the controller in a leaf of its own,
+    # each generation (every nginx process) in a cgroup of its own, all
+    # below the unit's.
+    local own pid in
+    own=$(sed -n 's/^0:://p' "/proc/$(main_pid)/cgroup")
+    echo "controller in $own; generation 1 in $(status_json | jq -r '.generations[0].cgroup')"
+    case "$own" in "$cgroup"/*) ;; *) fail "the controller is in $own, not below $cgroup"; return 1 ;; esac
+    # The unit's own cgroup enables no controller for its children: systemd
+    # puts the next controller there (a restart, a hand-over), and cgroup v2
+    # refuses a process in a cgroup that does (219/CGROUP).
+    [ -z "$(cat "$dir/cgroup.subtree_control")" ] ||
+        { fail "$dir enables controllers: $(cat "$dir/cgroup.subtree_control")"; return 1; }
+    for pid in $(pgrep -x nginx); do
+        in=$(sed -n 's/^0:://p' "/proc/$pid/cgroup")
+        case "$in" in
+        "$cgroup"/reloader.*/gen-1) ;;
+        *) fail "nginx $pid is in $in, not in generation 1's cgroup below $cgroup"; return 1 ;;
+        esac
+    done
     # systemd marks a delegated cgroup (v252+) and hands it the controllers.
     [ "$(getfattr --only-values -n trusted.delegate "$dir" 2>/dev/null)" = 1 ] ||
         { fail "$dir is not marked delegated (trusted.delegate)"; return 1; }

@@ -116,10 +116,12 @@ pub(super) fn raise_memlock() {
 mod tests {
     use super::*;
 
-    /// The definitions of the maps each layout pins: (map, BPF map type,
-    /// key size, value size). Types: 1 hash, 2 array, 6 per-CPU array, 9
-    /// LRU hash, 20 reuseport sockarray.
-    const LAYOUTS: &[(u32, &[(&str, u32, u32, u32)])] = &[
+    /// (map, BPF map type, key size, value size).
+    type MapDefinition = (&'static str, u32, u32, u32);
+
+    /// The definitions of the maps each layout pins. Types: 1 hash, 2
+    /// array, 6 per-CPU array, 9 LRU hash, 20 reuseport sockarray.
+    const LAYOUTS: &[(u32, &[MapDefinition])] = &[
         (
             1,
             &[
@@ -150,7 +152,7 @@ mod tests {
     #[test]
     fn the_pinned_maps_are_the_recorded_layout() {
         let object = aya_obj::Object::parse(super::super::OBJECT).expect("the embedded object");
-        let found: Vec<(&str, u32, u32, u32)> = PINNED
+        let found: Vec<MapDefinition> = PINNED
             .iter()
             .map(|name| {
                 let m = &object.maps[*name];

@@ -128,6 +128,7 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
 /// memory controller must be available below the controller's cgroup
 /// (`base`), or the budget could never be kept. Refused before anything is
 /// made.
+#[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
 fn memory_controller(base: Result<&Path, &crate::cgroup::Unavailable>) -> anyhow::Result<()> {
     let base = base.map_err(|why| {
         anyhow::anyhow!(

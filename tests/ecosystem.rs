@@ -464,7 +464,11 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     ))
     .expect("contrib/reloader@.service");
     let bin = reloader_tests::instance::reloader_bin();
-    let unit = unit.replace("/usr/local/bin/reloader", &bin.display().to_string());
+    assert!(
+        unit.contains("ExecStart=/usr/bin/reloader run"),
+        "the unit names the binary where the Debian package installs it"
+    );
+    let unit = unit.replace("/usr/bin/reloader", &bin.display().to_string());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reloader@web.service");
     std::fs::write(&path, unit).unwrap();

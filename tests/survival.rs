@@ -198,6 +198,105 @@ fn a_clean_stop_ends_the_log_keeper() {
     );
 }
 
+/// Upgrading reloader itself: `reloader handover` makes the controller exit
+/// (status 75) without signalling its generation, and the next `reloader
+/// run` with the same options (a new binary, in a package upgrade) adopts
+/// it. Under load no connection fails, the server is the same process, and
+/// what it wrote to its stderr meanwhile was kept by the log keeper.
+#[test]
+fn a_handover_leaves_the_servers_to_the_next_controller_under_load() {
+    privileged();
+    let mut instance = Instance::start(
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR, "--chatty", "100"],
+    );
+    let server = instance.generation(1).pid.expect("a pid");
+    let old = instance.pid();
+    let load = Load::start(addr(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = instance.client(&["handover", "--timeout", "20s"]);
+    assert!(
+        out.status.success(),
+        "handover failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        instance.log_text()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("controller pid {old} handed")),
+        "{said}"
+    );
+    let exit = instance.wait_exit(Duration::from_secs(5));
+    assert_eq!(exit.code(), Some(75), "{}", instance.log_text());
+    // What the successor adopts by is all there; nobody answers meanwhile.
+    assert!(instance.socket.with_extension("state.json").exists());
+    assert!(instance.socket.with_extension("keeper").exists());
+    assert!(!instance.socket.exists(), "the old control socket is gone");
+    let before = instance.log_text().len();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(process_alive(server), "the server was signalled");
+    instance.respawn();
+    instance.wait_active(Duration::from_secs(30));
+    let status = instance.status();
+    assert_eq!(
+        status.generations[0].pid,
+        Some(server),
+        "the same server, adopted"
+    );
+    assert!(
+        status
+            .recovered
+            .as_deref()
+            .is_some_and(|r| r.starts_with("adopted generations 1 (active")),
+        "{:?}",
+        status.recovered
+    );
+    wait_for(
+        "the new controller to log what the keeper kept",
+        Duration::from_secs(10),
+        || {
+            instance.log_text()[before..]
+                .contains("forwarded the stderr lines the log keeper kept")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(report.total() > 100, "too little load: {}", report.total());
+    // The successor controls it: a reload, then a clean stop.
+    assert_eq!(instance.reload_wait().done().generation, 2);
+    assert!(instance.stop().success());
+}
+
+/// A binary that cannot adopt the instance's state (another layout of the
+/// pinned maps here) refuses to ask for a hand-over: the controller keeps
+/// running, nothing is touched.
+#[test]
+fn a_handover_is_refused_when_this_binary_could_not_adopt() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let state = instance.socket.with_extension("state.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    saved["maps_layout"] = 99.into();
+    std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let out = instance.client(&["handover"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("not handing over") && said.contains("layout 99"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        instance.status().pid,
+        instance.pid(),
+        "the controller runs on"
+    );
+    assert!(instance.stop().success());
+}
+
 /// The recorded leader of the active generation died while no controller
 /// ran, but its workers still listen. A new controller used to call that
 /// "none of its generations serves any more", remove the state file and

@@ -146,10 +146,20 @@ pub fn prepare(name: &str, key: &Path) -> Result<Instance, Unavailable> {
         if !available.split_whitespace().any(|c| c == wanted) {
             continue;
         }
-        let enabled = std::fs::write(base.join("cgroup.subtree_control"), format!("+{wanted}"))
-            .and_then(|()| {
-                std::fs::write(dir.join("cgroup.subtree_control"), format!("+{wanted}"))
-            });
+        // The controller's own cgroup is written only when it is the
+        // hierarchy's root. Any other is where whoever started the
+        // controller puts the next one (systemd restarting the unit after
+        // a crash or a hand-over), and cgroup v2 lets no process into a
+        // cgroup that enables controllers for its children: systemd's
+        // restart failed with 219/CGROUP. Elsewhere the generations get
+        // what that cgroup already enables for its children (under
+        // systemd's Delegate=yes: none).
+        let enabled = if base == mount {
+            std::fs::write(base.join("cgroup.subtree_control"), format!("+{wanted}"))
+        } else {
+            Ok(())
+        }
+        .and_then(|()| std::fs::write(dir.join("cgroup.subtree_control"), format!("+{wanted}")));
         match enabled {
             Ok(()) => controllers.push(wanted.to_owned()),
             Err(error) => debug!(controller = wanted, %error, "controller not enabled"),

@@ -5,8 +5,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reloader::{
     cli::{
-        Cli, Command, DemoArgs, FleetCommand, ListArgs, PrometheusArgs, PromoteArgs, ReloadArgs,
-        RollbackArgs, RunArgs, StatusArgs, StopArgs,
+        Cli, Command, DemoArgs, FleetCommand, HandoverArgs, Internal, ListArgs, PrometheusArgs,
+        PromoteArgs, ReloadArgs, RollbackArgs, RunArgs, StatusArgs, StopArgs,
     },
     control::{self, Request, Response},
     instance, supervisor,
@@ -19,10 +19,19 @@ const ROLLED_BACK: u8 = 3;
 const NO_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // Kept until the end: it flushes buffered log lines.
-    let _log = reloader::logging::init(cli.log_format);
-    match dispatch(cli) {
+    let result = match Internal::from_env() {
+        Some(internal) => {
+            let _log = reloader::logging::init(reloader::cli::LogFormat::Text);
+            internal_cmd(internal)
+        }
+        None => {
+            let cli = Cli::parse();
+            // Kept until the end: it flushes buffered log lines.
+            let _log = reloader::logging::init(cli.log_format());
+            dispatch(cli)
+        }
+    };
+    match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("reloader: {}", reloader::error_chain(error.as_ref()));
@@ -42,22 +51,30 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::List(args) => list_cmd(args),
         Command::Fleet(args) => fleet_cmd(args.command),
         Command::Demo(args) => demo_cmd(args),
-        Command::Keeper { socket } => keeper_cmd(&socket),
-        Command::Exec {
+        Command::Completions { shell } => completions_cmd(shell),
+        Command::Man { dir } => man_cmd(dir.as_deref()),
+        Command::Stop(args) => stop_cmd(args),
+        Command::Handover(args) => handover_cmd(args),
+    }
+}
+
+/// Runs a subcommand the binary starts itself as.
+fn internal_cmd(internal: Internal) -> Result<ExitCode> {
+    match internal {
+        Internal::Keeper { socket } => keeper_cmd(&socket),
+        Internal::Exec {
             gate_fd,
             listen_fds,
             fd_names,
             command,
         } => exec_cmd(gate_fd, listen_fds, &fd_names, &command),
-        Command::Serve { listen } => reloader::demo::server::run(listen),
-        Command::Completions { shell } => completions_cmd(shell),
-        Command::Man => man_cmd(),
-        Command::Stop(args) => stop_cmd(args),
+        Internal::Serve { listen } => reloader::demo::server::run(listen),
     }
 }
 
 /// `run`: the controller, in the foreground until it is stopped; exits 2
-/// when the stop was not clean (a generation outlived its drain timeout).
+/// when the stop was not clean (a generation outlived its drain timeout),
+/// [`instance::HANDED_OVER`] after a hand-over.
 fn run_cmd(args: RunArgs) -> Result<ExitCode> {
     let config = args.into_config()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -65,11 +82,10 @@ fn run_cmd(args: RunArgs) -> Result<ExitCode> {
         .max_blocking_threads(reloader::MAX_BLOCKING_THREADS)
         .build()
         .context("failed to start the async runtime")?;
-    let clean = runtime.block_on(instance::run(config))?;
-    Ok(if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+    Ok(match runtime.block_on(instance::run(config))? {
+        instance::Outcome::Stopped { clean: true } => ExitCode::SUCCESS,
+        instance::Outcome::Stopped { clean: false } => ExitCode::from(2),
+        instance::Outcome::HandedOver => ExitCode::from(instance::HANDED_OVER),
     })
 }
 
@@ -312,14 +328,23 @@ fn exec_cmd(
 }
 
 fn completions_cmd(shell: clap_complete::Shell) -> Result<ExitCode> {
-    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut command = reloader::cli::command();
     clap_complete::generate(shell, &mut command, "reloader", &mut std::io::stdout());
     Ok(ExitCode::SUCCESS)
 }
 
-fn man_cmd() -> Result<ExitCode> {
-    let command = <Cli as clap::CommandFactory>::command();
-    clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+/// `man DIR`: every page into DIR; without DIR, reloader(1) on stdout.
+fn man_cmd(dir: Option<&Path>) -> Result<ExitCode> {
+    match dir {
+        Some(dir) => {
+            let written = reloader::cli::write_man_pages(dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            for page in written {
+                println!("{}", page.display());
+            }
+        }
+        None => clap_mangen::Man::new(reloader::cli::command()).render(&mut std::io::stdout())?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -366,6 +391,93 @@ fn stop_cmd(args: StopArgs) -> Result<ExitCode> {
     }
     println!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `handover`: checks that this binary can adopt the instance (its state
+/// file's format and maps' layout), asks the controller to hand over, and
+/// waits until it has exited; with `--wait`, until a successor answers.
+fn handover_cmd(args: HandoverArgs) -> Result<ExitCode> {
+    use reloader::state::saved;
+    let socket = args.instance.socket()?;
+    let name = &args.instance.name;
+    let state = saved::state_path(&socket);
+    match saved::load(&state, &state) {
+        Ok(Some(_)) => {}
+        Ok(None) => bail!(
+            "instance {name} has no state file ({}): is it running (`reloader status`)? Nothing \
+             was asked",
+            state.display()
+        ),
+        Err(error) => bail!(
+            "not handing over: this binary could not adopt instance {name}: {}. The controller \
+             keeps running; to switch binaries anyway, `reloader stop` it (the servers drain) and \
+             start this one",
+            reloader::error_chain(&error)
+        ),
+    }
+    let started = std::time::Instant::now();
+    let old = match control::ask(&socket, &Request::Handover {}, Duration::from_secs(10))? {
+        Response::HandingOver { controller_pid } => controller_pid,
+        other => return unexpected(other),
+    };
+    // The controller exits once no reload runs. Then the state file tells
+    // a hand-over (kept) from a stop that came meanwhile (removed).
+    let deadline = started + args.timeout;
+    while process_alive(old) {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "controller pid {old} of instance {name} has not exited after {} (a reload may \
+                 still run: it hands over once that reload has cut over)",
+                humantime::format_duration(args.timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !state.exists() {
+        bail!(
+            "controller pid {old} of instance {name} stopped instead of handing over (a stop \
+             arrived meanwhile): its generations were drained"
+        );
+    }
+    println!(
+        "controller pid {old} handed instance {name} over: every generation keeps running; the \
+         next `reloader run` with the same options adopts them"
+    );
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        if let Ok(Response::Status { status }) =
+            control::ask(&socket, &Request::Status {}, Duration::from_secs(2))
+            && status.pid != old
+        {
+            println!(
+                "controller pid {} runs instance {name} ({:.1}s after the request)",
+                status.pid,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "no new controller answers for instance {name} after {}: start `reloader run` \
+                 with the same options (under systemd: `systemctl status reloader@{name}`)",
+                humantime::format_duration(args.timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 fn unexpected(response: Response) -> Result<ExitCode> {

@@ -10,6 +10,7 @@
 mod bench;
 mod chaos;
 mod deps;
+mod dist;
 mod ebpf;
 mod idle;
 mod modcycles;
@@ -105,6 +106,17 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Build the Debian package (cargo-deb, installed into target/tools
+    /// when missing): /usr/bin/reloader, reloader@.service, a man page per
+    /// command, bash/zsh/fish completions; upgrades hand running instances
+    /// over instead of restarting them.
+    Dist(dist::DistArgs),
+    /// The Debian package under a real systemd: a QEMU guest (TCG) boots a
+    /// Debian bookworm root (mmdebstrap, cached in target/vm/systemd) with
+    /// systemd as PID 1, installs the package with dpkg and tests
+    /// reloader@nginx: start, reload, a killed controller, an upgrade of
+    /// the package under load, stop. As root.
+    SystemdTest(vm::systemd::SystemdArgs),
 }
 
 fn main() -> Result<()> {
@@ -114,6 +126,8 @@ fn main() -> Result<()> {
         Task::CheckEbpf => ebpf::check(),
         Task::Test { args } => test(&args),
         Task::Idle { seconds } => idle::run(seconds),
+        Task::Dist(args) => dist::build(&args).map(drop),
+        Task::SystemdTest(args) => vm::systemd::systemd_test(&args),
         Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
         Task::Chaos(args) => chaos::run_chaos(args),
         Task::TestDeps => deps::install(),

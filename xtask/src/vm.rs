@@ -83,6 +83,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{run, workspace_root};
 
 mod nginx;
+pub mod systemd;
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
@@ -275,10 +276,13 @@ pub fn integration_test(options: &VmOptions) -> Result<()> {
     );
     phases.initramfs = step.elapsed();
     let vm_started = Instant::now();
-    let outcome = boot(&image, &initramfs, options)?;
+    let outcome = boot(&image, &initramfs, options, BUSYBOX_APPEND)?;
     phases.vm = vm_started.elapsed();
-    outcome.report(&phases, started.elapsed())
+    outcome.report(&phases, started.elapsed(), EXCLUDED)
 }
+
+/// The busybox guest's kernel command line (its `/init` is the runner's).
+const BUSYBOX_APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Wall time of each step of a run.
 #[derive(Default)]
@@ -919,7 +923,10 @@ struct Outcome {
     boot: Option<Duration>,
 }
 
-fn boot(kernel: &Path, initramfs: &Path, options: &VmOptions) -> Result<Outcome> {
+/// Boots `kernel` with `initramfs` and kernel command line `append`,
+/// echoing and parsing the serial console until the guest powers off or
+/// the timeout passes.
+fn boot(kernel: &Path, initramfs: &Path, options: &VmOptions, append: &str) -> Result<Outcome> {
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-m",
@@ -935,7 +942,7 @@ fn boot(kernel: &Path, initramfs: &Path, options: &VmOptions) -> Result<Outcome>
     .arg(kernel)
     .arg("-initrd")
     .arg(initramfs)
-    .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    .args(["-append", append]);
     if options.kvm {
         qemu.args(["-enable-kvm", "-cpu", "host"]);
     } else {
@@ -1030,7 +1037,7 @@ impl Outcome {
         }
     }
 
-    fn report(&self, phases: &Phases, total: Duration) -> Result<()> {
+    fn report(&self, phases: &Phases, total: Duration, excluded: &[(&str, &str)]) -> Result<()> {
         let kernel = self.kernel.as_deref().unwrap_or("?");
         let steering = self.steering.as_deref().unwrap_or("unknown");
         println!();
@@ -1064,8 +1071,10 @@ impl Outcome {
         for (name, code) in &self.binaries {
             println!("vm: test binary {name}: exit {code}");
         }
-        println!("vm: excluded in the VM (and why):");
-        for (name, why) in EXCLUDED {
+        if !excluded.is_empty() {
+            println!("vm: excluded in the VM (and why):");
+        }
+        for (name, why) in excluded {
             println!("vm:   {name}: {why}");
         }
         if !self.not_applicable.is_empty() {
@@ -1143,7 +1152,7 @@ mod tests {
     }
 
     fn report(o: &Outcome) -> Result<()> {
-        o.report(&Phases::default(), Duration::ZERO)
+        o.report(&Phases::default(), Duration::ZERO, EXCLUDED)
     }
 
     #[test]

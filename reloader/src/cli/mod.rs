@@ -1,4 +1,8 @@
-//! The command line: `reloader run | reload | status | stop | list | …`.
+//! The command line: `reloader run | reload | status | stop | list | …`
+//! ([`Cli`], what users see: help, man pages, completions) and the
+//! subcommands the binary runs itself as ([`Internal`]: `__exec`,
+//! `__keeper`, `__serve`), parsed apart so that they never show anywhere a
+//! user looks.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -29,13 +33,92 @@ const HOUR: Duration = Duration::from_secs(3600);
                   newest ready generation, and the old one drains and exits."
 )]
 pub struct Cli {
-    /// Log format on stderr (level: RELOADER_LOG or RUST_LOG, e.g.
-    /// `info,reloader=debug`; `reloader::ebpf=debug` adds the eBPF
-    /// program's own debug records).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The log format: `run`'s `--log-format`, text for every other
+    /// command (they print for people, and log only what goes wrong).
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            Command::Run(run) => run.log_format,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// The subcommands the binary runs itself as, never typed by a user: parsed
+/// apart from [`Cli`] (see [`Internal::from_env`]), so no help text, man
+/// page or completion names them.
+#[derive(Debug, Parser)]
+#[command(name = "reloader")]
+pub enum Internal {
+    /// Every generation's start: waits for the controller's go, sets
+    /// LISTEN_PID to its own pid when sockets are passed, and execs CMD.
+    #[command(name = "__exec")]
+    Exec {
+        #[arg(long)]
+        gate_fd: i32,
+        #[arg(long)]
+        listen_fds: usize,
+        #[arg(long, default_value = "")]
+        fd_names: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The log keeper: holds every generation's stderr so that it always
+    /// has a reader, also while no controller runs (`supervisor::keeper`).
+    #[command(name = "__keeper")]
+    Keeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// The demo's built-in server (what `demo` runs as the managed child).
+    #[command(name = "__serve")]
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+impl Internal {
+    /// The internal subcommand this process was started as, if its first
+    /// argument names one (`__…`).
+    pub fn from_env() -> Option<Self> {
+        let first = std::env::args_os().nth(1)?;
+        first
+            .to_str()
+            .is_some_and(|a| a.starts_with("__"))
+            .then(Self::parse)
+    }
+}
+
+/// The user-facing command line, as man pages and completions describe it.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
+/// Writes `reloader.1` and `reloader-COMMAND.1` for every command (and
+/// `reloader-COMMAND-SUBCOMMAND.1` below it) into `dir`; returns the files
+/// written.
+#[allow(clippy::disallowed_methods)] // the `man` command, no runtime
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    fn pages(command: &clap::Command, into: &mut Vec<clap::Command>) {
+        into.push(command.clone());
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub, into);
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut command = command().disable_help_subcommand(true);
+    // Names every page: `reloader-fleet-wait` for `reloader fleet wait`.
+    command.build();
+    let mut all = Vec::new();
+    pages(&command, &mut all);
+    all.into_iter()
+        .map(|page| clap_mangen::Man::new(page).generate_to(dir))
+        .collect()
 }
 
 /// `--ready`.
@@ -70,43 +153,39 @@ pub enum Command {
     Fleet(FleetArgs),
     /// Drain every generation of an instance and stop it.
     Stop(StopArgs),
+    /// Hand an instance over to a new controller (upgrading reloader):
+    /// the running one exits (status 75) without signalling any
+    /// generation, and the next `reloader run` with the same options adopts
+    /// them.
+    #[command(after_help = HANDOVER_HELP)]
+    Handover(HandoverArgs),
     /// See reloader work: reload a built-in server every second under load.
     Demo(DemoArgs),
-    /// Print a shell completion script.
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell).
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
-    #[command(hide = true)]
-    Man,
-    /// Every generation's start: waits for the controller's go, sets
-    /// LISTEN_PID to its own pid when sockets are passed, and execs CMD.
-    #[command(name = "__exec", hide = true)]
-    Exec {
-        #[arg(long)]
-        gate_fd: i32,
-        #[arg(long)]
-        listen_fds: usize,
-        #[arg(long, default_value = "")]
-        fd_names: String,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-    /// The log keeper: holds every generation's stderr so that it always
-    /// has a reader, also while no controller runs (`supervisor::keeper`).
-    #[command(name = "__keeper", hide = true)]
-    Keeper {
-        #[arg(long)]
-        socket: PathBuf,
-    },
-    /// The demo's built-in server (what `demo` runs as the managed child).
-    #[command(name = "__serve", hide = true)]
-    Serve {
-        #[arg(long)]
-        listen: SocketAddr,
+    /// Write a man page per command (reloader.1, reloader-run.1, …) into
+    /// DIR; without DIR, print reloader(1).
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
+
+const HANDOVER_HELP: &str = "\
+The servers never notice: the steering program keeps sending connections to \
+the active generation, the log keeper keeps their stderr, and the state file \
+and the pinned maps stay for the successor. Before asking, this binary checks \
+that it can adopt the instance's state file and maps (their layout versions); \
+if not, nothing is asked and the controller keeps running.
+
+Under systemd (the shipped reloader@.service has RestartForceExitStatus=75) \
+systemd starts the new binary at once; the Debian package's upgrade does \
+this for every active reloader@ unit instead of restarting it. Elsewhere, \
+start `reloader run` again with the same options.";
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -189,6 +268,11 @@ impl InstanceArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Log format on stderr (level: RELOADER_LOG or RUST_LOG, e.g.
+    /// `info,reloader=debug`; `reloader::ebpf=debug` adds the eBPF
+    /// program's own debug records).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// An address the server listens on with SO_REUSEPORT (repeat for
     /// each): IP:PORT or tcp://IP:PORT for TCP; udp://IP:PORT for UDP with
     /// flows kept on their generation (QUIC), udp://IP:PORT?mode=stateless
@@ -606,6 +690,21 @@ pub struct PrometheusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct HandoverArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Give up waiting (for the controller to exit; with --wait, for its
+    /// successor to answer) after this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = duration_in("--timeout", MS * 100, HOUR * 24))]
+    pub timeout: Duration,
+    /// Then wait until the next controller answers on the control socket
+    /// (systemd starts it).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StopArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
@@ -680,6 +779,96 @@ mod tests {
             "pid /run/{generation}.pid;"
         );
         assert!(with(&[]).changes.config_files.is_empty() && with(&[]).changes.check.is_none());
+    }
+
+    /// The internal subcommands (`__exec`, `__keeper`, `__serve`) were
+    /// offered by every shell's completions and listed in `man`.
+    #[test]
+    fn internal_commands_show_nowhere_a_user_looks() {
+        let mut help = Vec::new();
+        command().write_long_help(&mut help).unwrap();
+        let help = String::from_utf8(help).unwrap();
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "reloader", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            assert!(script.contains("handover"), "{shell}: {script}");
+            for text in [&script, &help] {
+                for internal in ["__exec", "__keeper", "__serve"] {
+                    assert!(!text.contains(internal), "{shell}: {internal} in {text}");
+                }
+            }
+            // A hidden option (for tests) is left out of the help; bash's
+            // completions (clap_complete) list hidden options too.
+            assert!(!help.contains("force-select-only"));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pages = write_man_pages(dir.path()).unwrap();
+        let mut names: Vec<String> = pages
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "reloader-completions.1",
+                "reloader-demo.1",
+                "reloader-fleet-status.1",
+                "reloader-fleet-wait.1",
+                "reloader-fleet.1",
+                "reloader-handover.1",
+                "reloader-list.1",
+                "reloader-man.1",
+                "reloader-promote.1",
+                "reloader-reload.1",
+                "reloader-rollback.1",
+                "reloader-run.1",
+                "reloader-status.1",
+                "reloader-stop.1",
+                "reloader.1",
+            ]
+        );
+        for page in &pages {
+            let roff = std::fs::read_to_string(page).unwrap();
+            for internal in ["\\_\\_", "__", "force\\-select"] {
+                assert!(!roff.contains(internal), "{}: {roff}", page.display());
+            }
+        }
+        let run = std::fs::read_to_string(dir.path().join("reloader-run.1")).unwrap();
+        assert!(run.contains("drain\\-signal"), "{run}");
+        // The internal ones still parse, apart.
+        let internal = Internal::try_parse_from(["reloader", "__keeper", "--socket", "/x"]);
+        assert!(matches!(internal, Ok(Internal::Keeper { .. })));
+        assert!(Cli::try_parse_from(["reloader", "__keeper", "--socket", "/x"]).is_err());
+    }
+
+    /// `--log-format` was a global flag that `status` or `stop` accepted
+    /// and ignored.
+    #[test]
+    fn log_format_is_an_option_of_run_only() {
+        let cli = Cli::try_parse_from([
+            "reloader",
+            "run",
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:80",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format(), LogFormat::Json);
+        let error = Cli::try_parse_from(["reloader", "status", "--log-format", "json"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--log-format"), "{error}");
+        let cli = Cli::try_parse_from(["reloader", "handover", "--name", "web"]).unwrap();
+        assert_eq!(cli.log_format(), LogFormat::Text);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub trait Controller: Clone + Send + Sync + 'static {
     fn promote(&self, wait: bool) -> impl Future<Output = Response> + Send;
     /// Requests a stop.
     fn stop(&self) -> Response;
+    /// Requests a hand-over to the next controller.
+    fn handover(&self) -> impl Future<Output = Response> + Send;
     /// The instance's status (`None` once its owner has stopped).
     fn status(&self) -> impl Future<Output = Option<StatusReport>> + Send;
 }

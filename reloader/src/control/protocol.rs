@@ -53,6 +53,10 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline_unix_ms: Option<u64>,
     },
+    /// Exit without signalling any generation, leaving them, the state
+    /// file, the pinned maps and the log keeper to the next controller
+    /// (`reloader handover`: a new binary adopts them).
+    Handover {},
 }
 
 /// What the controller answers.
@@ -94,6 +98,11 @@ pub enum Response {
     },
     /// The controller is stopping.
     Stopping,
+    /// The controller hands over: once no reload runs, it exits (status
+    /// 75) leaving every generation running for the next `reloader run`.
+    HandingOver {
+        controller_pid: u32,
+    },
     /// The request was refused or could not be read.
     Error {
         message: String,
@@ -174,6 +183,7 @@ mod tests {
             Request::Stop {
                 deadline_unix_ms: None,
             },
+            Request::Handover {},
         ] {
             let line = encode(&request);
             assert_eq!(line.last(), Some(&b'\n'));
@@ -276,7 +286,7 @@ mod tests {
         /// fields, the likeliest malformed input from a script.
         #[test]
         fn json_like_requests_decode_only_when_well_formed(
-            tag in "(reload|status|stop|relaod|)",
+            tag in "(reload|status|stop|handover|relaod|)",
             field in "(wait|extra|)",
             value in "(true|false|1|\"x\"|null)",
         ) {
@@ -290,6 +300,7 @@ mod tests {
                 ("reload", "wait", "false") => Some(Request::Reload { wait: false, canary: None }),
                 ("status", "", _) => Some(Request::Status {}),
                 ("stop", "", _) => Some(Request::Stop { deadline_unix_ms: None }),
+                ("handover", "", _) => Some(Request::Handover {}),
                 _ => None,
             };
             proptest::prop_assert_eq!(decode_request(body.as_bytes()).ok(), expected);

@@ -172,6 +172,7 @@ async fn serve_client<C: Controller>(
                 .into(),
         },
         Ok(Request::Stop { .. }) => controller.stop(),
+        Ok(Request::Handover {}) => controller.handover().await,
         Ok(Request::Reload { wait, canary }) => controller.reload(wait, canary).await,
         Ok(Request::Rollback { wait }) => controller.rollback(wait).await,
         Ok(Request::Promote { wait }) => controller.promote(wait).await,
@@ -261,6 +262,10 @@ mod tests {
         fn stop(&self) -> Response {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Response::Stopping
+        }
+        async fn handover(&self) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Response::HandingOver { controller_pid: 1 }
         }
         async fn status(&self) -> Option<StatusReport> {
             self.calls.fetch_add(1, Ordering::SeqCst);

@@ -39,6 +39,9 @@ pub enum Event {
     },
     /// `reloader stop`, `SIGTERM`, `SIGINT`.
     Stop,
+    /// `reloader handover`: once no reload runs, end without signalling any
+    /// generation, leaving them to the next controller (answered at once).
+    Handover { reply: oneshot::Sender<Response> },
     /// `SIGCHLD`: children to reap.
     ChildExited,
     /// An adopted generation's leader exited (its pidfd said so).
@@ -53,6 +56,9 @@ pub enum Event {
 pub struct Control {
     pub events: mpsc::Sender<Event>,
     pub client: Client,
+    /// Why a successor could not adopt this instance's generations (it
+    /// runs without pinned maps): a hand-over is refused with it.
+    pub no_handover: Option<String>,
 }
 
 impl Control {
@@ -112,6 +118,19 @@ impl Controller for Control {
             let _ = events.send(Event::Stop).await;
         });
         Response::Stopping
+    }
+
+    async fn handover(&self) -> Response {
+        if let Some(message) = &self.no_handover {
+            return Response::Error {
+                message: message.clone(),
+            };
+        }
+        self.ask(
+            |reply| Event::Handover { reply },
+            "the instance stopped before it could hand over",
+        )
+        .await
     }
 
     async fn status(&self) -> Option<StatusReport> {

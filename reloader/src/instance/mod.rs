@@ -23,6 +23,7 @@
 mod claims;
 mod commands;
 mod events;
+mod handover;
 mod owner;
 mod reaper;
 mod recovery;
@@ -37,7 +38,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 pub(crate) use events::Event;
-pub(crate) use owner::Owner;
+pub(crate) use owner::{Ended, Owner};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, mpsc},
@@ -58,9 +59,23 @@ use crate::{
 /// Events waiting for the run loop at most.
 const EVENT_QUEUE: usize = 256;
 
-/// Runs instance `config` until it is stopped. Returns whether the stop was
-/// clean (every generation exited within its drain timeout).
-pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
+/// `reloader run`'s exit status after a hand-over (`EX_TEMPFAIL`): the
+/// generations still run, and the next controller adopts them (the systemd
+/// unit restarts it at once: `RestartForceExitStatus=75`).
+pub const HANDED_OVER: u8 = 75;
+
+/// How `reloader run` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every generation has exited; `clean`: each within its drain timeout.
+    Stopped { clean: bool },
+    /// Handed over: every generation still runs, and the state file, the
+    /// pinned maps and the log keeper are left for the next controller.
+    HandedOver,
+}
+
+/// Runs instance `config` until it is stopped or hands over.
+pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
     supervisor::become_subreaper().context("failed to become a child subreaper")?;
     // Before anything starts: a --watch path another user controls is refused.
     let watcher = crate::watch::Watcher::start(&config.changes.watch).await?;
@@ -79,6 +94,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         recovered,
         limits,
         steering,
+        pinned,
         log_pump,
         listen_events,
         control,
@@ -241,6 +257,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         events::Control {
             events: events_tx.clone(),
             client: client.clone(),
+            no_handover: (!pinned).then(|| {
+                "this controller runs without pinned steering maps (bpffs was unavailable at its \
+                 start), so no successor could adopt its generations: not handing over"
+                    .to_owned()
+            }),
         },
         control,
     ));
@@ -281,7 +302,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     // The owner runs as a task of its own, so that its panic (a bug) is
     // caught here: the controller then exits without touching the servers
     // or the files a successor adopts them by (state file, pins).
-    let (clean, first_failure) = match tokio::spawn(owner.run()).await {
+    let ended = match tokio::spawn(owner.run()).await {
         Ok(ended) => ended,
         Err(error) => {
             tracing::error!(
@@ -296,12 +317,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         }
     };
 
-    // The keeper first: it is our child too (when this controller started
-    // it), and killed it would leave its socket behind.
-    if let Some(keeper) = keeper.clone() {
-        let _ = tokio::task::spawn_blocking(move || keeper.exit()).await;
+    let handed_over = matches!(ended, Ended::HandedOver);
+    // After a hand-over every generation still runs (our children, most of
+    // them) and the keeper holds their stderr: neither is touched.
+    if !handed_over {
+        // The keeper first: it is our child too (when this controller
+        // started it), and killed it would leave its socket behind.
+        if let Some(keeper) = keeper.clone() {
+            let _ = tokio::task::spawn_blocking(move || keeper.exit()).await;
+        }
+        kill_reparented().await;
     }
-    kill_reparented().await;
     for task in [
         Some(tracker),
         Some(control_task),
@@ -321,6 +347,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
     }
     let _ = stop_persister.send(());
     let _ = persister.await;
+    if handed_over {
+        return hand_over(&client, paths, lock).await;
+    }
+    let Ended::Stopped {
+        clean,
+        first_failure,
+    } = ended
+    else {
+        unreachable!("a hand-over returned above");
+    };
     // After a stop nothing of the instance remains: no state file, no pins,
     // no socket, no lock.
     let _ = tokio::task::spawn_blocking(move || {
@@ -341,7 +377,43 @@ pub async fn run(config: RunConfig) -> anyhow::Result<bool> {
         );
     }
     info!(clean, "stopped");
-    Ok(clean)
+    Ok(Outcome::Stopped { clean })
+}
+
+/// The end of a hand-over: the state file is written once more (what the
+/// successor adopts by, as the owner left it), the control socket goes
+/// (nobody answers on it until the successor binds its own), the state
+/// file, the pins and the keeper stay; then the instance lock is released.
+async fn hand_over(
+    client: &Client,
+    paths: recovery::Paths,
+    lock: crate::rundir::InstanceLock,
+) -> anyhow::Result<Outcome> {
+    let saved = client.snapshot().saved.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let written = crate::state::saved::save(&paths.state, &saved);
+        #[allow(clippy::disallowed_methods)] // on a blocking thread
+        let _ = std::fs::remove_file(&paths.control);
+        // The lock's file goes through the directory's descriptor: before
+        // the paths (and the descriptor) are dropped.
+        drop(lock);
+        written
+    })
+    .await
+    .context("the hand-over thread")?;
+    match written {
+        Ok(()) => info!(
+            state = %crate::state::saved::state_path(&client.config().control_socket).display(),
+            "handed over: exiting without signalling any generation; the next `reloader run` \
+             with the same options adopts them"
+        ),
+        Err(error) => warn!(
+            %error,
+            "handed over, but the state file could not be written once more: the successor \
+             adopts from the last one written"
+        ),
+    }
+    Ok(Outcome::HandedOver)
 }
 
 /// Forwards the stderr of adopted generations again, from the pipes the log

@@ -69,6 +69,23 @@ pub(super) enum Flow {
     Stop,
 }
 
+/// How the owner's run ended (once per instance: the size of a variant
+/// costs nothing).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Ended {
+    /// Every generation has exited; `clean`: each within its drain
+    /// timeout; `first_failure`: why the instance's first generation did
+    /// not start.
+    Stopped {
+        clean: bool,
+        first_failure: Option<ReloadReport>,
+    },
+    /// Handed over ([`Event::Handover`]): every generation still runs, for
+    /// the next controller to adopt.
+    HandedOver,
+}
+
 /// The stop under way: every generation drains until `deadline`, then
 /// (once) is killed.
 pub(super) struct Stopping {
@@ -96,6 +113,8 @@ pub struct Owner<H: Host> {
     pub(super) stopping: Option<Stopping>,
     /// Whether every generation exited within its drain timeout at stop.
     pub(super) clean: bool,
+    /// A hand-over was asked for: it happens once no reload runs.
+    pub(super) handing_over: bool,
 }
 
 impl<H: Host> Owner<H> {
@@ -126,6 +145,7 @@ impl<H: Host> Owner<H> {
             restart_at: None,
             stopping: None,
             clean: true,
+            handing_over: false,
         };
         if first_start {
             owner.scheduler.request(None, None);
@@ -179,9 +199,8 @@ impl<H: Host> Owner<H> {
         });
     }
 
-    /// Runs until the instance has stopped; returns whether the stop was
-    /// clean (every generation exited within its drain timeout).
-    pub async fn run(mut self) -> (bool, Option<ReloadReport>) {
+    /// Runs until the instance has stopped, or has handed over.
+    pub async fn run(mut self) -> Ended {
         loop {
             self.start_pending_reload();
             let replace_at = self.replace_at();
@@ -231,14 +250,22 @@ impl<H: Host> Owner<H> {
             {
                 break;
             }
+            // A stop asked for meanwhile wins.
+            if self.handing_over && self.stopping.is_none() && self.running.is_none() {
+                self.hand_over();
+                return Ended::HandedOver;
+            }
         }
         info!("every generation has exited");
-        (self.clean, self.first_failure)
+        Ended::Stopped {
+            clean: self.clean,
+            first_failure: self.first_failure,
+        }
     }
 
     /// Starts the reload the scheduler has pending, unless one runs.
     fn start_pending_reload(&mut self) {
-        if self.running.is_some() || self.stopping.is_some() {
+        if self.running.is_some() || self.stopping.is_some() || self.handing_over {
             return;
         }
         let Some(Start { waiters, canary }) = self.scheduler.start() else {
@@ -290,6 +317,7 @@ impl<H: Host> Owner<H> {
             }
             Event::Promote { wait, reply } => self.promote(wait, reply),
             Event::Stop => return Flow::Stop,
+            Event::Handover { reply } => self.on_handover(reply),
             Event::ChildExited => self.reap_children(),
             Event::AdoptedExited { pid } => self.adopted_exited(pid),
             Event::CgroupChanged {
@@ -309,6 +337,8 @@ impl<H: Host> Owner<H> {
     ) {
         let refused = if self.stopping.is_some() || self.state.is_stopping() {
             Some("the instance is stopping".to_owned())
+        } else if self.handing_over {
+            Some("the controller is handing over to a new one: ask it once it runs".to_owned())
         } else if let Some(Err(why)) = canary.as_ref().map(CanaryPlan::check) {
             // The protocol edge checks plans already; a plan from anywhere
             // else must not reach the state unchecked either.

@@ -69,6 +69,17 @@ pub fn look_back(
 ) -> anyhow::Result<Previous> {
     let shown = saved::state_path(&config.control_socket);
     let saved = saved::load(&paths.state, &shown).map_err(|e| {
+        if let saved::LoadError::Incompatible { .. } = e {
+            // Another reloader's: nothing is removed or signalled, the
+            // generations keep serving for the binary that wrote it.
+            return anyhow::anyhow!(
+                "{e}. This binary cannot adopt instance {:?}'s generations and changed nothing: \
+                 they keep serving. Run the reloader that wrote the file again (`reloader run` \
+                 with the same options adopts them), or stop the instance with it (`reloader \
+                 stop`, the servers drain) and then start this one",
+                config.name
+            );
+        }
         let running = instance_processes(&config.name);
         if running.is_empty() {
             anyhow::anyhow!(

@@ -35,6 +35,8 @@ pub struct Prepared {
     pub recovered: Option<String>,
     pub limits: Limits,
     pub steering: Steering,
+    /// The steering maps are pinned (else a successor cannot adopt).
+    pub pinned: bool,
     /// The eBPF log pump (with debug logs on).
     pub log_pump: Option<crate::steering::LogPump>,
     /// Listen events from the controller's cgroup, or why there are none.
@@ -126,6 +128,7 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
 /// memory controller must be available below the controller's cgroup
 /// (`base`), or the budget could never be kept. Refused before anything is
 /// made.
+#[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
 fn memory_controller(base: Result<&Path, &crate::cgroup::Unavailable>) -> anyhow::Result<()> {
     let base = base.map_err(|why| {
         anyhow::anyhow!(
@@ -186,6 +189,7 @@ fn prepare_locked(
     if !adopting {
         made.pins = Some(paths.pins.clone());
     }
+    let pinned = Steering::pinned_in(&paths.pins);
     let log_pump = steering.log_pump();
     let listen_events = base.map_err(|e| e.to_string()).and_then(|(cgroup, _)| {
         steering
@@ -240,6 +244,7 @@ fn prepare_locked(
         recovered,
         limits,
         steering,
+        pinned,
         log_pump,
         listen_events,
         control,

@@ -11,6 +11,17 @@
 //! A controller started with the same instance finds both and adopts the
 //! generations whose processes still run; it cleans up (and reports) state
 //! whose processes are gone.
+//!
+//! Both carry a layout version, because the successor may be another
+//! reloader binary (`reloader handover`, a package upgrade): the file's
+//! `version` (its format) and `maps_layout` (the pinned maps' layout,
+//! [`crate::steering::MAPS_LAYOUT`]). A binary adopts the formats from
+//! [`OLDEST_VERSION`] to [`VERSION`] and the maps layouts from
+//! [`crate::steering::OLDEST_MAPS_LAYOUT`] to its own; for anything else
+//! [`load`] says so ([`LoadError::Incompatible`]) and the
+//! controller refuses to start, deleting and signalling nothing: the
+//! generations keep serving, and the binary that wrote the file adopts
+//! them again.
 
 #![allow(clippy::disallowed_methods)] // the state file: read at start-up and written by the persister, both on blocking threads
 
@@ -24,8 +35,13 @@ use serde::{Deserialize, Serialize};
 use crate::{generation::State, steering::Limits};
 
 /// The state file's format version (2: steering maps sized per instance,
-/// their sizes recorded).
-const VERSION: u32 = 2;
+/// their sizes recorded; 3: the maps' layout recorded).
+pub const VERSION: u32 = 3;
+/// The oldest format this binary adopts (1 recorded no map sizes).
+pub const OLDEST_VERSION: u32 = 2;
+/// The maps' layout a version 2 file implies: every binary that wrote
+/// version 2 used layout 1.
+const VERSION_2_MAPS_LAYOUT: u32 = 1;
 
 /// A generation as the state file records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +105,10 @@ pub struct SavedHold {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
     pub version: u32,
+    /// The pinned maps' layout ([`crate::steering::MAPS_LAYOUT`] of the
+    /// binary that created them).
+    #[serde(default = "version_2_maps_layout")]
+    pub maps_layout: u32,
     pub controller_pid: u32,
     /// The `--listen` values, as `reloader status` shows them.
     pub listen: Vec<String>,
@@ -171,6 +191,7 @@ impl Saved {
     ) -> Self {
         Self {
             version: VERSION,
+            maps_layout: crate::steering::MAPS_LAYOUT,
             controller_pid: std::process::id(),
             listen,
             limits: limits.into(),
@@ -179,6 +200,65 @@ impl Saved {
             hold: None,
         }
     }
+}
+
+fn version_2_maps_layout() -> u32 {
+    VERSION_2_MAPS_LAYOUT
+}
+
+/// Why a state file cannot be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// It exists but cannot be read.
+    #[error("cannot read {path}: {source}")]
+    ReadError {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not a state file (or one damaged beyond reading).
+    #[error("{path} is not a reloader state file: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    /// It reads, but holds what no controller writes ([`Saved::check`]).
+    #[error("{path} is invalid: {why} (nothing was deleted)")]
+    Invalid { path: PathBuf, why: String },
+    /// Another reloader wrote it in a format or with maps this binary
+    /// does not adopt (`what` says which).
+    #[error("{path} was written by another version of reloader: {what}")]
+    Incompatible { path: PathBuf, what: String },
+}
+
+/// Whether this binary can adopt what `saved` records: its format and the
+/// layout of the maps it names.
+pub fn compatible(saved: &Saved) -> Result<(), String> {
+    check_version(saved.version)?;
+    let (oldest, layout) = (
+        crate::steering::OLDEST_MAPS_LAYOUT,
+        crate::steering::MAPS_LAYOUT,
+    );
+    if !(oldest..=layout).contains(&saved.maps_layout) {
+        return Err(format!(
+            "its pinned steering maps have layout {}, and this binary adopts layouts {oldest} to \
+             {layout}",
+            saved.maps_layout
+        ));
+    }
+    Ok(())
+}
+
+fn check_version(version: u32) -> Result<(), String> {
+    if (OLDEST_VERSION..=VERSION).contains(&version) {
+        return Ok(());
+    }
+    Err(format!(
+        "state format {version}, and this binary adopts formats {OLDEST_VERSION} to {VERSION} \
+         ({} binary wrote it)",
+        if version > VERSION {
+            "a newer"
+        } else {
+            "an older"
+        }
+    ))
 }
 
 /// Where instance files live: beside the control socket.
@@ -218,10 +298,10 @@ pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
 }
 
 /// Reads the state file, if there is one (`shown`: its path for messages).
-/// A file that cannot be read, or does not hold what a controller writes
-/// ([`Saved::check`]), is reported as an error, naming what is wrong; it is
-/// left in place for the user to look at.
-pub fn load(path: &Path, shown: &Path) -> Result<Option<Saved>, String> {
+/// A file that cannot be read or adopted, or does not hold what a
+/// controller writes ([`Saved::check`]), is reported as an error naming
+/// what is wrong; it is left in place.
+pub fn load(path: &Path, shown: &Path) -> Result<Option<Saved>, LoadError> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let read = std::fs::OpenOptions::new()
         .read(true)
@@ -234,22 +314,33 @@ pub fn load(path: &Path, shown: &Path) -> Result<Option<Saved>, String> {
     let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", shown.display())),
+        Err(source) => {
+            return Err(LoadError::ReadError {
+                path: shown.to_owned(),
+                source,
+            });
+        }
     };
-    let saved: Saved = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not a reloader state file: {e}", shown.display()))?;
-    if saved.version != VERSION {
-        return Err(format!(
-            "{} has format version {}, this reloader writes {VERSION}",
-            shown.display(),
-            saved.version
-        ));
+    let malformed = |e: serde_json::Error| LoadError::Malformed {
+        path: shown.to_owned(),
+        reason: e.to_string(),
+    };
+    // The version first: another format may not parse as this one.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
     }
-    saved.check().map_err(|why| {
-        format!(
-            "{} is invalid: {why} (nothing was deleted)",
-            shown.display()
-        )
+    let Versioned { version } = serde_json::from_slice(&bytes).map_err(malformed)?;
+    let incompatible = |what| LoadError::Incompatible {
+        path: shown.to_owned(),
+        what,
+    };
+    check_version(version).map_err(incompatible)?;
+    let saved: Saved = serde_json::from_slice(&bytes).map_err(malformed)?;
+    compatible(&saved).map_err(incompatible)?;
+    saved.check().map_err(|why| LoadError::Invalid {
+        path: shown.to_owned(),
+        why,
     })?;
     Ok(Some(saved))
 }
@@ -436,8 +527,59 @@ mod tests {
         assert!(
             load(&path, &path)
                 .unwrap_err()
+                .to_string()
                 .contains("not a reloader state file")
         );
+    }
+
+    /// What a newer binary does with what an older one left (and the
+    /// reverse): adopt the formats it knows, refuse the others by name,
+    /// never touch the file.
+    #[test]
+    fn older_layouts_are_adopted_and_unknown_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.state.json");
+        let s = saved(vec![generation(8, 80, State::Active)]);
+        assert_eq!(
+            (s.version, s.maps_layout),
+            (3, crate::steering::MAPS_LAYOUT)
+        );
+        let write = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut json = serde_json::to_value(&s).unwrap();
+            edit(&mut json);
+            std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        };
+        // Version 2, as the binaries before layouts were recorded wrote it.
+        write(&|j| {
+            j["version"] = 2.into();
+            j.as_object_mut().unwrap().remove("maps_layout");
+        });
+        let read = load(&path, &path).unwrap().unwrap();
+        assert_eq!((read.version, read.maps_layout), (2, 1));
+        // A newer format, even one this binary could not parse.
+        write(&|j| {
+            j["version"] = 4.into();
+            j["generations"] = "moved elsewhere".into();
+        });
+        let error = load(&path, &path).unwrap_err();
+        assert!(matches!(error, LoadError::Incompatible { .. }), "{error}");
+        assert!(
+            error.to_string().contains("state format 4")
+                && error.to_string().contains("a newer binary"),
+            "{error}"
+        );
+        write(&|j| j["version"] = 1.into());
+        assert!(
+            load(&path, &path)
+                .unwrap_err()
+                .to_string()
+                .contains("an older binary")
+        );
+        // Maps of another layout.
+        write(&|j| j["maps_layout"] = 99.into());
+        let error = load(&path, &path).unwrap_err().to_string();
+        assert!(error.contains("maps have layout 99"), "{error}");
+        assert!(path.exists(), "never deleted");
     }
 
     #[test]
@@ -495,6 +637,7 @@ mod tests {
             let path = dir.path().join("x.state.json");
             save(&path, &bad).unwrap();
             let error = load(&path, Path::new("/shown")).unwrap_err();
+            let error = error.to_string();
             assert!(error.starts_with("/shown is invalid: "), "{error}");
             assert!(path.exists(), "nothing deleted");
         }

@@ -18,7 +18,7 @@ mod keys;
 
 use std::os::fd::BorrowedFd;
 
-pub use ebpf::{ListenEvents, LogPump, MigrationLog, Steering};
+pub use ebpf::{ListenEvents, LogPump, MAPS_LAYOUT, MigrationLog, OLDEST_MAPS_LAYOUT, Steering};
 pub use error::SteeringError;
 pub use keys::listener_key;
 pub use reloader_ebpf::{

@@ -15,7 +15,7 @@ use std::{
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use tokio::sync::{mpsc, oneshot};
 
-use super::super::{Event, Owner};
+use super::super::{Ended, Event, Owner};
 use crate::{
     config::{CanaryPlan, RunConfig},
     control::Response,
@@ -186,7 +186,7 @@ pub(super) struct Harness {
     pub(super) client: Client,
     pub(super) fake: FakeSteering,
     pub(super) host: Arc<FakeHost>,
-    pub(super) owner: tokio::task::JoinHandle<(bool, Option<ReloadReport>)>,
+    pub(super) owner: tokio::task::JoinHandle<Ended>,
     pub(super) reaper: tokio::task::JoinHandle<()>,
 }
 
@@ -261,12 +261,24 @@ impl Harness {
         .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
     }
 
-    /// Stops the instance; returns what the owner's run returned.
+    /// Stops the instance; returns whether the stop was clean and why the
+    /// first generation did not start, as the owner's run returned them.
     pub(super) async fn stop(self) -> (bool, Option<ReloadReport>) {
         self.events.send(Event::Stop).await.expect("the owner runs");
+        match self.ended().await {
+            Ended::Stopped {
+                clean,
+                first_failure,
+            } => (clean, first_failure),
+            Ended::HandedOver => panic!("a stop ended in a hand-over"),
+        }
+    }
+
+    /// Waits (at most 10 s) until the owner's run has ended.
+    pub(super) async fn ended(self) -> Ended {
         let ended = tokio::time::timeout(Duration::from_secs(10), self.owner)
             .await
-            .expect("stopped in time")
+            .expect("ended in time")
             .expect("no panic");
         self.reaper.abort();
         ended

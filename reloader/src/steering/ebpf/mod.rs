@@ -41,7 +41,11 @@ use reloader_ebpf::{
 };
 use tracing::{debug, info, warn};
 
-pub use self::{listen::ListenEvents, log_pump::LogPump};
+pub use self::{
+    listen::ListenEvents,
+    log_pump::LogPump,
+    pin::{MAPS_LAYOUT, OLDEST_MAPS_LAYOUT},
+};
 use super::{
     ListenerSpec, Mode, Options, Result, SteeringError,
     error::{classify, classify_load_error},

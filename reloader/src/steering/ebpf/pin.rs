@@ -18,6 +18,21 @@ use tracing::{debug, info};
 use super::Steering;
 use crate::steering::{Result, SteeringError};
 
+/// The layout of the pinned maps: the version of their types, keys, values
+/// and meaning. The state file records it, and a controller adopts only
+/// maps of a layout from [`OLDEST_MAPS_LAYOUT`] to its own (aya reuses a
+/// pinned map of the same name without comparing its definition, so a
+/// changed map would be misread). Bump it with any change to a map in
+/// [`PINNED`]; the test `the_pinned_maps_are_the_recorded_layout` fails
+/// until then. Layouts: 1 the first; 2 added `MIGRATED`.
+pub const MAPS_LAYOUT: u32 = 2;
+
+/// The oldest layout whose pins this binary adopts. Layout 2 only added a
+/// map: adopting layout 1's pins, the load creates and pins `MIGRATED`
+/// beside them, and the others mean what they meant. Raise it to
+/// [`MAPS_LAYOUT`] when a map in use changes.
+pub const OLDEST_MAPS_LAYOUT: u32 = 1;
+
 /// The maps a restarted controller needs: all of them but aya-log's and the
 /// listen notifier's (its link dies with the controller).
 const PINNED: [&str; 8] = [
@@ -47,6 +62,12 @@ pub(super) fn pin_maps(loader: &mut EbpfLoader<'_>, dir: &Path) -> Result<bool> 
 }
 
 impl Steering {
+    /// Whether an instance's maps are pinned in `dir` (so a successor can
+    /// adopt its generations).
+    pub fn pinned_in(dir: &Path) -> bool {
+        dir.join(map::LISTENERS).exists()
+    }
+
     /// Removes the pinned maps in `dir` (after a clean stop, or stale ones).
     pub fn unpin(dir: &Path) {
         for name in PINNED {
@@ -88,5 +109,72 @@ pub(super) fn raise_memlock() {
         // Kernels >= 5.11 account BPF memory to the cgroup instead, so this
         // only matters on older ones; the load error will say more.
         debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (map, BPF map type, key size, value size).
+    type MapDefinition = (&'static str, u32, u32, u32);
+
+    /// The definitions of the maps each layout pins. Types: 1 hash, 2
+    /// array, 6 per-CPU array, 9 LRU hash, 20 reuseport sockarray.
+    const LAYOUTS: &[(u32, &[MapDefinition])] = &[
+        (
+            1,
+            &[
+                ("LISTENER_KEYS", 1, 28, 4),
+                ("LISTENERS", 1, 4, 16),
+                ("SLOT_SOCKETS", 2, 4, 8),
+                ("SOCKETS", 20, 4, 4),
+                ("PROBES", 1, 8, 8),
+                ("FLOWS", 9, 24, 8),
+                ("COUNTERS", 6, 4, 40),
+            ],
+        ),
+        (
+            2,
+            &[
+                ("LISTENER_KEYS", 1, 28, 4),
+                ("LISTENERS", 1, 4, 16),
+                ("SLOT_SOCKETS", 2, 4, 8),
+                ("SOCKETS", 20, 4, 4),
+                ("PROBES", 1, 8, 8),
+                ("FLOWS", 9, 24, 8),
+                ("COUNTERS", 6, 4, 40),
+                ("MIGRATED", 9, 8, 4),
+            ],
+        ),
+    ];
+
+    #[test]
+    fn the_pinned_maps_are_the_recorded_layout() {
+        let object = aya_obj::Object::parse(super::super::OBJECT).expect("the embedded object");
+        let found: Vec<MapDefinition> = PINNED
+            .iter()
+            .map(|name| {
+                let m = &object.maps[*name];
+                (*name, m.map_type(), m.key_size(), m.value_size())
+            })
+            .collect();
+        let layout = |n: u32| LAYOUTS.iter().find(|(l, _)| *l == n).map(|(_, maps)| *maps);
+        assert_eq!(
+            Some(&found[..]),
+            layout(MAPS_LAYOUT),
+            "the pinned maps changed: bump MAPS_LAYOUT (now {MAPS_LAYOUT}) and record the new \
+             definitions here"
+        );
+        // Every older layout this binary adopts pins nothing it reads
+        // otherwise: each of its maps is here unchanged (a map may be new).
+        for older in OLDEST_MAPS_LAYOUT..MAPS_LAYOUT {
+            for map in layout(older).expect("every adopted layout is recorded") {
+                assert!(
+                    found.contains(map),
+                    "layout {older}'s {map:?} changed: raise OLDEST_MAPS_LAYOUT to {MAPS_LAYOUT}"
+                );
+            }
+        }
     }
 }

@@ -110,6 +110,25 @@ pub fn own() -> Result<(PathBuf, PathBuf), Unavailable> {
 /// controller's own (moving the controller into a leaf of it when its own
 /// is not the root), enabling what controllers it can for the
 /// generations. `key` makes the name unique (the control socket's path).
+/// The controllers the generations' cgroups below `base` (the
+/// controller's own cgroup v2, in the hierarchy mounted at `mount`) can
+/// get from [`prepare`]: at the hierarchy's root, every controller it
+/// offers (prepare enables them there); anywhere else only what `base`
+/// already enables for its children, since prepare never writes the
+/// controller's own cgroup there (see the comment in prepare).
+pub fn offered_to_generations(base: &Path, mount: &Path) -> Vec<String> {
+    let file = if base == mount {
+        "cgroup.controllers"
+    } else {
+        "cgroup.subtree_control"
+    };
+    std::fs::read_to_string(base.join(file))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn prepare(name: &str, key: &Path) -> Result<Instance, Unavailable> {
     let (base, mount) = own()?;
     let dir = base.join(format!("reloader.{name}-{:08x}", hash(key)));
@@ -140,10 +159,10 @@ pub fn prepare(name: &str, key: &Path) -> Result<Instance, Unavailable> {
         std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|e| unwritable(&leaf, e))?;
     }
-    let available = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
+    let available = offered_to_generations(&base, &mount);
     let mut controllers = Vec::new();
     for wanted in ["cpu", "memory", "pids"] {
-        if !available.split_whitespace().any(|c| c == wanted) {
+        if !available.iter().any(|c| c == wanted) {
             continue;
         }
         // The controller's own cgroup is written only when it is the

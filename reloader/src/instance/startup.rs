@@ -129,25 +129,38 @@ pub fn prepare(config: &Arc<RunConfig>) -> anyhow::Result<Prepared> {
 /// (`base`), or the budget could never be kept. Refused before anything is
 /// made.
 #[allow(clippy::disallowed_methods)] // on the blocking thread of `prepare`
-fn memory_controller(base: Result<&Path, &crate::cgroup::Unavailable>) -> anyhow::Result<()> {
-    let base = base.map_err(|why| {
+fn memory_controller(
+    base: Result<(&Path, &Path), &crate::cgroup::Unavailable>,
+) -> anyhow::Result<()> {
+    let (base, mount) = base.map_err(|why| {
         anyhow::anyhow!(
             "--max-draining-memory needs a cgroup v2 per generation, and there is none: {why}"
         )
     })?;
-    #[allow(clippy::disallowed_methods)] // part of `prepare`, on a blocking thread
-    let controllers = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
-    if !controllers.split_whitespace().any(|c| c == "memory") {
+    let offered = crate::cgroup::offered_to_generations(base, mount);
+    if offered.iter().any(|c| c == "memory") {
+        return Ok(());
+    }
+    if base == mount {
         anyhow::bail!(
             "--max-draining-memory needs the memory controller in cgroup v2, and {} offers only \
              [{}]: on a hybrid host it is held by cgroup v1 (boot with \
-             systemd.unified_cgroup_hierarchy=1); under systemd give the unit Delegate=yes; or \
-             run without --max-draining-memory",
+             systemd.unified_cgroup_hierarchy=1), or run without --max-draining-memory",
             base.display(),
-            controllers.trim()
+            offered.join(" ")
         );
     }
-    Ok(())
+    anyhow::bail!(
+        "--max-draining-memory needs the memory controller for the generations' cgroups, and \
+         the controller's cgroup {} enables only [{}] for its children. reloader does not \
+         enable controllers there itself: under systemd that cgroup is the unit's, where the \
+         next controller is started, and cgroup v2 lets no process into a cgroup that enables \
+         controllers (a restart would fail with 219/CGROUP). Per-generation memory under \
+         systemd is not supported yet (it needs systemd's DelegateSubgroup=, systemd >= 254); \
+         run without --max-draining-memory",
+        base.display(),
+        offered.join(" ")
+    );
 }
 
 /// [`prepare`], once the instance lock is held (`lock`, released on error).
@@ -162,7 +175,10 @@ fn prepare_locked(
     // then the instance's below it (the controller may move into a leaf).
     let base = crate::cgroup::own();
     if config.drain.max_memory.is_some() {
-        memory_controller(base.as_ref().map(|(dir, _)| dir.as_path()))?;
+        memory_controller(
+            base.as_ref()
+                .map(|(dir, mount)| (dir.as_path(), mount.as_path())),
+        )?;
     }
     let cgroups = base
         .as_ref()

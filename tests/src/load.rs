@@ -110,15 +110,19 @@ impl Report {
         self.outcomes.iter().filter(|o| o.result.is_err()).collect()
     }
 
-    /// Asserts that no connection failed, listing the first failures.
+    /// Asserts that no connection failed, listing the first failures and
+    /// the kernel's TCP counters of the test's network namespace (which
+    /// says what happened where no tracer runs, e.g. in the VM).
     pub fn assert_no_failures(&self) {
         let failures = self.failures();
         assert!(
             failures.is_empty(),
-            "{} of {} connections failed; first ones: {:?}",
+            "{} of {} connections failed; first ones: {:?}\nTCP counters of this network \
+             namespace (non-zero): {}",
             failures.len(),
             self.total(),
-            &failures[..failures.len().min(10)]
+            &failures[..failures.len().min(10)],
+            tcp_counters()
         );
     }
 
@@ -154,4 +158,43 @@ pub fn request(addr: SocketAddr) -> Result<u64, String> {
     answer
         .generation
         .ok_or_else(|| format!("no generation in the answer {answer:?}"))
+}
+
+/// The non-zero `Tcp` and `TcpExt` counters of the calling thread's network
+/// namespace (`/proc/thread-self/net/snmp` and `netstat`): a reset's kind
+/// shows there (`TCPAbortOnData`, `TCPMigrateReqFailure`, `OutRsts`, ...).
+pub fn tcp_counters() -> String {
+    let mut counters = Vec::new();
+    for file in ["snmp", "netstat"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let prefix = names.next().unwrap_or_default();
+            if prefix != "Tcp:" && prefix != "TcpExt:" {
+                continue;
+            }
+            for (name, value) in names.zip(values.split_whitespace().skip(1)) {
+                if value != "0" {
+                    counters.push(format!("{name}={value}"));
+                }
+            }
+        }
+    }
+    counters.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tcp_counters_name_the_non_zero_ones() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let counters = super::tcp_counters();
+        assert!(counters.contains("ActiveOpens="), "{counters}");
+        assert!(!counters.contains("=0 "), "{counters}");
+    }
 }

@@ -34,12 +34,16 @@ pub struct Load {
     thread: JoinHandle<Vec<client::Event>>,
     pub start: Instant,
     start_ns: u64,
+    start_wall: std::time::SystemTime,
 }
 
 /// A finished load.
 #[derive(Debug)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
+    /// Wall-clock time of the load's start (to place failures on the
+    /// controller log's timeline).
+    start_wall: std::time::SystemTime,
 }
 
 impl Load {
@@ -57,6 +61,7 @@ impl Load {
         };
         let start = Instant::now();
         let start_ns = client::monotonic_ns();
+        let start_wall = std::time::SystemTime::now();
         let thread = std::thread::spawn(move || {
             runtime().block_on(client::run(config, async {
                 let _ = stopped.await;
@@ -67,6 +72,7 @@ impl Load {
             thread,
             start,
             start_ns,
+            start_wall,
         }
     }
 
@@ -77,6 +83,7 @@ impl Load {
         let start_ns = self.start_ns;
         Report {
             outcomes: events.iter().map(|e| outcome(e, start_ns)).collect(),
+            start_wall: self.start_wall,
         }
     }
 }
@@ -117,11 +124,17 @@ impl Report {
         let failures = self.failures();
         assert!(
             failures.is_empty(),
-            "{} of {} connections failed; first ones: {:?}\nTCP counters of this network \
-             namespace (non-zero): {}",
+            "{} of {} connections failed; first ones: {:?}\nthey started at (UTC, the \
+             controller log's clock): {}\nTCP counters of this network namespace (non-zero): {}",
             failures.len(),
             self.total(),
             &failures[..failures.len().min(10)],
+            failures
+                .iter()
+                .take(10)
+                .map(|f| utc_time(self.start_wall + f.started))
+                .collect::<Vec<_>>()
+                .join(", "),
             tcp_counters()
         );
     }
@@ -160,6 +173,21 @@ pub fn request(addr: SocketAddr) -> Result<u64, String> {
         .ok_or_else(|| format!("no generation in the answer {answer:?}"))
 }
 
+/// `HH:MM:SS.ffffff` of `time`, in UTC.
+fn utc_time(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let day = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        since.subsec_micros()
+    )
+}
+
 /// The non-zero `Tcp` and `TcpExt` counters of the calling thread's network
 /// namespace (`/proc/thread-self/net/snmp` and `netstat`): a reset's kind
 /// shows there (`TCPAbortOnData`, `TCPMigrateReqFailure`, `OutRsts`, ...).
@@ -196,5 +224,12 @@ mod tests {
         let counters = super::tcp_counters();
         assert!(counters.contains("ActiveOpens="), "{counters}");
         assert!(!counters.contains("=0 "), "{counters}");
+    }
+
+    #[test]
+    fn utc_time_reads_like_the_controller_log() {
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::from_micros(86_400_000_000 + 3_723_000_042);
+        assert_eq!(super::utc_time(t), "01:02:03.000042");
     }
 }

@@ -38,12 +38,12 @@ pub struct Load {
 }
 
 /// A finished load.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// Wall-clock time of the load's start (to place failures on the
     /// controller log's timeline).
-    start_wall: std::time::SystemTime,
+    start_wall: Option<std::time::SystemTime>,
 }
 
 impl Load {
@@ -83,7 +83,7 @@ impl Load {
         let start_ns = self.start_ns;
         Report {
             outcomes: events.iter().map(|e| outcome(e, start_ns)).collect(),
-            start_wall: self.start_wall,
+            start_wall: Some(self.start_wall),
         }
     }
 }
@@ -132,7 +132,7 @@ impl Report {
             failures
                 .iter()
                 .take(10)
-                .map(|f| utc_time(self.start_wall + f.started))
+                .filter_map(|f| Some(utc_time(self.start_wall? + f.started)))
                 .collect::<Vec<_>>()
                 .join(", "),
             tcp_counters()

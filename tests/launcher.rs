@@ -372,6 +372,74 @@ fn crashes_under_load_lose_no_connection_the_bridge_holds_them_until_the_restart
     assert!(instance.stop().success());
 }
 
+/// What the controller logs (at debug level) when the listen notifier
+/// reports a socket listening on a managed address.
+const LISTEN_EVENT: &str = "listen event: a socket started listening on a managed address";
+
+/// A `listen()` on the managed address in another network namespace of the
+/// controller's cgroup (the tests run many instances, each in a namespace
+/// of its own, in one cgroup) is another reuseport group and must not wake
+/// the instance. The notifier used to filter by address only, so every
+/// such listen was a listen event and a look (issue 23). Kernels before
+/// 5.15 do not give `sock_ops` programs the namespace: there the notifier
+/// still reports them, and says so when it starts.
+#[test]
+fn a_listen_in_another_network_namespace_does_not_wake_the_instance() {
+    privileged();
+    let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    let events = |instance: &Instance| instance.log_text().matches(LISTEN_EVENT).count();
+    // Generation 1's own listen was reported: the notifier runs here.
+    wait_for(
+        "generation 1's listen to be reported",
+        Duration::from_secs(5),
+        || events(&instance) > 0,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let before = events(&instance);
+    std::thread::spawn(|| {
+        // This thread only: a network namespace of its own, same cgroup.
+        privileged();
+        for _ in 0..5 {
+            drop(reloader_tests::reuseport_listener(addr()));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .join()
+    .expect("the other namespace's listens");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = events(&instance);
+    let scoped = reloader_tests::kernel_at_least(5, 15);
+    if scoped {
+        assert_eq!(
+            after,
+            before,
+            "listens in another network namespace woke the instance:\n{}",
+            instance.log_text()
+        );
+    } else {
+        assert!(
+            instance
+                .log_text()
+                .contains("listen events come from every network namespace of the cgroup"),
+            "before Linux 5.15 the notifier says it cannot tell namespaces apart"
+        );
+    }
+    // Listens in its own namespace still wake it: the next generation's.
+    let reload = instance.reload_wait();
+    assert!(reload.ok(), "{reload}");
+    wait_for(
+        "generation 2's listen to be reported",
+        Duration::from_secs(5),
+        || events(&instance) > after,
+    );
+    println!(
+        "listen events: {before} before 5 listens in another namespace, {after} after, {} after \
+         a reload (namespace-scoped: {scoped})",
+        events(&instance)
+    );
+    assert!(instance.stop().success());
+}
+
 /// A generation whose workers all stop listening for good while its
 /// leader lives on. The bridge used to hold the connections that arrived
 /// for 5 s, reset them, and from then on every connection was refused

@@ -206,9 +206,7 @@ fn reload_under_load(server: &Server, reloads: u64) -> Run {
     let mut run = Run {
         name: server.name.clone(),
         version: server.version.clone(),
-        report: load::Report {
-            outcomes: Vec::new(),
-        },
+        report: load::Report::default(),
         duration: Duration::ZERO,
         probes: 0,
         probe_failures: Vec::new(),

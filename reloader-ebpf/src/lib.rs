@@ -35,7 +35,7 @@
 //!   plus one trailing entry for packets of groups that are not managed.
 //! - [`map::LISTEN_EVENTS`]: a ring buffer of [`ListenEvent`]s: the
 //!   `sock_ops` program writes one when a socket starts listening on a
-//!   managed address, the steering program one when it holds a connection
+//!   managed address in the controller's network namespace, the steering program one when it holds a connection
 //!   on a bridge (the target slot has no live socket: its listeners
 //!   closed). Userspace looks at the managed addresses at either.
 //! - [`map::BRIDGES`]: `REUSEPORT_SOCKARRAY`, index listener: the
@@ -138,6 +138,9 @@ pub mod global {
     pub const LISTENERS: &str = "LISTENERS_MAX";
     pub const SLOTS: &str = "SLOTS";
     pub const SOCKETS_PER_SLOT: &str = "SOCKETS_PER_SLOT";
+    /// `u64`: the controller's network namespace cookie (`SO_NETNS_COOKIE`);
+    /// the listen notifier reports listens in that namespace only.
+    pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
 }
 
 /// Program names in the object.
@@ -150,8 +153,14 @@ pub mod program {
     /// alone (the context has no socket pointer before 5.14).
     pub const SELECT: &str = "steer_select";
     /// `sock_ops` on the controller's cgroup: tells userspace at once when
-    /// a socket starts listening on a managed address.
+    /// a socket starts listening on a managed address in the controller's
+    /// network namespace (Linux >= 5.15: `bpf_get_netns_cookie` in
+    /// `sock_ops`).
     pub const NOTIFY_LISTEN: &str = "notify_listen";
+    /// [`NOTIFY_LISTEN`] for older kernels: by address only, so a listen on
+    /// the same address in another network namespace of the cgroup reports
+    /// too.
+    pub const NOTIFY_LISTEN_ANY_NETNS: &str = "notify_listen_any_netns";
 }
 
 /// How a listener steers.

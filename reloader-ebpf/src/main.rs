@@ -19,7 +19,16 @@
 //!
 //! `sock_ops` (`notify_listen`): attached to the controller's cgroup, runs
 //! when a socket of a process in it starts listening; for a managed address
-//! it writes a [`ListenEvent`] so userspace registers the new socket at once.
+//! in the controller's own network namespace it writes a [`ListenEvent`] so
+//! userspace registers the new socket at once. A cgroup spans network
+//! namespaces (the privileged tests run many instances, each in a
+//! namespace of its own, in one cgroup): the same address in another
+//! namespace is another reuseport group, and its listen must not wake this
+//! instance. The namespace is read with `bpf_get_netns_cookie`, which
+//! `sock_ops` programs may call from Linux 5.15 (the patch
+//! "bpf: Allow bpf_get_netns_cookie in BPF_PROG_TYPE_SOCK_OPS"); the
+//! verifier of older kernels rejects the call, and userspace loads
+//! `notify_listen_any_netns` there, which filters by address only.
 //! It asks for no other callbacks: a listener's state callback
 //! (`BPF_SOCK_OPS_STATE_CB_FLAG`) would run inside `tcp_set_state(listener,
 //! TCP_CLOSE)`, after `__tcp_close` set the listener's `sk_shutdown` and
@@ -53,9 +62,9 @@ mod steer {
     use core::{ffi::c_void, ptr::read_volatile};
 
     use aya_ebpf::{
-        Global,
+        EbpfContext, Global,
         bindings::{BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_hdr_start_off, bpf_sock, sk_action::SK_PASS},
-        helpers::{bpf_get_socket_cookie, bpf_skb_load_bytes_relative},
+        helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes_relative},
         macros::{map, sk_reuseport, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, RingBuf},
         programs::{SkReuseportContext, SockOpsContext},
@@ -75,6 +84,10 @@ mod steer {
     static SLOTS: Global<u32> = Global::new(1);
     #[unsafe(no_mangle)]
     static SOCKETS_PER_SLOT: Global<u32> = Global::new(1);
+    /// The controller's network namespace (`SO_NETNS_COOKIE`), set by the
+    /// loader: `notify_listen` reports listens there only.
+    #[unsafe(no_mangle)]
+    static NETNS_COOKIE: Global<u64> = Global::new(0);
 
     #[map]
     static LISTENER_KEYS: HashMap<ListenerKey, u32> = HashMap::with_max_entries(1, 0);
@@ -481,6 +494,29 @@ mod steer {
         if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
             return 1;
         }
+        // SAFETY: the helper takes the program's own context (Linux 5.15+
+        // for sock_ops; older verifiers reject the program, see above).
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if netns != NETNS_COOKIE.load() {
+            return 1;
+        }
+        report_listen(&ctx)
+    }
+
+    /// `notify_listen` for kernels before 5.15: by address only, whatever
+    /// the network namespace.
+    #[sock_ops]
+    pub fn notify_listen_any_netns(ctx: SockOpsContext) -> u32 {
+        if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
+            return 1;
+        }
+        report_listen(&ctx)
+    }
+
+    /// Writes a [`ListenEvent`] if the socket of `ctx` listens on a managed
+    /// address.
+    #[inline(always)]
+    fn report_listen(ctx: &SockOpsContext) -> u32 {
         // One volatile load per field, each at a constant offset from the
         // context: the verifier rejects loads through a moved ctx pointer,
         // which is what copying the address array compiles to.

@@ -34,12 +34,16 @@ pub struct Load {
     thread: JoinHandle<Vec<client::Event>>,
     pub start: Instant,
     start_ns: u64,
+    start_wall: std::time::SystemTime,
 }
 
 /// A finished load.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
+    /// Wall-clock time of the load's start (to place failures on the
+    /// controller log's timeline).
+    start_wall: Option<std::time::SystemTime>,
 }
 
 impl Load {
@@ -57,6 +61,7 @@ impl Load {
         };
         let start = Instant::now();
         let start_ns = client::monotonic_ns();
+        let start_wall = std::time::SystemTime::now();
         let thread = std::thread::spawn(move || {
             runtime().block_on(client::run(config, async {
                 let _ = stopped.await;
@@ -67,6 +72,7 @@ impl Load {
             thread,
             start,
             start_ns,
+            start_wall,
         }
     }
 
@@ -77,6 +83,7 @@ impl Load {
         let start_ns = self.start_ns;
         Report {
             outcomes: events.iter().map(|e| outcome(e, start_ns)).collect(),
+            start_wall: Some(self.start_wall),
         }
     }
 }
@@ -110,15 +117,25 @@ impl Report {
         self.outcomes.iter().filter(|o| o.result.is_err()).collect()
     }
 
-    /// Asserts that no connection failed, listing the first failures.
+    /// Asserts that no connection failed, listing the first failures and
+    /// the kernel's TCP counters of the test's network namespace (which
+    /// says what happened where no tracer runs, e.g. in the VM).
     pub fn assert_no_failures(&self) {
         let failures = self.failures();
         assert!(
             failures.is_empty(),
-            "{} of {} connections failed; first ones: {:?}",
+            "{} of {} connections failed; first ones: {:?}\nthey started at (UTC, the \
+             controller log's clock): {}\nTCP counters of this network namespace (non-zero): {}",
             failures.len(),
             self.total(),
-            &failures[..failures.len().min(10)]
+            &failures[..failures.len().min(10)],
+            failures
+                .iter()
+                .take(10)
+                .filter_map(|f| Some(utc_time(self.start_wall? + f.started)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            tcp_counters()
         );
     }
 
@@ -154,4 +171,65 @@ pub fn request(addr: SocketAddr) -> Result<u64, String> {
     answer
         .generation
         .ok_or_else(|| format!("no generation in the answer {answer:?}"))
+}
+
+/// `HH:MM:SS.ffffff` of `time`, in UTC.
+fn utc_time(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let day = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        since.subsec_micros()
+    )
+}
+
+/// The non-zero `Tcp` and `TcpExt` counters of the calling thread's network
+/// namespace (`/proc/thread-self/net/snmp` and `netstat`): a reset's kind
+/// shows there (`TCPAbortOnData`, `TCPMigrateReqFailure`, `OutRsts`, ...).
+pub fn tcp_counters() -> String {
+    let mut counters = Vec::new();
+    for file in ["snmp", "netstat"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let prefix = names.next().unwrap_or_default();
+            if prefix != "Tcp:" && prefix != "TcpExt:" {
+                continue;
+            }
+            for (name, value) in names.zip(values.split_whitespace().skip(1)) {
+                if value != "0" {
+                    counters.push(format!("{name}={value}"));
+                }
+            }
+        }
+    }
+    counters.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tcp_counters_name_the_non_zero_ones() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let counters = super::tcp_counters();
+        assert!(counters.contains("ActiveOpens="), "{counters}");
+        assert!(!counters.contains("=0 "), "{counters}");
+    }
+
+    #[test]
+    fn utc_time_reads_like_the_controller_log() {
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::from_micros(86_400_000_000 + 3_723_000_042);
+        assert_eq!(super::utc_time(t), "01:02:03.000042");
+    }
 }

@@ -74,6 +74,10 @@ enum Task {
         /// whitespace (e.g. "--ignored --nocapture NAME").
         #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
         test_args: Option<String>,
+        /// With --vm: run each test binary this many times in one boot
+        /// (loops of a rare failure; each run's result is counted).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Run every test: unit tests and the privileged integration tests
     /// (those need root: they use the real kernel's BPF and network
@@ -140,6 +144,7 @@ fn main() -> Result<()> {
             timeout_minutes,
             only,
             test_args,
+            repeat,
         } => vm::integration_test(&vm::VmOptions {
             kernel: kernel.unwrap_or(vm::KernelChoice::Host),
             kvm,
@@ -149,6 +154,7 @@ fn main() -> Result<()> {
                 .iter()
                 .flat_map(|a| a.split_whitespace().map(str::to_owned))
                 .collect(),
+            repeat,
         }),
         Task::IntegrationTest { vm: false, .. } => integration_test_on_host(),
     }

@@ -218,6 +218,9 @@ pub struct VmOptions {
     pub only: Vec<String>,
     /// Extra arguments for every test binary (e.g. `--ignored NAME`).
     pub test_args: Vec<String>,
+    /// How many times each test binary runs in the one boot (loops of a
+    /// rare failure: `--repeat 50 --test-args "NAME --exact"`).
+    pub repeat: u32,
 }
 
 pub fn integration_test(options: &VmOptions) -> Result<()> {
@@ -737,7 +740,12 @@ fn build_static(root: &Path) -> Result<Binaries> {
 /// for a clone there. /run is mode 0755 (a tmpfs is 1777 by default):
 /// the mode probe's control socket is there, and reloader refuses a
 /// runtime directory others can write.
-fn init_script(tests: &[(String, PathBuf)], testserver: &Path, test_args: &[String]) -> String {
+fn init_script(
+    tests: &[(String, PathBuf)],
+    testserver: &Path,
+    test_args: &[String],
+    repeat: u32,
+) -> String {
     let skips: String = EXCLUDED
         .iter()
         .map(|(name, _)| format!(" --skip {name}"))
@@ -795,13 +803,17 @@ fn init_script(tests: &[(String, PathBuf)], testserver: &Path, test_args: &[Stri
         }
         script.push_str("fi\n");
     }
+    script.push_str(&format!(
+        "run=1\nwhile [ $run -le {} ]; do\n",
+        repeat.max(1)
+    ));
     for (name, _) in tests {
         script.push_str(&format!(
             "echo '@@BEGIN {name}'\n/tests/{name} --test-threads=1{skips} $na{extra}\n\
              echo \"@@END {name} $?\"\n"
         ));
     }
-    script.push_str("echo '@@ALLDONE'\npoweroff -f\n");
+    script.push_str("run=$((run+1))\ndone\necho '@@ALLDONE'\npoweroff -f\n");
     script
 }
 
@@ -849,7 +861,12 @@ fn make_initramfs(
     let init = staging.join("init");
     std::fs::write(
         &init,
-        init_script(&binaries.tests, &binaries.testserver, &options.test_args),
+        init_script(
+            &binaries.tests,
+            &binaries.testserver,
+            &options.test_args,
+            options.repeat,
+        ),
     )?;
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let archive = vm_dir.join("initramfs.cpio");
@@ -1086,6 +1103,18 @@ impl Outcome {
         for name in &self.failed {
             println!("vm: FAILED {name}");
         }
+        let mut runs: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for name in &self.passed {
+            runs.entry(name).or_default().0 += 1;
+        }
+        for name in &self.failed {
+            runs.entry(name).or_default().1 += 1;
+        }
+        if runs.values().any(|(passed, failed)| passed + failed > 1) {
+            for (name, (passed, failed)) in &runs {
+                println!("vm: {name}: {passed} passed, {failed} failed");
+            }
+        }
         println!(
             "vm: {} passed, {} failed",
             self.passed.len(),
@@ -1302,6 +1331,7 @@ mod tests {
             &tests,
             Path::new("/tmp/t/testserver"),
             &["--ignored".into()],
+            1,
         );
         assert!(script.contains("if [ \"$mode\" = select-only ]; then"));
         // A world-writable /run made the mode probe's `reloader run` refuse
@@ -1316,7 +1346,8 @@ mod tests {
         assert!(script.contains(" $na '--ignored'\n"));
         assert!(script.contains("-- '/tmp/t/testserver' --listen 127.0.0.1:9"));
         // No steering binary, no not-applicable list.
-        let script = init_script(&tests[..1], Path::new("/t"), &[]);
+        let script = init_script(&tests[..1], Path::new("/t"), &[], 3);
+        assert!(script.contains("while [ $run -le 3 ]; do"));
         assert!(!script.contains("@@NOTAPPLICABLE"));
     }
 

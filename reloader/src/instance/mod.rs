@@ -44,7 +44,7 @@ use tokio::{
     sync::{Notify, mpsc},
     task::JoinHandle,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::RunConfig,
@@ -52,7 +52,7 @@ use crate::{
     metrics::{Endpoints, Recorder},
     reload::{self, System},
     state::{Client, InstanceState},
-    steering::Steering,
+    steering::{ListenEvent, Steering},
     supervisor,
 };
 
@@ -656,14 +656,23 @@ async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
         };
-        let mut woke = !guard.get_inner_mut().drain().is_empty();
+        let mut events = guard.get_inner_mut().drain();
         guard.clear_ready();
         // An event that arrived between the drain and clear_ready set no
         // new readiness: look once more.
-        woke |= !guard.get_inner_mut().drain().is_empty();
-        if woke {
-            listened.notify_one();
+        events.extend(guard.get_inner_mut().drain());
+        if events.is_empty() {
+            continue;
         }
+        let listens: Vec<u32> = events
+            .iter()
+            .filter(|e| e.kind == ListenEvent::LISTEN)
+            .map(|e| e.listener)
+            .collect();
+        if !listens.is_empty() {
+            debug!(listeners = ?listens, "listen event: a socket started listening on a managed address");
+        }
+        listened.notify_one();
     }
 }
 

@@ -2,6 +2,18 @@
 //! per managed TCP address, opened from the first server socket registered
 //! there, and replaced whenever it holds connections while the active
 //! generation has sockets on that address, so its queue migrates to them.
+//!
+//! A replaced bridge is closed [`RETIRE_AFTER`] later, not at once. A
+//! listener that closes while a handshake on it completes can lose that
+//! connection, whatever the program does (README "Design notes", traced on
+//! 6.18): the final ACK's processing passed the listener's state check
+//! before the close and finds it closed when it queues the new socket,
+//! which is then reset, not migrated; or the new socket was cloned in the
+//! instant between `__tcp_close` setting the listener's `sk_shutdown` and
+//! the listener leaving its group, and sends a FIN at once. Once replaced,
+//! the old bridge gets no new SYN (the program selects the new one, or the
+//! generation's sockets); the handshakes it already started complete within
+//! a round trip and join its accept queue, which migrates when it closes.
 
 use std::{
     collections::BTreeSet,
@@ -28,6 +40,12 @@ use crate::{
 /// cannot complete.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long a replaced bridge stays open, receiving no new SYN, so the
+/// handshakes it started complete before it closes: many loopback or LAN
+/// round trips, and a busy VM's scheduling delays, at the cost of that
+/// much more wait for what it holds.
+pub const RETIRE_AFTER: Duration = Duration::from_millis(50);
+
 /// A listener's bridge: open, or closed after [`HOLD_LIMIT`] until a
 /// generation listens again.
 #[derive(Debug)]
@@ -36,6 +54,8 @@ pub struct Held {
     shape: Shape,
     /// Since when it has held connections with no generation listening.
     stuck_since: Option<Instant>,
+    /// Replaced bridges, closed [`RETIRE_AFTER`] after their replacement.
+    retiring: Vec<(Bridge, Instant)>,
 }
 
 impl InstanceState {
@@ -82,6 +102,7 @@ impl InstanceState {
                         bridge: Some(bridge),
                         shape,
                         stuck_since: None,
+                        retiring: Vec::new(),
                     },
                 );
             }
@@ -117,6 +138,11 @@ impl InstanceState {
         let active = self.generations.active().map(|g| g.number);
         let mut released = 0;
         let listeners: Vec<usize> = self.bridges.keys().copied().collect();
+        for held in self.bridges.values_mut() {
+            // Dropping a retired bridge closes it: its queue migrates.
+            held.retiring
+                .retain(|(_, since)| since.elapsed() < RETIRE_AFTER);
+        }
         for listener in listeners {
             let live = active.is_some_and(|active| {
                 self.sockets(active).iter().any(|s| {
@@ -177,9 +203,12 @@ impl InstanceState {
                 warn!(%addr, error = %crate::error_chain(&error), "cannot replace the bridge listener");
                 continue;
             }
-            // Dropping the old bridge closes it: its queue migrates.
+            // The old one closes at a look RETIRE_AFTER from now (its
+            // queue migrates then); it gets no new SYN meanwhile.
             let held = self.bridges.get_mut(&listener).expect("listed");
-            held.bridge = Some(replacement);
+            if let Some(old) = held.bridge.replace(replacement) {
+                held.retiring.push((old, Instant::now()));
+            }
             held.stuck_since = None;
             released += u64::from(queued);
             info!(
@@ -193,9 +222,12 @@ impl InstanceState {
         released
     }
 
-    /// Whether a bridge holds connections that no generation can take yet.
+    /// Whether a bridge holds connections that no generation can take yet,
+    /// or a replaced one waits to be closed: the tracker looks often then.
     pub fn bridge_waiting(&self) -> bool {
-        self.bridges.values().any(|h| h.stuck_since.is_some())
+        self.bridges
+            .values()
+            .any(|h| h.stuck_since.is_some() || !h.retiring.is_empty())
     }
 
     /// Opens `listener`'s bridge again after [`HOLD_LIMIT`] closed it.

@@ -22,7 +22,7 @@ pub use ebpf::{ListenEvents, LogPump, MAPS_LAYOUT, MigrationLog, OLDEST_MAPS_LAY
 pub use error::SteeringError;
 pub use keys::listener_key;
 pub use reloader_ebpf::{
-    BRIDGE_EPOCH, Counters, Limits, Mode as ListenerMode, WEIGHT_SCALE, limits,
+    BRIDGE_EPOCH, Counters, Limits, ListenEvent, Mode as ListenerMode, WEIGHT_SCALE, limits,
 };
 
 pub use crate::listen::{ListenerSpec, Transport};

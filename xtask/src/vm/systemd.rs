@@ -156,6 +156,7 @@ pub fn systemd_test(args: &SystemdArgs) -> Result<()> {
         timeout: Duration::from_secs(args.timeout_minutes * 60),
         only: Vec::new(),
         test_args: Vec::new(),
+        repeat: 1,
     };
     let vm_started = Instant::now();
     let outcome = boot(&kernel.image, &initramfs, &options, APPEND)?;

@@ -80,6 +80,9 @@ pub struct Steering {
     cpus: usize,
     /// The maps were pinned by a previous controller and reused.
     reused: bool,
+    /// The controller's network namespace, as the listen notifier compares
+    /// it (`None`: the kernel does not say, before 5.14).
+    netns_cookie: Option<u64>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -104,9 +107,12 @@ impl Steering {
         }
         // aya-log-common levels: 0 disables every statement, 4 is debug.
         let log_level: u8 = if options.ebpf_debug_logs { 4 } else { 0 };
+        let netns_cookie = listen::own_netns_cookie();
+        let netns_global = netns_cookie.unwrap_or(0);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .override_global(global::NETNS_COOKIE, &netns_global, true)
             .override_global(global::LISTENERS, &limits.listeners, true)
             .override_global(global::SLOTS, &limits.slots, true)
             .override_global(global::SOCKETS_PER_SLOT, &limits.sockets_per_slot, true)
@@ -193,6 +199,7 @@ impl Steering {
             flow_capacity: options.udp_flows.max(1),
             cpus,
             reused,
+            netns_cookie,
         };
         info!(%mode, ?limits, reused_pinned_maps = reused, "steering program loaded");
         Ok(steering)

@@ -445,7 +445,7 @@ fn draining_generations_over_the_memory_budget_are_evicted_oldest_first() {
         let log = instance.log_text();
         assert!(
             log.contains("--max-draining-memory needs the memory controller")
-                && log.contains("Delegate=yes"),
+                && log.contains("systemd.unified_cgroup_hierarchy=1"),
             "{log}"
         );
         return;

@@ -155,7 +155,7 @@ pub fn observe(report: &mut StatusReport, migrations: Option<&MigrationLog>) {
 /// `memory.current`.
 pub const MEMORY_UNAVAILABLE: &str = "the memory controller is not enabled in the generations' \
                                       cgroup v2 (a hybrid host keeps it in cgroup v1; under \
-                                      systemd, Delegate=yes)";
+                                      systemd the unit's cgroup enables none for them)";
 
 /// `usage_usec` of a `cpu.stat`, in seconds.
 fn usage_seconds(cpu_stat: &str) -> Option<f64> {

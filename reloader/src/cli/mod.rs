@@ -297,12 +297,19 @@ pub struct RunArgs {
     #[arg(long, default_value = "30s", value_name = "DURATION",
           value_parser = duration_in("--drain-timeout", MS * 100, HOUR * 24))]
     pub drain_timeout: Duration,
-    /// How long an old generation keeps running after cutover, receiving
-    /// nothing new, before it is told to drain (so it reads requests of
-    /// connections it already accepted).
-    #[arg(long, default_value = "250ms", value_name = "DURATION",
-          value_parser = duration_in("--settle", Duration::ZERO, MS * 60_000))]
-    pub settle: Duration,
+    /// When an old generation, which receives nothing new after the
+    /// cutover, is told to drain: `auto` once it has answered what it
+    /// accepted (empty accept queues; each connection closed or idle after
+    /// an answer), `idle` once it holds no connection, or a fixed DURATION
+    /// (the behaviour before `auto`). `auto` and `idle` wait at most
+    /// --settle-max.
+    #[arg(long, default_value = "auto", value_name = "auto|idle|DURATION",
+          value_parser = parse::parse_settle)]
+    pub settle: config::Settle,
+    /// The longest `--settle auto` or `idle` waits before the drain signal.
+    #[arg(long, default_value = "2s", value_name = "DURATION",
+          value_parser = duration_in("--settle-max", Duration::ZERO, HOUR * 24))]
+    pub settle_max: Duration,
     /// Old generations allowed to drain at once; a reload beyond that waits
     /// until one has exited (or, with --drain-evict, evicts the oldest).
     #[arg(long, default_value_t = 4, value_name = "N")]
@@ -467,6 +474,7 @@ impl RunArgs {
                 signal: self.drain_signal,
                 timeout: self.drain_timeout,
                 settle: self.settle,
+                settle_max: self.settle_max,
                 max_draining: self.max_draining,
                 evict: self.drain_evict,
                 max_memory: self.max_draining_memory,

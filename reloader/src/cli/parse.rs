@@ -111,6 +111,25 @@ pub fn parse_duration(
     Ok(duration)
 }
 
+/// `--settle`: `auto`, `idle`, or a duration up to a minute.
+pub fn parse_settle(value: &str) -> Result<crate::config::Settle, ConfigError> {
+    use crate::config::Settle;
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(Settle::Auto),
+        "idle" => Ok(Settle::Idle),
+        _ => parse_duration("--settle", value, Duration::ZERO, Duration::from_secs(60))
+            .map(Settle::Fixed)
+            .map_err(|e| match e {
+                ConfigError::BadDuration { flag, value, why } => ConfigError::BadDuration {
+                    flag,
+                    value,
+                    why: format!("{why} (or `auto`, `idle`)"),
+                },
+                other => other,
+            }),
+    }
+}
+
 /// `TERM`, `SIGTERM`, `term` → SIGTERM.
 pub fn parse_signal(flag: &'static str, value: &str) -> Result<Signal, ConfigError> {
     let upper = value.trim().to_ascii_uppercase();

@@ -83,9 +83,11 @@ pub struct Drain {
     pub signal: Signal,
     /// Then its process group is killed.
     pub timeout: Duration,
-    /// How long the old generation keeps running, receiving nothing new,
-    /// before it gets the drain signal (to read what it already accepted).
-    pub settle: Duration,
+    /// When the old generation, receiving nothing new, gets the drain
+    /// signal (`--settle`).
+    pub settle: Settle,
+    /// The longest an `auto` or `idle` settle waits (`--settle-max`).
+    pub settle_max: Duration,
     /// Old generations draining at once.
     pub max_draining: u32,
     /// Beyond `max_draining`, a reload evicts the oldest draining
@@ -94,6 +96,40 @@ pub struct Drain {
     /// What the draining generations may use together before the oldest
     /// is evicted (`--max-draining-memory`, bytes).
     pub max_memory: Option<u64>,
+}
+
+/// When an old generation, which receives nothing new from the cutover
+/// on, gets its drain signal (`reload::settle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Once it has answered what it accepted: its listeners' queues are
+    /// empty and each connection it holds is closed or idle after an
+    /// answer.
+    Auto,
+    /// Once it holds no connection at all.
+    Idle,
+    /// After this long.
+    Fixed(Duration),
+}
+
+impl Settle {
+    /// How long it settles at least.
+    pub fn floor(self) -> Duration {
+        match self {
+            Self::Fixed(d) => d,
+            Self::Auto | Self::Idle => Duration::ZERO,
+        }
+    }
+}
+
+impl std::fmt::Display for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Idle => f.write_str("idle"),
+            Self::Fixed(d) => f.write_str(&crate::generation::human_duration(*d)),
+        }
+    }
 }
 
 /// Slots beyond `--max-draining` + 2 with `--drain-evict`: evicted
@@ -187,7 +223,8 @@ impl RunConfig {
             drain: Drain {
                 signal: Signal::SIGTERM,
                 timeout: Duration::from_secs(2),
-                settle: Duration::from_millis(10),
+                settle: Settle::Fixed(Duration::from_millis(10)),
+                settle_max: Duration::from_secs(2),
                 max_draining: 4,
                 evict: false,
                 max_memory: None,

@@ -27,7 +27,7 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 
 use crate::discovery::DiscoveryError;
 
-/// An established TCP connection's server end, as counting needs it.
+/// A TCP socket on a managed port, as counting and settling need it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Connection {
     pub cookie: u64,
@@ -36,6 +36,66 @@ pub struct Connection {
     /// The cgroup (v2 id) its socket was created in: the listener's it was
     /// accepted from.
     pub cgroup_id: Option<u64>,
+    /// Its TCP state (`TCP_ESTABLISHED`, …; `TCP_NEW_SYN_RECV` for a
+    /// handshake in progress).
+    pub state: u8,
+    /// Its socket's inode (0 while it waits in an accept queue).
+    pub inode: u32,
+    /// Bytes received and not read by the server (`idiag_rqueue`).
+    pub unread: u32,
+    /// Bytes written by the server and not yet acknowledged
+    /// (`idiag_wqueue`: unsent and in flight).
+    pub unsent: u32,
+    /// From its `tcp_info`, when asked for ([`Query::activity`]).
+    pub activity: Option<Activity>,
+}
+
+/// What a connection's `tcp_info` says about its last exchange.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Milliseconds since it last sent data (`tcpi_last_data_sent`; jiffy
+    /// resolution).
+    pub last_sent_ms: u32,
+    /// Milliseconds since it last received data (`tcpi_last_data_recv`).
+    pub last_received_ms: u32,
+    /// Bytes it received (`tcpi_bytes_received`).
+    pub bytes_received: u64,
+    /// Bytes it sent (`tcpi_bytes_sent`, Linux ≥ 4.19; 0 before).
+    pub bytes_sent: u64,
+}
+
+/// What to dump.
+#[derive(Clone, Copy, Debug)]
+pub struct Query {
+    /// A mask of `1 << state`.
+    pub states: u32,
+    /// Each socket's `tcp_info` too (`INET_DIAG_INFO`): costs a copy of
+    /// 232 bytes per socket, so `status` does not ask for it.
+    pub activity: bool,
+}
+
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_SYN_RECV: u8 = 3;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+/// A request socket: a handshake in progress (`include/net/tcp_states.h`).
+pub const TCP_NEW_SYN_RECV: u8 = 12;
+
+impl Query {
+    /// Established connections, without their `tcp_info` (counting).
+    pub const ESTABLISHED: Self = Self {
+        states: 1 << TCP_ESTABLISHED,
+        activity: false,
+    };
+    /// What a generation may still have to answer (settling): established
+    /// and close-wait connections with their `tcp_info`, and handshakes in
+    /// progress (asking for `SYN_RECV` dumps the request sockets too).
+    pub const SETTLING: Self = Self {
+        states: 1 << TCP_ESTABLISHED
+            | 1 << TCP_CLOSE_WAIT
+            | 1 << TCP_SYN_RECV
+            | 1 << TCP_NEW_SYN_RECV,
+        activity: true,
+    };
 }
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -43,25 +103,37 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const TCP_ESTABLISHED: u32 = 1;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_BC_NOP: u8 = 0;
 const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_GE: u8 = 2;
 const INET_DIAG_BC_S_LE: u8 = 3;
+const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 const HEADER: usize = 16;
 const REQUEST: usize = 56;
 const MESSAGE: usize = 72;
+/// `struct tcp_info` up to `tcpi_bytes_received` (offsets from
+/// `include/uapi/linux/tcp.h`, checked with `offsetof` on 6.18 headers).
+const TCP_INFO_MIN: usize = 136;
+const TCPI_LAST_DATA_SENT: usize = 44;
+const TCPI_LAST_DATA_RECV: usize = 52;
+const TCPI_BYTES_RECEIVED: usize = 128;
+const TCPI_BYTES_SENT: usize = 200;
 
 /// The established TCP connections whose local port is one of `ports`.
 pub fn established(ports: &[u16]) -> Result<Vec<Connection>, DiscoveryError> {
+    sockets(ports, Query::ESTABLISHED)
+}
+
+/// The TCP sockets whose local port is one of `ports`, as `query` asks.
+pub fn sockets(ports: &[u16], query: Query) -> Result<Vec<Connection>, DiscoveryError> {
     let mut found = Vec::new();
     if ports.is_empty() {
         return Ok(found);
     }
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, ports, &mut found)?;
+        dump(family, ports, query, &mut found)?;
     }
     Ok(found)
 }
@@ -98,7 +170,12 @@ fn bytecode(ports: &[u16]) -> Vec<u8> {
     code
 }
 
-fn dump(family: u8, ports: &[u16], found: &mut Vec<Connection>) -> Result<(), DiscoveryError> {
+fn dump(
+    family: u8,
+    ports: &[u16],
+    query: Query,
+    found: &mut Vec<Connection>,
+) -> Result<(), DiscoveryError> {
     let netlink = |source| DiscoveryError::NetlinkError { source };
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink)?;
     socket.bind_auto().map_err(netlink)?;
@@ -112,9 +189,14 @@ fn dump(family: u8, ports: &[u16], found: &mut Vec<Connection>) -> Result<(), Di
     request.extend_from_slice(&[0; 8]); // sequence, port id
     request.push(family);
     request.push(libc::IPPROTO_TCP as u8);
-    request.push(0); // no extensions
+    // Extensions: a bit per attribute, `1 << (INET_DIAG_INFO - 1)`.
+    request.push(if query.activity {
+        1 << (INET_DIAG_INFO - 1)
+    } else {
+        0
+    });
     request.push(0);
-    request.extend_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+    request.extend_from_slice(&query.states.to_ne_bytes());
     request.extend_from_slice(&[0; 48]); // any socket id
     request.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
     request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
@@ -172,7 +254,9 @@ fn parse(message: &[u8]) -> Option<Connection> {
         IpAddr::V6(Ipv6Addr::from(bytes))
     };
     let cookie = u64::from_ne_bytes(head[44..52].try_into().ok()?);
+    let word = |at: usize| u32::from_ne_bytes(head[at..at + 4].try_into().unwrap());
     let mut cgroup_id = None;
+    let mut activity = None;
     let mut attributes = &message[MESSAGE..];
     while attributes.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
@@ -183,13 +267,37 @@ fn parse(message: &[u8]) -> Option<Connection> {
         if kind == INET_DIAG_CGROUP_ID && len >= 12 {
             cgroup_id = Some(u64::from_ne_bytes(attributes[4..12].try_into().ok()?));
         }
+        if kind == INET_DIAG_INFO && len >= 4 + TCP_INFO_MIN {
+            activity = Some(tcp_activity(&attributes[4..len]));
+        }
         attributes = &attributes[((len + 3) & !3).min(attributes.len())..];
     }
     Some(Connection {
         cookie,
         local: SocketAddr::new(ip, port),
         cgroup_id,
+        state: head[1],
+        unread: word(56),
+        unsent: word(60),
+        inode: word(68),
+        activity,
     })
+}
+
+/// The fields of a `tcp_info` ([`TCP_INFO_MIN`] bytes at least) that
+/// settling reads.
+fn tcp_activity(info: &[u8]) -> Activity {
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().unwrap());
+    let quad = |at: usize| {
+        info.get(at..at + 8)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
+    Activity {
+        last_sent_ms: word(TCPI_LAST_DATA_SENT),
+        last_received_ms: word(TCPI_LAST_DATA_RECV),
+        bytes_received: quad(TCPI_BYTES_RECEIVED),
+        bytes_sent: quad(TCPI_BYTES_SENT),
+    }
 }
 
 #[cfg(test)]
@@ -260,5 +368,44 @@ mod tests {
         message.extend_from_slice(&[12, 0, 21, 0]);
         message.extend_from_slice(&4242u64.to_ne_bytes());
         assert_eq!(parse(&message).unwrap().cgroup_id, Some(4242));
+    }
+
+    #[test]
+    fn queues_and_tcp_info_are_read_where_the_kernel_puts_them() {
+        let mut message = vec![0u8; MESSAGE];
+        message[0] = libc::AF_INET6 as u8;
+        message[1] = TCP_CLOSE_WAIT;
+        message[4..6].copy_from_slice(&443u16.to_be_bytes());
+        message[56..60].copy_from_slice(&5u32.to_ne_bytes());
+        message[60..64].copy_from_slice(&7u32.to_ne_bytes());
+        message[68..72].copy_from_slice(&99u32.to_ne_bytes());
+        let mut info = vec![0u8; 232];
+        info[TCPI_LAST_DATA_SENT..][..4].copy_from_slice(&12u32.to_ne_bytes());
+        info[TCPI_LAST_DATA_RECV..][..4].copy_from_slice(&30u32.to_ne_bytes());
+        info[TCPI_BYTES_RECEIVED..][..8].copy_from_slice(&100u64.to_ne_bytes());
+        info[TCPI_BYTES_SENT..][..8].copy_from_slice(&2000u64.to_ne_bytes());
+        message.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
+        message.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+        message.extend_from_slice(&info);
+        let c = parse(&message).unwrap();
+        assert_eq!(
+            (c.state, c.unread, c.unsent, c.inode, c.local.port()),
+            (TCP_CLOSE_WAIT, 5, 7, 99, 443)
+        );
+        assert_eq!(
+            c.activity,
+            Some(Activity {
+                last_sent_ms: 12,
+                last_received_ms: 30,
+                bytes_received: 100,
+                bytes_sent: 2000,
+            })
+        );
+        // A kernel before 4.19 sends a shorter tcp_info: no bytes_sent.
+        message.truncate(MESSAGE);
+        message.extend_from_slice(&((4 + 192) as u16).to_ne_bytes());
+        message.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+        message.extend_from_slice(&info[..192]);
+        assert_eq!(parse(&message).unwrap().activity.unwrap().bytes_sent, 0);
     }
 }

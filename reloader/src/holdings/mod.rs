@@ -34,17 +34,19 @@
 #![allow(clippy::disallowed_methods)] // cgroupfs reads and a netlink dump: on blocking threads only
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     os::unix::fs::MetadataExt,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use tracing::debug;
 
 mod dump;
 
-pub use dump::Connection;
+#[cfg(test)]
+pub use dump::Activity;
+pub use dump::{Connection, TCP_CLOSE_WAIT, TCP_ESTABLISHED};
 
 use crate::{
     net::Transport,
@@ -75,6 +77,34 @@ pub struct Counted {
     pub unknown: u64,
 }
 
+/// Whose a connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Generation(u64),
+    /// Waiting on a bridge.
+    Bridged,
+    Unknown,
+}
+
+/// Whose connection `c` is (module comment).
+pub fn owner(c: &Connection, migrated: &HashMap<u64, u32>, owners: &Owners) -> Owner {
+    let record = migrated.get(&c.cookie);
+    let generation = match record {
+        Some(&BRIDGE_EPOCH) => None,
+        Some(epoch) => owners.epochs.get(epoch).copied(),
+        None => c.cgroup_id.and_then(|id| owners.cgroups.get(&id).copied()),
+    };
+    match generation {
+        Some(generation) => Owner::Generation(generation),
+        None if record == Some(&BRIDGE_EPOCH)
+            || (c.cgroup_id.is_some() && c.cgroup_id == owners.controller) =>
+        {
+            Owner::Bridged
+        }
+        None => Owner::Unknown,
+    }
+}
+
 /// Attributes each connection (module comment).
 pub fn attribute(
     connections: &[Connection],
@@ -83,22 +113,106 @@ pub fn attribute(
 ) -> Counted {
     let mut counted = Counted::default();
     for c in connections {
-        let owner = match migrated.get(&c.cookie) {
-            Some(&BRIDGE_EPOCH) => None,
-            Some(epoch) => owners.epochs.get(epoch).copied(),
-            None => c.cgroup_id.and_then(|id| owners.cgroups.get(&id).copied()),
-        };
-        match owner {
-            Some(generation) => *counted.generations.entry(generation).or_default() += 1,
-            None if migrated.get(&c.cookie) == Some(&BRIDGE_EPOCH)
-                || (c.cgroup_id.is_some() && c.cgroup_id == owners.controller) =>
-            {
-                counted.bridged += 1
+        match owner(c, migrated, owners) {
+            Owner::Generation(generation) => {
+                *counted.generations.entry(generation).or_default() += 1;
             }
-            None => counted.unknown += 1,
+            Owner::Bridged => counted.bridged += 1,
+            Owner::Unknown => counted.unknown += 1,
         }
     }
     counted
+}
+
+/// A generation a settle looks at (`reload::settle`).
+#[derive(Clone, Debug)]
+pub struct Subject {
+    pub generation: u64,
+    /// Its cgroup: its connections are found by [`owner`]. Without one,
+    /// by the sockets its process tree holds (slower: every descriptor).
+    pub cgroup: Option<PathBuf>,
+    pub pid: Option<u32>,
+    /// Its TCP listeners' inodes.
+    pub listeners: BTreeSet<u64>,
+    /// The managed TCP addresses.
+    pub managed: Vec<SocketAddr>,
+}
+
+/// What one look at a settling generation found.
+#[derive(Clone, Debug, Default)]
+pub struct Look {
+    /// Connections waiting in its listeners' accept queues.
+    pub queued: u64,
+    /// Cookies of the handshakes in progress on the managed ports (whose
+    /// listener sock_diag does not say).
+    pub handshakes: HashSet<u64>,
+    /// Its established and close-wait connections, with their `tcp_info`.
+    pub connections: Vec<Connection>,
+}
+
+/// Looks at what `subject` still holds (blocking: three sock_diag dumps, a
+/// map read, and without a cgroup a walk of its processes' descriptors).
+pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look, String> {
+    let mut look = Look::default();
+    if subject.managed.is_empty() {
+        return Ok(look);
+    }
+    look.queued = crate::discovery::listeners()
+        .map_err(|e| crate::error_chain(&e))?
+        .iter()
+        .filter(|l| subject.listeners.contains(&l.inode))
+        .map(|l| u64::from(l.accept_queue))
+        .sum();
+    let migrated = match (&subject.cgroup, migrations.map(MigrationLog::read)) {
+        (Some(_), Some(Ok(records))) => records,
+        (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),
+        _ => HashMap::new(),
+    };
+    let ports: Vec<u16> = subject.managed.iter().map(SocketAddr::port).collect();
+    let sockets = dump::sockets(&ports, dump::Query::SETTLING)
+        .map_err(|e| crate::error_chain(&e))?
+        .into_iter()
+        .filter(|c| is_managed(&subject.managed, c.local));
+    let mine: Box<dyn Fn(&Connection) -> bool> = match &subject.cgroup {
+        Some(dir) => {
+            let id = std::fs::metadata(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .ino();
+            let owners = Owners {
+                cgroups: HashMap::from([(id, subject.generation)]),
+                epochs: HashMap::from([(subject.generation as u32, subject.generation)]),
+                controller: None,
+            };
+            let generation = subject.generation;
+            Box::new(move |c| owner(c, &migrated, &owners) == Owner::Generation(generation))
+        }
+        None => {
+            let pids = match subject.pid {
+                Some(pid) => crate::discovery::process_tree(pid).map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            };
+            let held = crate::discovery::socket_holders(&pids);
+            Box::new(move |c| c.inode != 0 && held.contains_key(&u64::from(c.inode)))
+        }
+    };
+    for c in sockets {
+        match c.state {
+            dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
+                look.handshakes.insert(c.cookie);
+            }
+            _ if mine(&c) => look.connections.push(c),
+            _ => {}
+        }
+    }
+    Ok(look)
+}
+
+/// Whether `local` is one of the `managed` addresses (a wildcard one
+/// covers every address of its port).
+fn is_managed(managed: &[SocketAddr], local: SocketAddr) -> bool {
+    managed
+        .iter()
+        .any(|m| m.port() == local.port() && (m.ip() == local.ip() || m.ip().is_unspecified()))
 }
 
 /// Fills in what each generation of `report` holds now.
@@ -186,11 +300,7 @@ fn count_connections(
     let connections: Vec<Connection> = dump::established(&ports)
         .map_err(|e| crate::error_chain(&e))?
         .into_iter()
-        .filter(|c| {
-            managed.iter().any(|m| {
-                m.port() == c.local.port() && (m.ip() == c.local.ip() || m.ip().is_unspecified())
-            })
-        })
+        .filter(|c| is_managed(managed, c.local))
         .collect();
     let mut owners = Owners {
         controller: crate::cgroup::own()
@@ -235,6 +345,11 @@ mod tests {
             cookie,
             local: "127.0.0.1:8080".parse().unwrap(),
             cgroup_id: Some(cgroup),
+            state: TCP_ESTABLISHED,
+            inode: 0,
+            unread: 0,
+            unsent: 0,
+            activity: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::{generation::human_duration, state::Client};
+use crate::{config::Settle, generation::human_duration, state::Client};
 
 /// How long a SIGKILLed generation may take to be seen exiting.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -23,7 +23,10 @@ const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 /// Drains generation `old`; returns when it has exited (or was given up).
 pub async fn drain(client: &Client, old: u64) {
     let config = client.config().clone();
-    settle(client, old, config.drain.settle).await;
+    settle(client, old, config.drain.settle.floor()).await;
+    if matches!(config.drain.settle, Settle::Auto | Settle::Idle) {
+        super::settle::by_looks(client, old, config.drain.settle, config.drain.settle_max).await;
+    }
     udp_queues_read(client, old, UDP_QUEUE_WAIT).await;
     if !client.drain_signal(old).await {
         return;
@@ -90,8 +93,9 @@ pub async fn memory_budget(client: Client) {
     }
 }
 
-/// Lets `old` run for `settle` while it drains (it receives nothing new),
-/// or for as long as it is held (`--keep-previous`: the hold ends at its
+/// Lets `old` run for `settle` (a fixed `--settle`; 0 for `auto` and
+/// `idle`, which then look: [`super::settle`]) while it drains (it receives
+/// nothing new), or for as long as it is held (`--keep-previous`: the hold ends at its
 /// deadline, or early when a later cutover holds another generation);
 /// returns early if it no longer drains (it ended, or was made active
 /// again because its successor failed or was rolled back).

@@ -13,8 +13,10 @@
 //! 5. **probe** through N+1's own listener (`--ready-probe`, routed by the
 //!    probe's source port), and `READY=1` with `--ready notify`.
 //! 6. **cut over**: one map update per listener.
-//! 7. **settle**, then **drain** N: the drain signal, SIGKILL at the drain
-//!    timeout. Done when N has exited: the `reload --wait` barrier.
+//! 7. **settle** N ([`settle`]: `auto` until it has answered what it
+//!    accepted, `idle` until it holds no connection, or a fixed time), then
+//!    **drain** it: the drain signal, SIGKILL at the drain timeout. Done
+//!    when N has exited: the `reload --wait` barrier.
 //!
 //! From then on N+1's listeners are tracked ([`track`]): sockets it opens
 //! later are registered, closed ones drop out. If N+1 fails while N still
@@ -37,6 +39,7 @@ mod preflight;
 mod probe;
 mod ready;
 pub mod scheduler;
+mod settle;
 mod track;
 
 use std::{future::Future, path::PathBuf};

@@ -194,6 +194,11 @@ impl Client {
         self
     }
 
+    /// Where the steering program recorded migrated connections.
+    pub fn migrations(&self) -> Option<crate::steering::MigrationLog> {
+        self.migrations.clone()
+    }
+
     /// The instance's configuration (fixed for its life).
     pub fn config(&self) -> &Arc<RunConfig> {
         &self.config

@@ -29,6 +29,9 @@ pub struct GenerationView {
     /// Inodes of its sockets on stateless UDP listeners (their queues are
     /// read before it is told to drain).
     pub stateless_udp: BTreeSet<u64>,
+    /// Inodes of its TCP listening sockets (their accept queues are read
+    /// while it settles).
+    pub tcp_listeners: BTreeSet<u64>,
     /// Its cgroup, where it has one.
     pub cgroup: Option<std::path::PathBuf>,
     /// It is being evicted (`--drain-evict`, `--max-draining-memory`).
@@ -61,6 +64,9 @@ pub struct Snapshot {
     pub registered: BTreeSet<u64>,
     /// A bridge holds connections no generation can take yet.
     pub bridge_waiting: bool,
+    /// The steering program migrates a closing listener's queue and
+    /// handshakes (select-or-migrate).
+    pub migrates: bool,
     /// Generations that ended with processes left in their cgroup.
     members_left: BTreeSet<u64>,
     /// Generations to health-check now (empty: no rollback is possible).
@@ -184,12 +190,19 @@ impl InstanceState {
                     .filter(|r| self.config.listen[r.listener].mode == ListenerMode::UdpStateless)
                     .map(|r| r.socket.inode)
                     .collect();
+                let tcp_listeners = self
+                    .sockets(g.number)
+                    .iter()
+                    .filter(|r| r.socket.transport == crate::net::Transport::Tcp)
+                    .map(|r| r.socket.inode)
+                    .collect();
                 let view = GenerationView {
                     state: g.state,
                     pid: g.pid,
                     signalled: g.timeline.signalled.is_some(),
                     ended,
                     stateless_udp,
+                    tcp_listeners,
                     cgroup: self.cgroup(g.number).cloned(),
                     evicting: self.evicting(g.number).is_some(),
                 };
@@ -214,6 +227,7 @@ impl InstanceState {
             tracked: self.tracked(),
             registered: self.registered_inodes(),
             bridge_waiting: self.bridge_waiting(),
+            migrates: self.steering.mode() == crate::steering::Mode::SelectOrMigrate,
             members_left: self.members_left().clone(),
             health_targets: self.health_targets(),
             unserved: self.unserved(),

@@ -34,7 +34,7 @@ impl InstanceState {
         let keep = self.config.rollout.keep_previous;
         self.hold = match previous {
             Some(held) if !keep.is_zero() => {
-                let hold_for = keep.max(self.config.drain.settle);
+                let hold_for = keep.max(self.config.drain.settle.floor());
                 let until = now + hold_for;
                 info!(
                     generation = held,

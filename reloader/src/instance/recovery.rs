@@ -258,8 +258,10 @@ pub fn clean_up(previous: &Previous, paths: &Paths) -> Option<String> {
             for g in ours {
                 // Proven ours, but it cannot be adopted (no active
                 // generation to keep serving): not ours to keep.
+                // Waited for: the addresses are checked free next, and a
+                // dying worker still holds its listener.
                 if let Ok(process) = Process::adopt(g.pid, g.start_time) {
-                    process.signal_group(nix::sys::signal::Signal::SIGKILL);
+                    process.kill_group_and_wait(std::time::Duration::from_secs(2));
                 }
             }
             Steering::unpin(&paths.pins);

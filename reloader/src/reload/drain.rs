@@ -23,6 +23,11 @@ const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 /// Drains generation `old`; returns when it has exited (or was given up).
 pub async fn drain(client: &Client, old: u64) {
     let config = client.config().clone();
+    // The state file records the cutover before `old` may be told to stop:
+    // a controller killed in between must not leave a file naming `old`
+    // active and its successor a candidate, which a restarted controller
+    // kills (seen with `auto`, which can signal within milliseconds).
+    client.persisted().await;
     settle(client, old, config.drain.settle.floor()).await;
     if matches!(config.drain.settle, Settle::Auto | Settle::Idle) {
         super::settle::by_looks(client, old, config.drain.settle, config.drain.settle_max).await;

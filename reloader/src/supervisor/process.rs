@@ -154,6 +154,49 @@ impl Process {
         }
     }
 
+    /// SIGKILLs an adopted process and its group ([`Self::signal_group`]),
+    /// then waits up to `within` for each of them to have exited — and so
+    /// closed its sockets: a pidfd polls readable only after the process's
+    /// files are released. Blocking (`/proc`, poll): for start-up only.
+    pub fn kill_group_and_wait(&self, within: std::time::Duration) {
+        let members = self.group_members();
+        self.signal_group(Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + within;
+        let mut fds: Vec<libc::pollfd> = members
+            .iter()
+            .map(|(_, fd)| fd.as_raw_fd())
+            .chain([self.pidfd.as_raw_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        while !fds.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                warn!(
+                    pid = self.pid,
+                    left = fds.len(),
+                    "killed processes still run"
+                );
+                return;
+            }
+            // SAFETY: valid pollfds of descriptors owned above.
+            let n = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    left.as_millis().max(1) as i32,
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return;
+            }
+            fds.retain(|f| f.revents == 0);
+        }
+    }
+
     /// Whether it stands for a generation whose leader is gone (a worker
     /// adopted by the sockets it holds): its group was the leader's.
     pub fn stands_in_for_leader(&self) -> bool {

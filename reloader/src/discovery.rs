@@ -89,6 +89,14 @@ pub enum DiscoveryError {
         #[source]
         source: procfs::ProcError,
     },
+    /// The descriptor copied is no longer the socket the scan found there
+    /// (the process closed it and reused the number: HAProxy's master
+    /// closes its listeners once its worker runs).
+    #[error(
+        "fd {fd} of pid {pid} is no longer the socket {inode} the scan found there: the process \
+         closed it meanwhile"
+    )]
+    Moved { pid: u32, fd: RawFd, inode: u64 },
     /// `pidfd_open` or `pidfd_getfd` failed.
     #[error("failed to copy fd {fd} of pid {pid} ({call}): {}", copy_hint(source))]
     CopyError {
@@ -106,11 +114,13 @@ impl DiscoveryError {
     /// sockets between processes while it starts. Scanning again finds the
     /// holder of now.
     pub fn vanished(&self) -> bool {
-        matches!(
-            self,
-            Self::CopyError { source, .. }
-                if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::EBADF))
-        )
+        match self {
+            Self::CopyError { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ESRCH | libc::EBADF))
+            }
+            Self::Moved { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -339,6 +349,17 @@ pub fn copy_fd(pid: u32, fd: RawFd) -> Result<OwnedFd, DiscoveryError> {
             return Err(error("pidfd_getfd", io::Error::last_os_error()));
         }
         Ok(OwnedFd::from_raw_fd(copy as RawFd))
+    }
+}
+
+/// Copies the socket with inode `inode` that a scan found as fd `fd` of
+/// `pid`: [`copy_fd`], then checks the copy is that socket (the number may
+/// have been closed and reused since the scan).
+pub fn copy_socket(pid: u32, fd: RawFd, inode: u64) -> Result<OwnedFd, DiscoveryError> {
+    let copy = copy_fd(pid, fd)?;
+    match rustix::fs::fstat(&copy) {
+        Ok(stat) if stat.st_ino == inode => Ok(copy),
+        _ => Err(DiscoveryError::Moved { pid, fd, inode }),
     }
 }
 

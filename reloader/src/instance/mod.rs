@@ -139,9 +139,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
         tokio::spawn(pump_logs(pump));
     }
     let listened = Arc::new(Notify::new());
+    // Counts listens on managed addresses: discovery of a starting
+    // generation scans at once on each (reload::machine::discover).
+    let (listens_tx, listens) = tokio::sync::watch::channel(0u64);
     let events = match listen_events {
         Ok(events) => {
-            tokio::spawn(pump_listen_events(events, listened.clone()));
+            tokio::spawn(pump_listen_events(events, listened.clone(), listens_tx));
             true
         }
         Err(error) => {
@@ -224,7 +227,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
     });
     let snapshot = state.snapshot(Arc::new(state.saved()), 0);
     let (client, owned) = Client::new(config.clone(), Recorder::default(), snapshot);
-    let link = (client.counting_migrations(state.migration_log()), owned);
+    let client = client.counting_migrations(state.migration_log());
+    let client = if events {
+        client.hearing_listens(listens)
+    } else {
+        client
+    };
+    let link = (client, owned);
     let mut owner = Owner::new(state, host.clone(), link, events_rx, !adopting);
     let client = owner.client().clone();
     if adopting {
@@ -643,7 +652,11 @@ async fn watch_cgroups(
 
 /// Wakes the tracker whenever the programs report a new listener or a
 /// connection held on a bridge.
-async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc<Notify>) {
+async fn pump_listen_events(
+    events: crate::steering::ListenEvents,
+    listened: Arc<Notify>,
+    listens: tokio::sync::watch::Sender<u64>,
+) {
     // SAFETY: the ring buffer map fd stays open and unchanged for as long
     // as `events` (now owned by the AsyncFd) lives.
     let registered = unsafe {
@@ -664,13 +677,14 @@ async fn pump_listen_events(events: crate::steering::ListenEvents, listened: Arc
         if events.is_empty() {
             continue;
         }
-        let listens: Vec<u32> = events
+        let listening: Vec<u32> = events
             .iter()
             .filter(|e| e.kind == ListenEvent::LISTEN)
             .map(|e| e.listener)
             .collect();
-        if !listens.is_empty() {
-            debug!(listeners = ?listens, "listen event: a socket started listening on a managed address");
+        if !listening.is_empty() {
+            debug!(listeners = ?listening, "listen event: a socket started listening on a managed address");
+            listens.send_modify(|n| *n += listening.len() as u64);
         }
         listened.notify_one();
     }

@@ -237,11 +237,10 @@ fn copy(scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
             sockets
                 .iter()
                 .map(|(socket, holder)| {
-                    let copy = discovery::copy_fd(holder.pid, holder.fd).map_err(|source| {
-                        ReloadError::DiscoveryError {
+                    let copy = discovery::copy_socket(holder.pid, holder.fd, socket.inode)
+                        .map_err(|source| ReloadError::DiscoveryError {
                             source: Box::new(source),
-                        }
-                    })?;
+                        })?;
                     Ok(FoundSocket {
                         socket: socket.clone(),
                         holder: *holder,

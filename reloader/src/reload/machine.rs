@@ -26,8 +26,12 @@ use crate::{
 /// How often the steered rates are sampled while a canary runs.
 const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often discovery scans while a candidate starts.
+/// How often discovery scans while a candidate starts (without listen
+/// events; with them, a backstop).
 const SCAN_INTERVAL: Duration = Duration::from_millis(20);
+/// How long no listen event must follow a complete scan for its set to be
+/// the generation's (see [`discover`]).
+const QUIET: Duration = Duration::from_millis(3);
 
 /// A reload that has cut over (or started its canary); what is left is
 /// the canary's verdict and draining the old generation.
@@ -313,7 +317,20 @@ async fn start<H: Host>(
     Ok(Instant::now())
 }
 
-/// Step 3: scans until every address has sockets and two scans agree.
+/// Step 3: scans until every address has sockets and the set is stable.
+///
+/// Stable means: with the `sock_ops` listen notifier and only TCP
+/// addresses, no listen on a managed address arrived for [`QUIET`] after
+/// a complete scan. The notifier fires from `__inet_listen_sk` after the
+/// socket is hashed into its group, for every `listen()` in the instance's
+/// cgroups, so a scan that raced a later listen is followed by its event:
+/// a scan runs on each event, and the first quiet one is the set. Servers
+/// open their listeners in a tight loop (nginx: one per worker, from the
+/// master), microseconds apart. A socket opened later still (a worker that
+/// listens after it forks) is registered by the tracker when it listens.
+///
+/// Without the notifier, or with UDP addresses (a UDP socket does not
+/// `listen()`), two complete scans [`SCAN_INTERVAL`] apart must agree.
 async fn discover<H: Host>(
     client: &Client,
     host: &H,
@@ -322,11 +339,25 @@ async fn discover<H: Host>(
     deadline: Instant,
 ) -> Result<Scan, ReloadError> {
     let mut snapshots = client.subscribe();
+    let tcp_only = client
+        .config()
+        .listen
+        .iter()
+        .all(|l| l.transport == crate::net::Transport::Tcp);
+    let mut listens = client.listens().filter(|_| tcp_only);
     let mut previous: Option<BTreeSet<u64>> = None;
     loop {
         snapshots.borrow_and_update().check_alive(number)?;
         let scan = host.scan(members.clone()).await?;
         if scan.complete() {
+            if let Some(listens) = &mut listens {
+                match tokio::time::timeout(QUIET, listens.changed()).await {
+                    Err(_quiet) => return Ok(scan),
+                    Ok(Ok(())) => continue,
+                    // The notifier stopped: scans decide from here.
+                    Ok(Err(_)) => {}
+                }
+            }
             let inodes = scan.inodes();
             if previous.as_ref() == Some(&inodes) {
                 return Ok(scan);
@@ -349,7 +380,19 @@ async fn discover<H: Host>(
                 });
             }
         }
-        let _ = tokio::time::timeout(SCAN_INTERVAL, snapshots.changed()).await;
+        match &mut listens {
+            Some(heard) => {
+                tokio::select! {
+                    _ = heard.changed() => {}
+                    _ = snapshots.changed() => {}
+                    // A backstop: an event can be lost (a full ring buffer).
+                    () = tokio::time::sleep(SCAN_INTERVAL) => {}
+                }
+            }
+            None => {
+                let _ = tokio::time::timeout(SCAN_INTERVAL, snapshots.changed()).await;
+            }
+        }
     }
 }
 

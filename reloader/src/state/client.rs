@@ -153,6 +153,9 @@ pub struct Client {
     /// Where the steering program migrated connections to (what `status`
     /// counts them by).
     migrations: Option<crate::steering::MigrationLog>,
+    /// How many listens on managed addresses the `sock_ops` notifier has
+    /// seen (`None`: no notifier, discovery polls).
+    listens: Option<watch::Receiver<u64>>,
 }
 
 /// The owner's ends of a [`Client`].
@@ -179,6 +182,7 @@ impl Client {
                 config,
                 recorder,
                 migrations: None,
+                listens: None,
             },
             Owned {
                 commands,
@@ -192,6 +196,22 @@ impl Client {
     pub fn counting_migrations(mut self, log: Option<crate::steering::MigrationLog>) -> Self {
         self.migrations = log;
         self
+    }
+
+    /// Hears of listens on managed addresses through `listens` (a count
+    /// the listen notifier raises).
+    pub fn hearing_listens(mut self, listens: watch::Receiver<u64>) -> Self {
+        self.listens = Some(listens);
+        self
+    }
+
+    /// The count of listens on managed addresses, if a notifier reports
+    /// them (marked seen: `changed()` waits for the next).
+    pub fn listens(&self) -> Option<watch::Receiver<u64>> {
+        self.listens.clone().map(|mut rx| {
+            rx.mark_unchanged();
+            rx
+        })
     }
 
     /// Where the steering program recorded migrated connections.

@@ -41,7 +41,8 @@ pub struct Connection {
     pub state: u8,
     /// Its socket's inode (0 while it waits in an accept queue).
     pub inode: u32,
-    /// Bytes received and not read by the server (`idiag_rqueue`).
+    /// Bytes received and not read by the server (`idiag_rqueue`; for a
+    /// listener, the connections in its accept queue).
     pub unread: u32,
     /// Bytes written by the server and not yet acknowledged
     /// (`idiag_wqueue`: unsent and in flight).
@@ -77,6 +78,7 @@ pub struct Query {
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_RECV: u8 = 3;
 pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LISTEN: u8 = 10;
 /// A request socket: a handshake in progress (`include/net/tcp_states.h`).
 pub const TCP_NEW_SYN_RECV: u8 = 12;
 
@@ -86,11 +88,14 @@ impl Query {
         states: 1 << TCP_ESTABLISHED,
         activity: false,
     };
-    /// What a generation may still have to answer (settling): established
+    /// What a generation may still have to answer (settling): its
+    /// listeners (their `unread` is the accept queue's length), established
     /// and close-wait connections with their `tcp_info`, and handshakes in
-    /// progress (asking for `SYN_RECV` dumps the request sockets too).
+    /// progress (asking for `SYN_RECV` dumps the request sockets too). One
+    /// dump per family: a look costs what a status does.
     pub const SETTLING: Self = Self {
         states: 1 << TCP_ESTABLISHED
+            | 1 << TCP_LISTEN
             | 1 << TCP_CLOSE_WAIT
             | 1 << TCP_SYN_RECV
             | 1 << TCP_NEW_SYN_RECV,

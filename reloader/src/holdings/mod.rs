@@ -150,19 +150,14 @@ pub struct Look {
     pub connections: Vec<Connection>,
 }
 
-/// Looks at what `subject` still holds (blocking: three sock_diag dumps, a
-/// map read, and without a cgroup a walk of its processes' descriptors).
+/// Looks at what `subject` still holds (blocking: a sock_diag dump per
+/// address family, a map read, and without a cgroup a walk of its
+/// processes' descriptors).
 pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look, String> {
     let mut look = Look::default();
     if subject.managed.is_empty() {
         return Ok(look);
     }
-    look.queued = crate::discovery::listeners()
-        .map_err(|e| crate::error_chain(&e))?
-        .iter()
-        .filter(|l| subject.listeners.contains(&l.inode))
-        .map(|l| u64::from(l.accept_queue))
-        .sum();
     let migrated = match (&subject.cgroup, migrations.map(MigrationLog::read)) {
         (Some(_), Some(Ok(records))) => records,
         (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),
@@ -197,6 +192,10 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
     };
     for c in sockets {
         match c.state {
+            dump::TCP_LISTEN if subject.listeners.contains(&u64::from(c.inode)) => {
+                look.queued += u64::from(c.unread);
+            }
+            dump::TCP_LISTEN => {}
             dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
                 look.handshakes.insert(c.cookie);
             }

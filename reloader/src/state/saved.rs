@@ -293,7 +293,11 @@ pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)?;
     file.write_all(&serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
+    // No fsync: the file describes running processes, which a host crash
+    // takes with it; what a controller's death needs is that the file is
+    // either the old or the new one, which the rename gives through the
+    // page cache. (An fsync on a disk-backed directory cost a reload tens
+    // of milliseconds: the drain waits for this write.)
     std::fs::rename(&tmp, path)
 }
 

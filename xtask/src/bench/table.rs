@@ -84,11 +84,20 @@ pub fn render(results: &[ScenarioResult], micro: &Micro) -> String {
     );
     let _ = writeln!(
         out,
-        "| server | method | spawn → ready | ready → cutover | cutover → old exited | total |"
+        "| server | method | spawn → ready | ready → cutover | cutover → old exited | total | total ÷ naive (median) |"
     );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|");
     for r in results {
         let p = &r.summary.phases;
+        let naive = results
+            .iter()
+            .find(|n| n.server == r.server && n.method == "naive")
+            .map(|n| n.summary.phases.total.median_ms)
+            .filter(|&m| p.total.n > 0 && m > 0.0);
+        let ratio = naive.map_or_else(
+            || "-".to_string(),
+            |n| format!("{:.2}", p.total.median_ms / n),
+        );
         let cell = |s: &super::report::Stat| {
             if s.n == 0 {
                 "-".to_string()
@@ -98,13 +107,14 @@ pub fn render(results: &[ScenarioResult], micro: &Micro) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             r.server,
             r.method,
             cell(&p.spawn_to_ready),
             cell(&p.ready_to_cutover),
             cell(&p.cutover_to_old_exited),
             cell(&p.total),
+            ratio,
         );
     }
 

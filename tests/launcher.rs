@@ -1124,7 +1124,7 @@ fn udp_stateless_reloads_lose_no_datagram() {
 #[test]
 fn udp_flows_stay_with_their_generation_until_it_exits() {
     privileged();
-    let listen = format!("udp://{UDP_ADDR}");
+    let listen = format!("udp://{UDP_ADDR}?mode=flows");
     let mut instance = Instance::start(
         &["--listen", &listen, "--settle", "1s"],
         &[testserver(), "--udp", UDP_ADDR],

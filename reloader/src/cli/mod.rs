@@ -274,9 +274,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// An address the server listens on with SO_REUSEPORT (repeat for
-    /// each): IP:PORT or tcp://IP:PORT for TCP; udp://IP:PORT for UDP with
-    /// flows kept on their generation (QUIC), udp://IP:PORT?mode=stateless
-    /// for UDP where every datagram goes to the newest generation (DNS).
+    /// each): IP:PORT or tcp://IP:PORT for TCP; for UDP a mode is needed:
+    /// udp://IP:PORT?mode=flows keeps flows on their generation (QUIC and
+    /// other sessions), udp://IP:PORT?mode=stateless sends every datagram to
+    /// the newest generation (DNS and other single-datagram exchanges).
     #[arg(long, value_name = "ADDR", required = true, value_parser = parse_listen_addr)]
     pub listen: Vec<ListenerSpec>,
     /// How long a new generation may take to listen on every address and

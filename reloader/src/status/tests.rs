@@ -116,7 +116,7 @@ fn status_tables_align_and_keep_every_detail() {
                 ..ListenerStatus::default()
             },
             ListenerStatus {
-                addr: "udp://127.0.0.1:53".into(),
+                addr: "udp://127.0.0.1:53?mode=flows".into(),
                 active_generation: None,
                 flow_table: Some(FlowTableStatus {
                     flows: 2,

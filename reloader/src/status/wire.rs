@@ -78,7 +78,7 @@ pub struct StatusReport {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListenerStatus {
-    /// As given to `--listen` (`udp://…` for UDP).
+    /// As given to `--listen` (`udp://…?mode=…` for UDP).
     pub addr: String,
     pub active_generation: Option<u64>,
     #[serde(default)]

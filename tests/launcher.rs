@@ -178,7 +178,10 @@ fn rollback_when_the_new_generation_exits_on_start() {
 
 #[test]
 fn rollback_when_the_new_generation_never_listens() {
-    rollback("--never-listen", "no listening socket for 127.0.0.1:8080");
+    rollback(
+        "--never-listen",
+        "not ready within 5s (--ready-timeout): no listening socket for 127.0.0.1:8080",
+    );
 }
 
 #[test]

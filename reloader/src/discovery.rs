@@ -342,6 +342,24 @@ pub fn copy_fd(pid: u32, fd: RawFd) -> Result<OwnedFd, DiscoveryError> {
     }
 }
 
+/// Whether `pid` runs a Go program: its executable (`/proc/PID/exe`) is an
+/// ELF file with a `.go.buildinfo` section, which the Go linker writes
+/// into every binary (also stripped ones: `-s -w` drops symbols, not
+/// sections). Reads the ELF and section headers only.
+pub fn is_go_program(pid: u32) -> bool {
+    is_go_executable(std::path::Path::new(&format!("/proc/{pid}/exe")))
+}
+
+/// As [`is_go_program`], for the executable at `path`.
+pub fn is_go_executable(path: &std::path::Path) -> bool {
+    use object::{Object, read::ReadCache};
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache).is_ok_and(|elf| elf.section_by_name(".go.buildinfo").is_some())
+}
+
 /// The command name of `pid` (for messages), if it still exists.
 pub fn process_name(pid: u32) -> Option<String> {
     procfs::process::Process::new(pid as i32)
@@ -395,5 +413,19 @@ fn copy_hint(error: &io::Error) -> String {
             format!("{error}: the process exited or closed it meanwhile")
         }
         _ => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_go_executable;
+
+    /// Neither a Rust binary nor a text file nor a missing one is a Go
+    /// program (the privileged `operator` tests see a real Go server).
+    #[test]
+    fn only_go_binaries_are_go_programs() {
+        assert!(!is_go_executable(&std::env::current_exe().unwrap()));
+        assert!(!is_go_executable(std::path::Path::new("/etc/passwd")));
+        assert!(!is_go_executable(std::path::Path::new("/nonexistent")));
     }
 }

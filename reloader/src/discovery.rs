@@ -25,7 +25,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
-    os::fd::{FromRawFd, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
 };
 
 use netlink_packet_core::{
@@ -322,24 +322,15 @@ pub fn copy_fd(pid: u32, fd: RawFd) -> Result<OwnedFd, DiscoveryError> {
         call,
         source,
     };
-    // SAFETY: plain syscalls; the returned descriptors are owned here.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        if pidfd < 0 {
-            return Err(error("pidfd_open", io::Error::last_os_error()));
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            fd,
-            0,
-        );
-        if copy < 0 {
-            return Err(error("pidfd_getfd", io::Error::last_os_error()));
-        }
-        Ok(OwnedFd::from_raw_fd(copy as RawFd))
-    }
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| error("pidfd_open", io::Error::from_raw_os_error(libc::ESRCH)))?;
+    let pidfd = pidfd_open(target, PidfdFlags::empty())
+        .map_err(|e| error("pidfd_open", io::Error::from(e)))?;
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())
+        .map_err(|e| error("pidfd_getfd", io::Error::from(e)))
 }
 
 /// Whether `pid` runs a Go program: its executable (`/proc/PID/exe`) is an

@@ -189,6 +189,7 @@ pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<Strin
     ]
 }
 
+pub mod events;
 pub mod http;
 pub mod instance;
 pub mod keepalive;

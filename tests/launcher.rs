@@ -178,7 +178,10 @@ fn rollback_when_the_new_generation_exits_on_start() {
 
 #[test]
 fn rollback_when_the_new_generation_never_listens() {
-    rollback("--never-listen", "no listening socket for 127.0.0.1:8080");
+    rollback(
+        "--never-listen",
+        "not ready within 5s (--ready-timeout): no listening socket for 127.0.0.1:8080",
+    );
 }
 
 #[test]
@@ -1124,7 +1127,7 @@ fn udp_stateless_reloads_lose_no_datagram() {
 #[test]
 fn udp_flows_stay_with_their_generation_until_it_exits() {
     privileged();
-    let listen = format!("udp://{UDP_ADDR}");
+    let listen = format!("udp://{UDP_ADDR}?mode=flows");
     let mut instance = Instance::start(
         &["--listen", &listen, "--settle", "1s"],
         &[testserver(), "--udp", UDP_ADDR],

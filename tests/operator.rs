@@ -1,15 +1,16 @@
 //! What operators and their tools ask of running instances: the probes a
 //! kubelet asks (`reloader run --health ADDR`, and on the `--metrics`
 //! address: `/healthz` while the controller answers, `/readyz` while the
-//! active generation listens on every managed address), and `reloader
-//! list`. Real binary, real kernel, own network namespace.
+//! active generation listens on every managed address), `reloader list`,
+//! and what a new user's first mistakes are told (issue 29). Real binary,
+//! real kernel, own network namespace.
 
 use std::time::Duration;
 
 use reloader::control::list::Listing;
 use reloader_tests::{
     http::{Answer, get},
-    instance::{Instance, decode, reloader_bin},
+    instance::{Instance, decode, reloader_bin, reloader_bin_for_any_user},
     privileged,
     wait::wait_for,
 };
@@ -242,5 +243,131 @@ fn list_shows_the_instances_that_answer_and_skips_stale_sockets() {
     assert!(
         !listing.instances.iter().any(|i| i.name == "elsewhere"),
         "{listing:#?}"
+    );
+}
+
+/// A server that listens on another port than `--listen` names is told
+/// about after a few seconds, naming both, long before `--ready-timeout`
+/// (issue 29: a wrong port was silent for the whole 30 s); the failure at
+/// the timeout names `--ready-timeout`.
+#[test]
+fn a_server_on_another_address_is_named_within_seconds() {
+    privileged();
+    const OTHER: &str = "127.0.0.1:8081";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut instance = Instance::spawn_in(
+        dir,
+        &["--listen", ADDR, "--ready-timeout", "12s"],
+        &[testserver(), "--listen", OTHER],
+    );
+    let started = std::time::Instant::now();
+    let line = wait_for(
+        "the log to name what generation 1 listens on",
+        Duration::from_secs(10),
+        || {
+            let log = instance.log_text();
+            log.lines()
+                .find(|l| l.contains("generation 1 listens on"))
+                .map(ToOwned::to_owned)
+                .ok_or(log)
+        },
+    );
+    let after = started.elapsed();
+    assert!(
+        line.contains(&format!(
+            "listens on {OTHER} but not on {ADDR} after 3s: is --listen the address the server \
+             listens on?"
+        )),
+        "{line}"
+    );
+    assert!(
+        after < Duration::from_secs(8),
+        "said after {after:?}, not within seconds"
+    );
+    let status = instance.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = instance.log_text();
+    assert!(
+        log.contains("not ready within 12s (--ready-timeout)"),
+        "{log}"
+    );
+}
+
+/// `reloader status` as another user finds no socket of its own and says
+/// where root's instance of that name is and to use sudo (issue 29: it
+/// only said /tmp/reloader-UID/NAME.sock did not exist).
+#[test]
+fn a_non_root_status_of_roots_instance_hints_at_sudo() {
+    use std::os::unix::process::CommandExt;
+    privileged();
+    let name = format!("sudo-hint-{}", std::process::id());
+    let _instance = Instance::start_named(
+        &name,
+        &["--listen", ADDR],
+        &[testserver(), "--listen", ADDR],
+    );
+    let (dir, bin) = reloader_bin_for_any_user();
+    let out = std::process::Command::new(&bin)
+        .args(["status", "--name", &name])
+        .current_dir(dir.path())
+        .env_remove("XDG_RUNTIME_DIR")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run reloader status as uid 65534");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "An instance started by root has its socket at /run/reloader/{name}.sock, which \
+             only root can reach: run this command with sudo"
+        )),
+        "{stderr}"
+    );
+}
+
+/// `status` prints the `GODEBUG=multipathtcp=0` note for a Go server (the
+/// generation's listener is held by a Go binary) and not for another one
+/// (issue 29: every status printed it).
+#[test]
+fn the_godebug_note_is_printed_for_a_go_server_only() {
+    privileged();
+    let human = |instance: &Instance| {
+        let out = instance.client(&["status"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rust = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
+    assert!(!rust.status().go_server_seen);
+    let text = human(&rust);
+    assert!(!text.contains("GODEBUG"), "{text}");
+    drop(rust);
+
+    let go = reloader_tests::servers::go::build();
+    let instance = Instance::start(&["--listen", ADDR], &[&go, "-listen", ADDR]);
+    assert!(instance.status().go_server_seen);
+    let text = human(&instance);
+    assert!(
+        text.contains("servers get GODEBUG=multipathtcp=0 (Go listens with plain TCP"),
+        "{text}"
+    );
+}
+
+/// A server command without `--` before it gets a tip with the command
+/// line fixed (issue 29); nothing starts.
+#[test]
+fn a_forgotten_separator_gets_a_tip() {
+    let out = std::process::Command::new(reloader_bin())
+        .args(["run", "--listen", ADDR, "nginx", "-g", "daemon off;"])
+        .output()
+        .expect("run reloader");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "tip: the server command goes after `--` (what comes before it is reloader's): \
+             reloader run --listen {ADDR} -- nginx -g 'daemon off;'"
+        )),
+        "{stderr}"
     );
 }

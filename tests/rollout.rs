@@ -159,6 +159,16 @@ fn rollback_cycles(extra: &[&str], server: &[String]) {
             "{status:#?}"
         );
         assert_eq!(state_of(&status, active), Some(State::Draining));
+        // People read `held` in its row (issue 29: they read `draining`).
+        let human = instance.client(&["status"]);
+        let human = String::from_utf8_lossy(&human.stdout);
+        assert!(
+            human.lines().any(|l| {
+                let mut cells = l.split_whitespace();
+                cells.next() == Some(&active.to_string()) && cells.nth(1) == Some("held")
+            }),
+            "generation {active} is not shown held:\n{human}"
+        );
         let held_pid = pid_of(&status, active);
         assert!(process_alive(held_pid), "the held generation still runs");
 

@@ -5,7 +5,7 @@
 //!   answer other than NOERROR, and after each `reload --wait` every query
 //!   is answered by the new generation (a TXT record names it).
 //! - HTTP/3 (Caddy 2.11, TCP and UDP on one address, `--listen tcp://…
-//!   --listen udp://…`): a long-lived QUIC connection with a request every
+//!   --listen udp://…?mode=flows`): a long-lived QUIC connection with a request every
 //!   100 ms and 20 new QUIC connections per second, through 5 reloads: no
 //!   request fails (a graceful close by the old generation followed by a
 //!   transparent reconnect is not a failure).
@@ -459,7 +459,7 @@ fn h3_clients_through(
 fn h3_under_reloader() -> (H3Run, StatusReport) {
     let caddy = caddy::server(h3_addr(), caddy::Which::Pypi);
     let tcp = format!("tcp://{H3_ADDR}");
-    let udp = format!("udp://{H3_ADDR}");
+    let udp = format!("udp://{H3_ADDR}?mode=flows");
     let probe = format!("tcp://{H3_ADDR}");
     let mut instance = start(
         &[
@@ -617,7 +617,7 @@ fn caddy_2_6_udp_without_reuseport_is_refused_naming_so_reuseport() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let tcp = format!("tcp://{H3_ADDR}");
-    let udp = format!("udp://{H3_ADDR}");
+    let udp = format!("udp://{H3_ADDR}?mode=flows");
     let mut instance = Instance::spawn_with_env(
         tempfile::tempdir().unwrap(),
         &["--listen", &tcp, "--listen", &udp, "--drain-signal", "TERM"],
@@ -652,7 +652,7 @@ fn caddy_reload_to_2_6_udp_without_reuseport_fails_naming_so_reuseport() {
     let mut command = caddy.command.clone();
     command[0] = script;
     let tcp = format!("tcp://{H3_ADDR}");
-    let udp = format!("udp://{H3_ADDR}");
+    let udp = format!("udp://{H3_ADDR}?mode=flows");
     let mut instance = start(
         &[
             "--listen",

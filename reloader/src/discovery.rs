@@ -25,7 +25,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
-    os::fd::{FromRawFd, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
 };
 
 use netlink_packet_core::{
@@ -332,24 +332,33 @@ pub fn copy_fd(pid: u32, fd: RawFd) -> Result<OwnedFd, DiscoveryError> {
         call,
         source,
     };
-    // SAFETY: plain syscalls; the returned descriptors are owned here.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        if pidfd < 0 {
-            return Err(error("pidfd_open", io::Error::last_os_error()));
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            fd,
-            0,
-        );
-        if copy < 0 {
-            return Err(error("pidfd_getfd", io::Error::last_os_error()));
-        }
-        Ok(OwnedFd::from_raw_fd(copy as RawFd))
-    }
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| error("pidfd_open", io::Error::from_raw_os_error(libc::ESRCH)))?;
+    let pidfd = pidfd_open(target, PidfdFlags::empty())
+        .map_err(|e| error("pidfd_open", io::Error::from(e)))?;
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())
+        .map_err(|e| error("pidfd_getfd", io::Error::from(e)))
+}
+
+/// Whether `pid` runs a Go program: its executable (`/proc/PID/exe`) is an
+/// ELF file with a `.go.buildinfo` section, which the Go linker writes
+/// into every binary (also stripped ones: `-s -w` drops symbols, not
+/// sections). Reads the ELF and section headers only.
+pub fn is_go_program(pid: u32) -> bool {
+    is_go_executable(std::path::Path::new(&format!("/proc/{pid}/exe")))
+}
+
+/// As [`is_go_program`], for the executable at `path`.
+pub fn is_go_executable(path: &std::path::Path) -> bool {
+    use object::{Object, read::ReadCache};
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache).is_ok_and(|elf| elf.section_by_name(".go.buildinfo").is_some())
 }
 
 /// Copies the socket with inode `inode` that a scan found as fd `fd` of
@@ -416,5 +425,19 @@ fn copy_hint(error: &io::Error) -> String {
             format!("{error}: the process exited or closed it meanwhile")
         }
         _ => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_go_executable;
+
+    /// Neither a Rust binary nor a text file nor a missing one is a Go
+    /// program (the privileged `operator` tests see a real Go server).
+    #[test]
+    fn only_go_binaries_are_go_programs() {
+        assert!(!is_go_executable(&std::env::current_exe().unwrap()));
+        assert!(!is_go_executable(std::path::Path::new("/etc/passwd")));
+        assert!(!is_go_executable(std::path::Path::new("/nonexistent")));
     }
 }

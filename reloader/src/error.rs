@@ -52,7 +52,7 @@ pub enum ReloadError {
     /// Not every address had a listening socket in the generation's tree in
     /// time.
     #[error(
-        "not ready within {}: no listening socket for {} in its process tree{}",
+        "not ready within {} (--ready-timeout): no listening socket for {} in its process tree{}",
         human_duration(*timeout),
         list(missing),
         listening_elsewhere(listening)
@@ -65,13 +65,14 @@ pub enum ReloadError {
     },
     /// `--ready notify`: no `READY=1` in time.
     #[error(
-        "not ready within {}: it never sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+        "not ready within {} (--ready-timeout): it never sent READY=1 to its NOTIFY_SOCKET \
+         (--ready notify)",
         human_duration(*timeout)
     )]
     NoReadyNotify { timeout: Duration },
     /// The readiness probe never passed.
     #[error(
-        "readiness probe did not pass within {}: {last}",
+        "readiness probe did not pass within {} (--ready-timeout): {last}",
         human_duration(*timeout)
     )]
     ProbeFailed { timeout: Duration, last: String },
@@ -301,9 +302,25 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "not ready within 2s: no listening socket for 127.0.0.1:8081 in its process tree \
-             (it listens on 0.0.0.0:8081)"
+            "not ready within 2s (--ready-timeout): no listening socket for 127.0.0.1:8081 in \
+             its process tree (it listens on 0.0.0.0:8081)"
         );
+        // Every way of not becoming ready in time names the flag that sets
+        // the time (issue 29: a slow server's error did not).
+        for slow in [
+            ReloadError::NoReadyNotify {
+                timeout: Duration::from_secs(30),
+            },
+            ReloadError::ProbeFailed {
+                timeout: Duration::from_secs(30),
+                last: "connection refused".into(),
+            },
+        ] {
+            assert!(
+                slow.to_string().contains("within 30s (--ready-timeout)"),
+                "{slow}"
+            );
+        }
         let io = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);
         let chained = ReloadError::SpawnError {
             command: "x".into(),

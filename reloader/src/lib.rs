@@ -27,7 +27,8 @@
 //!   that uses it; `listen`: the managed address type; [`logging`],
 //!   `notify`, [`net`]: output, systemd, listening sockets; [`demo`].
 //! - `digest`: the config identity (`--config`); `watch`: reload on
-//!   change (`--watch`).
+//!   change (`--watch`); [`dns`]: the DNS messages the probe and the demo
+//!   write.
 //! - [`fleet`]: `reloader fleet`, the CLI's questions to Prometheus about
 //!   every replica (blocking; no part of the controller).
 //!
@@ -51,6 +52,7 @@ pub mod control;
 pub mod demo;
 pub(crate) mod digest;
 pub mod discovery;
+pub mod dns;
 pub(crate) mod error;
 pub mod fleet;
 pub mod generation;

@@ -30,7 +30,7 @@ impl From<SocketAddr> for ListenerSpec {
 }
 
 impl ListenerSpec {
-    /// A UDP listener with flow affinity (`udp://ADDR`) or stateless
+    /// A UDP listener with flow affinity (`udp://ADDR?mode=flows`) or stateless
     /// (`udp://ADDR?mode=stateless`).
     pub fn udp(addr: SocketAddr, stateless: bool) -> Self {
         Self {
@@ -51,15 +51,15 @@ impl ListenerSpec {
 }
 
 impl std::fmt::Display for ListenerSpec {
-    /// `IP:PORT` for TCP (as `--listen` takes it), `udp://IP:PORT` with
-    /// `?mode=stateless` when so.
+    /// As `--listen` takes it: `IP:PORT` for TCP, `udp://IP:PORT` with
+    /// `?mode=flows` or `?mode=stateless`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.transport, self.mode) {
             (Transport::Tcp, _) => write!(f, "{}", self.addr),
             (Transport::Udp, ListenerMode::UdpStateless) => {
                 write!(f, "udp://{}?mode=stateless", self.addr)
             }
-            (Transport::Udp, _) => write!(f, "udp://{}", self.addr),
+            (Transport::Udp, _) => write!(f, "udp://{}?mode=flows", self.addr),
         }
     }
 }

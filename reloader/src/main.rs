@@ -2,7 +2,6 @@
 use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
 use reloader::{
     cli::{
         Cli, Command, DemoArgs, FleetCommand, HandoverArgs, Internal, ListArgs, PrometheusArgs,
@@ -25,7 +24,8 @@ fn main() -> ExitCode {
             internal_cmd(internal)
         }
         None => {
-            let cli = Cli::parse();
+            let cli = Cli::try_parse_with_tips(std::env::args_os().collect())
+                .unwrap_or_else(|error| error.exit());
             // Kept until the end: it flushes buffered log lines.
             let _log = reloader::logging::init(cli.log_format());
             dispatch(cli)

@@ -443,46 +443,35 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Vec<Event> {
 }
 
 const MAGIC: &[u8; 8] = b"RLDKEEP1";
-const RECORD: usize = 24;
 
-/// Writes events: a magic header, then 24 bytes per event (start_ns u64,
-/// latency_us u32, generation u32 with 0 for unknown, outcome u8, flags
-/// u8, 6 zero bytes), little-endian.
-pub fn write_events(mut out: impl Write, events: &[Event]) -> io::Result<()> {
-    out.write_all(MAGIC)?;
-    for e in events {
-        let mut record = [0u8; RECORD];
-        record[..8].copy_from_slice(&e.start_ns.to_le_bytes());
-        record[8..12].copy_from_slice(&e.latency_us.to_le_bytes());
-        record[12..16].copy_from_slice(&e.generation.unwrap_or(0).to_le_bytes());
-        record[16] = e.outcome as u8;
-        record[17] = e.flags.0;
-        out.write_all(&record)?;
-    }
-    out.flush()
+/// Writes events: the `RLDKEEP1` header, then a record per event
+/// ([`crate::events`]).
+pub fn write_events(out: impl Write, events: &[Event]) -> io::Result<()> {
+    crate::events::write(
+        out,
+        MAGIC,
+        events.iter().map(|e| crate::events::Record {
+            start_ns: e.start_ns,
+            latency_us: e.latency_us,
+            generation: e.generation,
+            outcome: e.outcome as u8,
+            flags: e.flags.0,
+        }),
+    )
 }
 
 /// Reads what [`write_events`] wrote.
-pub fn read_events(mut input: impl Read) -> io::Result<Vec<Event>> {
-    let bad = |what: &str| io::Error::new(ErrorKind::InvalidData, format!("event file: {what}"));
-    let mut bytes = Vec::new();
-    input.read_to_end(&mut bytes)?;
-    let records = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or_else(|| bad("no RLDKEEP1 header"))?;
-    if records.len() % RECORD != 0 {
-        return Err(bad("truncated record"));
-    }
-    records
-        .chunks_exact(RECORD)
+pub fn read_events(input: impl Read) -> io::Result<Vec<Event>> {
+    crate::events::read(input, MAGIC)?
+        .into_iter()
         .map(|r| {
-            let generation = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
             Ok(Event {
-                start_ns: u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
-                latency_us: u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
-                generation: (generation != 0).then_some(generation),
-                outcome: Outcome::from_u8(r[16]).ok_or_else(|| bad("unknown outcome"))?,
-                flags: Flags(r[17]),
+                start_ns: r.start_ns,
+                latency_us: r.latency_us,
+                generation: r.generation,
+                outcome: Outcome::from_u8(r.outcome)
+                    .ok_or_else(|| crate::events::invalid("unknown outcome"))?,
+                flags: Flags(r.flags),
             })
         })
         .collect()

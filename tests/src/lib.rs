@@ -32,12 +32,7 @@ pub fn privileged() {
 /// version alone (`/proc/sys/kernel/osrelease`): `select-or-migrate` from
 /// Linux 5.14, `select-only` before.
 pub fn expected_steering_mode() -> reloader::steering::Mode {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    if version >= (5, 14) {
+    if kernel_at_least(5, 14) {
         reloader::steering::Mode::SelectOrMigrate
     } else {
         reloader::steering::Mode::SelectOnly
@@ -194,6 +189,7 @@ pub fn testserver_command(testserver: &std::path::Path, addr: &str) -> Vec<Strin
     ]
 }
 
+pub mod events;
 pub mod http;
 pub mod instance;
 pub mod keepalive;

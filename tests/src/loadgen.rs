@@ -1,13 +1,15 @@
 //! The benchmark's event files: the one load client
 //! ([`reloader::demo::load`]) drives the load (binary `loadgen`, run by
 //! `cargo xtask bench`), and every connection is written as one compact
-//! [`Event`] in a fixed little-endian layout ([`write_events`],
+//! [`Event`] in the event file format ([`crate::events`]; [`write_events`],
 //! [`read_events`]) that the bench aggregates.
 
 use std::{
     future::Future,
-    io::{self, ErrorKind, Read, Write},
+    io::{self, Read, Write},
 };
+
+use crate::events::{self, Record};
 
 pub use reloader::demo::load::{Config, Kind, Pace, monotonic_ns};
 
@@ -44,44 +46,34 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Vec<Event> {
 }
 
 const MAGIC: &[u8; 8] = b"RLDLOAD1";
-const RECORD: usize = 24;
 
-/// Writes events: a magic header, then 24 bytes per event (start_ns u64,
-/// latency_us u32, generation u32 with 0 for unknown, kind u8, 7 zero
-/// bytes), little-endian.
-pub fn write_events(mut out: impl Write, events: &[Event]) -> io::Result<()> {
-    out.write_all(MAGIC)?;
-    for e in events {
-        let mut record = [0u8; RECORD];
-        record[..8].copy_from_slice(&e.start_ns.to_le_bytes());
-        record[8..12].copy_from_slice(&e.latency_us.to_le_bytes());
-        record[12..16].copy_from_slice(&e.generation.unwrap_or(0).to_le_bytes());
-        record[16] = e.kind as u8;
-        out.write_all(&record)?;
-    }
-    out.flush()
+/// Writes events: the `RLDLOAD1` header, then a record per event, its
+/// kind as the outcome (no flags).
+pub fn write_events(out: impl Write, events: &[Event]) -> io::Result<()> {
+    events::write(
+        out,
+        MAGIC,
+        events.iter().map(|e| Record {
+            start_ns: e.start_ns,
+            latency_us: e.latency_us,
+            generation: e.generation,
+            outcome: e.kind as u8,
+            flags: 0,
+        }),
+    )
 }
 
 /// Reads what [`write_events`] wrote.
-pub fn read_events(mut input: impl Read) -> io::Result<Vec<Event>> {
-    let bad = |what: &str| io::Error::new(ErrorKind::InvalidData, format!("event file: {what}"));
-    let mut bytes = Vec::new();
-    input.read_to_end(&mut bytes)?;
-    let records = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or_else(|| bad("no RLDLOAD1 header"))?;
-    if records.len() % RECORD != 0 {
-        return Err(bad("truncated record"));
-    }
-    records
-        .chunks_exact(RECORD)
+pub fn read_events(input: impl Read) -> io::Result<Vec<Event>> {
+    events::read(input, MAGIC)?
+        .into_iter()
         .map(|r| {
-            let generation = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
             Ok(Event {
-                start_ns: u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
-                latency_us: u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
-                generation: (generation != 0).then_some(generation),
-                kind: Kind::from_u8(r[16]).ok_or_else(|| bad("unknown outcome kind"))?,
+                start_ns: r.start_ns,
+                latency_us: r.latency_us,
+                generation: r.generation,
+                kind: Kind::from_u8(r.outcome)
+                    .ok_or_else(|| events::invalid("unknown outcome kind"))?,
             })
         })
         .collect()
@@ -105,7 +97,7 @@ mod tests {
             .collect();
         let mut bytes = Vec::new();
         write_events(&mut bytes, &events).unwrap();
-        assert_eq!(bytes.len(), MAGIC.len() + RECORD * events.len());
+        assert_eq!(bytes.len(), MAGIC.len() + 24 * events.len());
         assert_eq!(read_events(bytes.as_slice()).unwrap(), events);
         assert!(read_events(&bytes[..bytes.len() - 1]).is_err());
         assert!(read_events(&b"garbage!"[..]).is_err());

@@ -38,6 +38,25 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parses `args` (the program name first) as [`Parser::try_parse_from`]
+    /// does; a `run` whose server command lacks the `--` before it gets a
+    /// tip that shows the command line with `--` where it belongs.
+    pub fn try_parse_with_tips(args: Vec<std::ffi::OsString>) -> Result<Self, clap::Error> {
+        Self::try_parse_from(&args).map_err(|mut error| {
+            let words: Vec<String> = args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            if let Some(tip) = missing_separator_tip(&words, &error) {
+                error.insert(
+                    clap::error::ContextKind::Suggested,
+                    clap::error::ContextValue::StyledStrs(vec![tip.into()]),
+                );
+            }
+            error
+        })
+    }
+
     /// The log format: `run`'s `--log-format`, text for every other
     /// command (they print for people, and log only what goes wrong).
     pub fn log_format(&self) -> LogFormat {
@@ -46,6 +65,35 @@ impl Cli {
             _ => LogFormat::Text,
         }
     }
+}
+
+/// For `reloader run … nginx -g …` (no `--`): clap refuses `nginx` as an
+/// unexpected argument; the tip shows where `--` goes. `None` for any other
+/// error.
+fn missing_separator_tip(args: &[String], error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::UnknownArgument
+        || args.get(1).map(String::as_str) != Some("run")
+        || args.iter().any(|a| a == "--")
+    {
+        return None;
+    }
+    let Some(ContextValue::String(unexpected)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if unexpected.starts_with('-') {
+        return None;
+    }
+    let at = args.iter().skip(2).position(|a| a == unexpected)? + 2;
+    let fixed: Vec<&str> = std::iter::once("reloader")
+        .chain(args[1..at].iter().map(String::as_str))
+        .chain(std::iter::once("--"))
+        .chain(args[at..].iter().map(String::as_str))
+        .collect();
+    let line = shlex::try_join(fixed).ok()?;
+    Some(format!(
+        "the server command goes after `--` (what comes before it is reloader's): {line}"
+    ))
 }
 
 /// The subcommands the binary runs itself as, never typed by a user: parsed
@@ -274,9 +322,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// An address the server listens on with SO_REUSEPORT (repeat for
-    /// each): IP:PORT or tcp://IP:PORT for TCP; udp://IP:PORT for UDP with
-    /// flows kept on their generation (QUIC), udp://IP:PORT?mode=stateless
-    /// for UDP where every datagram goes to the newest generation (DNS).
+    /// each): IP:PORT or tcp://IP:PORT for TCP; for UDP a mode is needed:
+    /// udp://IP:PORT?mode=flows keeps flows on their generation (QUIC and
+    /// other sessions), udp://IP:PORT?mode=stateless sends every datagram to
+    /// the newest generation (DNS and other single-datagram exchanges).
     #[arg(long, value_name = "ADDR", required = true, value_parser = parse_listen_addr)]
     pub listen: Vec<ListenerSpec>,
     /// How long a new generation may take to listen on every address and
@@ -731,6 +780,63 @@ mod tests {
         match cli.command {
             Command::Run(run) => run.into_config().map_err(|e| e.to_string()),
             _ => Err("not run".into()),
+        }
+    }
+
+    /// A forgotten `--` before the server command gets a tip with the
+    /// command line fixed (issue 29: clap's "unexpected argument 'nginx'"
+    /// alone did not say what was wrong).
+    #[test]
+    fn a_server_command_without_the_separator_gets_a_tip() {
+        let args = |words: &[&str]| words.iter().map(std::ffi::OsString::from).collect();
+        let error = Cli::try_parse_with_tips(args(&[
+            "reloader",
+            "run",
+            "--listen",
+            "127.0.0.1:80",
+            "nginx",
+            "-g",
+            "daemon off;",
+        ]))
+        .unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
+        let text = error.to_string();
+        assert!(
+            text.contains(
+                "tip: the server command goes after `--` (what comes before it is reloader's): \
+                 reloader run --listen 127.0.0.1:80 -- nginx -g 'daemon off;'"
+            ),
+            "{text}"
+        );
+        // Other mistakes get no such tip.
+        for words in [
+            &[
+                "reloader",
+                "run",
+                "--listen",
+                "127.0.0.1:80",
+                "--bogus",
+                "--",
+                "x",
+            ][..],
+            &["reloader", "status", "extra"],
+            &[
+                "reloader",
+                "run",
+                "--listen",
+                "127.0.0.1:80",
+                "--",
+                "x",
+                "--",
+                "y",
+            ],
+        ] {
+            if let Err(error) = Cli::try_parse_with_tips(args(words)) {
+                assert!(
+                    !error.to_string().contains("goes after"),
+                    "{words:?}: {error}"
+                );
+            }
         }
     }
 

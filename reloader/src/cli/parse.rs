@@ -145,9 +145,11 @@ pub fn parse_signal(flag: &'static str, value: &str) -> Result<Signal, ConfigErr
 }
 
 /// One `--listen` value (a clap value parser): `IP:PORT` or
-/// `tcp://IP:PORT` (TCP), `udp://IP:PORT` (UDP with flow affinity),
-/// `udp://IP:PORT?mode=stateless` (UDP, every datagram to the active
-/// generation).
+/// `tcp://IP:PORT` (TCP), `udp://IP:PORT?mode=flows` (UDP with flow
+/// affinity), `udp://IP:PORT?mode=stateless` (UDP, every datagram to the
+/// active generation). UDP without a mode is refused: neither is a safe
+/// default (flows lose DNS queries to old generations, stateless breaks
+/// QUIC connections at every reload).
 pub fn parse_listen_addr(value: &str) -> Result<ListenerSpec, ConfigError> {
     let bad = || ConfigError::BadAddress {
         value: value.to_owned(),
@@ -160,7 +162,8 @@ pub fn parse_listen_addr(value: &str) -> Result<ListenerSpec, ConfigError> {
     }
     let spec = match (scheme, query) {
         ("tcp", "") => ListenerSpec::from(addr),
-        ("udp", "" | "mode=flows") => ListenerSpec::udp(addr, false),
+        ("udp", "") => return Err(ConfigError::UdpModeMissing { addr }),
+        ("udp", "mode=flows") => ListenerSpec::udp(addr, false),
         ("udp", "mode=stateless") => ListenerSpec::udp(addr, true),
         _ => return Err(bad()),
     };
@@ -430,7 +433,7 @@ mod tests {
         let specs = listen(&[
             "127.0.0.1:443",
             "tcp://127.0.0.1:80",
-            "udp://127.0.0.1:443",
+            "udp://127.0.0.1:443?mode=flows",
             "udp://[::1]:53?mode=stateless",
         ])
         .unwrap();
@@ -447,9 +450,13 @@ mod tests {
         assert_eq!(specs[2].mode, crate::steering::ListenerMode::UdpFlows);
         assert_eq!(specs[3].mode, crate::steering::ListenerMode::UdpStateless);
         assert_eq!(specs[3].to_string(), "udp://[::1]:53?mode=stateless");
+        assert_eq!(specs[2].to_string(), "udp://127.0.0.1:443?mode=flows");
         assert_eq!(specs[0].to_string(), "127.0.0.1:443");
         assert!(matches!(
-            listen(&["udp://127.0.0.1:53", "udp://127.0.0.1:53?mode=stateless"]),
+            listen(&[
+                "udp://127.0.0.1:53?mode=flows",
+                "udp://127.0.0.1:53?mode=stateless"
+            ]),
             Err(ConfigError::DuplicateListen { .. })
         ));
         assert!(matches!(
@@ -460,6 +467,28 @@ mod tests {
             listen(&["udp://127.0.0.1:53?mode=sometimes"]),
             Err(ConfigError::BadAddress { .. })
         ));
+    }
+
+    /// `udp://ADDR` meant flows until issue 29; it is refused now, and the
+    /// refusal names both modes and what each is for.
+    #[test]
+    fn udp_without_a_mode_is_refused_with_both_modes_explained() {
+        let error = listen(&["udp://127.0.0.1:53"]).unwrap_err();
+        assert_eq!(
+            error,
+            ConfigError::UdpModeMissing {
+                addr: "127.0.0.1:53".parse().unwrap()
+            }
+        );
+        let text = error.to_string();
+        for needle in [
+            "udp://127.0.0.1:53?mode=flows",
+            "udp://127.0.0.1:53?mode=stateless",
+            "QUIC",
+            "DNS",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text:?}");
+        }
     }
 
     #[test]
@@ -504,7 +533,12 @@ mod tests {
 
     #[test]
     fn probes_must_reach_a_managed_listener() {
-        let listen = listen(&["0.0.0.0:8080", "[::1]:8443", "udp://127.0.0.1:5353"]).unwrap();
+        let listen = listen(&[
+            "0.0.0.0:8080",
+            "[::1]:8443",
+            "udp://127.0.0.1:5353?mode=stateless",
+        ])
+        .unwrap();
         let p = parse_probe("--ready-probe", "http://127.0.0.1:8080/healthz", &listen).unwrap();
         assert_eq!(p.listener(), 0);
         assert!(matches!(p, Probe::Http { ref path, .. } if path == "/healthz"));

@@ -13,11 +13,20 @@ use super::MAX_DRAINING;
 pub enum ConfigError {
     /// `--listen` is not `IP:PORT`.
     #[error(
-        "--listen {value:?} is not an address: use IP:PORT (TCP), udp://IP:PORT (UDP, flows \
-         kept with their generation) or udp://IP:PORT?mode=stateless, e.g. 127.0.0.1:8080, \
-         [::]:443 or udp://0.0.0.0:53?mode=stateless"
+        "--listen {value:?} is not an address: use IP:PORT (TCP), udp://IP:PORT?mode=flows \
+         (UDP, flows kept with their generation) or udp://IP:PORT?mode=stateless, e.g. \
+         127.0.0.1:8080, [::]:443 or udp://0.0.0.0:53?mode=stateless"
     )]
     BadAddress { value: String },
+    /// A UDP address without `?mode=`: both modes lose traffic when used
+    /// for the other kind of server, so neither is assumed.
+    #[error(
+        "--listen udp://{addr} needs a mode: udp://{addr}?mode=flows for QUIC and other \
+         sessions (a flow's datagrams stay with the generation that has it until it exits), or \
+         udp://{addr}?mode=stateless for DNS and other single-datagram exchanges (every \
+         datagram goes to the newest generation)"
+    )]
+    UdpModeMissing { addr: SocketAddr },
     /// Port 0 cannot be shared by generations.
     #[error(
         "--listen {addr}: port 0 picks a different port for every socket; name the port the server listens on"

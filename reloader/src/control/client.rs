@@ -21,10 +21,13 @@ pub enum ClientError {
     /// Nothing answers on the socket.
     #[error(
         "cannot reach the controller at {path}: is `reloader run` running with this --name (or \
-         --control-socket)?"
+         --control-socket)?{hint}"
     )]
     Unreachable {
         path: String,
+        /// Where root's instance of that name would be, when the caller is
+        /// not root and that may be the one meant (else empty).
+        hint: String,
         #[source]
         source: std::io::Error,
     },
@@ -68,11 +71,49 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Respon
     }
 }
 
+/// Where root puts instance sockets by default (`reloader run` as root).
+const ROOT_DIR: &str = "/run/reloader";
+
+/// For a caller who is not root and found no socket at `socket`: if root's
+/// socket of the same name may exist (`root_socket_may_exist`: it does, or
+/// its directory cannot be looked into), the hint to ask as root. A
+/// non-root `reloader status` looks in `$XDG_RUNTIME_DIR/reloader` or
+/// `/tmp/reloader-UID`, never where root's instances are.
+fn root_instance_hint(
+    socket: &Path,
+    root_socket_may_exist: impl FnOnce(&Path) -> bool,
+) -> Option<String> {
+    let root_dir = Path::new(ROOT_DIR);
+    if socket.parent() == Some(root_dir) {
+        return None;
+    }
+    let root_socket = root_dir.join(socket.file_name()?);
+    if !root_socket_may_exist(&root_socket) {
+        return None;
+    }
+    Some(format!(
+        " An instance started by root has its socket at {}, which only root can reach: run \
+         this command with sudo",
+        root_socket.display()
+    ))
+}
+
 fn ask_once(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
+        let hint =
+            if source.kind() == std::io::ErrorKind::NotFound && !nix::unistd::geteuid().is_root() {
+                root_instance_hint(socket, |root| match std::fs::symlink_metadata(root) {
+                    Ok(_) => true,
+                    // /run/reloader is root's, mode 0700: we cannot tell.
+                    Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+                })
+            } else {
+                None
+            };
         ClientError::Unreachable {
             path: path.clone(),
+            hint: hint.unwrap_or_default(),
             source,
         }
     })?;
@@ -107,4 +148,31 @@ fn ask_once(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer {
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::root_instance_hint;
+
+    /// A non-root `status` of root's instance (issue 29: it said only that
+    /// /tmp/reloader-UID/NAME.sock did not exist).
+    #[test]
+    fn a_missing_socket_of_a_user_hints_at_roots_instance() {
+        let mine = Path::new("/tmp/reloader-1000/web.sock");
+        let hint = root_instance_hint(mine, |root| {
+            assert_eq!(root, Path::new("/run/reloader/web.sock"));
+            true
+        })
+        .expect("a hint");
+        assert!(hint.contains("/run/reloader/web.sock"), "{hint}");
+        assert!(hint.contains("sudo"), "{hint}");
+        assert_eq!(root_instance_hint(mine, |_| false), None);
+        assert_eq!(
+            root_instance_hint(Path::new("/run/reloader/web.sock"), |_| true),
+            None,
+            "already root's path"
+        );
+    }
 }

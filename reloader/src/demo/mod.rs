@@ -519,13 +519,16 @@ fn print_summary(options: &DemoOptions, outcomes: &mut [Outcome]) {
             .iter()
             .map(|(k, n)| format!("{} {n}", k.name()))
             .collect();
+        // Milliseconds, kept to the microsecond.
         let median = |v: Vec<f64>| -> String {
             if v.is_empty() {
                 return "-".into();
             }
-            let mut v = v;
-            v.sort_by(f64::total_cmp);
-            human_duration(Duration::from_secs_f64(v[v.len() / 2] / 1000.0))
+            let mut h = stats::histogram();
+            for ms in v {
+                h.saturating_record((ms * 1000.0).round() as u64);
+            }
+            human_duration(Duration::from_micros(stats::quantile(&h, 0.5)))
         };
         let values = [
             o.title.to_string(),

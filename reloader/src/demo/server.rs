@@ -234,8 +234,8 @@ fn serve_udp(
                 let request = &buf[..n];
                 let reply = if request.starts_with(b"ping") {
                     body.as_bytes().to_vec()
-                } else if n >= 12 {
-                    dns_noerror(request)
+                } else if let Some(answer) = crate::dns::empty_answer(request) {
+                    answer
                 } else {
                     continue;
                 };
@@ -252,14 +252,6 @@ fn serve_udp(
             Err(_) => return,
         }
     }
-}
-
-/// An empty NOERROR response to DNS query `query` (the question echoed).
-fn dns_noerror(query: &[u8]) -> Vec<u8> {
-    let mut reply = query.to_vec();
-    reply[2] |= 0x80; // QR: a response
-    reply[3] &= 0xf0; // rcode NOERROR
-    reply
 }
 
 fn handle(mut stream: TcpStream, body: &str, draining: &AtomicBool, behaviour: &Behaviour) {

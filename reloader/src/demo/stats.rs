@@ -3,16 +3,45 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use hdrhistogram::Histogram;
+
 use super::load::{Event, Kind};
 
 /// Counts of a load, per second.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// `answered[s][g]`: connections generation `g` answered in second `s`.
     pub answered: Vec<BTreeMap<u64, u64>>,
     pub failures: BTreeMap<Kind, u64>,
-    /// Latency of each successful connection (connect to full response).
-    pub latencies_us: Vec<u32>,
+    /// Latencies of the successful connections (connect to full
+    /// response), µs.
+    pub latencies_us: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            answered: Vec::new(),
+            failures: BTreeMap::new(),
+            latencies_us: histogram(),
+        }
+    }
+}
+
+/// A histogram of microseconds, 1 µs to 1 h at 3 significant digits (as
+/// the benchmark's); longer values count as 1 h.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// The `q` quantile (0..=1) of `h` by nearest rank, to its precision (the
+/// lowest value of the recorded value's bucket, so a value the histogram
+/// holds exactly reads back exactly); 0 when it is empty.
+pub fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        return 0;
+    }
+    h.lowest_equivalent(h.value_at_quantile(q))
 }
 
 impl Stats {
@@ -36,13 +65,8 @@ impl Stats {
     }
 
     /// The `q` quantile of latencies (0..=1).
-    pub fn latency(&mut self, q: f64) -> Duration {
-        if self.latencies_us.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies_us.sort_unstable();
-        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
-        Duration::from_micros(u64::from(self.latencies_us[i]))
+    pub fn latency(&self, q: f64) -> Duration {
+        Duration::from_micros(quantile(&self.latencies_us, q))
     }
 
     /// Counts `event`, which started `second` seconds into the run. A
@@ -55,7 +79,8 @@ impl Stats {
                     self.answered.resize_with(second + 1, BTreeMap::new);
                 }
                 *self.answered[second].entry(generation).or_default() += 1;
-                self.latencies_us.push(event.latency_us);
+                self.latencies_us
+                    .saturating_record(u64::from(event.latency_us));
             }
             (Kind::Ok, None) => *self.failures.entry(Kind::Other).or_default() += 1,
             (kind, _) => *self.failures.entry(kind).or_default() += 1,

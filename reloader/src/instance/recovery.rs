@@ -101,7 +101,7 @@ pub fn look_back(
     })?;
     let recovery = saved::recovery(saved.as_ref(), |g| prove(config, g, cgroups));
     if let (Recovery::Adopt { live, .. }, Some(saved)) = (&recovery, &saved)
-        && saved.listen != listen_texts(config)
+        && !same_listen(&saved.listen, &listen_texts(config))
     {
         bail!(
             "instance {:?} has running generations (pids {}) serving {:?}: restart it with the \
@@ -562,7 +562,52 @@ fn listen_texts(config: &RunConfig) -> Vec<String> {
     config.listen.iter().map(ToString::to_string).collect()
 }
 
+/// Whether the `--listen` values a state file recorded are `current`'s. A
+/// UDP address with flow affinity was written `udp://ADDR` before its mode
+/// had to be named (issue 29): a controller started by a newer binary with
+/// `udp://ADDR?mode=flows` adopts what an older one recorded so.
+fn same_listen(recorded: &[String], current: &[String]) -> bool {
+    recorded.len() == current.len()
+        && recorded.iter().zip(current).all(|(old, new)| {
+            old == new
+                || (old.starts_with("udp://")
+                    && !old.contains('?')
+                    && *new == format!("{old}?mode=flows"))
+        })
+}
+
 /// `items` as a comma-separated list, each written by `f` (for messages).
 fn list(items: &[SavedGeneration], f: impl Fn(&SavedGeneration) -> String) -> String {
     items.iter().map(f).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_listen;
+
+    fn texts(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| (*v).to_owned()).collect()
+    }
+
+    /// A hand-over from a binary that recorded flows as `udp://ADDR` to one
+    /// that writes `udp://ADDR?mode=flows` adopts; any other difference
+    /// (another mode, another address) does not.
+    #[test]
+    fn a_state_file_from_before_udp_modes_were_named_is_the_same_listen() {
+        let current = texts(&["127.0.0.1:80", "udp://127.0.0.1:443?mode=flows"]);
+        assert!(same_listen(&current, &current));
+        assert!(same_listen(
+            &texts(&["127.0.0.1:80", "udp://127.0.0.1:443"]),
+            &current
+        ));
+        assert!(!same_listen(
+            &texts(&["127.0.0.1:80", "udp://127.0.0.1:443"]),
+            &texts(&["127.0.0.1:80", "udp://127.0.0.1:443?mode=stateless"])
+        ));
+        assert!(!same_listen(
+            &texts(&["127.0.0.1:80", "udp://127.0.0.1:444"]),
+            &current
+        ));
+        assert!(!same_listen(&texts(&["127.0.0.1:80"]), &current));
+    }
 }

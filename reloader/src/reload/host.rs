@@ -231,6 +231,7 @@ fn scan(of: &super::Members, listen: &[(Transport, SocketAddr)]) -> Result<Scan,
 
 /// Copies the sockets of `scan` into this process.
 fn copy(scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
+    let mut go = std::collections::HashMap::new();
     scan.per_address
         .iter()
         .map(|sockets| {
@@ -245,6 +246,9 @@ fn copy(scan: &Scan) -> Result<Vec<Vec<FoundSocket>>, ReloadError> {
                         socket: socket.clone(),
                         holder: *holder,
                         process: discovery::process_name(holder.pid).unwrap_or_else(|| "?".into()),
+                        go: *go
+                            .entry(holder.pid)
+                            .or_insert_with(|| discovery::is_go_program(holder.pid)),
                         copy,
                     })
                 })

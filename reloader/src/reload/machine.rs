@@ -33,6 +33,11 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(20);
 /// the generation's (see [`discover`]).
 const QUIET: Duration = Duration::from_millis(3);
 
+/// How long a candidate may listen elsewhere but not on a managed address
+/// before the log says so (a wrong `--listen` port would otherwise be
+/// silent for the whole `--ready-timeout`).
+const ELSEWHERE_AFTER: Duration = Duration::from_secs(3);
+
 /// A reload that has cut over (or started its canary); what is left is
 /// the canary's verdict and draining the old generation.
 #[derive(Debug)]
@@ -346,9 +351,38 @@ async fn discover<H: Host>(
         .all(|l| l.transport == crate::net::Transport::Tcp);
     let mut listens = client.listens().filter(|_| tcp_only);
     let mut previous: Option<BTreeSet<u64>> = None;
+    let elsewhere_after = Instant::now() + ELSEWHERE_AFTER;
+    let mut said_elsewhere = false;
     loop {
         snapshots.borrow_and_update().check_alive(number)?;
         let scan = host.scan(members.clone()).await?;
+        if !said_elsewhere
+            && !scan.complete()
+            && !scan.listening.is_empty()
+            && Instant::now() >= elsewhere_after
+            && elsewhere_after < deadline
+        {
+            said_elsewhere = true;
+            let config = client.config();
+            let missing: Vec<String> = config
+                .listen
+                .iter()
+                .zip(&scan.per_address)
+                .filter(|(_, s)| s.is_empty())
+                .map(|(a, _)| a.to_string())
+                .collect();
+            warn!(
+                generation = number,
+                missing = %missing.join(", "),
+                listens_on = %scan.listening.join(", "),
+                "generation {number} listens on {} but not on {} after {}: is --listen the \
+                 address the server listens on? (waiting until --ready-timeout {})",
+                scan.listening.join(", "),
+                missing.join(", "),
+                crate::generation::human_duration(ELSEWHERE_AFTER),
+                crate::generation::human_duration(config.ready.timeout),
+            );
+        }
         if scan.complete() {
             if let Some(listens) = &mut listens {
                 match tokio::time::timeout(QUIET, listens.changed()).await {

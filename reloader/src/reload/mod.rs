@@ -30,7 +30,6 @@
 //! through [`Host`], so the machine runs in unit tests without privileges.
 
 mod check;
-mod dns;
 mod drain;
 pub mod health;
 mod host;

@@ -135,7 +135,7 @@ async fn exchange(socket: ProbeSocket, probe: &Probe) -> Result<(), String> {
                 .subsec_nanos()
                 & 0xffff) as u16;
             socket
-                .send_to(&super::dns::query(id, name), addr)
+                .send_to(&crate::dns::query(id, name, crate::dns::TYPE_A), addr)
                 .await
                 .map_err(|e| format!("send to {addr}: {e}"))?;
             let mut buf = [0u8; 1500];
@@ -143,7 +143,7 @@ async fn exchange(socket: ProbeSocket, probe: &Probe) -> Result<(), String> {
                 .recv_from(&mut buf)
                 .await
                 .map_err(|e| format!("reading the answer: {e}"))?;
-            return super::dns::check_answer(id, &buf[..n]);
+            return crate::dns::check_answer(id, &buf[..n]);
         }
         ProbeSocket::Tcp(socket) => socket,
     };

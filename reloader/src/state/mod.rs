@@ -77,6 +77,9 @@ pub struct FoundSocket {
     /// The holder's name (`/proc/PID/comm`, read where it was found), for
     /// messages.
     pub process: String,
+    /// Whether the holder runs a Go program (read where it was found), for
+    /// status's `GODEBUG=multipathtcp=0` note.
+    pub go: bool,
     pub copy: OwnedFd,
 }
 
@@ -234,6 +237,8 @@ pub struct InstanceState {
     cgroup_unavailable: Option<String>,
     /// Draining generations evicted (see [`evict`]), while they are known.
     evicting: BTreeMap<u64, EvictReason>,
+    /// A socket found for a generation was held by a Go program.
+    go_server_seen: bool,
 }
 
 /// The active generation stopped listening on a managed address.
@@ -290,6 +295,7 @@ impl InstanceState {
             leaderless: BTreeSet::new(),
             cgroup_unavailable: None,
             evicting: BTreeMap::new(),
+            go_server_seen: false,
         }
     }
 

@@ -174,6 +174,7 @@ impl InstanceState {
                 ),
             ],
             active_config_sha256: self.active_config_sha256(),
+            go_server_seen: self.go_server_seen,
         }
     }
 

@@ -103,6 +103,7 @@ impl InstanceState {
         found: Vec<Vec<FoundSocket>>,
     ) -> Result<(), ReloadError> {
         self.check_alive(number)?;
+        self.go_server_seen |= found.iter().flatten().any(|s| s.go);
         let slot = self.generations.get(number).expect("alive").slot;
         let mut registered = Vec::new();
         for (i, sockets) in found.iter().enumerate() {

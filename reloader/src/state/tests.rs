@@ -70,6 +70,7 @@ fn sockets(n: usize, pid: u32) -> Vec<Vec<FoundSocket>> {
                     fd: 3 + i as i32,
                 },
                 process: "sleep".into(),
+                go: false,
                 copy: OwnedFd::from(listener),
             }]
         })
@@ -630,4 +631,22 @@ fn only_a_predecessor_still_listening_is_reinstated() {
     assert_eq!(fake.maps().active.get(&0), Some(&old_slot));
     exit(&mut state, &mut new_child, "killed by SIGKILL");
     exit(&mut state, &mut old_child, "killed by SIGKILL");
+}
+
+/// Status says a Go server was seen once a generation registers a socket
+/// a Go program holds (discovery reads that from its executable), and
+/// keeps saying it; before that, no generation was Go.
+#[test]
+fn a_go_server_is_seen_when_its_socket_is_registered() {
+    let (mut state, _fake) = state(&["127.0.0.1:8080"]);
+    let (_, _, _first) = activate(&mut state);
+    assert!(!state.status().go_server_seen);
+    let begun = state.begin(Instant::now()).expect("a slot");
+    let (_second, spawned) = server();
+    let pid = spawned.0.pid();
+    state.spawned(begun.number, spawned.0, spawned.1).unwrap();
+    let mut found = sockets(1, pid);
+    found[0][0].go = true;
+    state.register(begun.number, found).unwrap();
+    assert!(state.status().go_server_seen);
 }

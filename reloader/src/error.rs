@@ -55,7 +55,7 @@ pub enum ReloadError {
         "not ready within {} (--ready-timeout): no listening socket for {} in its process tree{}",
         human_duration(*timeout),
         list(missing),
-        listening_elsewhere(listening)
+        listening_elsewhere(missing, listening)
     )]
     NotListening {
         timeout: Duration,
@@ -276,11 +276,55 @@ fn list(items: &[impl ToString]) -> String {
         .join(", ")
 }
 
-fn listening_elsewhere(addrs: &[String]) -> String {
+fn listening_elsewhere(missing: &[ListenerSpec], addrs: &[String]) -> String {
     if addrs.is_empty() {
-        " (it listens on nothing)".into()
-    } else {
-        format!(" (it listens on {})", list(addrs))
+        return " (it listens on nothing)".into();
+    }
+    let mut text = format!(" (it listens on {})", list(addrs));
+    for spec in missing {
+        for addr in addrs {
+            if let Some(hint) = other_form(spec, addr) {
+                text.push_str("; ");
+                text.push_str(&hint);
+            }
+        }
+    }
+    text
+}
+
+/// When the server listens on `listening` (as discovery prints it) in
+/// another form of `spec`'s port — the IPv6 wildcard (dual-stack), or an
+/// IPv6 socket bound to an IPv4-mapped address — which the kernel keeps
+/// apart from `spec` (another socket, another reuseport group): which
+/// `--listen` covers it.
+fn other_form(spec: &ListenerSpec, listening: &str) -> Option<String> {
+    use std::net::{IpAddr, SocketAddr};
+
+    use crate::listen::Transport;
+    let (transport, text) = match listening.strip_prefix("udp://") {
+        Some(rest) => (Transport::Udp, rest),
+        None => (Transport::Tcp, listening),
+    };
+    let addr: SocketAddr = text.parse().ok()?;
+    if transport != spec.transport || addr.port() != spec.addr.port() || addr == spec.addr {
+        return None;
+    }
+    let flag = match transport {
+        Transport::Tcp => format!("--listen {addr}"),
+        Transport::Udp => format!("--listen udp://{addr}"),
+    };
+    match (addr.ip(), spec.addr.ip()) {
+        (IpAddr::V6(v6), IpAddr::V4(_)) if v6.is_unspecified() => Some(format!(
+            "{addr} is the IPv6 wildcard (dual-stack: it takes IPv4 too), a different socket \
+             from {} to the kernel: {flag} covers it",
+            spec.addr
+        )),
+        (IpAddr::V6(v6), _) if v6.to_ipv4_mapped().is_some() => Some(format!(
+            "{addr} is an IPv6 socket bound to an IPv4-mapped address, a different socket from \
+             {} to the kernel: {flag} covers it",
+            spec.addr
+        )),
+        _ => None,
     }
 }
 
@@ -321,6 +365,23 @@ mod tests {
                 "{slow}"
             );
         }
+        let dual_stack = ReloadError::NotListening {
+            timeout: Duration::from_secs(2),
+            missing: vec![
+                "0.0.0.0:8081"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            ],
+            listening: vec!["[::]:8081".into(), "udp://[::]:8081".into()],
+        };
+        assert_eq!(
+            dual_stack.to_string(),
+            "not ready within 2s (--ready-timeout): no listening socket for 0.0.0.0:8081 in its process tree \
+             (it listens on [::]:8081, udp://[::]:8081; [::]:8081 is the IPv6 wildcard \
+             (dual-stack: it takes IPv4 too), a different socket from 0.0.0.0:8081 to the \
+             kernel: --listen [::]:8081 covers it)"
+        );
         let io = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);
         let chained = ReloadError::SpawnError {
             command: "x".into(),

@@ -36,6 +36,10 @@ const APT: &[(&str, &str)] = &[
     ),
     ("python3-venv", "the venv for the PyPI servers below"),
     (
+        "nodejs",
+        "Node.js 20 (binds without SO_REUSEPORT) for the inject suite",
+    ),
+    (
         "unbound",
         "unbound 1.17 (DNS, `so-reuseport`, one UDP socket per thread) for the udp suite",
     ),
@@ -87,6 +91,11 @@ const PYPI: &[(&str, &str, &str)] = &[
         "aioquic==1.7.2",
         "aioquic",
         "the QUIC / HTTP/3 client of the udp suite (tests/src/udp/h3client.py)",
+    ),
+    (
+        "uvicorn==0.55.0",
+        "uvicorn",
+        "uvicorn (binds without SO_REUSEPORT) for the inject suite",
     ),
 ];
 

@@ -342,6 +342,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "TERM", value_name = "SIGNAL",
           value_parser = signal_named("--drain-signal"))]
     pub drain_signal: Signal,
+    /// Run this instead of sending the drain signal when an old generation's
+    /// drain begins (after --settle), for servers whose graceful stop is an
+    /// API call, e.g. 'curl -fsS -X POST http://127.0.0.1:9901/drain_listeners?graceful':
+    /// one string split like a shell would, `{generation}` and `{pid}` (its
+    /// first process) replaced. Its exit status, output and duration are
+    /// reported; if it fails, the drain signal is sent. It and the drain are
+    /// bounded by --drain-timeout.
+    #[arg(long, value_name = "CMD", value_parser = parse_drain_command)]
+    pub drain_command: Option<config::CheckCommand>,
     /// How long an old generation may drain before its process group is killed.
     #[arg(long, default_value = "30s", value_name = "DURATION",
           value_parser = duration_in("--drain-timeout", MS * 100, HOUR * 24))]
@@ -381,6 +390,13 @@ pub struct RunArgs {
     /// in order) with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
     #[arg(long)]
     pub pass_fds: bool,
+    /// Give SO_REUSEPORT to every socket a generation binds to a --listen
+    /// address (same protocol, address and port), for servers that do not
+    /// set it themselves: cgroup bind programs on each generation's cgroup
+    /// (needs a writable cgroup v2; refused at start where the kernel
+    /// cannot, e.g. Linux 5.10). Other binds are left as they are.
+    #[arg(long)]
+    pub inject_reuseport: bool,
     /// When a generation counts as ready: `listeners` (it holds a listener
     /// for every address) or `notify` (that, and it sent READY=1 to the
     /// NOTIFY_SOCKET reloader gives each generation).
@@ -513,6 +529,7 @@ impl RunArgs {
             spawn: config::Spawn {
                 command: self.command,
                 pass_fds: self.pass_fds,
+                inject_reuseport: self.inject_reuseport,
             },
             ready: config::Readiness {
                 timeout: self.ready_timeout,
@@ -521,6 +538,7 @@ impl RunArgs {
             },
             drain: config::Drain {
                 signal: self.drain_signal,
+                command: self.drain_command,
                 timeout: self.drain_timeout,
                 settle: self.settle,
                 settle_max: self.settle_max,

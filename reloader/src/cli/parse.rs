@@ -54,7 +54,17 @@ pub fn parse_canary(value: &str) -> Result<CanarySteps, ConfigError> {
 /// Splits a `--check` value into words the way a POSIX shell would (quotes
 /// and backslashes; no variables, globs or pipes), with the `shlex` crate.
 pub fn parse_check(value: &str) -> Result<CheckCommand, ConfigError> {
+    parse_command("--check", value)
+}
+
+/// `--drain-command CMD`: as `--check`.
+pub fn parse_drain_command(value: &str) -> Result<CheckCommand, ConfigError> {
+    parse_command("--drain-command", value)
+}
+
+fn parse_command(flag: &'static str, value: &str) -> Result<CheckCommand, ConfigError> {
     let bad = |why| ConfigError::BadCheck {
+        flag,
         value: value.to_owned(),
         why,
     };

@@ -87,11 +87,15 @@ pub enum ConfigError {
     BadMetricsAddress { value: String },
     /// `--check` cannot be split into words.
     #[error(
-        "--check {value:?}: {why}; give the command as one string, quoted like in a shell, \
+        "{flag} {value:?}: {why}; give the command as one string, quoted like in a shell, \
          e.g. --check 'nginx -t -c /etc/nginx/nginx.conf' (no pipes or variables: use \
-         --check 'sh -c \"...\"' for those)"
+         {flag} 'sh -c \"...\"' for those)"
     )]
-    BadCheck { value: String, why: &'static str },
+    BadCheck {
+        flag: &'static str,
+        value: String,
+        why: &'static str,
+    },
     /// `--watch` or `--config` with an empty path.
     #[error("{flag}: the path is empty")]
     EmptyPath { flag: &'static str },

@@ -64,6 +64,9 @@ pub struct Spawn {
     pub command: Vec<String>,
     /// Create each generation's listeners and pass them (socket activation).
     pub pass_fds: bool,
+    /// `--inject-reuseport`: the generations' binds to managed addresses
+    /// get `SO_REUSEPORT` from cgroup bind programs.
+    pub inject_reuseport: bool,
 }
 
 /// When a new generation counts as ready.
@@ -78,9 +81,13 @@ pub struct Readiness {
 }
 
 /// How old generations are told to finish.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Drain {
     pub signal: Signal,
+    /// `--drain-command`: run instead of sending the drain signal
+    /// (`{generation}` and `{pid}` replaced); the signal is sent only if
+    /// it fails.
+    pub command: Option<CheckCommand>,
     /// Then its process group is killed.
     pub timeout: Duration,
     /// When the old generation, receiving nothing new, gets the drain
@@ -214,6 +221,7 @@ impl RunConfig {
             spawn: Spawn {
                 command: vec!["sleep".into(), "60".into()],
                 pass_fds: false,
+                inject_reuseport: false,
             },
             ready: Readiness {
                 timeout: Duration::from_millis(500),
@@ -222,6 +230,7 @@ impl RunConfig {
             },
             drain: Drain {
                 signal: Signal::SIGTERM,
+                command: None,
                 timeout: Duration::from_secs(2),
                 settle: Settle::Fixed(Duration::from_millis(10)),
                 settle_max: Duration::from_secs(2),
@@ -263,8 +272,19 @@ pub fn default_control_socket(name: &str) -> PathBuf {
 
 /// Replaces `{generation}` in every argument.
 pub fn substitute_generation(command: &[String], generation: u64) -> Vec<String> {
+    substitute(command, generation, None)
+}
+
+/// [`substitute_generation`], and `{pid}` replaced by `pid` when given.
+pub fn substitute(command: &[String], generation: u64, pid: Option<u32>) -> Vec<String> {
     command
         .iter()
-        .map(|arg| arg.replace("{generation}", &generation.to_string()))
+        .map(|arg| {
+            let arg = arg.replace("{generation}", &generation.to_string());
+            match pid {
+                Some(pid) => arg.replace("{pid}", &pid.to_string()),
+                None => arg,
+            }
+        })
         .collect()
 }

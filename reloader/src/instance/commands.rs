@@ -85,6 +85,9 @@ impl<H: Host> Owner<H> {
             Command::DrainSignal { number, reply } => {
                 let _ = reply.send(self.state.drain_signal(number));
             }
+            Command::DrainBegun { number, reply } => {
+                let _ = reply.send(self.state.drain_begun(number));
+            }
             Command::Kill { number } => self.state.kill(number),
             Command::KillEvicted { number } => self.state.kill_evicted(number),
             Command::OverMemory { usage } => {

@@ -109,6 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
         bridge_templates,
         keeper,
         taken,
+        injector,
     } = prepared;
     let keeper = keeper.map(Arc::new);
     // Registering with the runtime cannot fail once it runs; should it,
@@ -219,6 +220,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
         keeper: keeper.clone(),
         dir: paths.dir.clone(),
         cgroups: cgroups.clone(),
+        inject: injector.map(Arc::new),
         socket_name: config
             .control_socket
             .file_name()

@@ -64,6 +64,8 @@ pub struct Prepared {
     /// What the keeper held for the previous controller: the stderr of
     /// its generations, and the lines it kept meanwhile.
     pub taken: Vec<keeper::Taken>,
+    /// `--inject-reuseport`: the bind programs, checked on this kernel.
+    pub injector: Option<crate::steering::Injector>,
 }
 
 /// What a start made that a failed start removes again.
@@ -206,6 +208,11 @@ fn prepare_locked(
         made.pins = Some(paths.pins.clone());
     }
     let pinned = Steering::pinned_in(&paths.pins);
+    let injector = if config.spawn.inject_reuseport {
+        Some(injector(config, &mut steering, cgroups.as_ref())?)
+    } else {
+        None
+    };
     let log_pump = steering.log_pump();
     let listen_events = base.map_err(|e| e.to_string()).and_then(|(cgroup, _)| {
         steering
@@ -275,7 +282,37 @@ fn prepare_locked(
         bridge_templates,
         keeper,
         taken,
+        injector,
     })
+}
+
+/// `--inject-reuseport`: loads the bind programs and checks on this kernel,
+/// in a scratch cgroup of the instance, that they set `SO_REUSEPORT`;
+/// refused by name and reason where they cannot, or where the generations
+/// get no cgroup.
+fn injector(
+    config: &RunConfig,
+    steering: &mut Steering,
+    cgroups: Result<&crate::cgroup::Instance, &crate::cgroup::Unavailable>,
+) -> anyhow::Result<crate::steering::Injector> {
+    let cgroups = cgroups.map_err(|why| {
+        anyhow::anyhow!(
+            "--inject-reuseport attaches cgroup bind programs to each generation's cgroup v2, \
+             and there is none: {why}"
+        )
+    })?;
+    let mut injector = steering.injector(&config.listen)?;
+    injector.probe(&cgroups.scratch("inject-probe"))?;
+    tracing::info!(
+        "--inject-reuseport: binds of the generations to {} get SO_REUSEPORT",
+        config
+            .listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(injector)
 }
 
 /// Connects to the instance's log keeper (a previous controller's, if it

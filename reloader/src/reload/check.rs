@@ -12,7 +12,8 @@
 //! `RELOADER_GENERATION` (the number the new generation will get) and
 //! `RELOADER_NAME` like a server, stdin from /dev/null, and is killed with
 //! its process group when it does not finish in time or the reload is
-//! cancelled.
+//! cancelled. The drain command (`--drain-command`, [`super::drain`]) is
+//! run the same way ([`execute`]).
 
 use std::{
     collections::VecDeque,
@@ -25,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::debug;
 
 use crate::{
-    config::{CheckCommand, substitute_generation},
+    config::{CheckCommand, substitute},
     error::ReloadError,
     generation::human_duration,
     supervisor,
@@ -47,13 +48,51 @@ pub async fn run(
     generation: u64,
     timeout: Duration,
 ) -> Result<(), ReloadError> {
-    let argv = substitute_generation(&check.argv, generation);
-    let spawn_error = |source| ReloadError::CheckSpawnError {
+    let ran = execute(check, name, generation, None, timeout, "--ready-timeout")
+        .await
+        .map_err(|source| ReloadError::CheckSpawnError {
+            command: check.text.clone(),
+            source,
+        })?;
+    if ran.ok {
+        return Ok(());
+    }
+    Err(ReloadError::CheckFailed {
         command: check.text.clone(),
-        source,
-    };
-    let (read, write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_error(e.into()))?;
+        how: ran.how,
+        output: ran.output,
+    })
+}
+
+/// How a helper command ran.
+#[derive(Clone, Debug)]
+pub struct Ran {
+    /// It exited with status 0.
+    pub ok: bool,
+    /// How it ended: `exited with status 0`, `killed by SIGSEGV`, `did not
+    /// finish within 30s (--drain-timeout; killed)`.
+    pub how: String,
+    /// Its last lines of output (stdout and stderr, in order).
+    pub output: Vec<String>,
+    /// From its spawn to its exit (or to its kill).
+    pub duration: Duration,
+}
+
+/// Runs `command` (`{generation}`, and `{pid}` when given, replaced) as a
+/// claimed child of instance `name`, for at most `timeout` (named by
+/// `limit` in the message when it is killed). Err: it could not be
+/// started.
+pub async fn execute(
+    command: &CheckCommand,
+    name: &str,
+    generation: u64,
+    pid: Option<u32>,
+    timeout: Duration,
+    limit: &'static str,
+) -> std::io::Result<Ran> {
+    let t0 = std::time::Instant::now();
+    let argv = substitute(&command.argv, generation, pid);
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut command = Command::new(&argv[0]);
     command
         .args(&argv[1..])
@@ -61,7 +100,7 @@ pub async fn run(
         .env("RELOADER_NAME", name)
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
-        .stdout(Stdio::from(write.try_clone().map_err(spawn_error)?))
+        .stdout(Stdio::from(write.try_clone()?))
         .stderr(Stdio::from(write));
     // The fork and exec run on a blocking thread. The reaper owns its
     // exit; our copies of the pipe's write end go with the command, so the
@@ -72,38 +111,35 @@ pub async fn run(
         spawned
     })
     .await
-    .map_err(|e| spawn_error(std::io::Error::other(e)))?
-    .map_err(spawn_error)?;
+    .map_err(std::io::Error::other)??;
     drop(child);
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(read)
-        .map(|pipe| tokio::spawn(read_lines(pipe, tail.clone(), generation)))
-        .map_err(spawn_error)?;
+        .map(|pipe| tokio::spawn(read_lines(pipe, tail.clone(), generation)))?;
 
     let exit = tokio::time::timeout(timeout, claim.exited()).await;
+    let duration = t0.elapsed();
+    let ok = matches!(&exit, Ok(Some(exit)) if exit.code == Some(0));
     let how = match exit {
-        Ok(Some(exit)) if exit.code == Some(0) => None,
-        Ok(Some(exit)) => Some(exit.how),
-        Ok(None) => Some("was not reaped (the controller is stopping)".into()),
+        Ok(Some(exit)) => exit.how,
+        Ok(None) => "was not reaped (the controller is stopping)".into(),
         Err(_) => {
             claim.kill();
             // Reaped by the instance's reaper; not waited for here.
-            Some(format!(
-                "did not finish within {} (--ready-timeout; killed)",
+            format!(
+                "did not finish within {} ({limit}; killed)",
                 human_duration(timeout)
-            ))
+            )
         }
     };
     let _ = tokio::time::timeout(DRAIN_OUTPUT, reader).await;
     let output: Vec<String> = tail.lock().expect("check output").iter().cloned().collect();
-    match how {
-        None => Ok(()),
-        Some(how) => Err(ReloadError::CheckFailed {
-            command: check.text.clone(),
-            how,
-            output,
-        }),
-    }
+    Ok(Ran {
+        ok,
+        how,
+        output,
+        duration,
+    })
 }
 
 /// Reads the check's output until the pipe closes, keeping the last lines.

@@ -5,12 +5,21 @@
 //! exit, killing its process group at the drain timeout. Every wait is
 //! bounded: a generation that does not exit even after SIGKILL is given up
 //! after [`KILL_GRACE`] and its slot freed.
+//!
+//! With `--drain-command`, the command is run *instead of* the drain
+//! signal (a server whose graceful stop is an API call: Envoy's
+//! `/drain_listeners`, a Java service's drain endpoint); the signal is
+//! sent only if the command fails. The drain timeout bounds both: it runs
+//! from the command's start, the command is killed at it, and so is the
+//! generation. `reloader stop` and evictions still send the signal.
 
 use std::time::Duration;
 
 use tracing::warn;
 
-use crate::{config::Settle, generation::human_duration, state::Client};
+use crate::{
+    config::Settle, generation::human_duration, state::Client, status::DrainCommandReport,
+};
 
 /// How long a SIGKILLed generation may take to be seen exiting.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -20,8 +29,9 @@ pub const UDP_QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// How often the queues are looked at meanwhile.
 const UDP_QUEUE_POLL: Duration = Duration::from_millis(10);
 
-/// Drains generation `old`; returns when it has exited (or was given up).
-pub async fn drain(client: &Client, old: u64) {
+/// Drains generation `old`; returns when it has exited (or was given up),
+/// with how `--drain-command` ran if it did.
+pub async fn drain(client: &Client, old: u64) -> Option<DrainCommandReport> {
     let config = client.config().clone();
     // The state file records the cutover before `old` may be told to stop:
     // a controller killed in between must not leave a file naming `old`
@@ -33,11 +43,25 @@ pub async fn drain(client: &Client, old: u64) {
         super::settle::by_looks(client, old, config.drain.settle, config.drain.settle_max).await;
     }
     udp_queues_read(client, old, UDP_QUEUE_WAIT).await;
-    if !client.drain_signal(old).await {
-        return;
+    let deadline = tokio::time::Instant::now() + config.drain.timeout;
+    let (told, report) = match &config.drain.command {
+        Some(command) => {
+            let pid = client.snapshot().generation(old).and_then(|g| g.pid);
+            if !client.drain_begun(old).await {
+                return None;
+            }
+            let report = drain_command(command, &config.name, old, pid, config.drain.timeout).await;
+            let told = report.ok || client.drain_signal(old).await;
+            (told, Some(report))
+        }
+        None => (client.drain_signal(old).await, None),
+    };
+    if !told {
+        return report;
     }
-    if wait_exit(client, old, config.drain.timeout).await {
-        return;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if wait_exit(client, old, left).await {
+        return report;
     }
     warn!(
         generation = old,
@@ -48,6 +72,54 @@ pub async fn drain(client: &Client, old: u64) {
     if !wait_exit(client, old, KILL_GRACE).await {
         client.abandon(old, KILL_GRACE).await;
     }
+    report
+}
+
+/// Runs `--drain-command` for generation `old` (first process `pid`),
+/// bounded by the drain timeout, and says how it went.
+async fn drain_command(
+    command: &crate::config::CheckCommand,
+    name: &str,
+    old: u64,
+    pid: Option<u32>,
+    timeout: Duration,
+) -> DrainCommandReport {
+    let ran = super::check::execute(command, name, old, pid, timeout, "--drain-timeout").await;
+    let report = match ran {
+        Ok(ran) => DrainCommandReport {
+            generation: old,
+            command: command.text.clone(),
+            ok: ran.ok,
+            how: ran.how,
+            duration_ms: ran.duration.as_secs_f64() * 1000.0,
+            output: ran.output,
+        },
+        Err(error) => DrainCommandReport {
+            generation: old,
+            command: command.text.clone(),
+            ok: false,
+            how: format!("could not be started: {error}"),
+            ..DrainCommandReport::default()
+        },
+    };
+    if report.ok {
+        tracing::info!(
+            generation = old,
+            duration_ms = report.duration_ms,
+            "--drain-command {}",
+            report.how
+        );
+    } else {
+        warn!(
+            generation = old,
+            duration_ms = report.duration_ms,
+            output = report.output.join("\n"),
+            "--drain-command `{}` {}: sending the drain signal instead",
+            report.command,
+            report.how
+        );
+    }
+    report
 }
 
 /// Finishes the eviction of generation `number` (`state::evict`): waits

@@ -34,6 +34,9 @@ pub struct System {
     /// The instance's cgroups, and the watch on its generations' ones
     /// (`None`: no writable cgroup v2, said at start).
     pub cgroups: Option<(Arc<crate::cgroup::Instance>, crate::cgroup::Watch)>,
+    /// `--inject-reuseport`: the bind programs each generation's cgroup
+    /// gets before its first process enters it.
+    pub inject: Option<Arc<crate::steering::Injector>>,
 }
 
 impl Host for System {
@@ -44,13 +47,30 @@ impl Host for System {
     ) -> Result<Spawned, ReloadError> {
         let (config, keeper) = (self.config.clone(), self.keeper.clone());
         let cgroups = self.cgroups.clone();
+        let inject = self.inject.clone();
         blocking("spawn", move || {
+            if config.spawn.inject_reuseport && (inject.is_none() || cgroups.is_none()) {
+                return Err(ReloadError::SpawnError {
+                    command: "--inject-reuseport".into(),
+                    source: std::io::Error::other(
+                        "no cgroup for the generation to attach the bind programs to (see the \
+                         start-up log)",
+                    ),
+                });
+            }
             let mut spawned = spawn(&config, number, notify_socket.as_deref(), keeper.as_deref())?;
             if let Some((cgroups, watch)) = &cgroups {
                 // Before the gate opens: none of the server's code runs
-                // outside its cgroup.
+                // outside its cgroup. The bind programs are attached before
+                // the process enters: it binds nothing without them.
                 let pid = spawned.process.pid();
-                let entered = cgroups.enter(number, pid).and_then(|dir| {
+                let entered = cgroups.create(number).and_then(|dir| {
+                    if let Some(inject) = &inject {
+                        inject
+                            .attach(&dir)
+                            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+                    }
+                    crate::cgroup::admit(&dir, pid)?;
                     watch.add(number, &dir)?;
                     Ok(dir)
                 });

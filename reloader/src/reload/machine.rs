@@ -94,7 +94,7 @@ impl CutOver {
             self.report.held_ms = Some(ms(until.saturating_duration_since(self.cutover)));
             return self.at_barrier(Some(old));
         }
-        drain(client, old).await;
+        self.report.drain_command = drain(client, old).await;
         self.report.cutover_to_old_exited_ms = Some(ms(self.cutover.elapsed()));
         self.at_barrier(None)
     }
@@ -113,7 +113,7 @@ impl CutOver {
 /// rolled-back canary is drained by the rollback).
 pub async fn adopted_canary(client: &Client, number: u64, previous: u64) {
     if wait_canary(client, number).await == CanaryVerdict::Promoted {
-        drain(client, previous).await;
+        let _ = drain(client, previous).await;
     }
 }
 
@@ -208,7 +208,12 @@ pub async fn run<H: Host>(
             if let Some(tail) = client.fail(begun.number, error).await {
                 report.stderr_tail = tail.lines(Duration::from_millis(500)).await;
             }
-            let (detail, kind) = explain_failure(text, kind, &report.stderr_tail);
+            let (detail, kind) = explain_failure(
+                text,
+                kind,
+                &report.stderr_tail,
+                client.config().spawn.inject_reuseport,
+            );
             report.error = Some(detail.clone());
             report.failure = Some(ReloadFailure {
                 kind,
@@ -431,22 +436,31 @@ async fn discover<H: Host>(
 }
 
 /// Adds the likely fix to a failure whose stderr shows a bind conflict.
-fn explain_failure(error: String, kind: FailureKind, stderr: &[String]) -> (String, FailureKind) {
+fn explain_failure(
+    error: String,
+    kind: FailureKind,
+    stderr: &[String],
+    injecting: bool,
+) -> (String, FailureKind) {
     let bind_conflict = stderr
         .iter()
         .any(|l| l.contains("in use") || l.contains("EADDRINUSE"));
-    if bind_conflict {
-        (
-            format!(
-                "{error}; it could not bind an address the old generation holds: a server must \
-                 set SO_REUSEPORT to listen beside it (nginx: `listen ... reuseport`; Envoy: \
-                 `enable_reuse_port: true`)"
-            ),
-            FailureKind::NoReuseport,
-        )
-    } else {
-        (error, kind)
+    if !bind_conflict {
+        return (error, kind);
     }
+    let fix = if injecting {
+        "--inject-reuseport gives SO_REUSEPORT only to binds of a --listen address in the same \
+         form (protocol, address and port, IPv4 or IPv6 socket): if the server binds another \
+         form of it ([::] for 0.0.0.0, an IPv4-mapped address), manage that one"
+    } else {
+        "a server must set SO_REUSEPORT to listen beside it (nginx: `listen ... reuseport`; \
+         Envoy: `enable_reuse_port: true`), or run reloader with --inject-reuseport to set it \
+         for the server"
+    };
+    (
+        format!("{error}; it could not bind an address the old generation holds: {fix}"),
+        FailureKind::NoReuseport,
+    )
 }
 
 fn ms(d: Duration) -> f64 {

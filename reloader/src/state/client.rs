@@ -91,6 +91,13 @@ pub enum Command {
         number: u64,
         reply: oneshot::Sender<bool>,
     },
+    /// Generation `number`'s drain begins through `--drain-command`:
+    /// recorded like a drain signal, no signal sent (false: it no longer
+    /// drains).
+    DrainBegun {
+        number: u64,
+        reply: oneshot::Sender<bool>,
+    },
     /// Kill its process group (drain timeout).
     Kill {
         number: u64,
@@ -352,6 +359,12 @@ impl Client {
 
     pub async fn drain_signal(&self, number: u64) -> bool {
         self.ask(|reply| Command::DrainSignal { number, reply })
+            .await
+            .unwrap_or(false)
+    }
+
+    pub async fn drain_begun(&self, number: u64) -> bool {
+        self.ask(|reply| Command::DrainBegun { number, reply })
             .await
             .unwrap_or(false)
     }

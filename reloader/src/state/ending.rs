@@ -75,6 +75,26 @@ impl InstanceState {
         }
     }
 
+    /// Records that generation `number`'s drain began through
+    /// `--drain-command` (what a drain signal records, without sending
+    /// one: from now on it is not a generation to roll back to); false if
+    /// it no longer drains.
+    pub fn drain_begun(&mut self, number: u64) -> bool {
+        let draining = self
+            .generations
+            .get(number)
+            .is_some_and(|g| g.state == State::Draining);
+        if !draining {
+            return false;
+        }
+        info!(generation = number, "draining (--drain-command)");
+        let _ = self.generations.signalled(number, Instant::now());
+        if self.hold.is_some_and(|h| h.held == number) {
+            self.hold = None;
+        }
+        true
+    }
+
     /// Kills generation `number`'s processes (drain timeout): its cgroup,
     /// or its process group without one. Also a generation whose leader
     /// exited but whose cgroup still has processes.

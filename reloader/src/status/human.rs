@@ -106,13 +106,31 @@ impl ReloadReport {
                 .as_ref()
                 .map(|c| format!("; config sha256 {c}"))
                 .unwrap_or_default();
-            format!(
+            let mut text = format!(
                 "generation {} active{previous}{canary}: spawn→ready {}, ready→cutover {}, {old}, total {}{config}",
                 self.generation,
                 ms(self.spawn_to_ready_ms),
                 ms(self.ready_to_cutover_ms),
                 ms(self.total_ms),
-            )
+            );
+            if let Some(run) = &self.drain_command {
+                let _ = write!(
+                    text,
+                    "\n--drain-command for generation {}: {} after {}{}",
+                    run.generation,
+                    run.how,
+                    ms(Some(run.duration_ms)),
+                    if run.ok {
+                        ""
+                    } else {
+                        " (the drain signal was sent instead)"
+                    }
+                );
+                for line in &run.output {
+                    let _ = write!(text, "\n  {line}");
+                }
+            }
+            text
         } else if self.result == ReloadResult::RolledBack {
             format!(
                 "generation {} was rolled back: {}",

@@ -14,7 +14,7 @@ pub use human::human_bytes;
 pub(crate) use human::{Column, render};
 pub use readiness::Readiness;
 pub use wire::{
-    CounterStatus, FailureKind, FlowTableStatus, GenerationStatus, HealthStatus, ListenerStatus,
-    ReloadFailure, ReloadReport, ReloadResult, RollbackCounts, RollbackReason, RollbackReport,
-    RolloutKind, RolloutStatus, SocketStatus, StatusReport,
+    CounterStatus, DrainCommandReport, FailureKind, FlowTableStatus, GenerationStatus,
+    HealthStatus, ListenerStatus, ReloadFailure, ReloadReport, ReloadResult, RollbackCounts,
+    RollbackReason, RollbackReport, RolloutKind, RolloutStatus, SocketStatus, StatusReport,
 };

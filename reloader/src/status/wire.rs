@@ -377,4 +377,24 @@ pub struct ReloadReport {
     /// and the generation active when that was decided.
     #[serde(default)]
     pub failure: Option<ReloadFailure>,
+    /// How `--drain-command` ran for the generation this reload replaced.
+    #[serde(default)]
+    pub drain_command: Option<DrainCommandReport>,
+}
+
+/// A `--drain-command` run: what `--check` reports, for the drain.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainCommandReport {
+    /// The generation it drained.
+    pub generation: u64,
+    /// The command as given.
+    pub command: String,
+    /// It exited with status 0 (else the drain signal was sent).
+    pub ok: bool,
+    /// How it ended: `exited with status 0`, `did not finish within 30s
+    /// (--drain-timeout; killed)`.
+    pub how: String,
+    pub duration_ms: f64,
+    /// Its last lines of output (stdout and stderr, in order).
+    pub output: Vec<String>,
 }

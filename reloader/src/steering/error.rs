@@ -66,7 +66,8 @@ pub enum SteeringError {
     #[error(
         "the listening socket for {addr} does not have SO_REUSEPORT set: the server \
          must set it before bind (nginx: `listen ... reuseport`; Envoy: `enable_reuse_port: true`; \
-         HAProxy sets it by default)"
+         HAProxy sets it by default), or run reloader with --inject-reuseport to set it for \
+         the server"
     )]
     NotReuseport { fd: i32, addr: String },
     /// A socket offered for registration is an MPTCP socket: the kernel
@@ -120,6 +121,22 @@ pub enum SteeringError {
     #[error("cannot open the cgroup {path}")]
     CgroupError {
         path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `--inject-reuseport` cannot work on this kernel.
+    #[error(
+        "--inject-reuseport is not supported on this kernel ({kernel}): {why}; it needs cgroup \
+         bind programs that may set SO_REUSEPORT with bpf_setsockopt (verified on Linux 6.1, \
+         6.12 and 6.18). Run without it, and make the server set SO_REUSEPORT \
+         itself"
+    )]
+    InjectUnsupported { kernel: String, why: String },
+    /// Attaching the bind programs to a cgroup (or the start-up probe in
+    /// its scratch cgroup) failed.
+    #[error("--inject-reuseport: cannot attach the bind programs to the cgroup {cgroup}")]
+    InjectAttachError {
+        cgroup: String,
         #[source]
         source: io::Error,
     },

@@ -18,7 +18,9 @@ mod keys;
 
 use std::os::fd::BorrowedFd;
 
-pub use ebpf::{ListenEvents, LogPump, MAPS_LAYOUT, MigrationLog, OLDEST_MAPS_LAYOUT, Steering};
+pub use ebpf::{
+    Injector, ListenEvents, LogPump, MAPS_LAYOUT, MigrationLog, OLDEST_MAPS_LAYOUT, Steering,
+};
 pub use error::SteeringError;
 pub use keys::listener_key;
 pub use reloader_ebpf::{

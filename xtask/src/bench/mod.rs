@@ -18,6 +18,7 @@
 //! themselves).
 
 mod holdings;
+mod inject;
 mod keepalive;
 mod micro;
 mod plot;
@@ -59,6 +60,12 @@ pub struct BenchArgs {
     /// 50 % canary split vs one generation (about 2 minutes).
     #[arg(long, conflicts_with_all = ["udp", "keepalive", "scale"])]
     rollout: bool,
+    /// Run the --inject-reuseport section only: a server's bind time with
+    /// 1 and 1,000 sockets, setting SO_REUSEPORT itself vs injected vs
+    /// binds the program does not match (--reloads starts each, default
+    /// 20; --quick 5; about a minute).
+    #[arg(long, conflicts_with_all = ["udp", "keepalive", "scale", "rollout", "holdings"])]
+    inject: bool,
     /// Run the UDP section only: DNS (unbound, Knot) and HTTP/3 (Caddy)
     /// reloaded naive vs reloader, and the program's cost per datagram
     /// (--reloads per scenario, default 20; about 5 minutes).
@@ -209,6 +216,19 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         let path = args
             .json
             .unwrap_or_else(|| root.join("target/bench/rollout.json"));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        eprintln!("bench: results in {}", path.display());
+        return Ok(());
+    }
+    if args.inject {
+        let starts = args.reloads.unwrap_or(if args.quick { 5 } else { 20 });
+        let result = inject::run(&bins, starts)?;
+        let path = args
+            .json
+            .unwrap_or_else(|| root.join("target/bench/inject.json"));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }

@@ -6,7 +6,7 @@
 //! built of) and [`steer`] (the [`Steer`](super::Steer) impl); the sockets
 //! they accept are checked in [`socket`]. The listen notifier is
 //! [`listen`], the aya-log pump [`log_pump`], bpffs pins and the memlock
-//! rlimit [`pin`].
+//! rlimit [`pin`], the `--inject-reuseport` bind programs [`inject`].
 //!
 //! Kernel behaviour this relies on (see also `reloader-ebpf/src/main.rs`):
 //! - A program attached with `SO_ATTACH_REUSEPORT_EBPF` through any member
@@ -18,6 +18,7 @@
 //!   program, which identifies listeners by protocol and port only (no
 //!   socket pointer in its context).
 
+mod inject;
 mod listen;
 mod log_pump;
 mod maps;
@@ -42,6 +43,7 @@ use reloader_ebpf::{
 use tracing::{debug, info, warn};
 
 pub use self::{
+    inject::Injector,
     listen::ListenEvents,
     log_pump::LogPump,
     pin::{MAPS_LAYOUT, OLDEST_MAPS_LAYOUT},
@@ -123,7 +125,9 @@ impl Steering {
             .map_max_entries(map::COUNTERS, limits.counter_entries())
             .map_max_entries(map::BRIDGES, limits.listeners)
             .map_max_entries(map::BRIDGED, limits.listeners)
-            .map_max_entries(map::FLOWS, options.udp_flows.max(1));
+            .map_max_entries(map::FLOWS, options.udp_flows.max(1))
+            // The managed addresses and the start-up probe's key.
+            .map_max_entries(map::INJECT_KEYS, limits.listeners + 1);
         let reused = match &options.pin_dir {
             Some(dir) => pin::pin_maps(&mut loader, dir)?,
             None => false,

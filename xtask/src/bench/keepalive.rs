@@ -43,6 +43,11 @@ pub struct Case {
 
 /// The pause of the paced cases: 100 requests/s per connection.
 pub const PACED_MS: u64 = 10;
+/// `--settle idle` where clients keep their connections: the bound ends it.
+const IDLE_DEFAULT: &str = "idle --settle-max 3s";
+/// `--settle idle` where the server recycles connections (closes each
+/// after a while with `Connection: close`): it ends when they are gone.
+const IDLE_RECYCLED: &str = "idle --settle-max 10s";
 
 impl Case {
     fn new(
@@ -56,8 +61,12 @@ impl Case {
             extra,
             reloader_args: Vec::new(),
         };
+        // "1s", or "idle --settle-max 10s": --settle's value, then flags.
         if let Some(settle) = settle {
-            variant.reloader_args = vec!["--settle".into(), settle.into()];
+            variant.reloader_args = std::iter::once("--settle")
+                .chain(settle.split_whitespace())
+                .map(str::to_owned)
+                .collect();
         }
         Self {
             server,
@@ -116,7 +125,9 @@ pub fn cases(servers: &[Server]) -> Vec<Case> {
         for method in [Naive, Sysctl, Reloader] {
             cases.push(Case::new(server, method, "default", default(), None));
         }
-        for settle in ["1s", "3s"] {
+        // `auto` is reloader's default; `idle` waits for the clients, which
+        // never close here, so its bound ends each settle.
+        for settle in [IDLE_DEFAULT, "1s"] {
             cases.push(Case::new(
                 server,
                 Reloader,
@@ -134,7 +145,7 @@ pub fn cases(servers: &[Server]) -> Vec<Case> {
                 (
                     "keepalive_time 1s",
                     lines(&[], &["keepalive_time 1s;"]),
-                    &["1500ms"],
+                    &[IDLE_RECYCLED],
                 ),
                 (
                     "keepalive_requests 100",
@@ -157,7 +168,7 @@ pub fn cases(servers: &[Server]) -> Vec<Case> {
                 (
                     "option idle-close-on-response",
                     lines(&[], &["option idle-close-on-response"]),
-                    &[],
+                    &[IDLE_RECYCLED],
                 ),
                 (
                     "close-spread-time 1s",
@@ -190,7 +201,7 @@ pub fn cases(servers: &[Server]) -> Vec<Case> {
         }
         cases.push(Case::new(server, Naive, "default", default(), None).paced());
         cases.push(Case::new(server, Reloader, "default", default(), None).paced());
-        cases.push(Case::new(server, Reloader, "default", default(), Some("1s")).paced());
+        cases.push(Case::new(server, Reloader, "default", default(), Some(IDLE_DEFAULT)).paced());
         // The remedy that worked back to back, paced.
         let (name, extra, settles) = match server {
             Server::Nginx => &remedies[0],
@@ -619,18 +630,16 @@ mod tests {
                 "naive",
                 "sysctl",
                 "reloader",
-                "reloader --settle 1s",
-                "reloader --settle 3s"
+                "reloader --settle idle --settle-max 3s",
+                "reloader --settle 1s"
             ]
         );
         let spread = of(Server::Haproxy)
             .find(|c| c.config == "close-spread-time 1s")
             .unwrap();
         assert_eq!(spread.variant.extra.global, ["close-spread-time 1s"]);
-        assert!(
-            of(Server::Nginx).any(|c| c.config == "keepalive_time 1s"
-                && c.method_label() == "reloader --settle 1500ms")
-        );
+        assert!(of(Server::Nginx).any(|c| c.config == "keepalive_time 1s"
+            && c.method_label() == "reloader --settle idle --settle-max 10s"));
         assert!(
             cases
                 .iter()
@@ -645,10 +654,10 @@ mod tests {
             [
                 "default / naive",
                 "default / reloader",
-                "default / reloader --settle 1s",
+                "default / reloader --settle idle --settle-max 3s",
                 "keepalive_time 1s / naive",
                 "keepalive_time 1s / reloader",
-                "keepalive_time 1s / reloader --settle 1500ms"
+                "keepalive_time 1s / reloader --settle idle --settle-max 10s"
             ]
         );
     }

@@ -297,9 +297,15 @@ mod steer {
         } else {
             ports(ctx)
         };
-        let mut probe = None;
+        // Plain values with sentinels rather than `Option`s of them: LLVM
+        // may read an `Option`'s payload on a path where it is `None`, an
+        // uninitialised stack slot, which verifiers before 5.12 reject.
+        let mut probe = NO_SLOT;
         let mut flow = None;
-        let mut pinned = None;
+        let mut pinned = Flow {
+            slot: NO_SLOT,
+            epoch: 0,
+        };
         if let Some((src, _)) = ports {
             if hints.probes > 0 {
                 let key = ProbeKey {
@@ -307,9 +313,11 @@ mod steer {
                     port: u32::from(src),
                 };
                 // SAFETY: as above.
-                probe = unsafe { PROBES.get(&key) }.map(|target| target.slot);
+                if let Some(target) = unsafe { PROBES.get(&key) } {
+                    probe = target.slot;
+                }
             }
-            if probe.is_none() && hints.mode == Mode::UdpFlows as u32 {
+            if probe == NO_SLOT && hints.mode == Mode::UdpFlows as u32 {
                 flow = flow_key(ctx, listener, src);
                 if let Some(key) = &flow
                     // SAFETY: as above.
@@ -319,7 +327,7 @@ mod steer {
                         count_slot(&limits, listener, known.slot, Outcome::Affinity);
                         return SK_PASS;
                     }
-                    pinned = Some(known);
+                    pinned = known;
                 }
             }
         }
@@ -337,8 +345,8 @@ mod steer {
         } else {
             Outcome::Steered
         };
-        if let (Some(target), Some((src, _))) = (probe, ports) {
-            slot = target;
+        if let (true, Some((src, _))) = (probe != NO_SLOT, ports) {
+            slot = probe;
             outcome = Outcome::ProbeRouted;
             debug!(ctx, "probe from port {} to slot {}", src, slot);
         } else if ports.is_some()
@@ -366,7 +374,7 @@ mod steer {
                 count_slot(&limits, listener, slot, outcome);
                 let value = Flow { slot, epoch };
                 // An entry that already says so is not written again.
-                if pinned != Some(value) {
+                if pinned != value {
                     let _ = FLOWS.insert(key, &value, 0);
                     // A volatile read after the update gives this path a
                     // tail of its own: LLVM would otherwise merge the call

@@ -31,6 +31,11 @@
 //!   probes of one generation).
 //! - [`map::FLOWS`]: LRU `FlowKey -> Flow`: the slot (and epoch) a UDP flow
 //!   (remote address and port) is pinned to, written by the program itself.
+//! - [`map::LISTENER_HINTS`]: `listener -> ListenerHints`: what the
+//!   program may skip per packet: how many probe routes `PROBES` holds for
+//!   the listener (none: no `PROBES` lookup), and the listener's [`Mode`]
+//!   (a known UDP flow goes to its slot without reading `LISTENERS`). An
+//!   array, so reading it costs no call into the kernel's hash map code.
 //! - [`map::COUNTERS`]: per-CPU `Counters`, index from [`counter_index`],
 //!   plus one trailing entry for packets of groups that are not managed.
 //! - [`map::LISTEN_EVENTS`]: a ring buffer of [`ListenEvent`]s: the
@@ -138,6 +143,7 @@ pub mod map {
     /// `--inject-reuseport`: per-CPU counters, [`crate::INJECTED`] and
     /// [`crate::INJECT_FAILED`].
     pub const INJECTED: &str = "INJECTED";
+    pub const LISTENER_HINTS: &str = "LISTENER_HINTS";
 }
 
 /// Globals of the object, set at load time.
@@ -264,6 +270,20 @@ pub struct SlotState {
     pub epoch: u32,
 }
 
+/// Value of `LISTENER_HINTS`: what the program may skip for a listener.
+/// Userspace keeps it in step with `PROBES` and `LISTENERS`: a probe route
+/// is inserted before `probes` counts it and counted until after it is
+/// removed, and `mode` is written before the listener's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerHints {
+    /// Probe routes in `PROBES` for this listener; 0: the program does not
+    /// look there.
+    pub probes: u32,
+    /// [`Mode`] as a number, as in `ListenerState::mode`.
+    pub mode: u32,
+}
+
 /// Key of `PROBES`: a listener and the client's source port (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -369,4 +389,5 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ListenEvent {}
+    unsafe impl aya::Pod for super::ListenerHints {}
 }

@@ -62,7 +62,11 @@ mod inject;
 
 #[cfg(target_arch = "bpf")]
 mod steer {
-    use core::{ffi::c_void, ptr::read_volatile};
+    use core::{
+        ffi::c_void,
+        mem::MaybeUninit,
+        ptr::{read_volatile, write_volatile},
+    };
 
     use aya_ebpf::{
         EbpfContext, Global,
@@ -74,9 +78,9 @@ mod steer {
     };
     use aya_log_ebpf::debug;
     use reloader_ebpf::{
-        BRIDGE_EPOCH, Counters, Flow, FlowKey, Limits, ListenEvent, ListenerKey, ListenerState,
-        MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget, SlotState, WEIGHT_SCALE,
-        counter_index, limits, socket_index,
+        BRIDGE_EPOCH, Counters, Flow, FlowKey, Limits, ListenEvent, ListenerHints, ListenerKey,
+        ListenerState, MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget, SlotState,
+        WEIGHT_SCALE, counter_index, limits, socket_index,
     };
 
     // Sizes, set by the loader (`reloader_ebpf::global`); the maps are
@@ -125,6 +129,9 @@ mod steer {
 
     #[map]
     static MIGRATED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(limits::MIGRATED, 0);
+
+    #[map]
+    static LISTENER_HINTS: Array<ListenerHints> = Array::with_max_entries(1, 0);
 
     #[derive(Clone, Copy)]
     enum Outcome {
@@ -236,16 +243,41 @@ mod steer {
             count(limits().unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         };
-        let key = ListenerKey {
-            protocol: ctx.ip_protocol(),
-            port: u32::from(dst),
-            ..ListenerKey::default()
-        };
-        steer(&ctx, &key, None)
+        let mut key = MaybeUninit::uninit();
+        let key = port_only_key(&mut key, ctx.ip_protocol(), u32::from(dst));
+        steer(&ctx, key, None)
+    }
+
+    /// The key of a listener known by protocol and port only, written field
+    /// by field in place: zeroing its 16-byte address as one (or copying
+    /// the key) compiles to a call of a byte-wise `memset`, once per packet.
+    #[inline(always)]
+    fn port_only_key(key: &mut MaybeUninit<ListenerKey>, protocol: u32, port: u32) -> &ListenerKey {
+        let p = key.as_mut_ptr();
+        // SAFETY: every field of `key` is written before it is read.
+        unsafe {
+            write_volatile(&raw mut (*p).family, 0);
+            write_volatile(&raw mut (*p).protocol, protocol);
+            write_volatile(&raw mut (*p).port, port);
+            write_volatile(&raw mut (*p).addr[0], 0);
+            write_volatile(&raw mut (*p).addr[1], 0);
+            write_volatile(&raw mut (*p).addr[2], 0);
+            write_volatile(&raw mut (*p).addr[3], 0);
+            key.assume_init_ref()
+        }
     }
 
     /// `migrating`: the cookie of the connection being migrated, on the
     /// migrate path.
+    ///
+    /// The work per packet, by path (each hash map lookup and helper is a
+    /// call into the kernel; array lookups are inlined by the verifier):
+    /// every path finds the listener (`LISTENER_KEYS`) and its hints
+    /// (array); a known UDP flow then reads the remote address (helper),
+    /// its flow (`FLOWS`) and selects (helper), without reading the
+    /// listener's state; everything else reads the state (`LISTENERS`) and
+    /// selects, and a new flow writes its entry. `PROBES` is looked at only
+    /// while the listener has a probe route.
     #[inline(always)]
     fn steer(ctx: &SkReuseportContext, key: &ListenerKey, migrating: Option<u64>) -> u32 {
         let limits = limits();
@@ -255,61 +287,80 @@ mod steer {
             count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         };
+        if listener >= limits.listeners {
+            count(limits.unmanaged_counter(), Outcome::Fallback);
+            return SK_PASS;
+        }
+        let hints = match LISTENER_HINTS.get(listener) {
+            Some(hints) => *hints,
+            None => ListenerHints::default(),
+        };
+        let ports = if migrating.is_some() {
+            None
+        } else {
+            ports(ctx)
+        };
+        // Plain values with sentinels rather than `Option`s of them: LLVM
+        // may read an `Option`'s payload on a path where it is `None`, an
+        // uninitialised stack slot, which verifiers before 5.12 reject.
+        let mut probe = NO_SLOT;
+        let mut flow = None;
+        let mut pinned = Flow {
+            slot: NO_SLOT,
+            epoch: 0,
+        };
+        if let Some((src, _)) = ports {
+            if hints.probes > 0 {
+                let key = ProbeKey {
+                    listener,
+                    port: u32::from(src),
+                };
+                // SAFETY: as above.
+                if let Some(target) = unsafe { PROBES.get(&key) } {
+                    probe = target.slot;
+                }
+            }
+            if probe == NO_SLOT && hints.mode == Mode::UdpFlows as u32 {
+                flow = flow_key(ctx, listener, src);
+                if let Some(key) = &flow
+                    // SAFETY: as above.
+                    && let Some(&known) = unsafe { FLOWS.get(key) }
+                {
+                    if select(ctx, &limits, listener, known.slot, Some(known.epoch)).is_some() {
+                        count_slot(&limits, listener, known.slot, Outcome::Affinity);
+                        return SK_PASS;
+                    }
+                    pinned = known;
+                }
+            }
+        }
+
+        // A new connection, flow or stateless datagram, a probe, or a
+        // migrating connection: the listener's state decides.
         // SAFETY: as above.
         let state = match unsafe { LISTENERS.get(&listener) } {
             Some(state) => *state,
             None => ListenerState::default(),
         };
-        if listener >= limits.listeners {
-            count(limits.unmanaged_counter(), Outcome::Fallback);
-            return SK_PASS;
-        }
-
         let mut slot = state.active_slot;
         let mut outcome = if migrating.is_some() {
             Outcome::Migrated
         } else {
             Outcome::Steered
         };
-        let mut flow = None;
-        let ports = if migrating.is_some() {
-            None
-        } else {
-            ports(ctx)
-        };
-        if let Some((src, _)) = ports {
-            let probe = ProbeKey {
-                listener,
-                port: u32::from(src),
-            };
-            // SAFETY: as above.
-            if let Some(target) = unsafe { PROBES.get(&probe) } {
-                slot = target.slot;
-                outcome = Outcome::ProbeRouted;
-                debug!(ctx, "probe from port {} to slot {}", src, slot);
-            } else {
-                if state.mode == Mode::UdpFlows as u32 {
-                    flow = flow_key(ctx, listener, src);
-                    if let Some(key) = &flow
-                        // SAFETY: as above.
-                        && let Some(&pinned) = unsafe { FLOWS.get(key) }
-                        && epoch(&limits, listener, pinned.slot) == Some(pinned.epoch)
-                        && select(ctx, &limits, listener, pinned.slot)
-                    {
-                        count_slot(&limits, listener, pinned.slot, Outcome::Affinity);
-                        return SK_PASS;
-                    }
-                }
-                // A new connection or flow: a share goes to the canary, by
-                // the packet hash (bits other than those that spread it over
-                // the slot's sockets), so a retransmitted SYN lands alike.
-                if state.canary_slot < limits.slots
-                    && state.canary_weight > 0
-                    && ctx.hash().rotate_left(16) % WEIGHT_SCALE < state.canary_weight
-                {
-                    slot = state.canary_slot;
-                }
-            }
+        if let (true, Some((src, _))) = (probe != NO_SLOT, ports) {
+            slot = probe;
+            outcome = Outcome::ProbeRouted;
+            debug!(ctx, "probe from port {} to slot {}", src, slot);
+        } else if ports.is_some()
+            && state.canary_slot < limits.slots
+            && state.canary_weight > 0
+            // A share of new connections and flows goes to the canary, by
+            // the packet hash (bits other than those that spread it over
+            // the slot's sockets), so a retransmitted SYN lands alike.
+            && ctx.hash().rotate_left(16) % WEIGHT_SCALE < state.canary_weight
+        {
+            slot = state.canary_slot;
         }
         if slot == NO_SLOT || slot >= limits.slots {
             if bridge(ctx, key, listener, outcome) {
@@ -320,12 +371,27 @@ mod steer {
             count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         }
-        if select(ctx, &limits, listener, slot) {
-            count_slot(&limits, listener, slot, outcome);
-            if let (Some(key), Some(epoch)) = (&flow, epoch(&limits, listener, slot)) {
-                let _ = FLOWS.insert(key, &Flow { slot, epoch }, 0);
+        if let Some(key) = &flow {
+            // A new UDP flow, or one whose slot is gone (UDP: no bridge).
+            if let Some(epoch) = select(ctx, &limits, listener, slot, None) {
+                count_slot(&limits, listener, slot, outcome);
+                let value = Flow { slot, epoch };
+                // An entry that already says so is not written again.
+                if pinned != value {
+                    let _ = FLOWS.insert(key, &value, 0);
+                    // A volatile read after the update gives this path a
+                    // tail of its own: LLVM would otherwise merge the call
+                    // with `record_migration`'s into one call site, which
+                    // the verifier then cannot bind to one map (it calls
+                    // the generic update helper, an indirect call, there).
+                    // SAFETY: a local.
+                    unsafe { read_volatile(&value.slot) };
+                }
+                return SK_PASS;
             }
-            record_migration(migrating, epoch(&limits, listener, slot));
+        } else if let Some(epoch) = select(ctx, &limits, listener, slot, None) {
+            count_slot(&limits, listener, slot, outcome);
+            record_migration(migrating, Some(epoch));
             return SK_PASS;
         }
         if bridge(ctx, key, listener, outcome) {
@@ -387,40 +453,45 @@ mod steer {
         true
     }
 
-    /// Selects a live socket of (`listener`, `slot`) by the packet hash.
+    /// Selects a live socket of (`listener`, `slot`) by the packet hash;
+    /// returns the slot's epoch. With `epoch`, only if the slot still
+    /// belongs to that generation (a flow pinned to a slot that another
+    /// generation holds now is not its own).
     #[inline(always)]
-    fn select(ctx: &SkReuseportContext, limits: &Limits, listener: u32, slot: u32) -> bool {
-        let index = counter_index(limits.slots, listener, slot);
-        let sockets = match SLOT_SOCKETS.get(index) {
-            Some(state) => state.sockets,
-            None => 0,
-        };
-        if sockets == 0 || sockets > limits.sockets_per_slot {
-            return false;
+    fn select(
+        ctx: &SkReuseportContext,
+        limits: &Limits,
+        listener: u32,
+        slot: u32,
+        epoch: Option<u32>,
+    ) -> Option<u32> {
+        if slot >= limits.slots {
+            return None;
         }
-        let start = ctx.hash() % sockets;
+        let state = *SLOT_SOCKETS.get(counter_index(limits.slots, listener, slot))?;
+        let sockets = state.sockets;
+        if sockets == 0 || sockets > limits.sockets_per_slot {
+            return None;
+        }
+        if epoch.is_some_and(|epoch| epoch != state.epoch) {
+            return None;
+        }
+        let mut n = ctx.hash() % sockets;
         let mut attempt = 0;
         while attempt < MAX_SELECT_ATTEMPTS && attempt < sockets {
-            let n = (start + attempt) % sockets;
             if SOCKETS
                 .select_reuseport(ctx, socket_index(limits, listener, slot, n))
                 .is_ok()
             {
-                return true;
+                return Some(state.epoch);
+            }
+            n += 1;
+            if n == sockets {
+                n = 0;
             }
             attempt += 1;
         }
-        false
-    }
-
-    /// The epoch of (`listener`, `slot`), if it holds sockets.
-    #[inline(always)]
-    fn epoch(limits: &Limits, listener: u32, slot: u32) -> Option<u32> {
-        if slot >= limits.slots {
-            return None;
-        }
-        let state = SLOT_SOCKETS.get(counter_index(limits.slots, listener, slot))?;
-        (state.sockets > 0).then_some(state.epoch)
+        None
     }
 
     /// The flow of a UDP datagram: its remote address (read relative to the
@@ -430,19 +501,30 @@ mod steer {
         if ctx.ip_protocol() != IPPROTO_UDP {
             return None;
         }
-        let mut addr = [0u32; 4];
-        let ethertype = u16::from_be(ctx.eth_protocol() as u16);
-        let (offset, len) = match ethertype {
+        let (offset, len) = match u16::from_be(ctx.eth_protocol() as u16) {
             ETH_P_IP => (12, 4),
             ETH_P_IPV6 => (8, 16),
             _ => return None,
         };
-        // SAFETY: the helper writes at most `len` bytes into `addr`.
+        // Zeroed word by word: zeroing it as one compiles to a call of a
+        // byte-wise `memset`, and leaving it uninitialised lets LLVM copy
+        // undefined registers on the failure path, which the verifier
+        // rejects.
+        // (Read only after the helper wrote it: a copy of the zeroed words
+        // would be turned into that `memset` too.)
+        let mut addr = MaybeUninit::<[u32; 4]>::uninit();
+        let p = addr.as_mut_ptr();
+        // SAFETY: every word is written before the array is read, and the
+        // helper writes at most `len` bytes into it.
         let rc = unsafe {
+            write_volatile(&raw mut (*p)[0], 0);
+            write_volatile(&raw mut (*p)[1], 0);
+            write_volatile(&raw mut (*p)[2], 0);
+            write_volatile(&raw mut (*p)[3], 0);
             bpf_skb_load_bytes_relative(
                 ctx.md as *const c_void,
                 offset,
-                addr.as_mut_ptr() as *mut c_void,
+                p as *mut c_void,
                 len,
                 bpf_hdr_start_off::BPF_HDR_START_NET,
             )
@@ -450,7 +532,8 @@ mod steer {
         (rc == 0).then_some(FlowKey {
             listener,
             port: u32::from(port),
-            addr,
+            // SAFETY: initialised above.
+            addr: unsafe { addr.assume_init() },
         })
     }
 

@@ -20,6 +20,13 @@
 //! hits), `flows-churn` (more flows than the table holds, sent round robin,
 //! so the least recently used entry is always the next one needed: a flow
 //! lookup that misses and an insert that evicts).
+//!
+//! After the pairs, a few more rounds with the program attached measure its
+//! own run time per datagram from the kernel's BPF statistics (enabled
+//! with `BPF_ENABLE_STATS` for those rounds only: the statistics cost two
+//! clock reads per run, which the pairs must not include). That number does
+//! not depend on what else the machine runs; the pairs' rates and CPU times
+//! do.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -35,7 +42,7 @@ use std::{
 use reloader::steering::{ListenerSpec, Options, Steer, Steering};
 use serde_json::json;
 
-use super::median;
+use super::{enable_bpf_stats, median, reuseport_prog_stats};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Mode {
@@ -234,6 +241,24 @@ pub fn overhead(args: &Args) -> String {
             }
         }
     }
+    // The program's own time per run, in rounds of their own (see the
+    // module's doc).
+    steering.attach(attach_fd.as_fd()).expect("attach");
+    let stats = enable_bpf_stats();
+    let (mut run_ns, mut runs) = (0u64, 0u64);
+    let mut run_ns_per_round = Vec::new();
+    for _ in 0..args.pairs.div_ceil(2).max(3) {
+        let (ns0, n0) = reuseport_prog_stats();
+        thread::sleep(round);
+        let (ns1, n1) = reuseport_prog_stats();
+        let (ns, n) = (ns1.saturating_sub(ns0), n1.saturating_sub(n0));
+        if n > 0 {
+            run_ns_per_round.push(ns as f64 / n as f64);
+        }
+        run_ns += ns;
+        runs += n;
+    }
+    drop(stats);
     Steering::detach(attach_fd.as_fd()).ok();
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -250,6 +275,13 @@ pub fn overhead(args: &Args) -> String {
     };
     let column =
         |rounds: &[Round], f: fn(&Round) -> f64| -> Vec<f64> { rounds.iter().map(f).collect() };
+    // What the program adds to the sender's CPU time per datagram, pair by
+    // pair.
+    let added_ns: Vec<f64> = none
+        .iter()
+        .zip(&steered)
+        .map(|(n, s)| s.sender_cpu_ns_per_datagram - n.sender_cpu_ns_per_datagram)
+        .collect();
     json!({
         "mode": args.mode.name(),
         "received_without_program_per_s": column(&none, |r| r.received_per_s),
@@ -265,6 +297,12 @@ pub fn overhead(args: &Args) -> String {
         "sender_cpu_ns_per_datagram_with": median(&column(&steered, |r| r.sender_cpu_ns_per_datagram)),
         "median_pair_ratio_sender_cpu": median(&ratio(|r| r.sender_cpu_ns_per_datagram)),
         "pair_ratios_sender_cpu": ratio(|r| r.sender_cpu_ns_per_datagram),
+        "median_pair_sender_cpu_ns_added": median(&added_ns),
+        "pair_sender_cpu_ns_added": added_ns,
+        "bpf_stats": runs > 0,
+        "program_runs": runs,
+        "program_ns_per_run": if runs > 0 { run_ns as f64 / runs as f64 } else { f64::NAN },
+        "program_ns_per_run_rounds": run_ns_per_round,
         "process_cpu_ns_per_datagram_without": median(&column(&none, |r| r.process_cpu_ns_per_datagram)),
         "process_cpu_ns_per_datagram_with": median(&column(&steered, |r| r.process_cpu_ns_per_datagram)),
         "median_pair_ratio_process_cpu": median(&ratio(|r| r.process_cpu_ns_per_datagram)),

@@ -13,7 +13,8 @@
 
 use aya::maps::MapError;
 use reloader_ebpf::{
-    Counters, ListenerKey, ListenerState, NO_SLOT, SlotState, counter_index, map, socket_index,
+    Counters, ListenerHints, ListenerKey, ListenerState, Mode as ListenerMode, NO_SLOT, SlotState,
+    counter_index, map, socket_index,
 };
 use tracing::debug;
 
@@ -26,6 +27,11 @@ impl Steering {
     pub fn adopt_listener(&mut self, listener: u32, spec: impl Into<ListenerSpec>) -> Result<()> {
         let spec = spec.into();
         self.check_listener_index(listener)?;
+        // Maps pinned by a binary of layout 1 or 2 come without
+        // `LISTENER_HINTS` (the load creates it empty): the hints are
+        // written here, before the program this binary loaded is attached
+        // to any group (at the next registration).
+        self.write_hints(listener, spec.mode)?;
         let key = self.key_for(&spec);
         self.listener_keys
             .insert(key, listener, 0)
@@ -54,6 +60,7 @@ impl Steering {
             self.clear_slot(listener, slot)?;
         }
         self.write_state(listener, &spec, Split::default())?;
+        self.write_hints(listener, spec.mode)?;
         if let Some(old) = self.listeners.insert(listener, spec) {
             let old_key = self.key_for(&old);
             self.listener_keys
@@ -82,6 +89,9 @@ impl Steering {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(error) => return Err(map_error(map::LISTENERS, "remove")(error)),
         }
+        self.hints
+            .set(listener, ListenerHints::default(), 0)
+            .map_err(map_error(map::LISTENER_HINTS, "set"))?;
         for slot in 0..self.limits.slots {
             self.clear_slot(listener, slot)?;
         }
@@ -154,6 +164,30 @@ impl Steering {
         self.states
             .insert(listener, state, 0)
             .map_err(map_error(map::LISTENERS, "insert"))
+    }
+
+    /// Writes `listener`'s hints: `mode`, and how many probe routes
+    /// `PROBES` holds for it, counted there (a route is inserted before
+    /// it is counted and removed before it is no longer counted, so the
+    /// program never skips a route that exists).
+    pub(super) fn write_hints(&mut self, listener: u32, mode: ListenerMode) -> Result<()> {
+        self.check_listener_index(listener)?;
+        let mut probes = 0;
+        for key in self.probes.keys() {
+            if key.map_err(map_error(map::PROBES, "iterate"))?.listener == listener {
+                probes += 1;
+            }
+        }
+        self.hints
+            .set(
+                listener,
+                ListenerHints {
+                    probes,
+                    mode: mode as u32,
+                },
+                0,
+            )
+            .map_err(map_error(map::LISTENER_HINTS, "set"))
     }
 
     pub(super) fn slot_state(&self, listener: u32, slot: u32) -> Result<SlotState> {

@@ -37,8 +37,8 @@ use aya::{
     programs::SkReuseport,
 };
 use reloader_ebpf::{
-    Counters, Flow, FlowKey, Limits, ListenerKey, ListenerState, ProbeKey, ProbeTarget, SlotState,
-    global, map, program,
+    Counters, Flow, FlowKey, Limits, ListenerHints, ListenerKey, ListenerState, ProbeKey,
+    ProbeTarget, SlotState, global, map, program,
 };
 use tracing::{debug, info, warn};
 
@@ -65,6 +65,8 @@ pub struct Steering {
     limits: Limits,
     listener_keys: HashMap<MapData, ListenerKey, u32>,
     states: HashMap<MapData, u32, ListenerState>,
+    /// `LISTENER_HINTS`: per listener, its probe routes' count and mode.
+    hints: Array<MapData, ListenerHints>,
     slot_sockets: Array<MapData, SlotState>,
     sockets: ReusePortSockArray<MapData>,
     probes: HashMap<MapData, ProbeKey, ProbeTarget>,
@@ -120,6 +122,7 @@ impl Steering {
             .override_global(global::SOCKETS_PER_SLOT, &limits.sockets_per_slot, true)
             .map_max_entries(map::LISTENER_KEYS, limits.listeners)
             .map_max_entries(map::LISTENERS, limits.listeners)
+            .map_max_entries(map::LISTENER_HINTS, limits.listeners)
             .map_max_entries(map::SLOT_SOCKETS, limits.slot_entries())
             .map_max_entries(map::SOCKETS, limits.socket_entries())
             .map_max_entries(map::COUNTERS, limits.counter_entries())
@@ -164,6 +167,7 @@ impl Steering {
         let steering = Self {
             listener_keys: take_map(&mut ebpf, map::LISTENER_KEYS)?,
             states: take_map(&mut ebpf, map::LISTENERS)?,
+            hints: take_map(&mut ebpf, map::LISTENER_HINTS)?,
             slot_sockets: take_map(&mut ebpf, map::SLOT_SOCKETS)?,
             sockets: take_map(&mut ebpf, map::SOCKETS)?,
             probes: take_map(&mut ebpf, map::PROBES)?,

@@ -24,18 +24,25 @@ use crate::steering::{Result, SteeringError};
 /// pinned map of the same name without comparing its definition, so a
 /// changed map would be misread). Bump it with any change to a map in
 /// [`PINNED`]; the test `the_pinned_maps_are_the_recorded_layout` fails
-/// until then. Layouts: 1 the first; 2 added `MIGRATED`.
-pub const MAPS_LAYOUT: u32 = 2;
+/// until then. Layouts: 1 the first; 2 added `MIGRATED`; 3 added
+/// `LISTENER_HINTS`.
+pub const MAPS_LAYOUT: u32 = 3;
 
-/// The oldest layout whose pins this binary adopts. Layout 2 only added a
-/// map: adopting layout 1's pins, the load creates and pins `MIGRATED`
-/// beside them, and the others mean what they meant. Raise it to
-/// [`MAPS_LAYOUT`] when a map in use changes.
+/// The oldest layout whose pins this binary adopts. Layouts 2 and 3 only
+/// added a map each: adopting older pins, the load creates and pins the
+/// missing maps beside them, and the others mean what they meant.
+/// (`LISTENER_HINTS` is filled by `adopt_listener`, from `PROBES` and the
+/// configuration, before this binary's program is attached anywhere; the
+/// previous binary's program, still attached until the next registration,
+/// never reads it.) A binary of an older layout refuses layout 3's pins
+/// (the state file says which layout they are): downgrading needs a
+/// restart of the instance. Raise it to [`MAPS_LAYOUT`] when a map in use
+/// changes.
 pub const OLDEST_MAPS_LAYOUT: u32 = 1;
 
 /// The maps a restarted controller needs: all of them but aya-log's and the
 /// listen notifier's (its link dies with the controller).
-const PINNED: [&str; 8] = [
+const PINNED: [&str; 9] = [
     map::LISTENER_KEYS,
     map::LISTENERS,
     map::SLOT_SOCKETS,
@@ -44,6 +51,7 @@ const PINNED: [&str; 8] = [
     map::FLOWS,
     map::COUNTERS,
     map::MIGRATED,
+    map::LISTENER_HINTS,
 ];
 
 /// Mounts bpffs if needed, creates `dir` and pins every map of [`PINNED`]
@@ -145,6 +153,20 @@ mod tests {
                 ("FLOWS", 9, 24, 8),
                 ("COUNTERS", 6, 4, 40),
                 ("MIGRATED", 9, 8, 4),
+            ],
+        ),
+        (
+            3,
+            &[
+                ("LISTENER_KEYS", 1, 28, 4),
+                ("LISTENERS", 1, 4, 16),
+                ("SLOT_SOCKETS", 2, 4, 8),
+                ("SOCKETS", 20, 4, 4),
+                ("PROBES", 1, 8, 8),
+                ("FLOWS", 9, 24, 8),
+                ("COUNTERS", 6, 4, 40),
+                ("MIGRATED", 9, 8, 4),
+                ("LISTENER_HINTS", 2, 4, 8),
             ],
         ),
     ];

@@ -165,7 +165,7 @@ impl Steer for Steering {
     }
 
     fn add_probe(&mut self, listener: u32, port: u16, slot: u32) -> Result<()> {
-        self.spec(listener)?;
+        let spec = self.spec(listener)?;
         self.check_slot(slot)?;
         let key = ProbeKey {
             listener,
@@ -174,7 +174,9 @@ impl Steer for Steering {
         let target = ProbeTarget { slot, _pad: 0 };
         self.probes
             .insert(key, target, 0)
-            .map_err(map_error(map::PROBES, "insert"))
+            .map_err(map_error(map::PROBES, "insert"))?;
+        // The program looks at `PROBES` only while the hints count a route.
+        self.write_hints(listener, spec.mode)
     }
 
     fn remove_probe(&mut self, listener: u32, port: u16) -> Result<()> {
@@ -183,8 +185,13 @@ impl Steer for Steering {
             port: u32::from(port),
         };
         match self.probes.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(map::PROBES, "remove")(error)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(error) => return Err(map_error(map::PROBES, "remove")(error)),
+        }
+        match self.spec(listener) {
+            Ok(spec) => self.write_hints(listener, spec.mode),
+            // A route of a listener removed since: its hints were cleared.
+            Err(_) => Ok(()),
         }
     }
 

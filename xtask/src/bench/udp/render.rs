@@ -124,24 +124,28 @@ pub fn tables(
         out,
         "\nPer datagram: the steering program attached vs not, same sockets (2 in one group), \
          one client thread sending 32-byte datagrams from 64 flows as fast as it can; {} \
-         alternating pairs of {} ms rounds\n\n\
-         | mode | datagrams/s without | with | ratio (median of pairs) | client CPU ns/datagram \
-         without | with | ratio (median of pairs) | program decisions: new / known flow |\n\
-         |---|--:|--:|--:|--:|--:|--:|--:|",
+         alternating pairs of {} ms rounds; then the program's own run time from the kernel's \
+         BPF statistics (`run_time_ns / run_cnt`, in rounds of their own)\n\n\
+         | mode | datagrams/s without | with | ratio (median of pairs) | sent ratio (median of \
+         pairs) | client CPU ns/datagram without | with | added (median of pairs) | program \
+         ns/run (BPF stats) | program decisions: new / known flow |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         params.overhead_pairs, params.overhead_round_ms
     );
     for o in overhead {
         let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {} / {} |",
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.0} | {:.0} | {:.0} | {:.1} | {} / {} |",
             o["mode"].as_str().unwrap_or("?"),
             f("median_received_without_per_s"),
             f("median_received_with_per_s"),
             f("median_pair_ratio_received"),
+            f("median_pair_ratio_sent"),
             f("sender_cpu_ns_per_datagram_without"),
             f("sender_cpu_ns_per_datagram_with"),
-            f("median_pair_ratio_sender_cpu"),
+            f("median_pair_sender_cpu_ns_added"),
+            f("program_ns_per_run"),
             o["steered"],
             o["affinity"],
         );

@@ -377,10 +377,10 @@ mod tests {
         };
         assert_eq!(
             dual_stack.to_string(),
-            "not ready within 2s (--ready-timeout): no listening socket for 0.0.0.0:8081 in its process tree \
-             (it listens on [::]:8081, udp://[::]:8081; [::]:8081 is the IPv6 wildcard \
-             (dual-stack: it takes IPv4 too), a different socket from 0.0.0.0:8081 to the \
-             kernel: --listen [::]:8081 covers it)"
+            "not ready within 2s (--ready-timeout): no listening socket for 0.0.0.0:8081 in its \
+             process tree (it listens on [::]:8081, udp://[::]:8081); [::]:8081 is the IPv6 \
+             wildcard (dual-stack: it takes IPv4 too), a different socket from 0.0.0.0:8081 to \
+             the kernel: --listen [::]:8081 covers it"
         );
         let io = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);
         let chained = ReloadError::SpawnError {

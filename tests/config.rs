@@ -49,7 +49,7 @@ fn scrape() -> HashMap<String, f64> {
         .collect()
 }
 
-/// The digest as the README tells a user to compute it, run by `sh` with
+/// The digest as docs/config-aware-reloads.md tells a user to compute it, run by `sh` with
 /// coreutils' `sha256sum` and findutils' `find`.
 fn shell_digest(paths: &[&Path]) -> String {
     let script = r#"{ for p in "$@"; do

@@ -331,8 +331,8 @@ fn dns_reloads_lose_no_query(kind: Kind) {
 /// (and variants: one config file, other ports, 10,000 and 20,000 queries
 /// a second, `--settle 0s`, CPU pinning and a CPU hog) lost nothing, and a
 /// drop tracer saw no datagram without a socket during reloads; the one way
-/// we found to make one is a stop while queries still arrive (README, "UDP
-/// and stops"). Five runs here, each of which must lose nothing.
+/// we found to make one is a stop while queries still arrive (docs/udp.md,
+/// "UDP and stops"). Five runs here, each of which must lose nothing.
 #[test]
 fn stateless_dns_under_frequent_reloads_loses_no_query() {
     let _serial = serial();

@@ -17,7 +17,7 @@
 //! takes `SOL_SOCKET`/`SO_REUSEPORT` there. The loader checks both on the
 //! running kernel (a verifier that rejects the call, a setsockopt that
 //! does not take the option) and refuses `--inject-reuseport` by name; see
-//! README "Design notes" for the kernels verified.
+//! docs/how-it-works.md, "Design notes", for the kernels verified.
 
 use core::{ffi::c_void, ptr::read_volatile};
 

@@ -34,13 +34,13 @@
 //! TCP_CLOSE)`, after `__tcp_close` set the listener's `sk_shutdown` and
 //! before it leaves the group, and a connection completing its handshake
 //! in that window is cloned with that `sk_shutdown` and sends a FIN as
-//! soon as it is established (see README "Design notes": measured with
+//! soon as it is established (docs/how-it-works.md, "Design notes": measured with
 //! gunicorn `--max-requests`). Userspace learns of closed listeners from
 //! the exits of the processes that hold them, and from the steering
 //! program: a connection held on a bridge is a [`ListenEvent`] too.
 //!
 //! Kernel behaviour relied on (net/core/filter.c, net/core/sock_reuseport.c,
-//! net/ipv4/udp.c, v6.1; verified on 6.18, see README "Design notes"):
+//! net/ipv4/udp.c, v6.1; verified on 6.18, docs/how-it-works.md, "Design notes"):
 //! - `sk_reuseport_md.sk` is a member of the group being selected from; every
 //!   member has the same family, protocol, bound address and port.
 //! - `migrating_sk` is non-NULL only on the migrate path (TCP); there the skb

@@ -1,6 +1,6 @@
 //! reloader: zero-drop reloads for servers that listen with `SO_REUSEPORT`.
 //!
-//! Module map (README "How it works" has the picture); dependencies point
+//! Module map (docs/how-it-works.md has the picture); dependencies point
 //! down this list, never up (`cargo xtask modcycles` checks):
 //! - [`instance`]: one `reloader run` — start-up and recovery, and the
 //!   **owner** (`instance::Owner`): the one task that holds the instance's

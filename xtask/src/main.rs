@@ -13,6 +13,7 @@ mod deps;
 mod dist;
 mod ebpf;
 mod idle;
+mod links;
 mod modcycles;
 mod soak;
 mod vm;
@@ -91,6 +92,9 @@ enum Task {
     /// Fail when modules of the reloader crate import each other in a
     /// circle.
     Modcycles,
+    /// Fail when a relative link in README.md, BENCHMARKS.md or docs/*.md
+    /// names a missing file or a heading its target does not have.
+    Links,
     /// Inject faults at random (reproducibly, from the seed) into an
     /// instance under load and check that nothing is lost beyond what the
     /// faults themselves killed, nothing outside the instance is signalled
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
         Task::Dist(args) => dist::build(&args).map(drop),
         Task::SystemdTest(args) => vm::systemd::systemd_test(&args),
         Task::Modcycles => modcycles::check(&workspace_root().join("reloader/src")),
+        Task::Links => links::check(&workspace_root()),
         Task::Chaos(args) => chaos::run_chaos(args),
         Task::TestDeps => deps::install(),
         Task::Soak { reloads, servers } => soak::soak(reloads, &servers),

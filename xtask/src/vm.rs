@@ -63,8 +63,8 @@
 //! suite's crash during the hold); `reloader demo`'s test failed once there
 //! (1 "short read" of 1,940 connections) and passed on the next run. The nginx tests pass on 5.10 too: no connection
 //! failed in 20 reloads under load, QUIT at `--settle` 0s to 3s, TERM at
-//! 250ms and 3s (`measure_nginx_*` in the launcher suite; the README's
-//! Requirements has the figures). Wall
+//! 250ms and 3s (`measure_nginx_*` in the launcher suite; docs/limits.md,
+//! "Select-only steering on 5.10", has the figures). Wall
 //! time with the kernel cached and the binaries built: `--only
 //! steering,reliability` 79 s (trixie) to 93 s (bullseye); every suite on
 //! bookworm about 7½ minutes (the launcher suite 5 of them). A first run

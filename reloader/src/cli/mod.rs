@@ -701,7 +701,8 @@ pub struct FleetWaitArgs {
     #[command(flatten)]
     pub prometheus: PrometheusArgs,
     /// The config digest every instance must serve (what `reloader status`
-    /// shows; README "Config identity" computes it with sha256sum).
+    /// shows; docs/config-aware-reloads.md, "Config identity", computes it
+    /// with sha256sum).
     #[arg(long, value_name = "SHA256", value_parser = parse_sha256)]
     pub config: String,
     /// Instances there must be at least (a wrong --selector, or replicas

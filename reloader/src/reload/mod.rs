@@ -1,4 +1,4 @@
-//! One reload, step by step (README "How it works"):
+//! One reload, step by step (docs/how-it-works.md):
 //!
 //! 0. **check** (`--check`) and hash the `--config` files ([`preflight`]):
 //!    a failed check ends the reload before anything is taken or started.

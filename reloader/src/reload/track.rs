@@ -33,8 +33,8 @@
 //! Why not the listener's own close as an event (`BPF_SOCK_OPS_STATE_CB_FLAG`
 //! set at `listen`): the callback runs while the closing listener can still
 //! pass its `sk_shutdown` to a connection completing its handshake, which
-//! then answers with a FIN (README "Design notes"; measured with gunicorn
-//! `--max-requests`: one such connection in 4 of 8 runs).
+//! then answers with a FIN (docs/how-it-works.md, "Design notes"; measured with
+//! gunicorn `--max-requests`: one such connection in 4 of 8 runs).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -5,9 +5,10 @@
 //!
 //! A replaced bridge is closed [`RETIRE_AFTER`] later, not at once. A
 //! listener that closes while a handshake on it completes can lose that
-//! connection, whatever the program does (README "Design notes", traced on
-//! 6.18): the final ACK's processing passed the listener's state check
-//! before the close and finds it closed when it queues the new socket,
+//! connection, whatever the program does (docs/how-it-works.md, "Design
+//! notes", traced on 6.18): the final ACK's processing passed the
+//! listener's state check before the close and finds it closed when it
+//! queues the new socket,
 //! which is then reset, not migrated; or the new socket was cloned in the
 //! instant between `__tcp_close` setting the listener's `sk_shutdown` and
 //! the listener leaving its group, and sends a FIN at once. Once replaced,

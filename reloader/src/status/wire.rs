@@ -128,7 +128,7 @@ pub struct GenerationStatus {
     #[serde(default)]
     pub udp_flows: u64,
     /// The digest of the `--config` files it was started with (the sha256
-    /// of what `sha256sum` prints for them: README "Config identity").
+    /// of what `sha256sum` prints for them: docs/config-aware-reloads.md, "Config identity").
     #[serde(default)]
     pub config_sha256: Option<String>,
     /// Its share of new connections now, in percent (the active generation

@@ -6,7 +6,7 @@
 //! its first process runs any of the server's code ([`Injector::attach`]).
 //!
 //! Kernel behaviour this relies on, checked on Linux 6.1, 6.12 and 6.18
-//! (README "Design notes"):
+//! (docs/how-it-works.md, "Design notes"):
 //! - The attachment is a plain `BPF_PROG_ATTACH` (not a `bpf_link`): the
 //!   cgroup holds the program, and the program its maps, with no
 //!   descriptor of ours open. So the programs stay attached when the

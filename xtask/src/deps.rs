@@ -60,6 +60,10 @@ const APT: &[(&str, &str)] = &[
         "openssl",
         "a CA and a server certificate for the fleet suite's Prometheus behind TLS",
     ),
+    (
+        "systemd",
+        "systemd-analyze verify for the ecosystem suite's check of the shipped unit",
+    ),
 ];
 
 /// The services those packages install.

@@ -202,6 +202,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_passing_check_gets_the_generation_number() {
+        let _reaping = supervisor::REAPING.lock().await;
         let reaper = reaper();
         let dir = tempfile::tempdir().unwrap();
         let check = parse_check(&format!(
@@ -219,6 +220,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failing_check_reports_what_it_printed_in_order() {
+        let _reaping = supervisor::REAPING.lock().await;
         let reaper = reaper();
         let check = parse_check("sh -c 'echo out; echo err >&2; echo last >&2; exit 3'").unwrap();
         let error = run(&check, "t", 2, Duration::from_secs(10))
@@ -237,6 +239,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_hanging_check_is_killed_at_the_timeout() {
+        let _reaping = supervisor::REAPING.lock().await;
         let reaper = reaper();
         let check = parse_check("sleep 60").unwrap();
         let t0 = Instant::now();

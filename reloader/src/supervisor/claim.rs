@@ -89,6 +89,12 @@ pub(crate) fn claimed_pids() -> Vec<u32> {
     claims().keys().copied().collect()
 }
 
+/// Held for their whole run by the unit tests that reap claimed children
+/// (`reload::check`'s reaper reaps every claimed pid): one at a time, so
+/// that no test's reaper takes another test's child.
+#[cfg(test)]
+pub(crate) static REAPING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Claim {
     pub fn pid(&self) -> u32 {
         self.pid
@@ -147,6 +153,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_claimant_gets_the_exit_status_and_the_group_is_killed() {
+        let _reaping = REAPING.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("bg.pid");
         let script = format!("sleep 60 & echo $! > {}; exit 3", pidfile.display());
@@ -180,6 +187,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_dropped_claim_kills_its_child() {
+        let _reaping = REAPING.lock().await;
         let (child, claim) = spawn_claimed(Command::new("sleep").arg("60")).unwrap();
         drop(child);
         let pid = claim.pid();

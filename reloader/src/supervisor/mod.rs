@@ -16,9 +16,9 @@ mod process;
 mod spawn;
 mod stderr;
 
-#[cfg(test)]
-pub(crate) use claim::claimed_pids;
 pub use claim::{Claim, deliver_claimed, spawn_claimed};
+#[cfg(test)]
+pub(crate) use claim::{REAPING, claimed_pids};
 use nix::{
     errno::Errno,
     sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid},

@@ -8,11 +8,12 @@
 //! (systemd restarts it: `RestartForceExitStatus=75`) adopts them as after
 //! a controller's crash, so nothing the servers do is interrupted.
 
+use anyhow::Context;
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::owner::Owner;
-use crate::{control::Response, reload::Host};
+use super::{Outcome, owner::Owner, recovery};
+use crate::{control::Response, reload::Host, state::Client};
 
 impl<H: Host> Owner<H> {
     /// A hand-over request, decided in one step: refused while stopping,
@@ -54,4 +55,40 @@ impl<H: Host> Owner<H> {
             "handed over: every generation keeps running for the next controller"
         );
     }
+}
+
+/// The end of a hand-over: the state file is written once more (what the
+/// successor adopts by, as the owner left it), the control socket goes
+/// (nobody answers on it until the successor binds its own), the state
+/// file, the pins and the keeper stay; then the instance lock is released.
+pub(super) async fn hand_over(
+    client: &Client,
+    paths: recovery::Paths,
+    lock: crate::rundir::InstanceLock,
+) -> anyhow::Result<Outcome> {
+    let saved = client.snapshot().saved.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let written = crate::state::saved::save(&paths.state, &saved);
+        #[allow(clippy::disallowed_methods)] // on a blocking thread
+        let _ = std::fs::remove_file(&paths.control);
+        // The lock's file goes through the directory's descriptor: before
+        // the paths (and the descriptor) are dropped.
+        drop(lock);
+        written
+    })
+    .await
+    .context("the hand-over thread")?;
+    match written {
+        Ok(()) => info!(
+            state = %crate::state::saved::state_path(&client.config().control_socket).display(),
+            "handed over: exiting without signalling any generation; the next `reloader run` \
+             with the same options adopts them"
+        ),
+        Err(error) => warn!(
+            %error,
+            "handed over, but the state file could not be written once more: the successor \
+             adopts from the last one written"
+        ),
+    }
+    Ok(Outcome::HandedOver)
 }

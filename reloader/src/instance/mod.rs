@@ -1,6 +1,9 @@
 //! One instance (`reloader run`): starts it ([`startup`], [`recovery`]),
 //! hands its state to the [`Owner`] — the one task that owns it — and
-//! cleans up after the owner has stopped every generation.
+//! cleans up after the owner has stopped every generation. [`run`]'s
+//! start-up wiring (adopting what a previous controller left, resuming its
+//! logs) is here; the tasks that carry signals and kernel events to the
+//! owner are in [`pumps`].
 //!
 //! Concurrency model: one single-threaded tokio runtime. The owner's run
 //! loop holds [`crate::state::InstanceState`] by value and receives every
@@ -25,8 +28,10 @@ mod commands;
 mod events;
 mod handover;
 mod owner;
+mod pumps;
 mod reaper;
 mod recovery;
+mod rollout;
 mod startup;
 mod stop;
 mod watch;
@@ -38,13 +43,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 pub(crate) use events::Event;
+use handover::hand_over;
 pub(crate) use owner::{Ended, Owner};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{Notify, mpsc},
-    task::JoinHandle,
-};
-use tracing::{debug, info, warn};
+use pumps::{forward_signals, persist, pump_listen_events, pump_logs, watch_cgroups};
+use stop::{kill_reparented, remove_files};
+use tokio::sync::{Notify, mpsc};
+use tracing::{info, warn};
 
 use crate::{
     config::RunConfig,
@@ -52,7 +56,6 @@ use crate::{
     metrics::{Endpoints, Recorder},
     reload::{self, System},
     state::{Client, InstanceState},
-    steering::{ListenEvent, Steering},
     supervisor,
 };
 
@@ -391,42 +394,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Outcome> {
     Ok(Outcome::Stopped { clean })
 }
 
-/// The end of a hand-over: the state file is written once more (what the
-/// successor adopts by, as the owner left it), the control socket goes
-/// (nobody answers on it until the successor binds its own), the state
-/// file, the pins and the keeper stay; then the instance lock is released.
-async fn hand_over(
-    client: &Client,
-    paths: recovery::Paths,
-    lock: crate::rundir::InstanceLock,
-) -> anyhow::Result<Outcome> {
-    let saved = client.snapshot().saved.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        let written = crate::state::saved::save(&paths.state, &saved);
-        #[allow(clippy::disallowed_methods)] // on a blocking thread
-        let _ = std::fs::remove_file(&paths.control);
-        // The lock's file goes through the directory's descriptor: before
-        // the paths (and the descriptor) are dropped.
-        drop(lock);
-        written
-    })
-    .await
-    .context("the hand-over thread")?;
-    match written {
-        Ok(()) => info!(
-            state = %crate::state::saved::state_path(&client.config().control_socket).display(),
-            "handed over: exiting without signalling any generation; the next `reloader run` \
-             with the same options adopts them"
-        ),
-        Err(error) => warn!(
-            %error,
-            "handed over, but the state file could not be written once more: the successor \
-             adopts from the last one written"
-        ),
-    }
-    Ok(Outcome::HandedOver)
-}
-
 /// Forwards the stderr of adopted generations again, from the pipes the log
 /// keeper held while no controller ran; logs the lines it kept meanwhile and
 /// how many it dropped. Pipes of generations not adopted are closed.
@@ -465,16 +432,6 @@ fn resume_logs(name: &str, state: &mut InstanceState, taken: Vec<supervisor::kee
     }
 }
 
-/// Removes the state file, the pins and the control socket.
-#[allow(clippy::disallowed_methods)] // on a blocking thread (see `run`)
-fn remove_files(paths: &recovery::Paths) {
-    let _ = std::fs::remove_file(&paths.state);
-    Steering::unpin(&paths.pins);
-    let _ = std::fs::remove_file(&paths.control);
-    // Gone already unless the keeper was killed before it could say so.
-    let _ = std::fs::remove_file(&paths.keeper);
-}
-
 /// Takes over the generations a previous controller left running: a
 /// candidate that was starting is killed (that reload is lost), draining
 /// ones are drained again, an adopted canary waits for its verdict, and
@@ -500,213 +457,4 @@ fn adopt(
         }
     }
     reaper::watch_adopted(&owner.state, events);
-}
-
-/// Turns the signals the controller handles into events: `SIGCHLD` reaps,
-/// `SIGHUP` reloads, `SIGTERM` and `SIGINT` stop.
-fn forward_signals(events: mpsc::Sender<Event>) -> std::io::Result<Vec<JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-    for (kind, make) in [
-        (
-            SignalKind::child(),
-            (|| Event::ChildExited) as fn() -> Event,
-        ),
-        (SignalKind::hangup(), || Event::Reload {
-            wait: false,
-            canary: None,
-            reply: None,
-        }),
-        (SignalKind::terminate(), || Event::Stop),
-        (SignalKind::interrupt(), || Event::Stop),
-    ] {
-        let mut stream = signal(kind)?;
-        let events = events.clone();
-        tasks.push(tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if events.send(make()).await.is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    Ok(tasks)
-}
-
-/// Writes the state file whenever the snapshot's content of it changes,
-/// until `stop` fires; tells `persisted` which version is on disk. The
-/// write and its fsync run on a blocking thread.
-///
-/// Stop it with `stop`, then await it: aborting the task would not stop a
-/// write already on its blocking thread, and that write could land after
-/// the stopping instance removed the file.
-async fn persist(
-    client: Client,
-    persisted: tokio::sync::watch::Sender<u64>,
-    path: std::path::PathBuf,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut snapshots = client.subscribe();
-    let mut written = None;
-    loop {
-        let (version, content) = {
-            let snapshot = snapshots.borrow_and_update();
-            (snapshot.saved_version, snapshot.saved.clone())
-        };
-        if written != Some(version) {
-            let path = path.clone();
-            let saved =
-                tokio::task::spawn_blocking(move || crate::state::saved::save(&path, &content))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
-            if let Err(error) = saved {
-                warn!(%error, "cannot write the state file");
-            }
-            written = Some(version);
-            persisted.send_replace(version);
-        }
-        let stopped = tokio::select! {
-            changed = snapshots.changed() => changed.is_err(),
-            _ = &mut stop => true,
-        };
-        if stopped {
-            // Whoever waits for a write that will not come goes on.
-            persisted.send_replace(u64::MAX);
-            return;
-        }
-    }
-}
-
-/// Anything reparented to us (daemonized helpers) is killed and reaped, on
-/// a blocking thread (it walks `/proc` until they are gone, at most 2 s).
-async fn kill_reparented() {
-    let done = tokio::task::spawn_blocking(|| {
-        use std::time::{Duration, Instant};
-        for pid in supervisor::children() {
-            // Our unreaped child: its pid cannot have been reused.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let give_up = Instant::now() + Duration::from_secs(2);
-        loop {
-            while let Some(exit) = supervisor::peek_exited() {
-                supervisor::reap(exit.pid);
-            }
-            if supervisor::children().is_empty() || Instant::now() >= give_up {
-                break;
-            }
-            #[allow(clippy::disallowed_methods)] // a blocking thread
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
-    let _ = done.await;
-    info!("every process of the instance has exited");
-}
-
-/// Tells the owner whenever a generation's cgroup gains or loses its last
-/// process (inotify on `cgroup.events`: no polling).
-async fn watch_cgroups(
-    inotify: inotify::Inotify,
-    watch: crate::cgroup::Watch,
-    events: mpsc::Sender<Event>,
-) {
-    // SAFETY: the AsyncFd owns the inotify, whose fd stays open and the
-    // same for as long as it is registered.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = registered else {
-        return;
-    };
-    let mut buffer = vec![0u8; 4096];
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        let descriptors: Vec<inotify::WatchDescriptor> =
-            match guard.try_io(|i| i.get_mut().read_events(&mut buffer)) {
-                Ok(Ok(read)) => read.map(|e| e.wd).collect(),
-                Ok(Err(_)) | Err(_) => continue,
-            };
-        for descriptor in descriptors {
-            let Some((generation, dir)) = watch.which(&descriptor) else {
-                continue;
-            };
-            let populated =
-                tokio::task::spawn_blocking(move || crate::cgroup::populated(&dir)).await;
-            // A cgroup that is gone (removed) has no process.
-            let populated = matches!(populated, Ok(Ok(true)));
-            if events
-                .send(Event::CgroupChanged {
-                    generation,
-                    populated,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
-/// Wakes the tracker whenever the programs report a new listener or a
-/// connection held on a bridge.
-async fn pump_listen_events(
-    events: crate::steering::ListenEvents,
-    listened: Arc<Notify>,
-    listens: tokio::sync::watch::Sender<u64>,
-) {
-    // SAFETY: the ring buffer map fd stays open and unchanged for as long
-    // as `events` (now owned by the AsyncFd) lives.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = registered else {
-        return;
-    };
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        let mut events = guard.get_inner_mut().drain();
-        guard.clear_ready();
-        // An event that arrived between the drain and clear_ready set no
-        // new readiness: look once more.
-        events.extend(guard.get_inner_mut().drain());
-        if events.is_empty() {
-            continue;
-        }
-        let listening: Vec<u32> = events
-            .iter()
-            .filter(|e| e.kind == ListenEvent::LISTEN)
-            .map(|e| e.listener)
-            .collect();
-        if !listening.is_empty() {
-            debug!(listeners = ?listening, "listen event: a socket started listening on a managed address");
-            listens.send_modify(|n| *n += listening.len() as u64);
-        }
-        listened.notify_one();
-    }
-}
-
-/// Forwards the eBPF program's aya-log records (debug level) to tracing.
-async fn pump_logs(pump: crate::steering::LogPump) {
-    // SAFETY: LogPump owns its ring buffer map fd, which stays open and
-    // unchanged for as long as the pump (now owned by the AsyncFd) lives.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(pump, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = registered else {
-        return;
-    };
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
-    }
 }

@@ -2,13 +2,22 @@
 //! waiting are answered, every generation that served drains (the drain
 //! signal, SIGKILL at the drain timeout), a candidate is killed at once.
 //! Every wait is bounded; the owner keeps answering status meanwhile.
+//! After the owner's loop has ended, [`super::run`] kills what was
+//! reparented to the controller and removes the instance's files.
 
 use tracing::{info, warn};
 
-use super::owner::{Owner, Stopping};
-use crate::reload::{
-    self, Host,
-    scheduler::{Outcome, answer},
+use super::{
+    owner::{Owner, Stopping},
+    recovery,
+};
+use crate::{
+    reload::{
+        self, Host,
+        scheduler::{Outcome, answer},
+    },
+    steering::Steering,
+    supervisor,
 };
 
 impl<H: Host> Owner<H> {
@@ -68,4 +77,42 @@ impl<H: Host> Owner<H> {
         stopping.deadline = tokio::time::Instant::now() + reload::KILL_GRACE;
         self.clean = false;
     }
+}
+
+/// Removes the state file, the pins and the control socket.
+#[allow(clippy::disallowed_methods)] // on a blocking thread (see `run`)
+pub(super) fn remove_files(paths: &recovery::Paths) {
+    let _ = std::fs::remove_file(&paths.state);
+    Steering::unpin(&paths.pins);
+    let _ = std::fs::remove_file(&paths.control);
+    // Gone already unless the keeper was killed before it could say so.
+    let _ = std::fs::remove_file(&paths.keeper);
+}
+
+/// Anything reparented to us (daemonized helpers) is killed and reaped, on
+/// a blocking thread (it walks `/proc` until they are gone, at most 2 s).
+pub(super) async fn kill_reparented() {
+    let done = tokio::task::spawn_blocking(|| {
+        use std::time::{Duration, Instant};
+        for pid in supervisor::children() {
+            // Our unreaped child: its pid cannot have been reused.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let give_up = Instant::now() + Duration::from_secs(2);
+        loop {
+            while let Some(exit) = supervisor::peek_exited() {
+                supervisor::reap(exit.pid);
+            }
+            if supervisor::children().is_empty() || Instant::now() >= give_up {
+                break;
+            }
+            #[allow(clippy::disallowed_methods)] // a blocking thread
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let _ = done.await;
+    info!("every process of the instance has exited");
 }

@@ -354,7 +354,13 @@ pub fn signal_roots(dir: &Path, mount: &Path, signal: nix::sys::signal::Signal) 
 /// else SIGKILL to each member (repeated while members remain and fork,
 /// at most a few rounds).
 pub fn kill(dir: &Path, mount: &Path) {
-    match std::fs::write(dir.join("cgroup.kill"), "1") {
+    // Opened without O_CREAT: where the file is missing (Linux < 5.14)
+    // creating it in cgroupfs fails with EACCES, which hid the reason.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut file| std::io::Write::write_all(&mut file, b"1"));
+    match written {
         Ok(()) => {
             debug!(cgroup = %dir.display(), "killed through cgroup.kill");
             return;

@@ -359,7 +359,7 @@ pub fn kill(dir: &Path, mount: &Path) {
     let written = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("cgroup.kill"))
-        .and_then(|mut file| std::io::Write::write_all(&mut file, b"1"));
+        .and_then(|mut file| io::Write::write_all(&mut file, b"1"));
     match written {
         Ok(()) => {
             debug!(cgroup = %dir.display(), "killed through cgroup.kill");

@@ -90,23 +90,6 @@ fn wait_connections(instance: &Instance, expected: &[(u64, u64)], scrape: bool) 
     }
 }
 
-/// Reloads and waits until generation `number` is active (not for the
-/// previous one to exit: it holds connections for minutes).
-#[track_caller]
-fn reload_to(instance: &Instance, number: u64) {
-    let out = instance.client(&["reload"]);
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    instance.wait_status(
-        format_args!("generation {number} active"),
-        Duration::from_secs(30),
-        |s| s.active_generation() == Some(number),
-    );
-}
-
 /// The pid of generation `number`'s server (its leader: one process).
 fn pid(instance: &Instance, number: u64) -> nix::unistd::Pid {
     nix::unistd::Pid::from_raw(instance.generation(number).pid.expect("a pid") as i32)
@@ -171,7 +154,7 @@ fn status_counts_each_generations_connections_exactly() {
     let mut first = hold(7);
     wait_connections(&instance, &[(1, 7)], true);
 
-    reload_to(&instance, 2);
+    instance.reload_to(2);
     let second = hold(3);
     // Generation 1 drains (its listener closed) and keeps its 7.
     wait_connections(&instance, &[(1, 7), (2, 3)], true);
@@ -197,7 +180,7 @@ fn status_counts_each_generations_connections_exactly() {
             }
         },
     );
-    reload_to(&instance, 3);
+    instance.reload_to(3);
     wait_connections(&instance, &[(1, 7), (2, 3), (3, 4)], true);
     assert!(
         instance.generation(3).counters.migrated >= 4,
@@ -326,7 +309,7 @@ fn memory_and_cpu_are_reported_per_generation() {
 /// Reloads to generation `number`, each generation holding one connection
 /// (so that it drains until killed): returns the client ends.
 fn reload_holding(instance: &Instance, number: u64, held: &mut Vec<TcpStream>) {
-    reload_to(instance, number);
+    instance.reload_to(number);
     held.extend(hold(1));
     wait_for(
         format_args!("generation {number} to hold its connection"),

@@ -27,7 +27,7 @@ use reloader_tests::{
     keepalive,
     load::Load,
     privileged,
-    servers::{require, shared_tempdir, venv, version_of, workspace_root, write},
+    servers::{require, shared_tempdir, venv, version_of, write},
     udp_load::UdpLoad,
     wait::wait_for,
 };
@@ -446,30 +446,9 @@ fn node_http_listen_without_reuseport_reloads_lose_nothing() {
 
 /// Builds `tests/src/inject/goplain` with Debian's Go into `target/servers`.
 fn go_plain() -> String {
-    let go = Path::new("/usr/bin/go");
-    require(go, "Go (Debian's golang-go)");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inject/goplain");
-    let out = workspace_root().join("target/servers");
-    let binary = out.join("goplain");
-    let output = Command::new(go)
-        .current_dir(&source)
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .env("GOCACHE", out.join("go-cache"))
-        .env("GOPATH", out.join("gopath"))
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOPROXY", "off")
-        .env("GOTOOLCHAIN", "local")
-        .env("CGO_ENABLED", "0")
-        .output()
-        .expect("go build");
-    assert!(
-        output.status.success(),
-        "go build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    binary.display().to_string()
+    reloader_tests::servers::go::build_source("src/inject/goplain", "goplain")
+        .display()
+        .to_string()
 }
 
 #[test]

@@ -10,12 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reloader_tests::{
-    instance::{Instance, StatusExt},
-    load::Load,
-    privileged,
-    wait::wait_for,
-};
+use reloader_tests::{instance::Instance, load::Load, privileged, wait::wait_for};
 
 const ADDR: &str = "127.0.0.1:8080";
 
@@ -63,23 +58,6 @@ fn assert_not_signalled_for(instance: &Instance, number: u64, for_: Duration, wh
         );
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Reloads (without waiting for the old generation) until `number` is
-/// active.
-#[track_caller]
-fn reload_to(instance: &Instance, number: u64) {
-    let out = instance.client(&["reload"]);
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    instance.wait_status(
-        format_args!("generation {number} active"),
-        Duration::from_secs(30),
-        |s| s.active_generation() == Some(number),
-    );
 }
 
 /// One request on `stream`, its answer read to the end (the test server
@@ -138,7 +116,7 @@ fn auto_settle_signals_the_old_generation_once_it_has_answered_what_it_accepted(
     // A silent client of generation 7 (the active one).
     let silent = TcpStream::connect(addr()).unwrap();
     thread::sleep(Duration::from_millis(200)); // accepted by a worker
-    reload_to(&instance, 8);
+    instance.reload_to(8);
     assert_not_signalled_for(
         &instance,
         7,
@@ -190,7 +168,7 @@ fn idle_settle_waits_for_the_last_connection() {
                 .any(|g| g.generation == 1 && g.connections == Some(3))
         },
     );
-    reload_to(&instance, 2);
+    instance.reload_to(2);
     assert_not_signalled_for(
         &instance,
         1,
@@ -232,7 +210,7 @@ fn idle_settle_waits_for_the_last_connection() {
                 .any(|g| g.generation == 1 && g.connections == Some(1))
         },
     );
-    reload_to(&instance, 2);
+    instance.reload_to(2);
     wait_signalled(&instance, 1, Duration::from_secs(20));
     assert!(
         instance
@@ -257,7 +235,7 @@ fn a_fixed_settle_still_works() {
     let silent = TcpStream::connect(addr()).unwrap();
     thread::sleep(Duration::from_millis(200));
     let cutover = Instant::now();
-    reload_to(&instance, 2);
+    instance.reload_to(2);
     wait_signalled(&instance, 1, Duration::from_secs(20));
     assert!(
         cutover.elapsed() >= Duration::from_secs(1),

@@ -282,6 +282,24 @@ impl Instance {
     }
 
     /// `reloader reload --wait --json` (see [`reload_wait`]).
+    /// `reload` without `--wait`, then waits until generation `number` is
+    /// active (not for the previous one to exit: tests where it holds
+    /// connections).
+    #[track_caller]
+    pub fn reload_to(&self, number: u64) {
+        let out = self.client(&["reload"]);
+        assert!(
+            out.status.success(),
+            "reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_status(
+            format_args!("generation {number} active"),
+            Duration::from_secs(30),
+            |s| s.active_generation() == Some(number),
+        );
+    }
+
     pub fn reload_wait(&mut self) -> Reload {
         self.reload_wait_with(&[])
     }

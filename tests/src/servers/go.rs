@@ -16,10 +16,19 @@ pub fn build() -> String {
     if let Some(path) = built.as_ref() {
         return path.clone();
     }
+    let binary = build_source("src/servers/goserver", "goserver");
+    let path = binary.display().to_string();
+    *built = Some(path.clone());
+    path
+}
+
+/// Builds the Go program in `source` (relative to the tests crate) with
+/// Debian's Go, offline, into `target/servers/NAME`, and returns its path.
+pub fn build_source(source: &str, name: &str) -> std::path::PathBuf {
     require(GO.as_ref(), "Go (Debian's golang-go)");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/servers/goserver");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(source);
     let out = workspace_root().join("target/servers");
-    let binary = out.join("goserver");
+    let binary = out.join(name);
     let output = Command::new(GO)
         .current_dir(&source)
         .args(["build", "-o"])
@@ -35,13 +44,11 @@ pub fn build() -> String {
         .unwrap_or_else(|e| panic!("run {GO} build: {e}"));
     assert!(
         output.status.success(),
-        "building the Go test server ({}) failed: {}",
+        "building the Go program {} failed: {}",
         source.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let path = binary.display().to_string();
-    *built = Some(path.clone());
-    path
+    binary
 }
 
 pub fn server(addr: &str) -> Server {

@@ -305,7 +305,11 @@ fn fleet_asks_prometheus_over_tls_with_basic_auth() {
             Err(format!("{report:#?}"))
         }
     });
-    assert_eq!(seen.instances[0].config_sha256.as_deref(), Some(&*digest));
+    assert_eq!(
+        seen.instances[0].config_sha256.as_deref(),
+        Some(&*digest),
+        "{seen:#?}"
+    );
 
     let refused = |args: &[&str]| {
         let mut all = vec!["status"];

@@ -137,12 +137,14 @@ impl Selector {
         Ok(Self(inner.to_owned()))
     }
 
-    /// `metric{matchers}`.
-    fn on(&self, metric: &str) -> String {
+    /// Every metric of `metrics` with the matchers, as one vector
+    /// selector (`{__name__=~"a|b",matchers}`).
+    fn on_all(&self, metrics: &[&str]) -> String {
+        let name = format!("__name__=~\"{}\"", metrics.join("|"));
         if self.0.is_empty() {
-            metric.to_owned()
+            format!("{{{name}}}")
         } else {
-            format!("{metric}{{{}}}", self.0)
+            format!("{{{name},{}}}", self.0)
         }
     }
 }
@@ -158,20 +160,39 @@ pub struct Answers {
     pub last_reload_successful: Vec<Sample>,
 }
 
+/// The metrics a survey reads, in the order of [`Answers`].
+const SURVEYED: [&str; 6] = [
+    "up",
+    "reloader_active_generation",
+    "reloader_active_config_info",
+    "reloader_canary_generation",
+    "reloader_held_generation",
+    "reloader_config_last_reload_successful",
+];
+
 /// Asks Prometheus what every instance matching `selector` serves now.
+///
+/// One instant query for every metric: Prometheus evaluates it at one
+/// time over one view of its storage. A query per metric raced the
+/// scrapes — a target's first scrape could land between two queries and
+/// show a replica with `last_reload_successful` but no active config.
 pub fn survey(
     prometheus: &Prometheus,
     selector: &Selector,
 ) -> Result<Vec<FleetInstance>, PrometheusError> {
-    let ask = |metric: &str| prometheus.query(&selector.on(metric));
-    let answers = Answers {
-        up: ask("up")?,
-        active_generation: ask("reloader_active_generation")?,
-        active_config: ask("reloader_active_config_info")?,
-        canary: ask("reloader_canary_generation")?,
-        held: ask("reloader_held_generation")?,
-        last_reload_successful: ask("reloader_config_last_reload_successful")?,
-    };
+    let mut answers = Answers::default();
+    for sample in prometheus.query(&selector.on_all(&SURVEYED))? {
+        let into = match sample.labels.get("__name__").map(String::as_str) {
+            Some("up") => &mut answers.up,
+            Some("reloader_active_generation") => &mut answers.active_generation,
+            Some("reloader_active_config_info") => &mut answers.active_config,
+            Some("reloader_canary_generation") => &mut answers.canary,
+            Some("reloader_held_generation") => &mut answers.held,
+            Some("reloader_config_last_reload_successful") => &mut answers.last_reload_successful,
+            _ => continue,
+        };
+        into.push(sample);
+    }
     Ok(assemble(&answers))
 }
 

@@ -136,16 +136,20 @@ fn an_instance_without_a_digest_lags_saying_why() {
 
 #[test]
 fn selectors_are_label_matchers_with_or_without_braces() {
+    let metrics = ["up", "reloader_active_generation"];
     assert_eq!(
-        Selector::parse("job=\"edge\"").unwrap().on("up"),
-        "up{job=\"edge\"}"
+        Selector::parse("job=\"edge\"").unwrap().on_all(&metrics),
+        "{__name__=~\"up|reloader_active_generation\",job=\"edge\"}"
     );
     assert_eq!(
         Selector::parse(" {job=\"edge\", env=~\"prod\"} ")
             .unwrap()
-            .on("up"),
-        "up{job=\"edge\", env=~\"prod\"}"
+            .on_all(&["up"]),
+        "{__name__=~\"up\",job=\"edge\", env=~\"prod\"}"
     );
-    assert_eq!(Selector::parse("").unwrap().on("up"), "up");
+    assert_eq!(
+        Selector::parse("").unwrap().on_all(&["up"]),
+        "{__name__=~\"up\"}"
+    );
     assert!(Selector::parse("up{job=\"x\"}").is_err());
 }

@@ -163,8 +163,7 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
         (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),
         _ => HashMap::new(),
     };
-    let ports: Vec<u16> = subject.managed.iter().map(SocketAddr::port).collect();
-    let sockets = dump::sockets(&ports, dump::Query::SETTLING)
+    let sockets = dump::sockets(&subject.managed, dump::Query::SETTLING)
         .map_err(|e| crate::error_chain(&e))?
         .into_iter()
         .filter(|c| is_managed(&subject.managed, c.local));
@@ -295,8 +294,7 @@ fn count_connections(
         Some(Err(error)) => return Err(crate::error_chain(&error)),
         None => HashMap::new(),
     };
-    let ports: Vec<u16> = managed.iter().map(SocketAddr::port).collect();
-    let connections: Vec<Connection> = dump::established(&ports)
+    let connections: Vec<Connection> = dump::established(managed)
         .map_err(|e| crate::error_chain(&e))?
         .into_iter()
         .filter(|c| is_managed(managed, c.local))

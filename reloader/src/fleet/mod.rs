@@ -230,24 +230,31 @@ pub fn assemble(answers: &Answers) -> Vec<FleetInstance> {
             },
         );
     }
+    let generation = |s: &Sample| (s.value >= 1.0).then_some(s.value as u64);
+    for s in &answers.active_generation {
+        let labels = target(s, &[]);
+        let instance = instances
+            .entry(labels.clone())
+            .or_insert_with(|| FleetInstance {
+                labels,
+                up: true,
+                ..FleetInstance::default()
+            });
+        instance.active_generation = generation(s);
+    }
+    // The other metrics only fill in an instance found above: a target
+    // seen through one of them alone (Prometheus answered from a scrape
+    // it had not finished storing: CI saw `last_reload_successful`
+    // without `reloader_active_generation` once in about ten first
+    // scrapes) is not yet an instance.
     let mut with =
         |samples: &[Sample], extra: &[&str], set: &dyn Fn(&mut FleetInstance, &Sample)| {
             for s in samples {
-                let labels = target(s, extra);
-                let instance = instances
-                    .entry(labels.clone())
-                    .or_insert_with(|| FleetInstance {
-                        labels,
-                        up: true,
-                        ..FleetInstance::default()
-                    });
-                set(instance, s);
+                if let Some(instance) = instances.get_mut(&target(s, extra)) {
+                    set(instance, s);
+                }
             }
         };
-    let generation = |s: &Sample| (s.value >= 1.0).then_some(s.value as u64);
-    with(&answers.active_generation, &[], &|i, s| {
-        i.active_generation = generation(s)
-    });
     with(&answers.active_config, &["config_sha256"], &|i, s| {
         i.config_sha256 = s.labels.get("config_sha256").cloned()
     });

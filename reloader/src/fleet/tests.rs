@@ -153,3 +153,24 @@ fn selectors_are_label_matchers_with_or_without_braces() {
     );
     assert!(Selector::parse("up{job=\"x\"}").is_err());
 }
+
+#[test]
+fn a_target_seen_only_through_other_metrics_is_not_yet_an_instance() {
+    let mut partial = answers();
+    partial.last_reload_successful.push(sample(
+        "reloader_config_last_reload_successful",
+        "edge",
+        "e",
+        &[],
+        1.0,
+    ));
+    partial.active_config.push(sample(
+        "reloader_active_config_info",
+        "edge",
+        "e",
+        &[("config_sha256", X)],
+        1.0,
+    ));
+    let names: Vec<String> = assemble(&partial).iter().map(FleetInstance::name).collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+}

@@ -14,10 +14,10 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::net::UnixStream},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -100,7 +100,12 @@ pub fn serve(
     drain: SigSet,
 ) -> ! {
     let draining = Arc::new(AtomicBool::new(false));
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(InFlight::default());
+    // The drain signal wakes the accept loop's poll at once (a byte on
+    // this pair): a server whose listeners no longer receive anything —
+    // every old generation after a cutover — exits as soon as it is told
+    // to, not at its poll's next timeout.
+    let (wake, woken) = UnixStream::pair().expect("socketpair for the drain wake-up");
     {
         let draining = draining.clone();
         let ignore = behaviour.ignore_drain;
@@ -112,6 +117,7 @@ pub fn serve(
                     continue;
                 }
                 draining.store(true, Ordering::SeqCst);
+                let _ = (&wake).write_all(&[1]);
             }
         });
     }
@@ -148,17 +154,17 @@ pub fn serve(
         .collect();
     let mut fds: Vec<libc::pollfd> = listeners
         .iter()
-        .map(|l| libc::pollfd {
-            fd: l.as_raw_fd(),
+        .map(AsRawFd::as_raw_fd)
+        .chain([woken.as_raw_fd()])
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         })
         .collect();
     while !draining.load(Ordering::SeqCst) {
         if failing.load(Ordering::SeqCst) {
-            while in_flight.load(Ordering::SeqCst) > 0 {
-                thread::sleep(Duration::from_millis(1));
-            }
+            in_flight.wait_none(Instant::now() + Duration::from_secs(30));
             eprintln!("server: failing as asked (exit status 70)");
             std::process::exit(70);
         }
@@ -176,13 +182,13 @@ pub fn serve(
             loop {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        in_flight.add(1);
                         let (body, draining, in_flight) =
                             (body.clone(), draining.clone(), in_flight.clone());
                         let behaviour = behaviour.clone();
                         thread::spawn(move || {
                             handle(stream, &body, &draining, &behaviour);
-                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            in_flight.add(-1);
                         });
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -206,13 +212,40 @@ pub fn serve(
         } else {
             Duration::from_secs(30)
         };
-    while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(5));
-    }
+    in_flight.wait_none(deadline);
     for thread in udp_threads {
         let _ = thread.join();
     }
     std::process::exit(0);
+}
+
+/// The connections being answered, and a wait for none.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<isize>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    fn add(&self, n: isize) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += n;
+        self.changed.notify_all();
+    }
+
+    /// Until none is in flight, or `deadline`.
+    fn wait_none(&self, deadline: Instant) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            count = match self.changed.wait_timeout(count, left) {
+                Ok((count, _)) => count,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
 }
 
 /// Answers datagrams on `socket` until draining and its queue is empty

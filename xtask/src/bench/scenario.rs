@@ -338,8 +338,11 @@ pub fn start_reloader(setup: &Setup, extra: &[&str]) -> Instance {
     let command = setup.command();
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().expect("scratch directory");
-    // Warnings only: the bench measures reloader, not its debug log.
-    let instance = Instance::spawn_with_env(dir, &args, &command, &[("RELOADER_LOG", "warn")]);
+    // Warnings only: the bench measures reloader, not its debug log —
+    // unless BENCH_RELOADER_LOG asks for more (with BENCH_KEEP_LOGS=DIR,
+    // to see where a phase's time goes).
+    let level = std::env::var("BENCH_RELOADER_LOG").unwrap_or_else(|_| "warn".into());
+    let instance = Instance::spawn_with_env(dir, &args, &command, &[("RELOADER_LOG", &level)]);
     instance.wait_active(Duration::from_secs(30));
     instance
 }
@@ -370,6 +373,11 @@ fn with_reloader(
             "bench: reloader did not stop cleanly:\n{}",
             tail_text(&instance.log_text(), 20)
         );
+    }
+    if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+        let path = Path::new(&dir).join(format!("{}-reloader.log", setup.server.name()));
+        std::fs::write(&path, instance.log_text())
+            .with_context(|| format!("failed to write {}", path.display()))?;
     }
     result
 }

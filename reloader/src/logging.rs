@@ -29,6 +29,11 @@ pub enum LogFormat {
 
 struct Sink {
     writer: NonBlocking,
+    /// The reports of dropped lines: a writer of their own, so a flood of
+    /// server lines that keeps the main buffer full cannot drop the report
+    /// that says lines are being dropped (it did: 25 s of a flood without
+    /// one report, the report losing each race for a freed slot).
+    reports: NonBlocking,
     dropped: ErrorCounter,
     format: LogFormat,
     /// Dropped lines already said, and when (ms since the sink began).
@@ -42,13 +47,25 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
+/// What flushes the log's buffers when dropped.
+pub struct LogGuard {
+    _lines: WorkerGuard,
+    _reports: WorkerGuard,
+}
+
 /// Sets up logging to stderr; keep the guard until the process exits (it
 /// flushes what is buffered, waiting at most about a second).
-pub fn init(format: LogFormat) -> Option<WorkerGuard> {
+pub fn init(format: LogFormat) -> Option<LogGuard> {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("reloader-log")
+        .finish(std::io::stderr());
+    // One report every REPORT_EVERY at most: a few slots never fill.
+    let (reports, reports_guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(8)
+        .thread_name("reloader-log-drops")
         .finish(std::io::stderr());
     let filter = EnvFilter::try_from_env("RELOADER_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -69,13 +86,17 @@ pub fn init(format: LogFormat) -> Option<WorkerGuard> {
     let dropped = writer.error_counter();
     let _ = SINK.set(Sink {
         writer,
+        reports,
         dropped,
         format,
         reported: AtomicU64::new(0),
         reported_at_ms: AtomicU64::new(0),
         began: Instant::now(),
     });
-    Some(guard)
+    Some(LogGuard {
+        _lines: guard,
+        _reports: reports_guard,
+    })
 }
 
 /// Forwards one line a server wrote to its stderr.
@@ -101,8 +122,8 @@ pub fn server_line(instance: &str, generation: u64, line: &str) {
 }
 
 /// Says (at most every [`REPORT_EVERY`]) how many lines were dropped since
-/// it last said so. The message may be dropped too while the buffer is
-/// still full; a later one then says the sum.
+/// it last said so, through the reports' own writer (at `warn`: shown
+/// unless `RELOADER_LOG` hides warnings).
 fn report_dropped(sink: &Sink) {
     let dropped = sink.dropped.dropped_lines() as u64;
     let reported = sink.reported.load(Ordering::Relaxed);
@@ -122,13 +143,29 @@ fn report_dropped(sink: &Sink) {
         return;
     }
     sink.reported_at_ms.store(now, Ordering::Relaxed);
-    tracing::warn!(
-        dropped = dropped - reported,
-        total = dropped,
-        "log lines dropped: the controller's stderr is not read as fast as the servers write \
-         (reloader never waits for it); `reloader status` and the metric \
-         reloader_log_lines_dropped_total count them"
-    );
+    if !tracing::enabled!(tracing::Level::WARN) {
+        return;
+    }
+    let message = "log lines dropped: the controller's stderr is not read as fast as the servers \
+                   write (reloader never waits for it); `reloader status` and the metric \
+                   reloader_log_lines_dropped_total count them";
+    let timestamp = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    // As tracing's formatter writes a record, through the reports' writer.
+    let mut text = match sink.format {
+        LogFormat::Text => format!(
+            "{timestamp}  WARN reloader::logging: {message} dropped={} total={dropped}",
+            dropped - reported
+        ),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": timestamp.to_string(),
+            "level": "WARN",
+            "fields": { "message": message, "dropped": dropped - reported, "total": dropped },
+            "target": "reloader::logging",
+        })
+        .to_string(),
+    };
+    text.push('\n');
+    let _ = sink.reports.clone().write(text.as_bytes());
 }
 
 /// Lines (log records and server output) dropped because stderr was not

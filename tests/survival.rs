@@ -277,8 +277,25 @@ fn a_handover_is_refused_when_this_binary_could_not_adopt() {
     privileged();
     let mut instance = Instance::start(&["--listen", ADDR], &[testserver(), "--listen", ADDR]);
     let state = instance.socket.with_extension("state.json");
-    let mut saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    // The controller rewrites the state file while the generation settles
+    // in (registration, the bridge): edit it only once it has stopped
+    // changing, or the edit is overwritten (2 of 5 runs under load).
+    let mut last = std::fs::read(&state).unwrap();
+    let stable: Vec<u8> = wait_for(
+        "the state file to stop changing",
+        Duration::from_secs(10),
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = std::fs::read(&state).map_err(|e| e.to_string())?;
+            if now == last {
+                Ok(now)
+            } else {
+                last = now;
+                Err(String::from("it changed within 300 ms"))
+            }
+        },
+    );
+    let mut saved: serde_json::Value = serde_json::from_slice(&stable).unwrap();
     saved["maps_layout"] = 99.into();
     std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
     let out = instance.client(&["handover"]);

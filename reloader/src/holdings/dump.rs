@@ -219,7 +219,14 @@ fn dump(
     });
     request.push(0);
     request.extend_from_slice(&query.states.to_ne_bytes());
-    request.extend_from_slice(&[0; 48]); // any socket id
+    // The socket id: any, but with one port its source port, which the
+    // kernel compares before it takes a socket for the bytecode and the
+    // message (the clients' ends of local connections never get that far).
+    let mut id = [0u8; 48];
+    if let [port] = ports {
+        id[..2].copy_from_slice(&port.to_be_bytes());
+    }
+    request.extend_from_slice(&id);
     request.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
     request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     request.extend_from_slice(&code);

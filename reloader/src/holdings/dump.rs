@@ -1,5 +1,5 @@
 //! The established TCP connections on the managed ports: one sock_diag
-//! dump per address family, filtered in the kernel by local port
+//! dump per managed address family, filtered in the kernel by local port
 //! (`INET_DIAG_REQ_BYTECODE`) and read without allocating per socket —
 //! `status` and every scrape run it, and with 10,000 connections the
 //! namespace also holds the clients' 10,000 ends when they are local.

@@ -64,16 +64,21 @@ pub struct Idle {
     pub rss_kib: u64,
 }
 
-/// Summed over every thread of `pid`: (voluntary, nonvoluntary, threads).
-fn context_switches(pid: u32) -> Result<(u64, u64, usize)> {
-    let (mut voluntary, mut nonvoluntary, mut threads) = (0, 0, 0);
+/// Per thread of `pid`: thread id → (voluntary, nonvoluntary).
+fn context_switches(pid: u32) -> Result<std::collections::BTreeMap<i32, (u64, u64)>> {
+    let mut threads = std::collections::BTreeMap::new();
     for task in procfs::process::Process::new(pid as i32)?.tasks()? {
-        let status = task?.status()?;
-        voluntary += status.voluntary_ctxt_switches.unwrap_or(0);
-        nonvoluntary += status.nonvoluntary_ctxt_switches.unwrap_or(0);
-        threads += 1;
+        let task = task?;
+        let status = task.status()?;
+        threads.insert(
+            task.tid,
+            (
+                status.voluntary_ctxt_switches.unwrap_or(0),
+                status.nonvoluntary_ctxt_switches.unwrap_or(0),
+            ),
+        );
     }
-    Ok((voluntary, nonvoluntary, threads))
+    Ok(threads)
 }
 
 pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
@@ -84,10 +89,21 @@ pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
         // Let start-up settle before counting.
         std::thread::sleep(Duration::from_millis(500));
         let pid = controller.pid();
-        let (v0, n0, _) = context_switches(pid)?;
+        let before = context_switches(pid)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(seconds));
-        let (v1, n1, threads) = context_switches(pid)?;
+        let after = context_switches(pid)?;
+        // Matched by thread id: a thread that exits meanwhile (an idle
+        // blocking-pool thread, after 10 s) takes its counts with it, and
+        // sums would go down (the 1,000-reload run of 2026-12-07 died of
+        // that subtraction after 41 minutes of scenarios).
+        let (mut voluntary, mut nonvoluntary) = (0, 0);
+        for (tid, (v1, n1)) in &after {
+            let (v0, n0) = before.get(tid).copied().unwrap_or((0, 0));
+            voluntary += v1.saturating_sub(v0);
+            nonvoluntary += n1.saturating_sub(n0);
+        }
+        let threads = after.len();
         let elapsed = t0.elapsed().as_secs_f64();
         let rss_kib = procfs::process::Process::new(pid as i32)?
             .status()?
@@ -96,9 +112,9 @@ pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
         controller.stop();
         Ok(Idle {
             seconds: elapsed,
-            wakeups_per_s: ((v1 - v0) + (n1 - n0)) as f64 / elapsed,
-            voluntary: v1 - v0,
-            nonvoluntary: n1 - n0,
+            wakeups_per_s: (voluntary + nonvoluntary) as f64 / elapsed,
+            voluntary,
+            nonvoluntary,
             threads,
             rss_kib,
         })

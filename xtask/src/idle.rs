@@ -182,7 +182,7 @@ fn measure(
 }
 
 /// Each thread of `pid` with its (voluntary, nonvoluntary) context switches.
-fn per_thread(pid: u32) -> Result<BTreeMap<i32, (u64, u64)>> {
+pub fn per_thread(pid: u32) -> Result<BTreeMap<i32, (u64, u64)>> {
     let mut threads = BTreeMap::new();
     for task in procfs::process::Process::new(pid as i32)?.tasks()? {
         let task = task?;
@@ -203,7 +203,7 @@ fn per_thread(pid: u32) -> Result<BTreeMap<i32, (u64, u64)>> {
 /// zero; one that exited in between (tokio's blocking pool lets an idle
 /// thread go after 10 s) is not counted, so threads are matched by id
 /// rather than summed (a sum can shrink).
-fn switches_between(
+pub fn switches_between(
     before: &BTreeMap<i32, (u64, u64)>,
     after: &BTreeMap<i32, (u64, u64)>,
 ) -> (u64, u64, usize) {

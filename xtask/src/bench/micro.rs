@@ -64,23 +64,6 @@ pub struct Idle {
     pub rss_kib: u64,
 }
 
-/// Per thread of `pid`: thread id → (voluntary, nonvoluntary).
-fn context_switches(pid: u32) -> Result<std::collections::BTreeMap<i32, (u64, u64)>> {
-    let mut threads = std::collections::BTreeMap::new();
-    for task in procfs::process::Process::new(pid as i32)?.tasks()? {
-        let task = task?;
-        let status = task.status()?;
-        threads.insert(
-            task.tid,
-            (
-                status.voluntary_ctxt_switches.unwrap_or(0),
-                status.nonvoluntary_ctxt_switches.unwrap_or(0),
-            ),
-        );
-    }
-    Ok(threads)
-}
-
 pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
     let bins = bins.clone();
     server::in_netns(move || {
@@ -89,21 +72,14 @@ pub fn idle(bins: &Bins, seconds: f64) -> Result<Idle> {
         // Let start-up settle before counting.
         std::thread::sleep(Duration::from_millis(500));
         let pid = controller.pid();
-        let before = context_switches(pid)?;
+        // Matched by thread id (`idle::switches_between`): a sum over
+        // threads shrinks when one exits meanwhile, which killed the
+        // 1,000-reload run of 2026-12-07 after its scenarios.
+        let before = crate::idle::per_thread(pid)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(seconds));
-        let after = context_switches(pid)?;
-        // Matched by thread id: a thread that exits meanwhile (an idle
-        // blocking-pool thread, after 10 s) takes its counts with it, and
-        // sums would go down (the 1,000-reload run of 2026-12-07 died of
-        // that subtraction after 41 minutes of scenarios).
-        let (mut voluntary, mut nonvoluntary) = (0, 0);
-        for (tid, (v1, n1)) in &after {
-            let (v0, n0) = before.get(tid).copied().unwrap_or((0, 0));
-            voluntary += v1.saturating_sub(v0);
-            nonvoluntary += n1.saturating_sub(n0);
-        }
-        let threads = after.len();
+        let after = crate::idle::per_thread(pid)?;
+        let (voluntary, nonvoluntary, threads) = crate::idle::switches_between(&before, &after);
         let elapsed = t0.elapsed().as_secs_f64();
         let rss_kib = procfs::process::Process::new(pid as i32)?
             .status()?

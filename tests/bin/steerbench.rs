@@ -24,6 +24,8 @@
 //!   long as the measurement holds the returned descriptor): unlike the
 //!   connection rate, that does not depend on what else the machine runs.
 
+#[path = "steerbench/reference.rs"]
+mod reference;
 #[path = "steerbench/udp.rs"]
 mod udp;
 

@@ -19,7 +19,9 @@
 //! `flows` (every flow fits the flow table: that plus a flow lookup that
 //! hits), `flows-churn` (more flows than the table holds, sent round robin,
 //! so the least recently used entry is always the next one needed: a flow
-//! lookup that misses and an insert that evicts).
+//! lookup that misses and an insert that evicts), and `select-only`: not
+//! the steering program but the floor under it, a program that only
+//! selects a socket by the packet hash ([`super::reference`]).
 //!
 //! After the pairs, a few more rounds with the program attached measure its
 //! own run time per datagram from the kernel's BPF statistics (enabled
@@ -30,7 +32,7 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -49,6 +51,7 @@ pub enum Mode {
     Stateless,
     Flows,
     FlowsChurn,
+    SelectOnly,
 }
 
 impl Mode {
@@ -57,6 +60,7 @@ impl Mode {
             Self::Stateless => "stateless",
             Self::Flows => "flows",
             Self::FlowsChurn => "flows-churn",
+            Self::SelectOnly => "select-only",
         }
     }
 }
@@ -147,13 +151,23 @@ fn send(sockets: Vec<UdpSocket>, sent: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// The program whose cost is measured.
+enum Program {
+    Steering(Steering),
+    SelectOnly(super::reference::SelectOnly),
+}
+
+impl Program {
+    fn attach(&self, socket: BorrowedFd<'_>) {
+        match self {
+            Self::Steering(steering) => steering.attach(socket).expect("attach"),
+            Self::SelectOnly(program) => program.attach(socket).expect("attach the reference"),
+        }
+    }
+}
+
 pub fn overhead(args: &Args) -> String {
     let addr: SocketAddr = "127.0.0.1:9200".parse().unwrap();
-    let mut steering = Steering::load(&Options {
-        udp_flows: table_size(args),
-        ..Options::default()
-    })
-    .expect("load the steering program");
     let servers: Vec<UdpSocket> = (0..args.sockets)
         .map(|_| {
             let socket = reloader::net::udp_socket(addr, true).expect("bind a UDP server socket");
@@ -164,15 +178,28 @@ pub fn overhead(args: &Args) -> String {
             socket
         })
         .collect();
-    let stateless = matches!(args.mode, Mode::Stateless);
-    steering
-        .add_listener(0, ListenerSpec::udp(addr, stateless))
-        .expect("add listener");
     let fds: Vec<_> = servers.iter().map(|s| s.as_fd()).collect();
-    steering
-        .set_slot_sockets(0, 0, 1, &fds)
-        .expect("slot 0 sockets");
-    steering.set_active(0, Some(0)).expect("activate slot 0");
+    let program = if let Mode::SelectOnly = args.mode {
+        Program::SelectOnly(
+            super::reference::SelectOnly::load(&fds).expect("load the reference program"),
+        )
+    } else {
+        let mut steering = Steering::load(&Options {
+            udp_flows: table_size(args),
+            ..Options::default()
+        })
+        .expect("load the steering program");
+        let stateless = matches!(args.mode, Mode::Stateless);
+        steering
+            .add_listener(0, ListenerSpec::udp(addr, stateless))
+            .expect("add listener");
+        steering
+            .set_slot_sockets(0, 0, 1, &fds)
+            .expect("slot 0 sockets");
+        steering.set_active(0, Some(0)).expect("activate slot 0");
+        Program::Steering(steering)
+    };
+    drop(fds);
     let attach_fd = servers[0].try_clone().expect("dup a server socket");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -233,7 +260,7 @@ pub fn overhead(args: &Args) -> String {
         // Alternate which goes first, so a trend favours neither.
         for with_program in [pair % 2 == 1, pair % 2 == 0] {
             if with_program {
-                steering.attach(attach_fd.as_fd()).expect("attach");
+                program.attach(attach_fd.as_fd());
                 steered.push(measure());
             } else {
                 Steering::detach(attach_fd.as_fd()).ok();
@@ -243,7 +270,7 @@ pub fn overhead(args: &Args) -> String {
     }
     // The program's own time per run, in rounds of their own (see the
     // module's doc).
-    steering.attach(attach_fd.as_fd()).expect("attach");
+    program.attach(attach_fd.as_fd());
     let stats = enable_bpf_stats();
     let (mut run_ns, mut runs) = (0u64, 0u64);
     let mut run_ns_per_round = Vec::new();
@@ -264,7 +291,15 @@ pub fn overhead(args: &Args) -> String {
     for t in threads {
         let _ = t.join();
     }
-    let counters = steering.counters(0, 0).expect("counters");
+    // The reference counts nothing: its decisions are its runs in the
+    // statistics' rounds.
+    let counters = match &program {
+        Program::Steering(steering) => steering.counters(0, 0).expect("counters"),
+        Program::SelectOnly(_) => reloader::steering::Counters {
+            steered: runs,
+            ..Default::default()
+        },
+    };
     let decisions = counters.steered + counters.affinity + counters.fallback;
     assert!(decisions > 0, "the program made no decision while attached");
     let ratio = |f: fn(&Round) -> f64| -> Vec<f64> {

@@ -10,7 +10,8 @@
 //!   connection and a stream of new connections): failed handshakes and
 //!   requests, reconnects.
 //! - Per datagram: `steerbench overhead-udp`, stateless, flows and flows
-//!   that churn the flow table.
+//!   that churn the flow table, and the floor under them: a program that
+//!   only selects a socket (`select-only`), measured the same way.
 //!
 //! Every scenario runs in a thread of its own that unshares a network
 //! namespace (the servers, clients and reloader it starts inherit it). The
@@ -273,7 +274,7 @@ pub fn run(
         quic_results.push(result);
     }
     let mut overhead = Vec::new();
-    for mode in ["stateless", "flows", "flows-churn"] {
+    for mode in ["select-only", "stateless", "flows", "flows-churn"] {
         eprintln!("bench --udp: per-datagram overhead, {mode} ...");
         overhead.push(overhead_udp(bins, mode, &params)?);
     }

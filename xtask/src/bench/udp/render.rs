@@ -125,7 +125,9 @@ pub fn tables(
         "\nPer datagram: the steering program attached vs not, same sockets (2 in one group), \
          one client thread sending 32-byte datagrams from 64 flows as fast as it can; {} \
          alternating pairs of {} ms rounds; then the program's own run time from the kernel's \
-         BPF statistics (`run_time_ns / run_cnt`, in rounds of their own)\n\n\
+         BPF statistics (`run_time_ns / run_cnt`, in rounds of their own). `select-only` is \
+         not the steering program but the floor under it: a program that only calls \
+         `bpf_sk_select_reuseport` by the packet hash (no decisions counted; its runs shown)\n\n\
          | mode | datagrams/s without | with | ratio (median of pairs) | sent ratio (median of \
          pairs) | client CPU ns/datagram without | with | added (median of pairs) | program \
          ns/run (BPF stats) | program decisions: new / known flow |\n\

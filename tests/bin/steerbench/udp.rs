@@ -153,7 +153,7 @@ fn send(sockets: Vec<UdpSocket>, sent: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
 
 /// The program whose cost is measured.
 enum Program {
-    Steering(Steering),
+    Steering(Box<Steering>),
     SelectOnly(super::reference::SelectOnly),
 }
 
@@ -197,7 +197,7 @@ pub fn overhead(args: &Args) -> String {
             .set_slot_sockets(0, 0, 1, &fds)
             .expect("slot 0 sockets");
         steering.set_active(0, Some(0)).expect("activate slot 0");
-        Program::Steering(steering)
+        Program::Steering(Box::new(steering))
     };
     drop(fds);
     let attach_fd = servers[0].try_clone().expect("dup a server socket");

@@ -308,6 +308,16 @@ fn one_port_in_both_families_is_two_listeners() {
     independent_active_slots(&mut steering, &["127.0.0.1:9003", "[::1]:9003"]);
 }
 
+/// Same port and family, two addresses: one `LISTENER_INDEX` tag for two
+/// listeners, so the program finds them through `LISTENER_KEYS` (the
+/// other tests' listeners each have an index entry of their own).
+#[test]
+fn one_port_on_two_addresses_is_two_listeners() {
+    privileged();
+    let mut steering = load_select_or_migrate();
+    independent_active_slots(&mut steering, &["127.0.0.1:9005", "127.0.0.2:9005"]);
+}
+
 /// Registers two listeners per address, makes even ones active on slot 0
 /// and odd ones on slot 1, and checks each address's connections follow.
 fn independent_active_slots(steering: &mut Steering, addrs: &[&str]) {

@@ -78,9 +78,9 @@ mod steer {
     };
     use aya_log_ebpf::debug;
     use reloader_ebpf::{
-        BRIDGE_EPOCH, Counters, Flow, FlowKey, Limits, ListenEvent, ListenerHints, ListenerKey,
-        ListenerState, MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget, SlotState,
-        WEIGHT_SCALE, counter_index, limits, socket_index,
+        BRIDGE_EPOCH, Counters, Flow, FlowKey, IndexEntry, Limits, ListenEvent, ListenerHints,
+        ListenerKey, ListenerState, MAX_SELECT_ATTEMPTS, Mode, NO_SLOT, ProbeKey, ProbeTarget,
+        SlotState, WEIGHT_SCALE, counter_index, index_slot, index_tag, limits, socket_index,
     };
 
     // Sizes, set by the loader (`reloader_ebpf::global`); the maps are
@@ -95,6 +95,9 @@ mod steer {
     /// loader: `notify_listen` reports listens there only.
     #[unsafe(no_mangle)]
     static NETNS_COOKIE: Global<u64> = Global::new(0);
+    /// `LISTENER_INDEX`'s size − 1, set by the loader.
+    #[unsafe(no_mangle)]
+    static INDEX_MASK: Global<u32> = Global::new(0);
 
     #[map]
     static LISTENER_KEYS: HashMap<ListenerKey, u32> = HashMap::with_max_entries(1, 0);
@@ -132,6 +135,9 @@ mod steer {
 
     #[map]
     static LISTENER_HINTS: Array<ListenerHints> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static LISTENER_INDEX: Array<IndexEntry> = Array::with_max_entries(1, 0);
 
     #[derive(Clone, Copy)]
     enum Outcome {
@@ -272,7 +278,8 @@ mod steer {
     ///
     /// The work per packet, by path (each hash map lookup and helper is a
     /// call into the kernel; array lookups are inlined by the verifier):
-    /// every path finds the listener (`LISTENER_KEYS`) and its hints
+    /// every path finds the listener (the array `LISTENER_INDEX`, and
+    /// `LISTENER_KEYS` only where that has no answer) and its hints
     /// (array); a known UDP flow then reads the remote address (helper),
     /// its flow (`FLOWS`) and selects (helper), without reading the
     /// listener's state; everything else reads the state (`LISTENERS`) and
@@ -281,9 +288,7 @@ mod steer {
     #[inline(always)]
     fn steer(ctx: &SkReuseportContext, key: &ListenerKey, migrating: Option<u64>) -> u32 {
         let limits = limits();
-        // SAFETY: map values are plain integers; the kernel keeps them alive
-        // for the duration of the program.
-        let Some(&listener) = (unsafe { LISTENER_KEYS.get(key) }) else {
+        let Some(listener) = listener_of(key) else {
             count(limits.unmanaged_counter(), Outcome::Fallback);
             return SK_PASS;
         };
@@ -404,6 +409,24 @@ mod steer {
         );
         count_slot(&limits, listener, slot, Outcome::Fallback);
         SK_PASS
+    }
+
+    /// The listener of `key`: from its `LISTENER_INDEX` entry if that
+    /// names it, else from `LISTENER_KEYS` (lib.rs, "Map layout").
+    #[inline(always)]
+    fn listener_of(key: &ListenerKey) -> Option<u32> {
+        let tag = index_tag(key.family, key.protocol, key.port);
+        if let Some(entry) = LISTENER_INDEX.get(index_slot(tag, INDEX_MASK.load())) {
+            // One copy of the entry: tag and listener come from one read.
+            // SAFETY: a valid map value of plain integers.
+            let entry = unsafe { read_volatile(entry) };
+            if entry.tag == tag {
+                return Some(entry.listener);
+            }
+        }
+        // SAFETY: map values are plain integers; the kernel keeps them alive
+        // for the duration of the program.
+        unsafe { LISTENER_KEYS.get(key) }.copied()
     }
 
     /// Remembers where a migrated connection went (`MIGRATED`). A full map

@@ -19,7 +19,11 @@ use reloader_ebpf::{
 use tracing::debug;
 
 use super::{Steering, map_error};
-use crate::steering::{ListenerSpec, Result, Split, Steer, SteeringError, listener_key};
+use crate::steering::{
+    ListenerSpec, Result, Split, Steer, SteeringError,
+    keys::{index_table, index_writes},
+    listener_key,
+};
 
 impl Steering {
     /// Takes over listener `listener` as a previous controller registered
@@ -37,7 +41,7 @@ impl Steering {
             .insert(key, listener, 0)
             .map_err(map_error(map::LISTENER_KEYS, "insert"))?;
         self.listeners.insert(listener, spec);
-        Ok(())
+        self.sync_index()
     }
 
     /// Registers listener `listener` (an index below the configured number
@@ -61,7 +65,12 @@ impl Steering {
         }
         self.write_state(listener, &spec, Split::default())?;
         self.write_hints(listener, spec.mode)?;
-        if let Some(old) = self.listeners.insert(listener, spec) {
+        let replaced = self.listeners.insert(listener, spec);
+        // The index first: it may name the new key before `LISTENER_KEYS`
+        // does (its state is written), and stops naming the old one
+        // before `LISTENER_KEYS` forgets it.
+        self.sync_index()?;
+        if let Some(old) = replaced {
             let old_key = self.key_for(&old);
             self.listener_keys
                 .remove(&old_key)
@@ -81,6 +90,7 @@ impl Steering {
             .listeners
             .remove(&listener)
             .ok_or(SteeringError::UnknownListener { listener })?;
+        self.sync_index()?;
         let key = self.key_for(&spec);
         self.listener_keys
             .remove(&key)
@@ -94,6 +104,25 @@ impl Steering {
             .map_err(map_error(map::LISTENER_HINTS, "set"))?;
         for slot in 0..self.limits.slots {
             self.clear_slot(listener, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Brings `LISTENER_INDEX` in step with the registered listeners
+    /// (`keys::index_table`), in writes a concurrent program run cannot
+    /// misread (`keys::index_writes`).
+    fn sync_index(&mut self) -> Result<()> {
+        let keys: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(&listener, spec)| (listener, self.key_for(spec)))
+            .collect();
+        let wanted = index_table(self.limits.index_entries(), keys);
+        for (i, value) in index_writes(&self.index_now, &wanted) {
+            self.index
+                .set(i, value, 0)
+                .map_err(map_error(map::LISTENER_INDEX, "set"))?;
+            self.index_now[i as usize] = value;
         }
         Ok(())
     }

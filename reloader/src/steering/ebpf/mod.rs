@@ -37,8 +37,8 @@ use aya::{
     programs::SkReuseport,
 };
 use reloader_ebpf::{
-    Counters, Flow, FlowKey, Limits, ListenerHints, ListenerKey, ListenerState, ProbeKey,
-    ProbeTarget, SlotState, global, map, program,
+    Counters, Flow, FlowKey, IndexEntry, Limits, ListenerHints, ListenerKey, ListenerState,
+    ProbeKey, ProbeTarget, SlotState, global, map, program,
 };
 use tracing::{debug, info, warn};
 
@@ -67,6 +67,10 @@ pub struct Steering {
     states: HashMap<MapData, u32, ListenerState>,
     /// `LISTENER_HINTS`: per listener, its probe routes' count and mode.
     hints: Array<MapData, ListenerHints>,
+    /// `LISTENER_INDEX`, and what it holds (written only through
+    /// `sync_index`).
+    index: Array<MapData, IndexEntry>,
+    index_now: Vec<IndexEntry>,
     slot_sockets: Array<MapData, SlotState>,
     sockets: ReusePortSockArray<MapData>,
     probes: HashMap<MapData, ProbeKey, ProbeTarget>,
@@ -113,6 +117,7 @@ impl Steering {
         let log_level: u8 = if options.ebpf_debug_logs { 4 } else { 0 };
         let netns_cookie = listen::own_netns_cookie();
         let netns_global = netns_cookie.unwrap_or(0);
+        let index_mask = limits.index_entries() - 1;
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &log_level, true)
@@ -120,9 +125,11 @@ impl Steering {
             .override_global(global::LISTENERS, &limits.listeners, true)
             .override_global(global::SLOTS, &limits.slots, true)
             .override_global(global::SOCKETS_PER_SLOT, &limits.sockets_per_slot, true)
+            .override_global(global::INDEX_MASK, &index_mask, true)
             .map_max_entries(map::LISTENER_KEYS, limits.listeners)
             .map_max_entries(map::LISTENERS, limits.listeners)
             .map_max_entries(map::LISTENER_HINTS, limits.listeners)
+            .map_max_entries(map::LISTENER_INDEX, limits.index_entries())
             .map_max_entries(map::SLOT_SOCKETS, limits.slot_entries())
             .map_max_entries(map::SOCKETS, limits.socket_entries())
             .map_max_entries(map::COUNTERS, limits.counter_entries())
@@ -164,10 +171,19 @@ impl Steering {
 
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, source)| SteeringError::CpuCountError { what, source })?;
+        let index: Array<MapData, IndexEntry> = take_map(&mut ebpf, map::LISTENER_INDEX)?;
+        // Reused pins hold what the previous controller wrote (layout 3's
+        // come without the map: created empty).
+        let index_now = (0..limits.index_entries())
+            .map(|i| index.get(&i, 0))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_error(map::LISTENER_INDEX, "get"))?;
         let steering = Self {
             listener_keys: take_map(&mut ebpf, map::LISTENER_KEYS)?,
             states: take_map(&mut ebpf, map::LISTENERS)?,
             hints: take_map(&mut ebpf, map::LISTENER_HINTS)?,
+            index,
+            index_now,
             slot_sockets: take_map(&mut ebpf, map::SLOT_SOCKETS)?,
             sockets: take_map(&mut ebpf, map::SOCKETS)?,
             probes: take_map(&mut ebpf, map::PROBES)?,

@@ -25,16 +25,18 @@ use crate::steering::{Result, SteeringError};
 /// changed map would be misread). Bump it with any change to a map in
 /// [`PINNED`]; the test `the_pinned_maps_are_the_recorded_layout` fails
 /// until then. Layouts: 1 the first; 2 added `MIGRATED`; 3 added
-/// `LISTENER_HINTS`.
-pub const MAPS_LAYOUT: u32 = 3;
+/// `LISTENER_HINTS`; 4 added `LISTENER_INDEX`.
+pub const MAPS_LAYOUT: u32 = 4;
 
-/// The oldest layout whose pins this binary adopts. Layouts 2 and 3 only
-/// added a map each: adopting older pins, the load creates and pins the
-/// missing maps beside them, and the others mean what they meant.
-/// (`LISTENER_HINTS` is filled by `adopt_listener`, from `PROBES` and the
-/// configuration, before this binary's program is attached anywhere; the
-/// previous binary's program, still attached until the next registration,
-/// never reads it.) A binary of an older layout refuses layout 3's pins
+/// The oldest layout whose pins this binary adopts. Layouts 2, 3 and 4
+/// only added a map each: adopting older pins, the load creates and pins
+/// the missing maps beside them, and the others mean what they meant.
+/// (`LISTENER_HINTS` and `LISTENER_INDEX` are filled by `adopt_listener`,
+/// from `PROBES` and the configuration, before this binary's program is
+/// attached anywhere; the previous binary's program, still attached until
+/// the next registration, never reads them. An empty `LISTENER_INDEX` is
+/// correct anyway: the program then asks `LISTENER_KEYS`.) A binary of an
+/// older layout refuses newer pins
 /// (the state file says which layout they are): downgrading needs a
 /// restart of the instance. Raise it to [`MAPS_LAYOUT`] when a map in use
 /// changes.
@@ -42,7 +44,7 @@ pub const OLDEST_MAPS_LAYOUT: u32 = 1;
 
 /// The maps a restarted controller needs: all of them but aya-log's and the
 /// listen notifier's (its link dies with the controller).
-const PINNED: [&str; 9] = [
+const PINNED: [&str; 10] = [
     map::LISTENER_KEYS,
     map::LISTENERS,
     map::SLOT_SOCKETS,
@@ -52,6 +54,7 @@ const PINNED: [&str; 9] = [
     map::COUNTERS,
     map::MIGRATED,
     map::LISTENER_HINTS,
+    map::LISTENER_INDEX,
 ];
 
 /// Mounts bpffs if needed, creates `dir` and pins every map of [`PINNED`]
@@ -167,6 +170,21 @@ mod tests {
                 ("COUNTERS", 6, 4, 40),
                 ("MIGRATED", 9, 8, 4),
                 ("LISTENER_HINTS", 2, 4, 8),
+            ],
+        ),
+        (
+            4,
+            &[
+                ("LISTENER_KEYS", 1, 28, 4),
+                ("LISTENERS", 1, 4, 16),
+                ("SLOT_SOCKETS", 2, 4, 8),
+                ("SOCKETS", 20, 4, 4),
+                ("PROBES", 1, 8, 8),
+                ("FLOWS", 9, 24, 8),
+                ("COUNTERS", 6, 4, 40),
+                ("MIGRATED", 9, 8, 4),
+                ("LISTENER_HINTS", 2, 4, 8),
+                ("LISTENER_INDEX", 2, 4, 8),
             ],
         ),
     ];

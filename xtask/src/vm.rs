@@ -214,6 +214,12 @@ const NEEDS_SELECT_OR_MIGRATE: &[(&str, &str, &str)] = &[
         "select-only steering tells listeners apart by port only (the listener's address, \
          sk_reuseport_md.sk, reaches the program from Linux 5.14)",
     ),
+    (
+        "steering",
+        "one_port_on_two_addresses_is_two_listeners",
+        "select-only steering tells listeners apart by port only (the listener's address, \
+         sk_reuseport_md.sk, reaches the program from Linux 5.14)",
+    ),
 ];
 
 const MIGRATION: &str = "migrates a closing listener's queued connections: select-or-migrate \

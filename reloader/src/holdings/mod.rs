@@ -146,6 +146,8 @@ pub struct Look {
     /// Cookies of the handshakes in progress on the managed ports (whose
     /// listener sock_diag does not say).
     pub handshakes: HashSet<u64>,
+    /// Those handshakes' request sockets.
+    pub requests: Vec<Connection>,
     /// Its established and close-wait connections, with their `tcp_info`.
     pub connections: Vec<Connection>,
 }
@@ -158,16 +160,89 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
     if subject.managed.is_empty() {
         return Ok(look);
     }
+    let mine = mine(subject, migrations)?;
+    let sockets = dump::sockets(&subject.managed, dump::Query::SETTLING)
+        .map_err(|e| crate::error_chain(&e))?
+        .into_iter()
+        .filter(|c| is_managed(&subject.managed, c.local));
+    for c in sockets {
+        match c.state {
+            dump::TCP_LISTEN if subject.listeners.contains(&u64::from(c.inode)) => {
+                look.queued += u64::from(c.unread);
+            }
+            dump::TCP_LISTEN => {}
+            dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
+                look.handshakes.insert(c.cookie);
+                look.requests.push(c);
+            }
+            _ if mine(&c) => look.connections.push(c),
+            _ => {}
+        }
+    }
+    Ok(look)
+}
+
+/// Looks at `subject` again after `before`, without walking the
+/// established hash: its listeners' queues (a dump of listeners only),
+/// `before`'s connections by their socket ids, and what `before`'s
+/// handshakes became (still a handshake, or a connection: `subject`'s or
+/// another generation's). Connections that closed drop out.
+///
+/// Complete only if no connection of `subject` can be missing from
+/// `before` and its handshakes: the caller uses it only after a look that
+/// found the accept queues empty, on kernels that migrate (a handshake
+/// that completes after its listener closed is sent to another
+/// generation), and looks in full again whenever a queue is not empty. A
+/// connection the dump could not see is one whose handshake began just
+/// as the cutover happened, completed into the old listener and was
+/// accepted between two looks: the one case this can miss.
+pub fn look_again(
+    subject: &Subject,
+    before: &Look,
+    migrations: Option<&MigrationLog>,
+) -> Result<Look, String> {
+    let mut look = Look::default();
+    let error = |e: crate::discovery::DiscoveryError| crate::error_chain(&e);
+    for c in dump::sockets(&subject.managed, dump::Query::LISTENERS).map_err(error)? {
+        if c.state == dump::TCP_LISTEN && subject.listeners.contains(&u64::from(c.inode)) {
+            look.queued += u64::from(c.unread);
+        }
+    }
+    let open = |c: &Connection| matches!(c.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT);
+    look.connections = dump::again(&before.connections, false)
+        .map_err(error)?
+        .into_iter()
+        .filter(open)
+        .collect();
+    if !before.requests.is_empty() {
+        let mine = mine(subject, migrations)?;
+        for c in dump::again(&before.requests, true).map_err(error)? {
+            match c.state {
+                dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
+                    look.handshakes.insert(c.cookie);
+                    look.requests.push(c);
+                }
+                _ if open(&c) && mine(&c) => look.connections.push(c),
+                _ => {}
+            }
+        }
+    }
+    Ok(look)
+}
+
+/// Whether a connection is `subject`'s: by its listener's cgroup and the
+/// migration records, or without a cgroup by the descriptors its
+/// processes hold.
+fn mine(
+    subject: &Subject,
+    migrations: Option<&MigrationLog>,
+) -> Result<Box<dyn Fn(&Connection) -> bool>, String> {
     let migrated = match (&subject.cgroup, migrations.map(MigrationLog::read)) {
         (Some(_), Some(Ok(records))) => records,
         (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),
         _ => HashMap::new(),
     };
-    let sockets = dump::sockets(&subject.managed, dump::Query::SETTLING)
-        .map_err(|e| crate::error_chain(&e))?
-        .into_iter()
-        .filter(|c| is_managed(&subject.managed, c.local));
-    let mine: Box<dyn Fn(&Connection) -> bool> = match &subject.cgroup {
+    Ok(match &subject.cgroup {
         Some(dir) => {
             let id = std::fs::metadata(dir)
                 .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -188,21 +263,7 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
             let held = crate::discovery::socket_holders(&pids);
             Box::new(move |c| c.inode != 0 && held.contains_key(&u64::from(c.inode)))
         }
-    };
-    for c in sockets {
-        match c.state {
-            dump::TCP_LISTEN if subject.listeners.contains(&u64::from(c.inode)) => {
-                look.queued += u64::from(c.unread);
-            }
-            dump::TCP_LISTEN => {}
-            dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
-                look.handshakes.insert(c.cookie);
-            }
-            _ if mine(&c) => look.connections.push(c),
-            _ => {}
-        }
-    }
-    Ok(look)
+    })
 }
 
 /// Whether `local` is one of the `managed` addresses (a wildcard one
@@ -341,6 +402,7 @@ mod tests {
         Connection {
             cookie,
             local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
             cgroup_id: Some(cgroup),
             state: TCP_ESTABLISHED,
             inode: 0,

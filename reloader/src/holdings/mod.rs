@@ -230,13 +230,16 @@ pub fn look_again(
     Ok(look)
 }
 
+/// [`mine`]'s answer.
+type Mine = Box<dyn Fn(&Connection) -> bool>;
+
 /// Whether a connection is `subject`'s: by its listener's cgroup and the
 /// migration records, or without a cgroup by the descriptors its
 /// processes hold.
 fn mine(
     subject: &Subject,
     migrations: Option<&MigrationLog>,
-) -> Result<Box<dyn Fn(&Connection) -> bool>, String> {
+) -> Result<Mine, String> {
     let migrated = match (&subject.cgroup, migrations.map(MigrationLog::read)) {
         (Some(_), Some(Ok(records))) => records,
         (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),

@@ -375,6 +375,7 @@ fn with_reloader(
         );
     }
     if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+        std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {dir}"))?;
         let path = Path::new(&dir).join(format!("{}-reloader.log", setup.server.name()));
         std::fs::write(&path, instance.log_text())
             .with_context(|| format!("failed to write {}", path.display()))?;

@@ -130,7 +130,7 @@ const REQUEST: usize = 56;
 const MESSAGE: usize = 72;
 /// `struct tcp_info` up to `tcpi_bytes_received` (offsets from
 /// `include/uapi/linux/tcp.h`, checked with `offsetof` on 6.18 headers).
-const TCP_INFO_MIN: usize = 136;
+pub(super) const TCP_INFO_MIN: usize = 136;
 const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_BYTES_RECEIVED: usize = 128;
@@ -433,7 +433,7 @@ fn parse(message: &[u8]) -> Option<Connection> {
 
 /// The fields of a `tcp_info` ([`TCP_INFO_MIN`] bytes at least) that
 /// settling reads.
-fn tcp_activity(info: &[u8]) -> Activity {
+pub(super) fn tcp_activity(info: &[u8]) -> Activity {
     let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().unwrap());
     let quad = |at: usize| {
         info.get(at..at + 8)

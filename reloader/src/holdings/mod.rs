@@ -43,6 +43,7 @@ use std::{
 use tracing::debug;
 
 mod dump;
+mod held;
 
 #[cfg(test)]
 pub use dump::Activity;
@@ -182,6 +183,37 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
     Ok(look)
 }
 
+/// Looks at `subject` through its processes' descriptors ([`held`]): its
+/// accept queues from a dump of listeners only (which skips the
+/// established hash), taken first, then the connections its processes
+/// hold. `None` where descriptors cannot be read or are too many. It
+/// shows no handshakes: for kernels that migrate them.
+pub fn look_held(subject: &Subject) -> Result<Option<Look>, String> {
+    let mut look = Look::default();
+    if subject.managed.is_empty() {
+        return Ok(Some(look));
+    }
+    let error = |e: crate::discovery::DiscoveryError| crate::error_chain(&e);
+    for c in dump::sockets(&subject.managed, dump::Query::LISTENERS).map_err(error)? {
+        if c.state == dump::TCP_LISTEN && subject.listeners.contains(&u64::from(c.inode)) {
+            look.queued += u64::from(c.unread);
+        }
+    }
+    let pids = match (&subject.cgroup, subject.pid) {
+        (Some(dir), _) => crate::cgroup::members(dir),
+        (None, Some(pid)) => crate::discovery::process_tree(pid).map_err(error)?,
+        (None, None) => Vec::new(),
+    };
+    let Some(connections) = held::connections(&pids, &subject.managed, &subject.listeners) else {
+        return Ok(None);
+    };
+    look.connections = connections
+        .into_iter()
+        .filter(|c| matches!(c.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
+        .collect();
+    Ok(Some(look))
+}
+
 /// Looks at `subject` again after `before`, without walking the
 /// established hash: its listeners' queues (a dump of listeners only),
 /// `before`'s connections by their socket ids, and what `before`'s
@@ -236,10 +268,7 @@ type Mine = Box<dyn Fn(&Connection) -> bool>;
 /// Whether a connection is `subject`'s: by its listener's cgroup and the
 /// migration records, or without a cgroup by the descriptors its
 /// processes hold.
-fn mine(
-    subject: &Subject,
-    migrations: Option<&MigrationLog>,
-) -> Result<Mine, String> {
+fn mine(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Mine, String> {
     let migrated = match (&subject.cgroup, migrations.map(MigrationLog::read)) {
         (Some(_), Some(Ok(records))) => records,
         (Some(_), Some(Err(error))) => return Err(crate::error_chain(&error)),

@@ -34,12 +34,16 @@
 //! family, which walks the kernel's whole established hash, TIME_WAIT
 //! sockets included: 3–9 ms of wall time in the bench under 12,000 new
 //! connections/s; the cost is in BENCHMARKS.md): [`FIRST_LOOK`] apart for
-//! [`BACK_OFF_AFTER`], then backing off to [`LAST_LOOK`]. After a look
-//! that found the accept queues empty and few connections, the next asks
-//! for those connections (and what its handshakes became) by their socket
-//! ids and dumps only the listeners, which skips the established hash
-//! ([`again`], [`holdings::look_again`]): after the cutover the old
-//! generation gets no new connection but from its queues.
+//! [`BACK_OFF_AFTER`], then backing off to [`LAST_LOOK`]. So on kernels
+//! that migrate handshakes a look reads the old generation's processes'
+//! descriptors instead ([`holdings::look_held`]: a dump of the listeners
+//! only, for the queues, then each socket they hold — microseconds per
+//! descriptor, whatever the hash holds). Where that cannot be done (no
+//! `pidfd_getfd`, too many descriptors) and a look found the accept queues
+//! empty and few connections, the next asks for those connections (and
+//! what its handshakes became) by their socket ids and dumps only the
+//! listeners ([`again`], [`holdings::look_again`]): after the cutover the
+//! old generation gets no new connection but from its queues.
 
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
@@ -191,9 +195,14 @@ pub async fn by_looks(client: &Client, old: u64, mode: Settle, max: Duration) {
         }
         let (subject2, migrations2) = (subject.clone(), migrations.clone());
         let previous = before.take();
-        let look = tokio::task::spawn_blocking(move || match previous {
-            Some(before) => holdings::look_again(&subject2, &before, migrations2.as_ref()),
-            None => holdings::look(&subject2, migrations2.as_ref()),
+        let look = tokio::task::spawn_blocking(move || {
+            if !handshakes_matter && let Some(look) = holdings::look_held(&subject2)? {
+                return Ok(look);
+            }
+            match previous {
+                Some(before) => holdings::look_again(&subject2, &before, migrations2.as_ref()),
+                None => holdings::look(&subject2, migrations2.as_ref()),
+            }
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

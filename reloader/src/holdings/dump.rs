@@ -33,8 +33,7 @@ pub struct Connection {
     pub cookie: u64,
     /// Its local address (a managed address's port).
     pub local: SocketAddr,
-    /// Its remote address (with `local` and `cookie`, what names it to
-    /// [`again`]).
+    /// Its remote address.
     pub remote: SocketAddr,
     /// The cgroup (v2 id) its socket was created in: the listener's it was
     /// accepted from.
@@ -168,103 +167,6 @@ pub fn sockets(managed: &[SocketAddr], query: Query) -> Result<Vec<Connection>, 
         }
     }
     Ok(found)
-}
-
-/// `connections` again, each by its exact socket id (addresses, ports and
-/// cookie: a lookup in the established hash, not a walk of it), with
-/// their `tcp_info`: those still there, in their current state. A
-/// connection that closed (gone, or its 4-tuple now another socket's: the
-/// cookie differs) is not returned.
-///
-/// A look at a settling generation walks the whole established hash,
-/// whose TIME_WAIT sockets alone number tens of thousands under a high
-/// rate of new connections (3–9 ms a look in the bench); asking again for
-/// the few connections a look found costs microseconds each.
-///
-/// With `any_cookie`, whatever socket has the 4-tuple now is returned: a
-/// handshake's request socket is replaced by the connection it became,
-/// which has a cookie of its own.
-pub fn again(
-    connections: &[Connection],
-    any_cookie: bool,
-) -> Result<Vec<Connection>, DiscoveryError> {
-    let netlink = |source| DiscoveryError::NetlinkError { source };
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink)?;
-    socket.bind_auto().map_err(netlink)?;
-    socket.connect(&NetlinkAddr::new(0, 0)).map_err(netlink)?;
-    let mut receive = vec![0u8; 8192];
-    let mut found = Vec::with_capacity(connections.len());
-    for c in connections {
-        let family = if c.local.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        } as u8;
-        let total = HEADER + REQUEST;
-        let mut request = Vec::with_capacity(total);
-        request.extend_from_slice(&(total as u32).to_ne_bytes());
-        request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        request.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        request.extend_from_slice(&[0; 8]);
-        request.push(family);
-        request.push(libc::IPPROTO_TCP as u8);
-        request.push(1 << (INET_DIAG_INFO - 1));
-        request.push(0);
-        request.extend_from_slice(&u32::MAX.to_ne_bytes()); // states: any
-        let mut id = socket_id(c);
-        if any_cookie {
-            // INET_DIAG_NOCOOKIE.
-            id[40..48].copy_from_slice(&[0xff; 8]);
-        }
-        request.extend_from_slice(&id);
-        socket.send(&request, 0).map_err(netlink)?;
-        let size = socket.recv(&mut &mut receive[..], 0).map_err(netlink)?;
-        let answer = &receive[..size];
-        if answer.len() < HEADER {
-            return Err(DiscoveryError::Decode {
-                message: format!("a sock_diag answer of {} bytes", answer.len()),
-            });
-        }
-        let length = (u32::from_ne_bytes(answer[0..4].try_into().unwrap()) as usize).min(size);
-        let kind = u16::from_ne_bytes(answer[4..6].try_into().unwrap());
-        let message = &answer[HEADER.min(length)..length];
-        match kind {
-            SOCK_DIAG_BY_FAMILY => {
-                if let Some(now) = parse(message) {
-                    found.push(now);
-                }
-            }
-            NLMSG_ERROR => {
-                let errno = message
-                    .get(0..4)
-                    .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
-                match -errno {
-                    // Gone, or its 4-tuple is another socket's now.
-                    libc::ENOENT | libc::ESTALE => {}
-                    0 => {}
-                    errno => return Err(netlink(std::io::Error::from_raw_os_error(errno))),
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(found)
-}
-
-/// `inet_diag_sockid` of `c`: ports (network order), source and
-/// destination addresses, interface 0, cookie.
-fn socket_id(c: &Connection) -> [u8; 48] {
-    let mut id = [0u8; 48];
-    id[0..2].copy_from_slice(&c.local.port().to_be_bytes());
-    id[2..4].copy_from_slice(&c.remote.port().to_be_bytes());
-    let mut put = |at: usize, ip: IpAddr| match ip {
-        IpAddr::V4(v4) => id[at..at + 4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => id[at..at + 16].copy_from_slice(&v6.octets()),
-    };
-    put(4, c.local.ip());
-    put(20, c.remote.ip());
-    id[40..48].copy_from_slice(&c.cookie.to_ne_bytes());
-    id
 }
 
 /// The filter program: dumped iff the local port is one of `ports`. Per
@@ -450,51 +352,6 @@ pub(super) fn tcp_activity(info: &[u8]) -> Activity {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `again` finds a connection by its id, as it is now, and not once
-    /// its id names another socket (unprivileged: sock_diag answers any
-    /// user).
-    #[test]
-    fn a_connection_is_found_again_by_its_id() {
-        use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let found = sockets(&[addr], Query::SETTLING).unwrap();
-        let first = *found
-            .iter()
-            .find(|c| c.state == TCP_ESTABLISHED && c.remote == client.local_addr().unwrap())
-            .expect("the dump shows the accepted connection");
-        assert_eq!(first.local, addr);
-
-        client.write_all(b"ping").unwrap();
-        let mut now = Vec::new();
-        for _ in 0..100 {
-            now = again(&[first], false).unwrap();
-            if now.first().is_some_and(|c| c.unread == 4) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(now.len(), 1, "{now:?}");
-        assert_eq!((now[0].cookie, now[0].unread), (first.cookie, 4));
-        assert!(now[0].activity.is_some(), "asked with its tcp_info");
-
-        let stale = Connection {
-            cookie: first.cookie ^ 1,
-            ..first
-        };
-        assert_eq!(again(&[stale], false).unwrap(), vec![], "another cookie");
-        assert_eq!(again(&[stale], true).unwrap().len(), 1, "any cookie");
-
-        drop(server);
-        let closed = again(&[first], false).unwrap();
-        assert!(
-            closed.iter().all(|c| c.state != TCP_ESTABLISHED),
-            "closed by the server: {closed:?}"
-        );
-    }
 
     /// `inet_diag_bc_run` over `code` for a socket with local port `port`
     /// (net/ipv4/inet_diag.c, the ops used here).

@@ -147,8 +147,6 @@ pub struct Look {
     /// Cookies of the handshakes in progress on the managed ports (whose
     /// listener sock_diag does not say).
     pub handshakes: HashSet<u64>,
-    /// Those handshakes' request sockets.
-    pub requests: Vec<Connection>,
     /// Its established and close-wait connections, with their `tcp_info`.
     pub connections: Vec<Connection>,
 }
@@ -174,7 +172,6 @@ pub fn look(subject: &Subject, migrations: Option<&MigrationLog>) -> Result<Look
             dump::TCP_LISTEN => {}
             dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
                 look.handshakes.insert(c.cookie);
-                look.requests.push(c);
             }
             _ if mine(&c) => look.connections.push(c),
             _ => {}
@@ -212,54 +209,6 @@ pub fn look_held(subject: &Subject) -> Result<Option<Look>, String> {
         .filter(|c| matches!(c.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
         .collect();
     Ok(Some(look))
-}
-
-/// Looks at `subject` again after `before`, without walking the
-/// established hash: its listeners' queues (a dump of listeners only),
-/// `before`'s connections by their socket ids, and what `before`'s
-/// handshakes became (still a handshake, or a connection: `subject`'s or
-/// another generation's). Connections that closed drop out.
-///
-/// Complete only if no connection of `subject` can be missing from
-/// `before` and its handshakes: the caller uses it only after a look that
-/// found the accept queues empty, on kernels that migrate (a handshake
-/// that completes after its listener closed is sent to another
-/// generation), and looks in full again whenever a queue is not empty. A
-/// connection the dump could not see is one whose handshake began just
-/// as the cutover happened, completed into the old listener and was
-/// accepted between two looks: the one case this can miss.
-pub fn look_again(
-    subject: &Subject,
-    before: &Look,
-    migrations: Option<&MigrationLog>,
-) -> Result<Look, String> {
-    let mut look = Look::default();
-    let error = |e: crate::discovery::DiscoveryError| crate::error_chain(&e);
-    for c in dump::sockets(&subject.managed, dump::Query::LISTENERS).map_err(error)? {
-        if c.state == dump::TCP_LISTEN && subject.listeners.contains(&u64::from(c.inode)) {
-            look.queued += u64::from(c.unread);
-        }
-    }
-    let open = |c: &Connection| matches!(c.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT);
-    look.connections = dump::again(&before.connections, false)
-        .map_err(error)?
-        .into_iter()
-        .filter(open)
-        .collect();
-    if !before.requests.is_empty() {
-        let mine = mine(subject, migrations)?;
-        for c in dump::again(&before.requests, true).map_err(error)? {
-            match c.state {
-                dump::TCP_NEW_SYN_RECV | dump::TCP_SYN_RECV => {
-                    look.handshakes.insert(c.cookie);
-                    look.requests.push(c);
-                }
-                _ if open(&c) && mine(&c) => look.connections.push(c),
-                _ => {}
-            }
-        }
-    }
-    Ok(look)
 }
 
 /// [`mine`]'s answer.

@@ -39,11 +39,7 @@
 //! descriptors instead ([`holdings::look_held`]: a dump of the listeners
 //! only, for the queues, then each socket they hold — microseconds per
 //! descriptor, whatever the hash holds). Where that cannot be done (no
-//! `pidfd_getfd`, too many descriptors) and a look found the accept queues
-//! empty and few connections, the next asks for those connections (and
-//! what its handshakes became) by their socket ids and dumps only the
-//! listeners ([`again`], [`holdings::look_again`]): after the cutover the
-//! old generation gets no new connection but from its queues.
+//! `pidfd_getfd`, too many descriptors), a dump.
 
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
@@ -66,21 +62,6 @@ const FIRST_LOOK: Duration = Duration::from_millis(2);
 const BACK_OFF_AFTER: Duration = Duration::from_millis(100);
 /// The interval looks back off to.
 const LAST_LOOK: Duration = Duration::from_millis(100);
-
-/// At most this many connections and handshakes are asked for again by
-/// their ids; more, and a look walks the established hash again.
-const AGAIN_MAX: usize = 64;
-
-/// Whether the look after `look` may ask again for what it found instead
-/// of walking the established hash ([`holdings::look_again`]): its accept
-/// queues were empty (nothing it holds is unknown to it), the kernel
-/// migrates (a select-only kernel waits for every handshake, which only a
-/// walk finds), and what it found is few.
-fn again(look: &Look, handshakes_matter: bool) -> bool {
-    look.queued == 0
-        && !handshakes_matter
-        && look.connections.len() + look.requests.len() <= AGAIN_MAX
-}
 
 /// What a settling generation still waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,22 +168,16 @@ pub async fn by_looks(client: &Client, old: u64, mode: Settle, max: Duration) {
     let mut early: Option<HashSet<u64>> = None;
     let mut interval = FIRST_LOOK;
     let mut looks = 0u32;
-    // The last look, when the next may be a look again (`again`).
-    let mut before: Option<Look> = None;
     loop {
         if !client.snapshot().is(old, State::Draining) {
             return;
         }
         let (subject2, migrations2) = (subject.clone(), migrations.clone());
-        let previous = before.take();
         let look = tokio::task::spawn_blocking(move || {
             if !handshakes_matter && let Some(look) = holdings::look_held(&subject2)? {
                 return Ok(look);
             }
-            match previous {
-                Some(before) => holdings::look_again(&subject2, &before, migrations2.as_ref()),
-                None => holdings::look(&subject2, migrations2.as_ref()),
-            }
+            holdings::look(&subject2, migrations2.as_ref())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
@@ -218,9 +193,6 @@ pub async fn by_looks(client: &Client, old: u64, mode: Settle, max: Duration) {
         };
         let early = early.get_or_insert_with(|| look.handshakes.clone());
         let waiting = waiting_for(mode, &look, early, handshakes_matter);
-        if again(&look, handshakes_matter) {
-            before = Some(look);
-        }
         let Some(waiting) = waiting else {
             debug!(
                 generation = old,
@@ -251,31 +223,6 @@ pub async fn by_looks(client: &Client, old: u64, mode: Settle, max: Duration) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_look_asks_again_only_when_nothing_can_have_joined_unseen() {
-        let few = Look {
-            connections: vec![connection(TCP_ESTABLISHED, 0, 0, None); 3],
-            ..Look::default()
-        };
-        assert!(again(&few, false));
-        // Something queued: it will be accepted as a connection the look
-        // does not know.
-        assert!(!again(
-            &Look {
-                queued: 1,
-                ..few.clone()
-            },
-            false
-        ));
-        // Select-only: every handshake is waited for, and only a walk sees
-        // them all.
-        assert!(!again(&few, true));
-        let many = Look {
-            connections: vec![connection(TCP_ESTABLISHED, 0, 0, None); AGAIN_MAX + 1],
-            ..Look::default()
-        };
-        assert!(!again(&many, false));
-    }
     use crate::holdings::Activity;
 
     fn connection(state: u8, unread: u32, unsent: u32, activity: Option<Activity>) -> Connection {
